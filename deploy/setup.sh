@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up everything the project needs on a fresh machine, in ./.venv.
+#   bash deploy/setup.sh         # runtime: torch (CPU wheel), the project
+#   bash deploy/setup.sh test    # plus the test tools, redis-server and the Node test client
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    "${PIP[@]}" torch==2.13.0
+fi
+
+if [ "${1:-}" = "test" ]; then
+    "${PIP[@]}" -e '.[test]'
+    if ! command -v redis-server >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ]; then
+            apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+        else
+            sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null
+        fi
+    fi
+else
+    "${PIP[@]}" -e .
+fi

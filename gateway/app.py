@@ -1,0 +1,563 @@
+"""The FastAPI app: OpenAI-compatible routes in front of the swarm.
+
+The app is stateless apart from caches: the route of a conversation lives in the session store
+(Redis when configured), so any replica can serve any request. Everything the routes need is held
+by one `Gateway` object created in the lifespan and reached through a dependency; there are no
+module globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from gateway import errors, protocol
+from gateway.errors import OpenAIError
+from gateway.generation import GenerationParams, NoRouteError, RouteRunner, Swarm, TokenEvent, generate
+from gateway.models import ServedModel, load_model
+from gateway.routing import Route
+from gateway.sessions import MemorySessionStore, Pin, RedisSessionStore, conversation_key, next_turn_key
+from gateway.text import IncrementalDetokenizer, StopMatcher, render_chat
+from peer.client import ChannelPool, PeerError
+from protos import swarm_pb2
+
+log = logging.getLogger("gateway")
+
+SESSION_HEADER = "x-session-id"
+
+
+@dataclass
+class GatewaySettings:
+    models: dict[str, str]  # model id -> folder (or hub id) holding its tokenizer and config
+    dht_bootstrap: list[tuple[str, int]] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dht_port: int = 0
+    redis_url: str | None = None
+    api_key: str | None = None
+    step_timeout: float = 10.0
+    session_ttl: float = 3600.0
+    max_body_bytes: int = 4 << 20
+
+
+class Gateway:
+    """Everything a request needs: models, the swarm view, channels, session pins."""
+
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        self.models: dict[str, ServedModel] = {}
+        self.dht = None
+        self.pool = ChannelPool()
+        self.swarm: Swarm | None = None
+        self.sessions = None
+
+    async def start(self) -> None:
+        from swarm.dht import SwarmDHT
+
+        loop = asyncio.get_running_loop()
+        for model_id, location in self.settings.models.items():
+            self.models[model_id] = await loop.run_in_executor(None, load_model, model_id, location)
+        self.dht = SwarmDHT()
+        local = all(host in ("127.0.0.1", "localhost") for host, _ in self.settings.dht_bootstrap)
+        await self.dht.start("127.0.0.1" if local else "0.0.0.0", self.settings.dht_port, self.settings.dht_bootstrap)
+        self.swarm = Swarm(self.dht, self.pool)
+        if self.settings.redis_url:
+            self.sessions = RedisSessionStore(self.settings.redis_url, ttl=self.settings.session_ttl)
+        else:
+            self.sessions = MemorySessionStore(ttl=self.settings.session_ttl)
+
+    async def stop(self) -> None:
+        if self.sessions is not None:
+            await self.sessions.close()
+        await self.pool.close()
+        if self.dht is not None:
+            self.dht.stop()
+
+    def model(self, name: str | None) -> ServedModel:
+        if name is None:
+            if len(self.models) == 1:
+                return next(iter(self.models.values()))
+            raise errors.invalid_request("you must provide a model parameter", param="model")
+        served = self.models.get(name)
+        if served is None:
+            raise errors.model_not_found(name)
+        return served
+
+    async def route_for(self, served: ServedModel, key: str | None, max_length: int) -> Route:
+        """The pinned route of this conversation while all its peers live, else a new one."""
+        if key:
+            pin = await self.sessions.get(key)
+            if pin is not None and pin.model == served.id:
+                records = await self.swarm.peers(served.id)
+                if self.swarm.is_live(pin.route, records):
+                    return pin.route
+        try:
+            return await self.swarm.plan(served.id, served.num_blocks, min_free_tokens=max_length)
+        except NoRouteError as exc:
+            raise errors.unavailable(f"{exc}; retry when peers join", retry_after=5) from exc
+
+    async def pin(self, key: str | None, served: ServedModel, route: Route) -> None:
+        if key:
+            await self.sessions.put(key, Pin(model=served.id, route=route))
+
+
+def get_gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+async def check_auth(request: Request) -> None:
+    api_key = request.app.state.gateway.settings.api_key
+    if not api_key:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or token.strip() != api_key:
+        raise errors.authentication_error()
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+# -- one choice ---------------------------------------------------------------------------------
+@dataclass
+class Piece:
+    """A part of one choice's output: new text, the tokens behind it, and maybe its end."""
+
+    index: int
+    text: str
+    tokens: list[TokenEvent]
+    finish_reason: str | None = None
+
+
+@dataclass
+class ChoiceJob:
+    index: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: swarm_pb2.SamplingParams
+    stops: list[str]
+    ignore_eos: bool
+
+
+def peer_failure(exc: PeerError, gw: Gateway) -> OpenAIError:
+    """Map a peer's gRPC status to what the client should see."""
+    import grpc
+
+    if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return errors.unavailable("the swarm has no free cache for this request; retry shortly", retry_after=2)
+    if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return errors.invalid_request(exc.message)
+    for peer in gw.swarm.peers_at(exc.address):
+        gw.swarm.bans.ban(peer)
+    return errors.unavailable("a peer of the route failed; retry", retry_after=1)
+
+
+async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Route, request_id: str) -> AsyncIterator[Piece]:
+    """Generate one choice and yield its text as it becomes final (detokenized, stops applied)."""
+    detokenizer = IncrementalDetokenizer(served.tokenizer)
+    matcher = StopMatcher(job.stops)
+    params = GenerationParams(
+        prompt_ids=job.prompt_ids,
+        max_new_tokens=job.max_new_tokens,
+        sampling=job.sampling,
+        eos_token_ids=served.eos_token_ids,
+        ignore_eos=job.ignore_eos,
+        request_id=request_id,
+    )
+    runner = RouteRunner(gw.pool, route, gw.settings.step_timeout)
+    finish = "length"
+    try:
+        async with aclosing(generate(runner, params, len(job.prompt_ids) + job.max_new_tokens)) as events:
+            async for event in events:
+                if event.token_id in served.eos_token_ids and not job.ignore_eos:
+                    finish = "stop"
+                    yield Piece(job.index, "", [event])  # counted in usage, shows no text
+                    break
+                text, stopped = matcher.feed(detokenizer.push(event.token_id))
+                if stopped:
+                    yield Piece(job.index, text, [event], "stop")
+                    return
+                yield Piece(job.index, text, [event])
+    except PeerError as exc:
+        raise peer_failure(exc, gw) from exc
+    text, stopped = matcher.feed(detokenizer.flush())
+    tail = text if stopped else text + matcher.flush()
+    yield Piece(job.index, tail, [], "stop" if stopped else finish)
+
+
+async def merge_choices(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
+    """Interleave the pieces of several choices as they come; cancel all if one fails."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:
+            async for piece in only:
+                yield piece
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[Piece]) -> None:
+        try:
+            async with aclosing(stream) as pieces:
+                async for piece in pieces:
+                    await queue.put(piece)
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put(exc)
+            return
+        await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# -- request -> jobs ----------------------------------------------------------------------------
+def sampling_message(req: protocol.SamplingRequest, served: ServedModel, logprobs: bool, top: int) -> swarm_pb2.SamplingParams:
+    vocab = len(served.tokenizer)
+    bias = req.logit_bias_ids()
+    for token in bias:
+        if token >= vocab:
+            raise errors.invalid_request(f"logit_bias token id {token} is outside the vocabulary", param="logit_bias")
+    message = swarm_pb2.SamplingParams(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=max(0, req.top_k or 0),
+        min_p=req.min_p or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        logprobs=logprobs,
+        top_logprobs=top,
+    )
+    message.logit_bias.update(bias)
+    if req.seed is not None:
+        message.seed = req.seed % (1 << 64)
+    return message
+
+
+def choice_sampling(base: swarm_pb2.SamplingParams, index: int) -> swarm_pb2.SamplingParams:
+    """Choice i of n gets seed + i, so choices differ yet the request stays reproducible."""
+    if index == 0 or not base.HasField("seed"):
+        return base
+    message = swarm_pb2.SamplingParams()
+    message.CopyFrom(base)
+    message.seed = (base.seed + index) % (1 << 64)
+    return message
+
+
+def budget(served: ServedModel, prompt_ids: list[int], requested: int | None, param: str) -> int:
+    """New tokens this request may generate, or a 400 when the context cannot hold it."""
+    room = served.max_context - len(prompt_ids)
+    if room <= 0 or (requested is not None and requested > room):
+        raise errors.context_length_exceeded(served.max_context, len(prompt_ids), requested, param=param)
+    return room if requested is None else requested
+
+
+def token_text(served: ServedModel, token_id: int) -> str:
+    return served.tokenizer.decode([token_id])
+
+
+def chat_logprobs(served: ServedModel, tokens: list[TokenEvent], top: int) -> protocol.ChatCompletionLogprobs:
+    content = []
+    for event in tokens:
+        text = token_text(served, event.token_id)
+        alternatives = [
+            protocol.TopLogprob(token=token_text(served, tid), logprob=lp, bytes=list(token_text(served, tid).encode()))
+            for tid, lp in event.top_logprobs[:top]
+        ]
+        content.append(
+            protocol.ChatCompletionTokenLogprob(
+                token=text, logprob=event.logprob, bytes=list(text.encode()), top_logprobs=alternatives
+            )
+        )
+    return protocol.ChatCompletionLogprobs(content=content)
+
+
+def completion_logprobs(served: ServedModel, tokens: list[TokenEvent], top: int, offset: int) -> protocol.CompletionLogprobs:
+    result = protocol.CompletionLogprobs()
+    for event in tokens:
+        text = token_text(served, event.token_id)
+        result.tokens.append(text)
+        result.token_logprobs.append(event.logprob)
+        result.top_logprobs.append({token_text(served, tid): lp for tid, lp in event.top_logprobs[:top]} if top else None)
+        result.text_offset.append(offset)
+        offset += len(text)
+    return result
+
+
+# -- routes -------------------------------------------------------------------------------------
+router = APIRouter(dependencies=[Depends(check_auth)])
+
+
+@router.get("/models", response_model=protocol.ModelList)
+async def list_models(gw: GatewayDep) -> protocol.ModelList:
+    """Models whose every block is served by a live peer right now."""
+    from gateway.routing import covered
+
+    cards = []
+    for served in gw.models.values():
+        records = await gw.swarm.peers(served.id)
+        if covered(records, served.num_blocks):
+            cards.append(protocol.ModelCard(id=served.id, created=served.created, max_model_len=served.max_context))
+    return protocol.ModelList(data=cards)
+
+
+@router.post("/chat/completions", response_model=protocol.ChatCompletionResponse)
+async def chat_completions(req: protocol.ChatCompletionRequest, request: Request, gw: GatewayDep):
+    served = gw.model(req.model)
+    _log_unknown(req)
+    messages = req.template_messages()
+    try:
+        prompt = render_chat(
+            served.tokenizer, messages, tools=req.template_tools(), **(req.chat_template_kwargs or {})
+        )
+    except ValueError as exc:
+        raise errors.invalid_request(f"could not render the chat template: {exc}", param="messages") from exc
+    prompt_ids = served.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    max_new = budget(served, prompt_ids, req.effective_max_tokens(), "max_tokens")
+    top = req.top_logprobs or 0
+    base_sampling = sampling_message(req, served, req.logprobs, top)
+    explicit_key = request.headers.get(SESSION_HEADER)
+    key = explicit_key or conversation_key(served.id, messages)
+    route = await gw.route_for(served, key, len(prompt_ids) + max_new)
+    request_id = uuid.uuid4().hex
+    jobs = [
+        ChoiceJob(i, prompt_ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(), req.ignore_eos)
+        for i in range(req.n)
+    ]
+    pieces = merge_choices([run_choice(gw, served, job, route, request_id) for job in jobs])
+
+    async def remember(reply: str) -> None:
+        await gw.pin(explicit_key or next_turn_key(served.id, messages, reply), served, route)
+
+    if req.stream:
+        stream = protocol.ChatChunkStream(served.id)
+        return EventSourceResponse(
+            _chat_events(stream, pieces, req, served, len(prompt_ids), remember), sep="\n", ping=15
+        )
+    texts = [""] * req.n
+    tokens: list[list[TokenEvent]] = [[] for _ in range(req.n)]
+    finishes: list[str | None] = [None] * req.n
+    async with aclosing(pieces):
+        async for piece in pieces:
+            texts[piece.index] += piece.text
+            tokens[piece.index].extend(piece.tokens)
+            if piece.finish_reason:
+                finishes[piece.index] = piece.finish_reason
+    await remember(texts[0])
+    choices = [
+        protocol.ChatCompletionChoice(
+            index=i,
+            message=protocol.ChatMessage(content=texts[i]),
+            logprobs=chat_logprobs(served, tokens[i], top) if req.logprobs else None,
+            finish_reason=finishes[i],
+        )
+        for i in range(req.n)
+    ]
+    usage = protocol.Usage.of(len(prompt_ids), sum(len(t) for t in tokens))
+    return protocol.ChatCompletionResponse(model=served.id, choices=choices, usage=usage)
+
+
+async def _chat_events(stream, pieces, req, served: ServedModel, prompt_tokens: int, remember) -> AsyncIterator[str]:
+    produced = 0
+    first_text = ""
+    try:
+        for i in range(req.n):
+            yield stream.role(i)
+        async with aclosing(pieces):
+            async for piece in pieces:
+                produced += len(piece.tokens)
+                if piece.index == 0:
+                    first_text += piece.text
+                if piece.text or (req.logprobs and piece.tokens):
+                    logprobs = chat_logprobs(served, piece.tokens, req.top_logprobs or 0) if req.logprobs else None
+                    yield stream.content(piece.text, piece.index, logprobs)
+                if piece.finish_reason:
+                    yield stream.finish(piece.finish_reason, piece.index)
+        await remember(first_text)
+        if req.include_usage:
+            yield stream.usage(protocol.Usage.of(prompt_tokens, produced))
+    except Exception as exc:  # noqa: BLE001 - reported in the stream, which must still end cleanly
+        if not isinstance(exc, OpenAIError):
+            log.exception("stream failed")
+        yield errors.sse_error_data(exc)
+    yield "[DONE]"
+
+
+@router.post("/completions", response_model=protocol.CompletionResponse)
+async def completions(req: protocol.CompletionRequest, request: Request, gw: GatewayDep):
+    served = gw.model(req.model)
+    _log_unknown(req)
+    tokenizer = served.tokenizer
+    prompts: list[tuple[str, list[int]]] = []
+    for prompt in req.prompts():
+        if isinstance(prompt, str):
+            text = prompt
+            if req.suffix is not None:
+                if not served.has_fim:
+                    raise errors.invalid_request(
+                        f"model `{served.id}` has no fill-in-the-middle tokens, so `suffix` is not supported",
+                        param="suffix",
+                    )
+                text = served.fim_prompt(prompt, req.suffix)
+            ids = tokenizer(text, add_special_tokens=req.suffix is None)["input_ids"]
+        else:
+            if any(token >= len(tokenizer) for token in prompt):
+                raise errors.invalid_request("prompt token ids must be inside the vocabulary", param="prompt")
+            ids, prompt = list(prompt), tokenizer.decode(prompt)
+        if not ids:
+            raise errors.invalid_request("the prompt is empty after tokenization", param="prompt")
+        prompts.append((prompt, ids))
+    max_tokens = req.effective_max_tokens()
+    if max_tokens == 0:
+        raise errors.invalid_request("max_tokens must be at least 1", param="max_tokens")
+    top = req.logprobs or 0
+    base_sampling = sampling_message(req, served, req.logprobs is not None, top)
+    request_id = uuid.uuid4().hex
+    jobs, budgets = [], []
+    for p, (_, ids) in enumerate(prompts):
+        max_new = budget(served, ids, max_tokens, "max_tokens")
+        budgets.append(len(ids) + max_new)
+        for i in range(req.n):
+            jobs.append(ChoiceJob(p * req.n + i, ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(), req.ignore_eos))
+    key = request.headers.get(SESSION_HEADER)
+    route = await gw.route_for(served, key, max(budgets))
+    await gw.pin(key, served, route)
+    pieces = merge_choices([run_choice(gw, served, job, route, request_id) for job in jobs])
+    echoes = [prompts[job.index // req.n][0] if req.echo else "" for job in jobs]
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    if req.stream:
+        stream = protocol.CompletionChunkStream(served.id)
+        return EventSourceResponse(
+            _completion_events(stream, pieces, req, served, echoes, prompt_tokens), sep="\n", ping=15
+        )
+    texts = list(echoes)
+    tokens: list[list[TokenEvent]] = [[] for _ in jobs]
+    finishes: list[str | None] = [None] * len(jobs)
+    async with aclosing(pieces):
+        async for piece in pieces:
+            texts[piece.index] += piece.text
+            tokens[piece.index].extend(piece.tokens)
+            if piece.finish_reason:
+                finishes[piece.index] = piece.finish_reason
+    choices = [
+        protocol.CompletionChoice(
+            index=i,
+            text=texts[i],
+            logprobs=completion_logprobs(served, tokens[i], top, len(echoes[i])) if req.logprobs is not None else None,
+            finish_reason=finishes[i],
+        )
+        for i in range(len(jobs))
+    ]
+    usage = protocol.Usage.of(prompt_tokens, sum(len(t) for t in tokens))
+    return protocol.CompletionResponse(model=served.id, choices=choices, usage=usage)
+
+
+async def _completion_events(stream, pieces, req, served: ServedModel, echoes: list[str], prompt_tokens: int):
+    produced = 0
+    offsets = [len(echo) for echo in echoes]
+    try:
+        for index, echo in enumerate(echoes):
+            if echo:
+                yield stream.text(echo, index)
+        async with aclosing(pieces):
+            async for piece in pieces:
+                produced += len(piece.tokens)
+                logprobs = None
+                if req.logprobs is not None and piece.tokens:
+                    logprobs = completion_logprobs(served, piece.tokens, req.logprobs, offsets[piece.index])
+                offsets[piece.index] += len(piece.text)
+                if piece.text or logprobs or piece.finish_reason:
+                    yield stream.text(piece.text, piece.index, logprobs=logprobs, finish_reason=piece.finish_reason)
+        if req.include_usage:
+            yield stream.usage(protocol.Usage.of(prompt_tokens, produced))
+    except Exception as exc:  # noqa: BLE001 - reported in the stream, which must still end cleanly
+        if not isinstance(exc, OpenAIError):
+            log.exception("stream failed")
+        yield errors.sse_error_data(exc)
+    yield "[DONE]"
+
+
+def _log_unknown(req: protocol.RequestModel) -> None:
+    unknown = req.unknown_fields()
+    if unknown:
+        log.info("ignoring unknown request fields: %s", ", ".join(unknown))
+
+
+health_router = APIRouter()
+
+
+@health_router.get("/health")
+async def health(gw: GatewayDep) -> JSONResponse:
+    return JSONResponse(
+        {
+            "status": "ok",
+            "models": sorted(gw.models),
+            "session_store": gw.sessions.backend,
+            "session_store_available": gw.sessions.available,
+            "dht_contacts": gw.dht.num_contacts if gw.dht else 0,
+        }
+    )
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        gateway = Gateway(settings)
+        await gateway.start()
+        app.state.gateway = gateway
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="swarm gateway", version="0.1.0", lifespan=lifespan)
+    errors.install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+            return errors.error_response(errors.payload_too_large())
+        start = time.perf_counter()
+        response = await call_next(request)
+        log.debug("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code,
+                  (time.perf_counter() - start) * 1000)  # fmt: skip
+        return response
+
+    app.include_router(router, prefix="/v1")
+    app.include_router(router, include_in_schema=False)  # clients that omit /v1
+    app.include_router(health_router)
+    return app
+
+
+def run_gateway(settings: GatewaySettings) -> None:
+    import uvicorn
+
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()

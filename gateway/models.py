@@ -1,0 +1,73 @@
+"""The models this gateway can serve: tokenizer, chat template and limits, read from a local folder.
+
+The gateway holds no weights: only `config.json`, `generation_config.json` and the tokenizer files
+are read. Whether a model is actually servable right now depends on the swarm (see `/v1/models`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("gateway.models")
+
+FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+
+
+@dataclass
+class ServedModel:
+    id: str
+    path: Path
+    tokenizer: object  # transformers.PreTrainedTokenizerBase
+    num_blocks: int
+    max_context: int
+    eos_token_ids: set[int]
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def has_fim(self) -> bool:
+        vocab = self.tokenizer.get_vocab()
+        return all(token in vocab for token in FIM_TOKENS)
+
+    def fim_prompt(self, prefix: str, suffix: str) -> str:
+        start, hole, middle = FIM_TOKENS
+        return f"{start}{prefix}{hole}{suffix}{middle}"
+
+
+def _eos_ids(path: Path, config: dict, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    sources = [config.get("eos_token_id")]
+    generation = path / "generation_config.json"
+    if generation.exists():
+        sources.append(json.loads(generation.read_text()).get("eos_token_id"))
+    sources.append(tokenizer.eos_token_id)
+    for source in sources:
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list):
+            ids.update(int(item) for item in source)
+    return ids
+
+
+def load_model(model_id: str, location: str) -> ServedModel:
+    from transformers import AutoTokenizer
+
+    from peer.weights import resolve_model_dir
+
+    path = resolve_model_dir(location)
+    config = json.loads((path / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    max_context = int(config.get("max_position_embeddings") or tokenizer.model_max_length)
+    model = ServedModel(
+        id=model_id,
+        path=path,
+        tokenizer=tokenizer,
+        num_blocks=int(config["num_hidden_layers"]),
+        max_context=max_context,
+        eos_token_ids=_eos_ids(path, config, tokenizer),
+    )
+    log.info("serving %s from %s (%d blocks, context %d)", model_id, path, model.num_blocks, max_context)
+    return model

@@ -1,0 +1,104 @@
+"""Typed async client for a peer's `Inference` stream; the gateway drives routes with it.
+
+It imports no torch: hidden states pass through the gateway as the `swarm.Tensor` messages the
+previous peer produced, never decoded.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from protos import swarm_pb2, swarm_pb2_grpc
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+
+
+class PeerError(Exception):
+    """A peer answered with a gRPC error or the stream broke."""
+
+    def __init__(self, address: str, code: grpc.StatusCode | None, message: str):
+        super().__init__(f"{address}: {code.name if code else 'stream closed'}: {message}")
+        self.address = address
+        self.code = code
+        self.message = message
+
+
+class ChannelPool:
+    """One channel per peer address, shared by every session of this process."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> swarm_pb2_grpc.PeerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return swarm_pb2_grpc.PeerStub(channel)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()
+
+
+class PeerSession:
+    """One open session on one peer: `open`, then `step` as often as needed, then `close`."""
+
+    def __init__(self, pool: ChannelPool, address: str):
+        self.address = address
+        self._stub = pool.stub(address)
+        self._call = None
+        self.peer_id = ""
+
+    async def open(self, request: swarm_pb2.OpenSession, metadata: tuple = ()) -> swarm_pb2.Opened:
+        self._call = self._stub.Inference(metadata=metadata or None)
+        response = await self._exchange(swarm_pb2.InferenceRequest(open=request))
+        if response.WhichOneof("kind") != "opened":
+            raise PeerError(self.address, None, "expected an `opened` reply")
+        self.peer_id = response.opened.peer_id
+        return response.opened
+
+    async def step(self, step: swarm_pb2.Step) -> swarm_pb2.StepResult:
+        response = await self._exchange(swarm_pb2.InferenceRequest(step=step))
+        if response.WhichOneof("kind") != "result":
+            raise PeerError(self.address, None, "expected a step result")
+        return response.result
+
+    async def _exchange(self, request: swarm_pb2.InferenceRequest) -> swarm_pb2.InferenceResponse:
+        if self._call is None:
+            raise PeerError(self.address, None, "session is not open")
+        try:
+            await self._call.write(request)
+            response = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise PeerError(self.address, exc.code(), exc.details() or "") from exc
+        if response is grpc.aio.EOF:
+            code = await self._call.code()
+            details = await self._call.details()
+            raise PeerError(self.address, code, details or "stream ended")
+        return response
+
+    async def close(self) -> None:
+        """Tell the peer to free the session's cache; never raises (the peer may be gone)."""
+        call, self._call = self._call, None
+        if call is None:
+            return
+        try:
+            await call.write(swarm_pb2.InferenceRequest(close=swarm_pb2.Close()))
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+            pass
+        call.cancel()
+
+
+async def peer_info(pool: ChannelPool, address: str, timeout: float = 5.0) -> swarm_pb2.InfoResponse:
+    try:
+        return await pool.stub(address).Info(swarm_pb2.InfoRequest(), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise PeerError(address, exc.code(), exc.details() or "") from exc

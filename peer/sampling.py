@@ -1,0 +1,227 @@
+"""Next-token sampling for one session: processors, seeded draws, logprobs.
+
+Processor order (as in HF ``generate`` / vLLM):
+
+1. ``logit_bias`` (OpenAI): added to the raw logits.
+2. ``repetition_penalty`` (HF semantics): every token that occurs in the history (prompt and
+   generated) has its logit divided by the penalty when positive, multiplied when negative.
+3. ``presence_penalty`` / ``frequency_penalty`` (OpenAI semantics): ``logit -= frequency * count +
+   presence * (count > 0)``, counting ``history[penalty_start:]``; pass the prompt length as
+   ``penalty_start`` to count only generated tokens as OpenAI does.
+4. ``allowed_token_ids``: every other token gets ``-inf``.
+5. temperature (0 means greedy: argmax, ties to the lowest id, steps 6-8 skipped), then
+6. top-k, 7. top-p (nucleus), 8. min-p, and a draw from the remaining distribution.
+
+Logprobs (``SampleResult.logprob`` and ``top_logprobs``) are ``log_softmax`` of the logits after
+steps 1-3 (bias and penalties) and BEFORE the allowed-token mask, temperature and truncation: the
+model's view of the token, not the sampler's, like vLLM's default raw logprobs plus the request's
+own bias/penalties. A token outside a top-p cut still reports its real probability.
+
+Seeding: the draw for the token at absolute position ``p = len(history)`` uses a generator seeded
+from ``(seed, p)``. So the same seed gives the same tokens, and the draw does not depend on how many
+draws this ``Sampler`` made before: a peer that replaces a failed one and replays the session
+continues the exact sequence. This needs the FULL sequence (prompt and generated) as history, which
+the last span always has.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingParams:
+    """One request's sampling settings. Neutral defaults: plain sampling at temperature 1."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) means off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        def finite(name: str, value: float) -> float:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+            return value
+
+        self.temperature = finite("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        self.top_p = finite("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.top_k = int(self.top_k)
+        if self.top_k == -1:  # vLLM's spelling of "off"
+            self.top_k = 0
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        self.min_p = finite("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        self.repetition_penalty = finite("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.presence_penalty = finite("presence_penalty", self.presence_penalty)
+        self.frequency_penalty = finite("frequency_penalty", self.frequency_penalty)
+        bias = {}
+        for token_id, value in dict(self.logit_bias).items():
+            if int(token_id) < 0:
+                raise ValueError(f"logit_bias token id must be >= 0, got {token_id}")
+            bias[int(token_id)] = finite(f"logit_bias[{token_id}]", value)
+        self.logit_bias = bias
+        if self.seed is not None:
+            self.seed = int(self.seed)
+            if not -(1 << 63) <= self.seed <= _MASK64:
+                raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+        self.top_logprobs = int(self.top_logprobs)
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_proto(cls, message: Any) -> SamplingParams:
+        """From a ``swarm.SamplingParams`` message, whose zeros mean "unset" (see swarm.proto).
+
+        Duck-typed so this module does not import the generated protobuf code.
+        """
+        return cls(
+            temperature=message.temperature,
+            top_p=message.top_p if 0 < message.top_p <= 1 else 1.0,
+            top_k=max(message.top_k, 0),
+            min_p=message.min_p,
+            repetition_penalty=message.repetition_penalty if message.repetition_penalty > 0 else 1.0,
+            presence_penalty=message.presence_penalty,
+            frequency_penalty=message.frequency_penalty,
+            logit_bias=dict(message.logit_bias),
+            seed=message.seed if message.HasField("seed") else None,
+            logprobs=message.logprobs,
+            top_logprobs=message.top_logprobs,
+        )
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]]  # best first; ties by lower id
+
+
+class Sampler:
+    """Samples one session's tokens with its ``SamplingParams``; holds the session's seed."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        # A random seed when none is given, drawn once: the session stays reproducible for itself.
+        self.seed = params.seed if params.seed is not None else secrets.randbits(64)
+        self.generator = torch.Generator(device="cpu")
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        history_token_ids: Sequence[int] | torch.Tensor = (),
+        allowed_token_ids: Sequence[int] | torch.Tensor | None = None,
+        *,
+        penalty_start: int = 0,
+    ) -> SampleResult:
+        """Pick the next token from ``logits`` ``[V]``; ``history_token_ids`` is the sequence so far."""
+        if logits.dim() != 1 or logits.numel() == 0:
+            raise ValueError(f"logits must be a non-empty 1-D tensor, got shape {tuple(logits.shape)}")
+        params, vocab = self.params, logits.numel()
+        scores = logits.detach().to("cpu", torch.float32).clone()
+        history = _token_ids(history_token_ids, vocab, "history_token_ids")
+
+        self._apply_bias(scores, vocab)
+        if params.repetition_penalty != 1.0 and history.numel():
+            seen = history.unique()
+            picked = scores[seen]
+            scores[seen] = torch.where(picked < 0, picked * params.repetition_penalty, picked / params.repetition_penalty)
+        if (params.presence_penalty or params.frequency_penalty) and history.numel() > penalty_start:
+            counts = torch.bincount(history[max(penalty_start, 0) :], minlength=vocab).float()
+            scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+        logprobs = torch.log_softmax(scores, dim=-1)
+
+        if allowed_token_ids is not None:
+            allowed = _token_ids(allowed_token_ids, vocab, "allowed_token_ids")
+            if allowed.numel() == 0:
+                raise ValueError("allowed_token_ids is empty")
+            masked = torch.full_like(scores, -math.inf)
+            masked[allowed] = scores[allowed]
+            scores = masked
+
+        if params.greedy:
+            token_id = int(torch.argmax(scores))
+        else:
+            token_id = self._draw(self._truncate(scores / params.temperature), position=history.numel())
+        top = _top_logprobs(logprobs, params.top_logprobs) if params.top_logprobs else []
+        return SampleResult(token_id, float(logprobs[token_id]), top)
+
+    def _apply_bias(self, scores: torch.Tensor, vocab: int) -> None:
+        if not self.params.logit_bias:
+            return
+        ids = torch.tensor(list(self.params.logit_bias), dtype=torch.long)
+        if int(ids.max()) >= vocab:
+            raise ValueError(f"logit_bias names token {int(ids.max())}, vocabulary has {vocab}")
+        scores[ids] += torch.tensor(list(self.params.logit_bias.values()), dtype=torch.float32)
+
+    def _truncate(self, scores: torch.Tensor) -> torch.Tensor:
+        """top-k, then top-p, then min-p, on temperature-scaled scores; always keeps the best token."""
+        params, vocab = self.params, scores.numel()
+        if 0 < params.top_k < vocab:
+            kth = torch.topk(scores, params.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        if params.top_p < 1.0:
+            # HF's formulation: drop the low tail whose total mass is <= 1 - top_p.
+            sorted_scores, order = torch.sort(scores)
+            tail_mass = sorted_scores.softmax(-1).cumsum(-1)
+            drop = tail_mass <= 1 - params.top_p
+            drop[-1] = False
+            scores = scores.masked_fill(drop.scatter(0, order, drop), -math.inf)
+        if params.min_p > 0:
+            probs = scores.softmax(-1)
+            scores = scores.masked_fill(probs < params.min_p * probs.max(), -math.inf)
+        return scores
+
+    def _draw(self, scores: torch.Tensor, position: int) -> int:
+        self.generator.manual_seed(_mix(self.seed, position))
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+
+
+def _token_ids(ids: Sequence[int] | torch.Tensor, vocab: int, name: str) -> torch.Tensor:
+    """Token ids as a CPU int64 tensor, rejecting ids outside the vocabulary (network input)."""
+    tensor = ids.detach().to("cpu", torch.long).flatten() if isinstance(ids, torch.Tensor) else torch.tensor(list(ids), dtype=torch.long)
+    if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= vocab):
+        raise ValueError(f"{name} must be in [0, {vocab})")
+    return tensor
+
+
+def _top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    values, ids = torch.topk(logprobs, min(k, logprobs.numel()))
+    pairs = [(int(i), float(v)) for i, v in zip(ids, values, strict=True)]
+    return sorted(pairs, key=lambda pair: (-pair[1], pair[0]))
+
+
+def _mix(seed: int, position: int) -> int:
+    """splitmix64 of (seed, position): independent-looking streams per position, 64-bit seed."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)

@@ -1,0 +1,267 @@
+"""The one command line: `swarm up | dht | peer | gateway | demo-model | status`.
+
+Every flag can also come from an environment variable, named in its help text
+(`SWARM_<COMMAND>_<FLAG>`), so a docker-compose file can configure services without long command
+lines. Heavy imports (torch, transformers, fastapi) happen inside the subcommand that needs them,
+so `swarm --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CACHE = Path(os.environ.get("SWARM_HOME", Path.home() / ".cache" / "swarm-serve"))
+
+
+class EnvDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _flag(parser: argparse.ArgumentParser, command: str, *names: str, **kwargs) -> None:
+    """Add a flag whose default is read from SWARM_<COMMAND>_<FLAG> when that is set."""
+    dest = kwargs.get("dest") or names[0].lstrip("-").replace("-", "_")
+    env = f"SWARM_{command.upper().replace('-', '_')}_{dest.upper()}"
+    if env in os.environ:
+        raw = os.environ[env]
+        if kwargs.get("action") == "store_true":
+            kwargs["default"] = raw.lower() in ("1", "true", "yes", "on")
+        elif kwargs.get("action") == "append":
+            kwargs["default"] = [item for item in raw.split(",") if item]
+        else:
+            convert = kwargs.get("type", str)
+            kwargs["default"] = convert(raw)
+        kwargs.pop("required", None)
+    kwargs["help"] = f"{kwargs.get('help', '')} [env: {env}]"
+    parser.add_argument(*names, **kwargs)
+
+
+def _blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"blocks must look like START:END, got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"need 0 <= START < END, got {text!r}")
+    return start, end
+
+
+def _addresses(values: list[str] | None) -> list[tuple[str, int]]:
+    from swarm.dht import parse_address
+
+    result = []
+    for value in values or []:
+        result.extend(parse_address(item) for item in value.split(",") if item)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm", description="Serve a language model from a swarm of machines behind an OpenAI-compatible API."
+    )
+    parser.add_argument("--log-level", default=os.environ.get("SWARM_LOG_LEVEL", "INFO"), help="[env: SWARM_LOG_LEVEL]")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser(
+        "up", help="start a whole local swarm: DHT, peers and gateway", formatter_class=EnvDefaultsFormatter
+    )
+    _flag(up, "up", "--model", help="model folder (or hub id); default: the demo model, created on first use")
+    _flag(up, "up", "--peers", type=int, default=2, help="block peers to split the model between")
+    _flag(up, "up", "--host", default="127.0.0.1", help="address the gateway listens on")
+    _flag(up, "up", "--port", type=int, default=8000, help="gateway port")
+    _flag(up, "up", "--redis-url", default=None, help="pin sessions in this Redis (default: in memory)")
+    _flag(up, "up", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="peer dtype")
+    _flag(up, "up", "--threads", type=int, default=0, help="torch threads per peer (0: torch's default)")
+    _flag(up, "up", "--dry-run", action="store_true", help="print the commands that would run, start nothing")
+
+    dht = commands.add_parser("dht", help="run a DHT bootstrap node", formatter_class=EnvDefaultsFormatter)
+    _flag(dht, "dht", "--host", default="0.0.0.0", help="UDP address to listen on")
+    _flag(dht, "dht", "--port", type=int, default=31337, help="UDP port (0: any free port)")
+    _flag(dht, "dht", "--bootstrap", action="append", help="other DHT nodes to join, host:port (repeatable)")
+    _flag(dht, "dht", "--dry-run", action="store_true", help="validate the flags and exit")
+
+    peer = commands.add_parser("peer", help="serve a range of blocks", formatter_class=EnvDefaultsFormatter)
+    _flag(peer, "peer", "--model", required=True, help="model folder (or hub id where online)")
+    _flag(peer, "peer", "--model-name", default=None, help="model id announced in the DHT (default: folder name)")
+    _flag(peer, "peer", "--blocks", type=_blocks, required=True, help="blocks to serve, START:END (END excluded)")
+    _flag(peer, "peer", "--dht", action="append", help="DHT node(s) to join, host:port (repeatable)")
+    _flag(peer, "peer", "--host", default="0.0.0.0", help="gRPC listen address")
+    _flag(peer, "peer", "--port", type=int, default=0, help="gRPC port (0: any free port)")
+    _flag(peer, "peer", "--announce-host", default=None, help="host others reach this peer at (default: --host)")
+    _flag(peer, "peer", "--dht-port", type=int, default=0, help="UDP port of this peer's own DHT node")
+    _flag(peer, "peer", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+          help="compute dtype; auto: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on CPU")  # fmt: skip
+    _flag(peer, "peer", "--quant", default="none", choices=["none", "int8", "nf4"], help="weight quantization")
+    _flag(peer, "peer", "--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    _flag(peer, "peer", "--cache-tokens", type=int, default=0, help="KV cache budget in tokens (0: half of free memory)")
+    _flag(peer, "peer", "--max-batch-tokens", type=int, default=2048, help="tokens per forward pass at most")
+    _flag(peer, "peer", "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    _flag(peer, "peer", "--heartbeat", type=float, default=5.0, help="seconds between DHT announcements")
+    _flag(peer, "peer", "--ttl", type=float, default=15.0, help="seconds an announcement stays valid")
+    _flag(peer, "peer", "--drain-timeout", type=float, default=30.0, help="seconds to let live sessions finish on SIGTERM")
+    _flag(peer, "peer", "--dry-run", action="store_true", help="validate the flags and exit")
+
+    gateway = commands.add_parser("gateway", help="serve the OpenAI-compatible API", formatter_class=EnvDefaultsFormatter)
+    _flag(gateway, "gateway", "--model", action="append", required=True,
+          help="model folder or hub id whose tokenizer and config to serve (repeatable)")  # fmt: skip
+    _flag(gateway, "gateway", "--model-name", action="append", help="model id for each --model (default: folder name)")
+    _flag(gateway, "gateway", "--dht", action="append", help="DHT node(s) to join, host:port (repeatable)")
+    _flag(gateway, "gateway", "--host", default="0.0.0.0", help="HTTP listen address")
+    _flag(gateway, "gateway", "--port", type=int, default=8000, help="HTTP port")
+    _flag(gateway, "gateway", "--dht-port", type=int, default=0, help="UDP port of the gateway's own DHT node")
+    _flag(gateway, "gateway", "--redis-url", default=None, help="pin sessions in Redis (default: in memory)")
+    _flag(gateway, "gateway", "--api-key", default=None, help="require this bearer token")
+    _flag(gateway, "gateway", "--step-timeout", type=float, default=10.0, help="seconds a peer may take per step")
+    _flag(gateway, "gateway", "--session-ttl", type=float, default=3600.0, help="seconds a session pin lives")
+    _flag(gateway, "gateway", "--dry-run", action="store_true", help="validate the flags and exit")
+
+    demo = commands.add_parser("demo-model", help="write a random-weight model folder", formatter_class=EnvDefaultsFormatter)
+    _flag(demo, "demo-model", "--path", type=Path, default=None, help="folder to write (default: in SWARM_HOME)")
+    _flag(demo, "demo-model", "--preset", default="demo", help="demo | tiny-gqa | bench-150m")
+    _flag(demo, "demo-model", "--seed", type=int, default=0, help="random seed of the weights")
+
+    status = commands.add_parser("status", help="print the swarm as a table", formatter_class=EnvDefaultsFormatter)
+    _flag(status, "status", "--dht", action="append", required=True, help="DHT node to ask, host:port")
+    _flag(status, "status", "--model", default=None, help="only this model id")
+    return parser
+
+
+def model_id_for(model: str, name: str | None = None) -> str:
+    """The id a model is announced and requested under: explicit, or the folder's name."""
+    if name:
+        return name
+    path = Path(model)
+    return path.resolve().name if path.exists() else model
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_dht(args) -> int:
+    from swarm.dht_node import run_dht_node
+
+    bootstrap = _addresses(args.bootstrap)
+    if args.dry_run:
+        print(f"dht node on {args.host}:{args.port}, bootstrap {bootstrap}")
+        return 0
+    asyncio.run(run_dht_node(args.host, args.port, bootstrap))
+    return 0
+
+
+def cmd_peer(args) -> int:
+    bootstrap = _addresses(args.dht)
+    if args.dry_run:
+        print(f"peer {args.model} blocks {args.blocks[0]}:{args.blocks[1]} dht {bootstrap}")
+        return 0
+    from peer.server import PeerConfig, run_peer
+    from peer.weights import resolve_model_dir
+
+    device = resolve_device(args.device)
+    config = PeerConfig(
+        model_dir=resolve_model_dir(args.model),
+        model_id=model_id_for(args.model, args.model_name),
+        start=args.blocks[0],
+        end=args.blocks[1],
+        host=args.host,
+        port=args.port,
+        announce_host=args.announce_host or (None if args.host != "0.0.0.0" else "127.0.0.1"),
+        dht_bootstrap=bootstrap,
+        dht_port=args.dht_port,
+        dtype=resolve_dtype(args.dtype, device),
+        quant=args.quant,
+        device=device,
+        cache_tokens=args.cache_tokens,
+        max_batch_tokens=args.max_batch_tokens,
+        threads=args.threads,
+        heartbeat=args.heartbeat,
+        ttl=args.ttl,
+        drain_timeout=args.drain_timeout,
+    )
+    asyncio.run(run_peer(config))
+    return 0
+
+
+def cmd_gateway(args) -> int:
+    names = args.model_name or []
+    if names and len(names) != len(args.model):
+        raise SystemExit("give one --model-name per --model, or none")
+    models = {model_id_for(model, names[i] if names else None): model for i, model in enumerate(args.model)}
+    from gateway.app import GatewaySettings, run_gateway
+
+    settings = GatewaySettings(
+        models=models,
+        dht_bootstrap=_addresses(args.dht),
+        host=args.host,
+        port=args.port,
+        dht_port=args.dht_port,
+        redis_url=args.redis_url,
+        api_key=args.api_key,
+        step_timeout=args.step_timeout,
+        session_ttl=args.session_ttl,
+    )
+    if args.dry_run:
+        print(settings)
+        return 0
+    run_gateway(settings)
+    return 0
+
+
+def cmd_demo_model(args) -> int:
+    from peer.demo_model import ensure_demo_model
+
+    path = args.path or DEFAULT_CACHE / f"swarm-{args.preset}-llama"
+    print(ensure_demo_model(path, preset=args.preset, seed=args.seed))
+    return 0
+
+
+def cmd_up(args) -> int:
+    from swarm.launcher import run_local_swarm
+
+    return run_local_swarm(args)
+
+
+def cmd_status(args) -> int:
+    from swarm.status import print_status
+
+    return asyncio.run(print_status(_addresses(args.dht), args.model))
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "dht": cmd_dht,
+    "peer": cmd_peer,
+    "gateway": cmd_gateway,
+    "demo-model": cmd_demo_model,
+    "status": cmd_status,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

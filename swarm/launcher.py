@@ -1,0 +1,219 @@
+"""Start a local swarm as real processes: one DHT node, block peers, a gateway.
+
+`swarm up` uses it, and so do the integration tests, so what the tests exercise is what users run.
+Each child writes to its own log file; a child is ready when it prints its READY line (the DHT node
+and peers) or when `/health` answers (the gateway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def split_blocks(num_blocks: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous, as even as possible: 8 blocks in 3 parts -> [0,3) [3,6) [6,8)."""
+    if not 1 <= parts <= num_blocks:
+        raise ValueError(f"cannot split {num_blocks} blocks between {parts} peers")
+    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def num_blocks_of(model_dir: Path) -> int:
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    address: str = ""
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def wait_for_line(self, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log().splitlines():
+                if line.startswith(prefix):
+                    return line[len(prefix) :].strip()
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log()[-3000:]}")
+
+
+@dataclass
+class LocalSwarm:
+    """A swarm on this machine. Use as a context manager so every child is stopped."""
+
+    model_dir: Path
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="swarm-")))
+    heartbeat: float = 5.0
+    ttl: float = 15.0
+    log_level: str = "INFO"
+    children: list[Child] = field(default_factory=list)
+    dht_address: str = ""
+
+    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> Child:
+        log_path = self.workdir / f"{name}.log"
+        log_file = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its whole life
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "swarm.cli", "--log-level", self.log_level, *args],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env,
+        )
+        log_file.close()
+        child = Child(name, process, log_path)
+        self.children.append(child)
+        return child
+
+    def start_dht(self, timeout: float = 30.0) -> str:
+        child = self._spawn("dht", ["dht", "--host", "127.0.0.1", "--port", "0"])
+        child.address = child.wait_for_line("DHT_READY", timeout)
+        self.dht_address = child.address
+        return child.address
+
+    def start_peer(self, start: int, end: int, *extra: str, name: str | None = None, timeout: float = 120.0) -> Child:
+        args = [
+            "peer", "--model", str(self.model_dir), "--blocks", f"{start}:{end}", "--dht", self.dht_address,
+            "--host", "127.0.0.1", "--heartbeat", str(self.heartbeat), "--ttl", str(self.ttl), *extra,
+        ]  # fmt: skip
+        child = self._spawn(name or f"peer-{start}-{end}-{len(self.children)}", args)
+        child.address = child.wait_for_line("PEER_READY", timeout)
+        return child
+
+    def start_gateway(self, port: int | None = None, *extra: str, name: str = "gateway", timeout: float = 60.0) -> Child:
+        port = port or free_port()
+        args = ["gateway", "--model", str(self.model_dir), "--dht", self.dht_address, "--host", "127.0.0.1",
+                "--port", str(port), *extra]  # fmt: skip
+        child = self._spawn(name, args)
+        child.address = f"http://127.0.0.1:{port}"
+        wait_http(child, f"{child.address}/health", timeout)
+        return child
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            with contextlib.suppress(Exception):
+                child.stop()
+        self.children.clear()
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_http(child: Child, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.log()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{child.name} did not answer {url} within {timeout:.0f} s:\n{child.log()[-3000:]}")
+
+
+def run_local_swarm(args) -> int:
+    """`swarm up`: everything on this machine, in the foreground, until Ctrl-C."""
+    from swarm.cli import DEFAULT_CACHE
+
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        if args.dry_run:
+            model_dir = DEFAULT_CACHE / "swarm-demo-llama"
+        else:
+            from peer.demo_model import ensure_demo_model
+
+            print("preparing the demo model (random weights, made locally) ...", flush=True)
+            model_dir = ensure_demo_model(DEFAULT_CACHE / "swarm-demo-llama", preset="demo")
+    if args.dry_run:
+        print(f"would start: dht, {args.peers} peers over {model_dir}, gateway on {args.host}:{args.port}")
+        return 0
+    spans = split_blocks(num_blocks_of(model_dir), args.peers)
+    swarm = LocalSwarm(model_dir, log_level="WARNING")
+    peer_flags = ["--dtype", args.dtype]
+    if args.threads:
+        peer_flags += ["--threads", str(args.threads)]
+    gateway_flags = ["--redis-url", args.redis_url] if args.redis_url else []
+    stop = False
+
+    def request_stop(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        print(f"starting the DHT and {len(spans)} peers (logs in {swarm.workdir}) ...", flush=True)
+        swarm.start_dht()
+        for start, end in spans:
+            peer = swarm.start_peer(start, end, *peer_flags)
+            print(f"  peer blocks [{start}, {end}) at {peer.address}", flush=True)
+        gateway = swarm.start_gateway(args.port, *gateway_flags)
+        if args.host not in ("127.0.0.1", "localhost"):
+            print("note: `swarm up` listens on 127.0.0.1; use `swarm gateway --host` to expose it", flush=True)
+        model_id = Path(model_dir).resolve().name
+        base = f"{gateway.address}/v1"
+        print(
+            f"\nswarm is up. OpenAI base URL: {base}  (model: {model_id})\n\n"
+            f"  curl -N {base}/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"    -d '{{\"model\": \"{model_id}\", \"stream\": true, "
+            f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
+            "Press Ctrl-C to stop.",
+            flush=True,
+        )
+        while not stop:
+            for child in swarm.children:
+                if not child.alive():
+                    print(f"{child.name} exited:\n{child.log()[-2000:]}", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping the swarm ...", flush=True)
+        swarm.stop()
+    return 0
