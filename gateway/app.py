@@ -18,7 +18,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
@@ -28,13 +28,14 @@ from gateway.generation import GenerationParams, NoRouteError, RouteRunner, Swar
 from gateway.models import ServedModel, load_model
 from gateway.routing import Route
 from gateway.sessions import MemorySessionStore, Pin, RedisSessionStore, conversation_key, next_turn_key
-from gateway.text import IncrementalDetokenizer, StopMatcher, render_chat
+from gateway.text import IncrementalDetokenizer, StopMatcher, encode_prompt, render_chat
 from peer.client import ChannelPool, PeerError
 from protos import swarm_pb2
 
 log = logging.getLogger("gateway")
 
 SESSION_HEADER = "x-session-id"
+ROUTE_HEADER = "x-swarm-route"  # peer ids of the route that served the request, for debugging
 
 
 @dataclass
@@ -325,17 +326,17 @@ async def list_models(gw: GatewayDep) -> protocol.ModelList:
 
 
 @router.post("/chat/completions", response_model=protocol.ChatCompletionResponse)
-async def chat_completions(req: protocol.ChatCompletionRequest, request: Request, gw: GatewayDep):
+async def chat_completions(req: protocol.ChatCompletionRequest, request: Request, response: Response, gw: GatewayDep):
     served = gw.model(req.model)
     _log_unknown(req)
     messages = req.template_messages()
     try:
         prompt = render_chat(
-            served.tokenizer, messages, tools=req.template_tools(), **(req.chat_template_kwargs or {})
+            served.tokenizer, messages, tools=req.template_tools(), chat_template_kwargs=req.chat_template_kwargs
         )
     except ValueError as exc:
-        raise errors.invalid_request(f"could not render the chat template: {exc}", param="messages") from exc
-    prompt_ids = served.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        raise errors.invalid_request(str(exc), param="messages") from exc
+    prompt_ids = encode_prompt(served.tokenizer, prompt)
     max_new = budget(served, prompt_ids, req.effective_max_tokens(), "max_tokens")
     top = req.top_logprobs or 0
     base_sampling = sampling_message(req, served, req.logprobs, top)
@@ -355,8 +356,12 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
     if req.stream:
         stream = protocol.ChatChunkStream(served.id)
         return EventSourceResponse(
-            _chat_events(stream, pieces, req, served, len(prompt_ids), remember), sep="\n", ping=15
+            _chat_events(stream, pieces, req, served, len(prompt_ids), remember),
+            sep="\n",
+            ping=15,
+            headers=route_headers(route),
         )
+    response.headers.update(route_headers(route))
     texts = [""] * req.n
     tokens: list[list[TokenEvent]] = [[] for _ in range(req.n)]
     finishes: list[str | None] = [None] * req.n
@@ -407,7 +412,7 @@ async def _chat_events(stream, pieces, req, served: ServedModel, prompt_tokens: 
 
 
 @router.post("/completions", response_model=protocol.CompletionResponse)
-async def completions(req: protocol.CompletionRequest, request: Request, gw: GatewayDep):
+async def completions(req: protocol.CompletionRequest, request: Request, response: Response, gw: GatewayDep):
     served = gw.model(req.model)
     _log_unknown(req)
     tokenizer = served.tokenizer
@@ -421,8 +426,9 @@ async def completions(req: protocol.CompletionRequest, request: Request, gw: Gat
                         f"model `{served.id}` has no fill-in-the-middle tokens, so `suffix` is not supported",
                         param="suffix",
                     )
-                text = served.fim_prompt(prompt, req.suffix)
-            ids = tokenizer(text, add_special_tokens=req.suffix is None)["input_ids"]
+                ids = tokenizer(served.fim_prompt(prompt, req.suffix), add_special_tokens=False)["input_ids"]
+            else:
+                ids = encode_prompt(tokenizer, text)
         else:
             if any(token >= len(tokenizer) for token in prompt):
                 raise errors.invalid_request("prompt token ids must be inside the vocabulary", param="prompt")
@@ -451,8 +457,12 @@ async def completions(req: protocol.CompletionRequest, request: Request, gw: Gat
     if req.stream:
         stream = protocol.CompletionChunkStream(served.id)
         return EventSourceResponse(
-            _completion_events(stream, pieces, req, served, echoes, prompt_tokens), sep="\n", ping=15
+            _completion_events(stream, pieces, req, served, echoes, prompt_tokens),
+            sep="\n",
+            ping=15,
+            headers=route_headers(route),
         )
+    response.headers.update(route_headers(route))
     texts = list(echoes)
     tokens: list[list[TokenEvent]] = [[] for _ in jobs]
     finishes: list[str | None] = [None] * len(jobs)
@@ -498,6 +508,10 @@ async def _completion_events(stream, pieces, req, served: ServedModel, echoes: l
             log.exception("stream failed")
         yield errors.sse_error_data(exc)
     yield "[DONE]"
+
+
+def route_headers(route: Route) -> dict[str, str]:
+    return {ROUTE_HEADER: ",".join(hop.peer_id for hop in route)}
 
 
 def _log_unknown(req: protocol.RequestModel) -> None:

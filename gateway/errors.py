@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -72,8 +73,7 @@ _TYPE_BY_STATUS: dict[int, str] = {
 }
 
 GENERIC_SERVER_ERROR = (
-    "The server had an error while processing your request. Sorry about that! "
-    "You can retry your request."
+    "The server had an error while processing your request. Sorry about that! You can retry your request."
 )
 
 
@@ -116,7 +116,7 @@ class OpenAIError(Exception):
         self.headers: dict[str, str] = dict(headers or {})
         if retry_after is not None:
             # Retry-After takes whole seconds; round up so a client never retries early.
-            seconds = max(0, int(-(-retry_after // 1)))
+            seconds = max(0, math.ceil(retry_after))
             self.headers["Retry-After"] = str(seconds)
 
     def __repr__(self) -> str:
@@ -161,9 +161,7 @@ def not_found(message: str, code: str | None = None) -> OpenAIError:
 
 def model_not_found(model: str) -> OpenAIError:
     """404 with OpenAI's exact wording, so clients that match on it keep working."""
-    return OpenAIError(
-        404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
-    )
+    return OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
 def payload_too_large(message: str = "The request body is too large.") -> OpenAIError:
@@ -339,9 +337,7 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
 
 
 async def _unhandled_exception_handler(request: Request, exc: Exception) -> JSONResponse:
-    logger.error(
-        "unhandled error in %s %s", request.method, request.url.path, exc_info=exc
-    )
+    logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(server_error())
 
 

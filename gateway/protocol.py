@@ -231,8 +231,7 @@ class ChatMessageParam(RequestModel):
                     # A clear message instead of pydantic's union noise: the swarm serves a
                     # text-only model, so images and audio cannot be honoured.
                     raise ValueError(
-                        f"content part type '{kind}' is not supported; "
-                        "this model accepts only 'text' parts"
+                        f"content part type '{kind}' is not supported; this model accepts only 'text' parts"
                     )
         return value
 
@@ -836,18 +835,14 @@ class ChatChunkStream:
         finish_reason: FinishReason | None = None,
     ) -> str:
         """Any single-choice chunk (tool-call deltas, for example)."""
-        choice = ChunkChoice(
-            index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason
-        )
+        choice = ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)
         return self.chunk([choice]).model_dump_json()
 
     def role(self, index: int = 0) -> str:
         """The first chunk of a choice: ``delta: {"role": "assistant", "content": ""}``."""
         return self.delta(DeltaMessage(role="assistant", content=""), index)
 
-    def content(
-        self, text: str, index: int = 0, logprobs: ChatCompletionLogprobs | None = None
-    ) -> str:
+    def content(self, text: str, index: int = 0, logprobs: ChatCompletionLogprobs | None = None) -> str:
         """A chunk carrying a piece of generated text."""
         return self.delta(DeltaMessage(content=text), index, logprobs=logprobs)
 
@@ -900,9 +895,7 @@ class CompletionChunkStream:
         finish_reason: FinishReason | None = None,
     ) -> str:
         """A chunk carrying a piece of text, and optionally the choice's ``finish_reason``."""
-        choice = CompletionChoice(
-            index=index, text=text, logprobs=logprobs, finish_reason=finish_reason
-        )
+        choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
         return self.chunk([choice]).model_dump_json()
 
     def finish(self, finish_reason: FinishReason, index: int = 0) -> str:

@@ -194,7 +194,7 @@ class Sampler:
             tail_mass = sorted_scores.softmax(-1).cumsum(-1)
             drop = tail_mass <= 1 - params.top_p
             drop[-1] = False
-            scores = scores.masked_fill(drop.scatter(0, order, drop), -math.inf)
+            scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
         if params.min_p > 0:
             probs = scores.softmax(-1)
             scores = scores.masked_fill(probs < params.min_p * probs.max(), -math.inf)

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo-model", help="write a random-weight model folder", formatter_class=EnvDefaultsFormatter)
     _flag(demo, "demo-model", "--path", type=Path, default=None, help="folder to write (default: in SWARM_HOME)")
-    _flag(demo, "demo-model", "--preset", default="demo", help="demo | tiny-gqa | bench-150m")
+    _flag(demo, "demo-model", "--preset", default="demo", choices=["demo", "tiny", "bench"], help="demo: 4 blocks, hidden 256; tiny: 3 blocks with GQA; bench: ~156M params, hidden 1024, 8 blocks")
     _flag(demo, "demo-model", "--seed", type=int, default=0, help="random seed of the weights")
 
     status = commands.add_parser("status", help="print the swarm as a table", formatter_class=EnvDefaultsFormatter)
@@ -163,7 +163,10 @@ def cmd_dht(args) -> int:
     if args.dry_run:
         print(f"dht node on {args.host}:{args.port}, bootstrap {bootstrap}")
         return 0
-    asyncio.run(run_dht_node(args.host, args.port, bootstrap))
+    def announce_ready(dht) -> None:
+        print(f"DHT_READY {dht.address}", flush=True)  # launchers and tests wait for this line
+
+    asyncio.run(run_dht_node(args.host, args.port, bootstrap, on_ready=announce_ready))
     return 0
 
 
@@ -228,8 +231,12 @@ def cmd_gateway(args) -> int:
 def cmd_demo_model(args) -> int:
     from peer.demo_model import ensure_demo_model
 
-    path = args.path or DEFAULT_CACHE / f"swarm-{args.preset}-llama"
-    print(ensure_demo_model(path, preset=args.preset, seed=args.seed))
+    if args.path:
+        from peer.demo_model import create_demo_model
+
+        print(create_demo_model(args.path, preset=args.preset, seed=args.seed))
+    else:
+        print(ensure_demo_model(DEFAULT_CACHE, preset=args.preset, seed=args.seed))
     return 0
 
 

@@ -443,11 +443,12 @@ class _SwarmProtocol(KademliaProtocol):
     def welcome_if_new(self, node: Node) -> None:
         """kademlia's hand-off (paper 2.5), with its bugs fixed.
 
-        Upstream hashes the already-hashed storage key again, never hands off in a network smaller
-        than k, sends each merged value in one store (refused over 8 KB), and adds this very node to
-        its own table when it pings itself. Here: the stored key is the node id, a new node is "close"
-        while fewer than k are known, values are split under the store limit, self (and ids that are
-        not 20 bytes) are ignored.
+        Upstream hashes the already-hashed storage key again (so it hands off to the wrong nodes),
+        skips a new node farther than every known one even in a network smaller than k, sends each
+        merged value in one store (refused over 8 KB), and adds this very node to its own table when
+        it pings itself. Here: the stored key is the node id, a new node is "close" while fewer than
+        k are known, values are split under the store limit, self (and ids that are not 20 bytes)
+        are ignored.
         """
         if len(node.id) != 20 or node.id == self.source_node.id or not self.router.is_new_node(node):
             return
@@ -464,9 +465,8 @@ class _SwarmProtocol(KademliaProtocol):
         if not neighbors:
             return True
         self_closest = self.source_node.distance_to(target) < neighbors[0].distance_to(target)
-        new_close = len(neighbors) < self.router.ksize or new.distance_to(target) < neighbors[-1].distance_to(
-            target
-        )
+        farthest = neighbors[-1].distance_to(target)
+        new_close = len(neighbors) < self.router.ksize or new.distance_to(target) < farthest
         return self_closest and new_close
 
     def _spawn(self, coro: Any) -> None:
@@ -567,18 +567,20 @@ class _SwarmServer(Server):
         """Store on the k nearest nodes (and here when among them); returns how many hold it."""
         chunks = split_entries(entries)
         nodes = await self.nearest_nodes(key)
-        target = Node(key)
         held = 0
-        # Upstream stores locally only when closer than the farthest of the k found, so in a network
-        # smaller than k (or a lone node) the announcer may keep nothing. Here: when among the k nearest.
-        if len(nodes) < self.ksize or self.node.distance_to(target) < max(
-            n.distance_to(target) for n in nodes
-        ):
+        if self._among_nearest(Node(key), nodes):
             self.storage.merge(key, entries)
             held += 1
         calls = [self._store_all(node, key, chunks) for node in nodes]
         held += sum(await asyncio.gather(*calls))
         return held
+
+    def _among_nearest(self, target: Node, nearest: list[Node]) -> bool:
+        # Upstream stores locally only when closer than the farthest of the k found, so in a network
+        # smaller than k (or on a lone node) the announcer may keep nothing.
+        if len(nearest) < self.ksize:
+            return True
+        return self.node.distance_to(target) < max(node.distance_to(target) for node in nearest)
 
     async def _store_all(self, node: Node, key: bytes, chunks: list[str]) -> bool:
         results = await asyncio.gather(
@@ -651,6 +653,7 @@ class SwarmDHT:
     ):
         self._server = _SwarmServer(ksize=ksize, alpha=alpha, node_id=node_id, rpc_timeout=rpc_timeout)
         self._bootstrap: list[tuple[str, int]] = []
+        self._family = socket.AF_INET
         self._host: str | None = None
         self._port: int | None = None
         self._rebootstrap_interval = rebootstrap_interval
@@ -670,16 +673,21 @@ class SwarmDHT:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self._host, self._port = self._server.transport.get_extra_info("sockname")[:2]
-        resolved = [await _resolve(h, p, sock.family) for h, p in bootstrap]
-        self._bootstrap = [addr for addr in resolved if addr is not None]
+        self._family = sock.family
+        self._bootstrap = [(str(h), int(p)) for h, p in bootstrap]
         log.info("DHT node %s listening on %s", self.node_id[:12], self.address)
         if self._bootstrap:
             await self.bootstrap()
         self._maintenance = asyncio.ensure_future(self._maintain())
 
     async def bootstrap(self) -> int:
-        """(Re)join through the bootstrap addresses; returns the number of nodes found."""
-        found = await self._server.bootstrap(self._bootstrap)
+        """(Re)join through the bootstrap addresses; returns the number of nodes found.
+
+        Names are resolved on every attempt: kademlia takes only IPs, and a docker service name
+        may not resolve until its container is up.
+        """
+        resolved = await asyncio.gather(*(_resolve(h, p, self._family) for h, p in self._bootstrap))
+        found = await self._server.bootstrap([addr for addr in resolved if addr is not None])
         if found:
             log.info("DHT joined via %s: %d node(s) known", self._bootstrap, len(found))
         else:

@@ -20,6 +20,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+DEMO_MODEL_ID = "swarm-demo"
+
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
@@ -86,6 +88,7 @@ class LocalSwarm:
     heartbeat: float = 5.0
     ttl: float = 15.0
     log_level: str = "INFO"
+    model_name: str | None = None  # model id to announce and serve (default: the folder's name)
     children: list[Child] = field(default_factory=list)
     dht_address: str = ""
 
@@ -111,21 +114,25 @@ class LocalSwarm:
         self.dht_address = child.address
         return child.address
 
+    def _model_flags(self) -> list[str]:
+        return ["--model", str(self.model_dir)] + (["--model-name", self.model_name] if self.model_name else [])
+
     def start_peer(self, start: int, end: int, *extra: str, name: str | None = None, timeout: float = 120.0) -> Child:
         args = [
-            "peer", "--model", str(self.model_dir), "--blocks", f"{start}:{end}", "--dht", self.dht_address,
+            "peer", *self._model_flags(), "--blocks", f"{start}:{end}", "--dht", self.dht_address,
             "--host", "127.0.0.1", "--heartbeat", str(self.heartbeat), "--ttl", str(self.ttl), *extra,
         ]  # fmt: skip
         child = self._spawn(name or f"peer-{start}-{end}-{len(self.children)}", args)
         child.address = child.wait_for_line("PEER_READY", timeout)
         return child
 
-    def start_gateway(self, port: int | None = None, *extra: str, name: str = "gateway", timeout: float = 60.0) -> Child:
+    def start_gateway(
+        self, port: int | None = None, *extra: str, host: str = "127.0.0.1", name: str = "gateway", timeout: float = 60.0
+    ) -> Child:
         port = port or free_port()
-        args = ["gateway", "--model", str(self.model_dir), "--dht", self.dht_address, "--host", "127.0.0.1",
-                "--port", str(port), *extra]  # fmt: skip
+        args = ["gateway", *self._model_flags(), "--dht", self.dht_address, "--host", host, "--port", str(port), *extra]
         child = self._spawn(name, args)
-        child.address = f"http://127.0.0.1:{port}"
+        child.address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         wait_http(child, f"{child.address}/health", timeout)
         return child
 
@@ -160,21 +167,23 @@ def run_local_swarm(args) -> int:
     """`swarm up`: everything on this machine, in the foreground, until Ctrl-C."""
     from swarm.cli import DEFAULT_CACHE
 
+    model_name = None
     if args.model:
         model_dir = Path(args.model)
     else:
+        model_name = DEMO_MODEL_ID
         if args.dry_run:
-            model_dir = DEFAULT_CACHE / "swarm-demo-llama"
+            model_dir = DEFAULT_CACHE / "demo-seed0"
         else:
             from peer.demo_model import ensure_demo_model
 
             print("preparing the demo model (random weights, made locally) ...", flush=True)
-            model_dir = ensure_demo_model(DEFAULT_CACHE / "swarm-demo-llama", preset="demo")
+            model_dir = ensure_demo_model(DEFAULT_CACHE, preset="demo")
     if args.dry_run:
         print(f"would start: dht, {args.peers} peers over {model_dir}, gateway on {args.host}:{args.port}")
         return 0
     spans = split_blocks(num_blocks_of(model_dir), args.peers)
-    swarm = LocalSwarm(model_dir, log_level="WARNING")
+    swarm = LocalSwarm(model_dir, log_level="WARNING", model_name=model_name)
     peer_flags = ["--dtype", args.dtype]
     if args.threads:
         peer_flags += ["--threads", str(args.threads)]
@@ -192,10 +201,8 @@ def run_local_swarm(args) -> int:
         for start, end in spans:
             peer = swarm.start_peer(start, end, *peer_flags)
             print(f"  peer blocks [{start}, {end}) at {peer.address}", flush=True)
-        gateway = swarm.start_gateway(args.port, *gateway_flags)
-        if args.host not in ("127.0.0.1", "localhost"):
-            print("note: `swarm up` listens on 127.0.0.1; use `swarm gateway --host` to expose it", flush=True)
-        model_id = Path(model_dir).resolve().name
+        gateway = swarm.start_gateway(args.port, *gateway_flags, host=args.host)
+        model_id = model_name or Path(model_dir).resolve().name
         base = f"{gateway.address}/v1"
         print(
             f"\nswarm is up. OpenAI base URL: {base}  (model: {model_id})\n\n"
