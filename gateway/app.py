@@ -242,7 +242,8 @@ def sampling_message(req: protocol.SamplingRequest, served: ServedModel, logprob
         if token >= vocab:
             raise errors.invalid_request(f"logit_bias token id {token} is outside the vocabulary", param="logit_bias")
     message = swarm_pb2.SamplingParams(
-        temperature=req.temperature,
+        # top_p == 0 keeps no token but the best: greedy (0 means "off" on the wire)
+        temperature=0.0 if req.top_p == 0 else req.temperature,
         top_p=req.top_p,
         top_k=max(0, req.top_k or 0),
         min_p=req.min_p or 0.0,
@@ -547,7 +548,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             await gateway.stop()
 
-    app = FastAPI(title="swarm gateway", version="0.1.0", lifespan=lifespan)
+    # strict_content_type off: `curl -d '{...}'` without a JSON content type must work too
+    app = FastAPI(title="swarm gateway", version="0.1.0", lifespan=lifespan, strict_content_type=False)
     errors.install_error_handlers(app)
 
     @app.middleware("http")

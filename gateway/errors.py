@@ -289,24 +289,33 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> OpenAIError:
             "We could not parse the JSON body of your request"
             f"{where}. The API expects a JSON payload with Content-Type: application/json."
         )
-    if tuple(first.get("loc", ())) == ("body",) and isinstance(first.get("input"), (bytes, str)):
+    loc = tuple(first.get("loc", ()))
+    if loc == ("body",) and first.get("type") == "missing":
+        return invalid_request("The request body is missing; expected a JSON object.")
+    if loc == ("body",) and (
+        isinstance(first.get("input"), (bytes, str))
+        or first.get("type") in ("model_attributes_type", "model_type", "dict_type")
+    ):
         return invalid_request(
             "The request body must be a JSON object sent with Content-Type: application/json."
         )
-    if tuple(first.get("loc", ())) == ("body",) and first.get("type") == "missing":
-        return invalid_request("The request body is missing; expected a JSON object.")
 
-    param = _param_from_loc(first.get("loc", ()))
+    param = _param_from_loc(loc)
     # Union members each report the same field; keep one message per distinct param.
     seen: dict[str | None, str] = {}
     for err in errors:
         p = _param_from_loc(err.get("loc", ()))
-        if p not in seen:
-            seen[p] = _clean_msg(str(err.get("msg", "invalid value")))
-    messages = [f"{p}: {m}" if p else m for p, m in list(seen.items())[:3]]
+        if p in seen:
+            continue
+        if err.get("type") == "missing" and p:
+            seen[p] = f"Missing required parameter: '{p}'."
+        else:
+            msg = _clean_msg(str(err.get("msg", "invalid value")))
+            seen[p] = f"Invalid value for '{p}': {msg}" if p else msg
+    messages = list(seen.values())[:3]
     if len(seen) > 3:
-        messages.append(f"and {len(seen) - 3} more")
-    return invalid_request("Invalid request: " + "; ".join(messages), param=param)
+        messages.append(f"(and {len(seen) - 3} more errors)")
+    return invalid_request(" ".join(m if m.endswith(".") else m + "." for m in messages), param=param)
 
 
 # --- handlers ------------------------------------------------------------------------------

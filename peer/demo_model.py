@@ -161,7 +161,9 @@ def model_config(preset: str = "demo", **overrides: Any) -> dict[str, Any]:
     return {**_COMMON, **PRESETS[preset], **overrides}
 
 
-def create_demo_model(path: str | os.PathLike[str], *, preset: str = "demo", seed: int = 0, **config_overrides: Any) -> Path:
+def create_demo_model(
+    path: str | os.PathLike[str], *, preset: str = "demo", seed: int = 0, **config_overrides: Any
+) -> Path:
     """Write a random-weight Llama folder (weights, config, tokenizer) to ``path`` and return it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -172,6 +174,11 @@ def create_demo_model(path: str | os.PathLike[str], *, preset: str = "demo", see
         config = LlamaConfig(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"invalid model config {kwargs}: {exc}") from exc
+    minimum = 256 + len(SPECIAL_TOKENS)  # byte-level BPE: every byte needs a token
+    if config.vocab_size < minimum:
+        raise ValueError(
+            f"vocab_size must be >= {minimum} for a byte-level tokenizer, got {config.vocab_size}"
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _write_tokenizer(path, config.vocab_size, config.max_position_embeddings)
@@ -192,7 +199,9 @@ def create_demo_model(path: str | os.PathLike[str], *, preset: str = "demo", see
     return path
 
 
-def ensure_demo_model(cache_dir: str | os.PathLike[str], *, preset: str = "demo", seed: int = 0, **config_overrides: Any) -> Path:
+def ensure_demo_model(
+    cache_dir: str | os.PathLike[str], *, preset: str = "demo", seed: int = 0, **config_overrides: Any
+) -> Path:
     """Return ``cache_dir/<name>`` holding the model, creating it first if needed.
 
     The folder is written under a temporary name, its marker file last, and renamed into place,
@@ -201,7 +210,9 @@ def ensure_demo_model(cache_dir: str | os.PathLike[str], *, preset: str = "demo"
     kwargs = model_config(preset, **config_overrides)
     name = f"{preset}-seed{seed}"
     if config_overrides:
-        digest = hashlib.sha256(json.dumps(config_overrides, sort_keys=True, default=str).encode()).hexdigest()
+        digest = hashlib.sha256(
+            json.dumps(config_overrides, sort_keys=True, default=str).encode()
+        ).hexdigest()
         name += f"-{digest[:10]}"
     cache_dir = Path(cache_dir)
     final = cache_dir / name
@@ -211,7 +222,9 @@ def ensure_demo_model(cache_dir: str | os.PathLike[str], *, preset: str = "demo"
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir))
     try:
         create_demo_model(staging, preset=preset, seed=seed, **config_overrides)
-        (staging / MARKER).write_text(json.dumps({"preset": preset, "seed": seed, "config": kwargs}, default=str))
+        (staging / MARKER).write_text(
+            json.dumps({"preset": preset, "seed": seed, "config": kwargs}, default=str)
+        )
         if final.exists() and not (final / MARKER).is_file():
             shutil.rmtree(final, ignore_errors=True)  # left by a crashed writer of an older version
         try:
@@ -228,9 +241,6 @@ def _write_tokenizer(path: Path, vocab_size: int, max_length: int) -> None:
     """Train the byte-level BPE, pad its vocabulary to ``vocab_size``, write both tokenizer files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    minimum = 256 + len(SPECIAL_TOKENS)  # every byte must have a token
-    if vocab_size < minimum:
-        raise ValueError(f"vocab_size must be >= {minimum} for a byte-level tokenizer, got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -41,7 +41,8 @@ class KVCache:
         capacity: int = 16,
         max_capacity: int | None = None,
     ) -> None:
-        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        sizes = {"num_layers": num_layers, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
+        for name, value in sizes.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         if capacity < 1:

@@ -90,7 +90,9 @@ class SpanConfig:
             raise FileNotFoundError(f"no config.json in {model_dir}")
         model_type = json.loads(config_path.read_text()).get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
+            )
         return cls.from_hf(AutoConfig.from_pretrained(str(model_dir)))
 
     @classmethod
@@ -100,7 +102,9 @@ class SpanConfig:
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
         if heads % kv_heads:
-            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+            raise ValueError(
+                f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
         if hf_config.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported: {sorted(_ACTIVATIONS)}")
         rope_type, inv_freq, scaling = _rope_frequencies(hf_config, head_dim)
@@ -176,7 +180,9 @@ class _SessionSlice:
     is_causal: bool
 
 
-def _plan_attention(caches: Sequence[KVCache], lengths: Sequence[int], device: torch.device) -> list[_SessionSlice]:
+def _plan_attention(
+    caches: Sequence[KVCache], lengths: Sequence[int], device: torch.device
+) -> list[_SessionSlice]:
     """Per-session attention masks, computed once per step and shared by all layers.
 
     A prefill into an empty cache is plain causal. One new token sees the whole cache: no mask.
@@ -201,13 +207,16 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scaling = config.head_dim**-0.5
-        bias, hidden, q_dim, kv_dim = config.attention_bias, config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        hidden, bias = config.hidden_size, config.attention_bias
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(hidden, q_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, kv_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: list[_SessionSlice]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: list[_SessionSlice]
+    ) -> torch.Tensor:
         tokens = x.shape[0]
         q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
@@ -258,7 +267,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: list[_SessionSlice]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: list[_SessionSlice]
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -270,7 +281,9 @@ class BlockSpan(nn.Module):
     def __init__(self, config: SpanConfig, start: int, end: int) -> None:
         super().__init__()
         if not 0 <= start < end <= config.num_hidden_layers:
-            raise ValueError(f"span [{start}, {end}) is not inside a model of {config.num_hidden_layers} blocks")
+            raise ValueError(
+                f"span [{start}, {end}) is not inside a model of {config.num_hidden_layers} blocks"
+            )
         self.config, self.start, self.end = config, start, end
         self.is_first, self.is_last = start == 0, end == config.num_hidden_layers
         if self.is_first:
@@ -297,7 +310,9 @@ class BlockSpan(nn.Module):
         config = SpanConfig.from_model_dir(model_dir)
         # Validate before reading any tensor, so a bad request costs nothing.
         if not 0 <= start < end <= config.num_hidden_layers:
-            raise ValueError(f"span [{start}, {end}) is not inside a model of {config.num_hidden_layers} blocks")
+            raise ValueError(
+                f"span [{start}, {end}) is not inside a model of {config.num_hidden_layers} blocks"
+            )
         state = load_span_state_dict(
             model_dir,
             start,
@@ -330,12 +345,14 @@ class BlockSpan(nn.Module):
 
     def new_cache(self, capacity: int = 16, max_capacity: int | None = None) -> KVCache:
         """An empty cache for one session, in the span's dtype and device."""
-        c = self.config
-        return KVCache(self.num_layers, c.num_key_value_heads, c.head_dim, self.dtype, self.device, capacity, max_capacity)
+        heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
+        return KVCache(self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity)
 
     # ---- compute ----
     @torch.no_grad()
-    def forward(self, inputs: torch.Tensor, caches: Sequence[KVCache], lengths: Sequence[int]) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, caches: Sequence[KVCache], lengths: Sequence[int]
+    ) -> torch.Tensor:
         """Run one packed step; see docs/ARCHITECTURE.md for the contract.
 
         ``inputs`` is ``[T]`` int64 token ids on the first span, else ``[T, hidden]`` states (any
@@ -351,8 +368,8 @@ class BlockSpan(nn.Module):
         else:
             x = inputs.to(device=device, dtype=self.dtype)
         positions = torch.cat(
-            [torch.arange(c.length, c.length + n, device=device) for c, n in zip(caches, lengths, strict=True)]
-        )
+            [torch.arange(c.length, c.length + n) for c, n in zip(caches, lengths, strict=True)]
+        ).to(device)
         cos, sin = self._rotary(positions, x.dtype)
         plan = _plan_attention(caches, lengths, device)
         for layer in self.layers:
@@ -377,10 +394,12 @@ class BlockSpan(nn.Module):
         scale = self.config.attention_scaling
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
-    def _check_step(self, inputs: torch.Tensor, caches: Sequence[KVCache], lengths: Sequence[int]) -> int:
+    def _check_step(self, inputs: torch.Tensor, caches: Sequence[KVCache], lengths: Sequence[int]) -> None:
         """Reject malformed steps with ValueError (they come from the network)."""
         if len(caches) != len(lengths) or not caches:
-            raise ValueError(f"need one length per cache, got {len(caches)} caches and {len(lengths)} lengths")
+            raise ValueError(
+                f"need one length per cache, got {len(caches)} caches and {len(lengths)} lengths"
+            )
         if any(int(n) < 0 for n in lengths):
             raise ValueError(f"lengths must be >= 0, got {list(lengths)}")
         total = sum(int(n) for n in lengths)
@@ -388,10 +407,14 @@ class BlockSpan(nn.Module):
             raise ValueError("a step needs at least one token")
         if self.is_first:
             if inputs.dim() != 1 or inputs.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"first span takes [T] integer token ids, got {inputs.dtype} {tuple(inputs.shape)}")
+                raise ValueError(
+                    f"first span takes [T] integer token ids, got {inputs.dtype} {tuple(inputs.shape)}"
+                )
             if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self.config.vocab_size):
                 raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        elif inputs.dim() != 2 or inputs.shape[1] != self.config.hidden_size or not inputs.is_floating_point():
+        elif (
+            inputs.dim() != 2 or inputs.shape[1] != self.config.hidden_size or not inputs.is_floating_point()
+        ):
             raise ValueError(
                 f"span takes [T, {self.config.hidden_size}] float hidden states, got {inputs.dtype} {tuple(inputs.shape)}"
             )
@@ -399,13 +422,12 @@ class BlockSpan(nn.Module):
             raise ValueError(f"inputs hold {inputs.shape[0]} tokens but lengths sum to {total}")
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("a cache appears twice in one step")
-        c = self.config
+        expected = (self.num_layers, self.config.num_key_value_heads, self.config.head_dim)
         for cache in caches:
-            if (cache.num_layers, cache.num_kv_heads, cache.head_dim) != (self.num_layers, c.num_key_value_heads, c.head_dim):
+            if (cache.num_layers, cache.num_kv_heads, cache.head_dim) != expected:
                 raise ValueError(f"{cache!r} does not belong to span [{self.start}, {self.end})")
             if cache.dtype != self.dtype:
                 raise ValueError(f"cache dtype {cache.dtype} != span dtype {self.dtype}")
-        return total
 
 
 def last_token_rows(lengths: Sequence[int]) -> torch.Tensor:

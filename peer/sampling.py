@@ -153,7 +153,9 @@ class Sampler:
         if params.repetition_penalty != 1.0 and history.numel():
             seen = history.unique()
             picked = scores[seen]
-            scores[seen] = torch.where(picked < 0, picked * params.repetition_penalty, picked / params.repetition_penalty)
+            scores[seen] = torch.where(
+                picked < 0, picked * params.repetition_penalty, picked / params.repetition_penalty
+            )
         if (params.presence_penalty or params.frequency_penalty) and history.numel() > penalty_start:
             counts = torch.bincount(history[max(penalty_start, 0) :], minlength=vocab).float()
             scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
@@ -207,7 +209,11 @@ class Sampler:
 
 def _token_ids(ids: Sequence[int] | torch.Tensor, vocab: int, name: str) -> torch.Tensor:
     """Token ids as a CPU int64 tensor, rejecting ids outside the vocabulary (network input)."""
-    tensor = ids.detach().to("cpu", torch.long).flatten() if isinstance(ids, torch.Tensor) else torch.tensor(list(ids), dtype=torch.long)
+    tensor = (
+        ids.detach().to("cpu", torch.long).flatten()
+        if isinstance(ids, torch.Tensor)
+        else torch.tensor(list(ids), dtype=torch.long)
+    )
     if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= vocab):
         raise ValueError(f"{name} must be in [0, {vocab})")
     return tensor

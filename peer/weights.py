@@ -62,7 +62,11 @@ def tensor_index(model_dir: Path) -> dict[str, str]:
     if index_path.is_file():
         weight_map = json.loads(index_path.read_text())["weight_map"]
         return {str(name): str(file) for name, file in weight_map.items()}
-    files = [model_dir / SINGLE_FILE] if (model_dir / SINGLE_FILE).is_file() else sorted(model_dir.glob("*.safetensors"))
+    files = (
+        [model_dir / SINGLE_FILE]
+        if (model_dir / SINGLE_FILE).is_file()
+        else sorted(model_dir.glob("*.safetensors"))
+    )
     if not files:
         raise FileNotFoundError(f"no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors in {model_dir}")
     index: dict[str, str] = {}

@@ -18,7 +18,9 @@ from safetensors.torch import save_file
 from peer.demo_model import create_demo_model
 
 
-def make_model(path: str | Path, *, preset: str = "demo", seed: int = 0, perturb: bool = False, **overrides: Any) -> Path:
+def make_model(
+    path: str | Path, *, preset: str = "demo", seed: int = 0, perturb: bool = False, **overrides: Any
+) -> Path:
     """A random Llama folder; ``perturb`` also randomises biases and norm weights.
 
     transformers initialises biases to 0 and norm weights to 1, which would let a wrong bias or a

@@ -44,14 +44,18 @@ SAMPLES = [
     "日本語のテキストとemoji🎉を混ぜる",
 ]
 
-ALPHABET = list("abcdefghijklmnopqrstuvwxyz     ,.!?\n") + list("éüß你好世界天气") + [
-    "😀",
-    "🚀",
-    "👍🏽",
-    "❤️",
-    "🇫🇷",
-    "𝔘",
-]
+ALPHABET = (
+    list("abcdefghijklmnopqrstuvwxyz     ,.!?\n")
+    + list("éüß你好世界天气")
+    + [
+        "😀",
+        "🚀",
+        "👍🏽",
+        "❤️",
+        "🇫🇷",
+        "𝔘",
+    ]
+)
 
 LLAMA3_STYLE_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -92,9 +96,7 @@ def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
     normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.normalizer = normalizer
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=40
-    )
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=40)
     trainer_tok.train_from_iterator(CORPUS, trainer)
     state = json.loads(trainer_tok.to_str())["model"]
     vocab: dict[str, int] = dict(state["vocab"])
@@ -338,7 +340,9 @@ def test_stop_at_very_start_and_no_stops() -> None:
 def test_stop_matcher_random_against_reference() -> None:
     rng = random.Random(7)
     for _ in range(300):
-        stops = ["".join(rng.choice("ab😀") for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))]
+        stops = [
+            "".join(rng.choice("ab😀") for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))
+        ]
         text = "".join(rng.choice("abc😀") for _ in range(rng.randint(0, 20)))
         cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 5))))
         chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
@@ -376,7 +380,11 @@ def test_render_chat_tool_call_arguments_become_objects() -> None:
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": '{"city": "Paris"}'}}
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get", "arguments": '{"city": "Paris"}'},
+                }
             ],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
@@ -389,7 +397,9 @@ def test_render_chat_tool_call_arguments_become_objects() -> None:
 def test_render_chat_template_kwargs_reach_template() -> None:
     tok = byte_level_tokenizer()
     tok.chat_template = "{% if shout %}LOUD {% endif %}{{ messages[0].content }}"
-    assert render_chat(tok, [{"role": "user", "content": "x"}], chat_template_kwargs={"shout": True}) == "LOUD x"
+    assert (
+        render_chat(tok, [{"role": "user", "content": "x"}], chat_template_kwargs={"shout": True}) == "LOUD x"
+    )
     assert render_chat(tok, [{"role": "user", "content": "x"}], shout=False) == "x"
 
 
