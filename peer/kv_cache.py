@@ -56,9 +56,7 @@ class KVCache:
         self.head_dim = head_dim
         self.max_capacity = max_capacity
         self.length = 0
-        self._kv = torch.empty(
-            (2, num_layers, num_kv_heads, capacity, head_dim), dtype=dtype, device=torch.device(device)
-        )
+        self._kv = _allocate((2, num_layers, num_kv_heads, capacity, head_dim), dtype, torch.device(device))
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -93,12 +91,11 @@ class KVCache:
         new_capacity = max(needed, 2 * self.capacity)
         if self.max_capacity is not None:
             new_capacity = min(new_capacity, self.max_capacity)
-        grown = torch.empty(
-            (*self._kv.shape[:3], new_capacity, self.head_dim), dtype=self._kv.dtype, device=self._kv.device
-        )
+        grown = _allocate((*self._kv.shape[:3], new_capacity, self.head_dim), self.dtype, self.device)
         # Copy every old slot, not only [:length]: layers that already appended in the current
         # (uncommitted) step must keep their rows.
-        grown[:, :, :, : self.capacity] = self._kv
+        with torch.inference_mode(False):
+            grown[:, :, :, : self.capacity] = self._kv
         self._kv = grown
 
     def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,3 +142,13 @@ class KVCache:
             f"KVCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"length={self.length}, capacity={self.capacity}, dtype={self.dtype})"
         )
+
+
+def _allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Storage that is never an "inference tensor", even when allocated under ``inference_mode``.
+
+    Otherwise a cache created (or grown) inside ``torch.inference_mode()`` could not be written by
+    a later step that runs outside it (RuntimeError "Inplace update to inference tensor").
+    """
+    with torch.inference_mode(False):
+        return torch.empty(shape, dtype=dtype, device=device)

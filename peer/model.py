@@ -276,7 +276,11 @@ class Block(nn.Module):
 
 # ---- the span -----------------------------------------------------------------------------------
 class BlockSpan(nn.Module):
-    """Blocks ``[start, end)``; plus the embedding when first, the final norm and LM head when last."""
+    """Blocks ``[start, end)``; plus the embedding when first, the final norm and LM head when last.
+
+    Concurrency: the span holds weights only, no per-session state, so it may serve any number of
+    sessions; each ``KVCache`` must be in at most one ``forward`` at a time (the scheduler's job).
+    """
 
     def __init__(self, config: SpanConfig, start: int, end: int) -> None:
         super().__init__()

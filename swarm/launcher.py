@@ -117,14 +117,25 @@ class LocalSwarm:
     def _model_flags(self) -> list[str]:
         return ["--model", str(self.model_dir)] + (["--model-name", self.model_name] if self.model_name else [])
 
-    def start_peer(self, start: int, end: int, *extra: str, name: str | None = None, timeout: float = 120.0) -> Child:
+    def spawn_peer(self, start: int, end: int, *extra: str, name: str | None = None) -> Child:
+        """Start a peer without waiting for it (see `start_peers` to start several at once)."""
         args = [
             "peer", *self._model_flags(), "--blocks", f"{start}:{end}", "--dht", self.dht_address,
             "--host", "127.0.0.1", "--heartbeat", str(self.heartbeat), "--ttl", str(self.ttl), *extra,
         ]  # fmt: skip
-        child = self._spawn(name or f"peer-{start}-{end}-{len(self.children)}", args)
+        return self._spawn(name or f"peer-{start}-{end}-{len(self.children)}", args)
+
+    def start_peer(self, start: int, end: int, *extra: str, name: str | None = None, timeout: float = 120.0) -> Child:
+        child = self.spawn_peer(start, end, *extra, name=name)
         child.address = child.wait_for_line("PEER_READY", timeout)
         return child
+
+    def start_peers(self, spans: list[tuple[int, int]], *extra: str, timeout: float = 120.0) -> list[Child]:
+        """Start one peer per span in parallel: their start-up (mostly importing torch) overlaps."""
+        children = [self.spawn_peer(start, end, *extra) for start, end in spans]
+        for child in children:
+            child.address = child.wait_for_line("PEER_READY", timeout)
+        return children
 
     def start_gateway(
         self, port: int | None = None, *extra: str, host: str = "127.0.0.1", name: str = "gateway", timeout: float = 60.0
@@ -198,8 +209,7 @@ def run_local_swarm(args) -> int:
     try:
         print(f"starting the DHT and {len(spans)} peers (logs in {swarm.workdir}) ...", flush=True)
         swarm.start_dht()
-        for start, end in spans:
-            peer = swarm.start_peer(start, end, *peer_flags)
+        for (start, end), peer in zip(spans, swarm.start_peers(spans, *peer_flags), strict=True):
             print(f"  peer blocks [{start}, {end}) at {peer.address}", flush=True)
         gateway = swarm.start_gateway(args.port, *gateway_flags, host=args.host)
         model_id = model_name or Path(model_dir).resolve().name

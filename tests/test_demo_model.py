@@ -7,6 +7,7 @@ import hashlib
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 from peer.demo_model import (
     EOS_ID,
@@ -21,6 +22,16 @@ from peer.demo_model import (
 
 def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_transformers():
+    """No "Loading weights" progress bars in test output; restored for other modules."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    yield
+    if enabled:
+        hf_logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="module")

@@ -104,3 +104,15 @@ def test_rejects_bad_shapes_and_layers():
         KVCache(0, HEADS, DIM)
     with pytest.raises(ValueError):
         cache.commit(cache.capacity + 1)
+
+
+def test_usable_inside_and_outside_inference_mode():
+    """The server steps under inference_mode; other callers may not. Either order must work."""
+    with torch.inference_mode():
+        cache = KVCache(LAYERS, HEADS, DIM, capacity=2)
+        append_all(cache, 1)
+    append_all(cache, 1)
+    with torch.inference_mode():
+        append_all(cache, 3)  # grows inside inference mode
+    append_all(cache, 1)
+    assert cache.layer_kv(2)[0][0, 0, :, 0].tolist() == [0, 1, 2, 3, 4, 5]

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import make_model, shard_model  # tests/models.py (pytest puts tests/ on sys.path)
 from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 import peer.weights
 from peer.kv_cache import KVCache
 from peer.model import BlockSpan, SpanConfig, last_token_rows
-from tests.models import make_model, shard_model
 
 PROMPT_LEN = 13
 NEW_TOKENS = 64
@@ -59,6 +60,16 @@ SPLITS = [
     ("variant", [(0, 3), (3, 4)]),
     ("variant", [(0, 1), (1, 2), (2, 4)]),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_transformers():
+    """No "Loading weights" progress bars in test output; restored for other modules."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    yield
+    if enabled:
+        hf_logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +332,15 @@ def test_load_rejects_bad_arguments(model_dir, kwargs, message):
     args = {"start": 0, "end": 2, **kwargs}
     with pytest.raises(ValueError, match=message):
         BlockSpan.load(model_dir("demo"), args.pop("start"), args.pop("end"), **args)
+
+
+def test_missing_folder_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        BlockSpan.load(tmp_path / "no-such-model", 0, 1)
+
+
+def test_dtype_by_name(model_dir):
+    assert BlockSpan.load(model_dir("tiny"), 1, 2, dtype="bfloat16").dtype == torch.bfloat16
 
 
 def test_forward_rejects_malformed_steps(model_dir):

@@ -23,8 +23,7 @@ def swarm(demo_model, tiny_model, tmp_path_factory):
                        model_name=MODEL)  # fmt: skip
     try:
         local.start_dht()
-        local.start_peer(0, 2)
-        local.start_peer(2, 4)
+        local.start_peers([(0, 2), (2, 4)])
         local.start_gateway(
             None,
             "--model", str(tiny_model), "--model-name", "unserved-model",

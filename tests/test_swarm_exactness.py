@@ -71,8 +71,7 @@ async def test_greedy_tokens_and_logprobs_match_transformers(model_fixture, span
 
     with LocalSwarm(model_dir, workdir=tmp_path, heartbeat=HEARTBEAT, ttl=TTL, model_name="m") as local:
         local.start_dht()
-        for start, end in spans:
-            local.start_peer(start, end, "--threads", "1")
+        local.start_peers(spans, "--threads", "1")
         route, events = await through_swarm(local, "m", num_blocks, prompt)
 
     assert [(hop.start, hop.end) for hop in route] == spans

@@ -1,0 +1,515 @@
+"""Decode benchmark (issue 2): ms/token through the local swarm against ``transformers`` ``generate()``.
+
+For each model a real ``LocalSwarm`` is started (DHT node, 2 block peers, gateway: separate
+processes, as ``swarm up`` runs them) and one generation of ``--new-tokens`` tokens at batch 1,
+greedy, is timed in four ways, interleaved inside every repeat so that machine noise hits all of
+them alike:
+
+``http``       the product: ``POST /v1/completions`` with ``stream: true``, ``temperature: 0``,
+               ``ignore_eos: true`` through the gateway; a token's time is when its SSE chunk
+               arrives. ``logprobs: 0`` is set so that the gateway sends exactly one chunk per token
+               (without it a token whose text is still an incomplete UTF-8 sequence sends no chunk,
+               and chunks could not be mapped to tokens); it costs the gateway one
+               ``tokenizer.decode`` per token.
+``reference``  ``AutoModelForCausalLM.from_pretrained(folder).generate(do_sample=False,
+               max_new_tokens=N, min_new_tokens=N)`` in this process; a token's time is when
+               ``generate`` hands it to a streamer.
+``grpc``       the same peers driven straight from this process with ``peer.client.PeerSession``
+               (the gateway's step loop without HTTP, FastAPI, SSE or detokenizing); also times
+               each hop as the client sees it.
+``spans``      both ``BlockSpan`` halves loaded in this process and run back to back, sampling
+               with the peer's own ``Sampler``: the peers' compute without gRPC or processes.
+
+Decode ms/token = (time of the last token - time of the first token) / (tokens - 1), so prefill is
+excluded; TTFT (request to first token) is reported beside it. Medians over ``--repeats``; the
+headline ratio is median(http) / median(reference). The peers get ``--threads N`` and this process
+``torch.set_num_threads(N)`` (N = cores by default), so both sides compute with the same threads.
+
+    python -m loadtests.bench_decode [--models demo,bench] [--new-tokens 128] [--repeats 3]
+                                     [--out loadtests/results/decode.json] [--docs docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS_START = "<!-- bench_decode:table:start -->"
+DOCS_END = "<!-- bench_decode:table:end -->"
+# A fixed prompt; its text is tokenized by each model's own tokenizer (16 tokens or so).
+PROMPT = "The lighthouse keeper climbed the stairs every evening at six and"
+
+
+@dataclass
+class Run:
+    """One timed generation."""
+
+    mode: str
+    decode_ms: float  # per token, first token excluded
+    ttft_ms: float
+    tokens: int
+    token_ids: list[int] = field(default_factory=list, repr=False)
+    text: str = field(default="", repr=False)
+    hops_ms: list[float] = field(default_factory=list)  # per-hop (grpc) or per-span (spans) ms/token
+
+
+def decode_ms(stamps: list[float]) -> float:
+    if len(stamps) < 2:
+        raise RuntimeError(f"need at least 2 tokens to time decoding, got {len(stamps)}")
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1000
+
+
+# ---- reference: transformers generate() -----------------------------------------------------------
+class TimingStreamer:
+    """A ``generate`` streamer that only records when each new token arrives."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:  # noqa: ANN001 - a tensor of token ids
+        if not self._prompt_seen:  # generate() first puts the prompt
+            self._prompt_seen = True
+            return
+        now = time.perf_counter()
+        self.stamps.extend([now] * int(value.numel()))
+
+    def end(self) -> None:
+        pass
+
+
+def run_reference(model, prompt_ids: list[int], new_tokens: int) -> Run:  # noqa: ANN001
+    import torch
+
+    input_ids = torch.tensor([prompt_ids])
+    streamer = TimingStreamer()
+    begin = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            streamer=streamer,
+        )
+    ids = out[0, len(prompt_ids) :].tolist()
+    return Run("reference", decode_ms(streamer.stamps), (streamer.stamps[0] - begin) * 1000, len(ids), ids)
+
+
+# ---- the product: HTTP through the gateway --------------------------------------------------------
+def run_http(client, base_url: str, model_id: str, prompt_ids: list[int], new_tokens: int) -> Run:  # noqa: ANN001
+    body = {
+        "model": model_id,
+        "prompt": prompt_ids,
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "logprobs": 0,
+        "stream_options": {"include_usage": True},
+    }
+    stamps: list[float] = []
+    text, usage = "", None
+    begin = time.perf_counter()
+    with client.stream("POST", f"{base_url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"gateway answered {response.status_code}: {response.read().decode(errors='replace')}")
+        for line in response.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            now = time.perf_counter()
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            for choice in chunk.get("choices") or []:
+                logprobs = choice.get("logprobs") or {}
+                stamps.extend([now] * len(logprobs.get("tokens") or []))
+                text += choice.get("text") or ""
+            usage = chunk.get("usage") or usage
+    if usage and usage.get("completion_tokens") != len(stamps):
+        raise RuntimeError(f"counted {len(stamps)} token chunks, usage says {usage.get('completion_tokens')}")
+    return Run("http", decode_ms(stamps), (stamps[0] - begin) * 1000, len(stamps), text=text)
+
+
+# ---- the peers without the gateway ----------------------------------------------------------------
+async def run_grpc(pool, hops: list[tuple[str, int, int]], prompt_ids: list[int], new_tokens: int) -> Run:  # noqa: ANN001
+    """The gateway's step loop (gateway/generation.py) written out, timing each hop."""
+    from peer.client import PeerSession
+    from protos import swarm_pb2
+
+    sessions = [PeerSession(pool, address) for address, _, _ in hops]
+    last = len(hops) - 1
+    begin = time.perf_counter()
+    try:
+        opens = []
+        for i, (session, (_, start, end)) in enumerate(zip(sessions, hops, strict=True)):
+            message = swarm_pb2.OpenSession(start_block=start, end_block=end, max_length=len(prompt_ids) + new_tokens)
+            if i == last:
+                message.sampling.CopyFrom(swarm_pb2.SamplingParams(temperature=0.0))  # greedy
+            opens.append(session.open(message))
+        await asyncio.gather(*opens)
+        stamps: list[float] = []
+        hop_time = [0.0] * len(hops)
+        ids: list[int] = []
+        step_ids, position = list(prompt_ids), 0
+        while len(ids) < new_tokens:
+            hidden = None
+            for i, session in enumerate(sessions):
+                step = swarm_pb2.Step(token_ids=step_ids, position=position, sample=i == last)
+                if hidden is not None:
+                    step.hidden.CopyFrom(hidden)
+                t = time.perf_counter()
+                result = await session.step(step)
+                if ids:  # decode steps only
+                    hop_time[i] += time.perf_counter() - t
+                hidden = result.hidden
+            stamps.append(time.perf_counter())
+            ids.append(result.token_id)
+            position += len(step_ids)
+            step_ids = [result.token_id]
+    finally:
+        await asyncio.gather(*(session.close() for session in sessions))
+    steps = max(1, len(ids) - 1)
+    return Run("grpc", decode_ms(stamps), (stamps[0] - begin) * 1000, len(ids), ids,
+               hops_ms=[t / steps * 1000 for t in hop_time])  # fmt: skip
+
+
+# ---- the spans' compute in this process -----------------------------------------------------------
+def run_spans(spans, prompt_ids: list[int], new_tokens: int) -> Run:  # noqa: ANN001
+    import torch
+
+    from peer.sampling import Sampler, SamplingParams
+
+    sampler = Sampler(SamplingParams(temperature=0.0))
+    caches = [span.new_cache() for span in spans]
+    history = list(prompt_ids)
+    stamps: list[float] = []
+    span_time = [0.0] * len(spans)
+    ids: list[int] = []
+    begin = time.perf_counter()
+    with torch.inference_mode():
+        x = torch.tensor(prompt_ids, dtype=torch.long)
+        while len(ids) < new_tokens:
+            for i, (span, cache) in enumerate(zip(spans, caches, strict=True)):
+                t = time.perf_counter()
+                x = span(x, [cache], [x.shape[0]])
+                if span.is_last:
+                    token = sampler.sample(span.logits(x[-1:])[0], history).token_id
+                if ids:
+                    span_time[i] += time.perf_counter() - t
+            stamps.append(time.perf_counter())
+            ids.append(token)
+            history.append(token)
+            x = torch.tensor([token], dtype=torch.long)
+    steps = max(1, len(ids) - 1)
+    return Run("spans", decode_ms(stamps), (stamps[0] - begin) * 1000, len(ids), ids,
+               hops_ms=[t / steps * 1000 for t in span_time])  # fmt: skip
+
+
+# ---- one model ------------------------------------------------------------------------------------
+def wait_for_model(client, base_url: str, model_id: str, timeout: float = 60.0) -> None:  # noqa: ANN001
+    """The gateway lists a model once the DHT shows peers covering all of its blocks."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.get(f"{base_url}/v1/models")
+        if response.status_code == 200 and any(card["id"] == model_id for card in response.json()["data"]):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{model_id} never became routable at {base_url}")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def bench_model(preset: str, args: argparse.Namespace) -> dict:
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peer.client import ChannelPool, peer_info
+    from peer.demo_model import ensure_demo_model
+    from peer.model import BlockSpan
+    from swarm.launcher import LocalSwarm, num_blocks_of, split_blocks
+
+    model_dir = ensure_demo_model(args.cache_dir, preset=preset)
+    model_id = f"bench-{preset}"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = [tokenizer.bos_token_id, *tokenizer(PROMPT, add_special_tokens=False)["input_ids"]]
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    params = sum(p.numel() for p in reference.parameters())
+    split = split_blocks(num_blocks_of(model_dir), args.peers)
+    spans = [BlockSpan.load(model_dir, start, end) for start, end in split] if "spans" in args.modes else []
+    n = args.new_tokens
+    print(f"\n== {preset}: {params / 1e6:.1f} M params, {model_dir}, spans {split}, prompt {len(prompt_ids)} tokens",
+          flush=True)  # fmt: skip
+
+    runs: dict[str, list[Run]] = {mode: [] for mode in args.modes}
+    load_before = os.getloadavg()
+    swarm = LocalSwarm(model_dir, log_level="WARNING", model_name=model_id)
+    loop = asyncio.new_event_loop()
+    pool = ChannelPool()
+    try:
+        started = time.perf_counter()
+        swarm.start_dht()
+        peers = [swarm.start_peer(start, end, "--threads", str(args.threads)) for start, end in split]
+        gateway = swarm.start_gateway()
+        hops = [(peer.address, start, end) for peer, (start, end) in zip(peers, split, strict=True)]
+        with httpx.Client(timeout=httpx.Timeout(120.0, connect=10.0)) as client:
+            wait_for_model(client, gateway.address, model_id)
+            startup_s = time.perf_counter() - started
+            throughput = [loop.run_until_complete(peer_info(pool, address)).throughput for address, _, _ in hops]
+
+            def one(mode: str, tokens: int) -> Run:
+                if mode == "http":
+                    return run_http(client, gateway.address, model_id, prompt_ids, tokens)
+                if mode == "reference":
+                    return run_reference(reference, prompt_ids, tokens)
+                if mode == "grpc":
+                    return loop.run_until_complete(run_grpc(pool, hops, prompt_ids, tokens))
+                return run_spans(spans, prompt_ids, tokens)
+
+            for mode in args.modes:  # warm-up: first connections, allocator, lazy imports
+                one(mode, min(n, 8))
+            for repeat in range(args.repeats):
+                for mode in args.modes:
+                    run = one(mode, n)
+                    runs[mode].append(run)
+                    hops_text = f"  per hop/span {[round(h, 2) for h in run.hops_ms]}" if run.hops_ms else ""
+                    print(f"  repeat {repeat + 1}/{args.repeats} {mode:9s} {run.decode_ms:8.2f} ms/token  "
+                          f"ttft {run.ttft_ms:7.1f} ms  {run.tokens} tokens{hops_text}", flush=True)  # fmt: skip
+    finally:
+        loop.run_until_complete(pool.close())
+        loop.close()
+        swarm.stop()
+    load_after = os.getloadavg()
+
+    ref_ids = runs["reference"][0].token_ids if runs.get("reference") else []
+    ref_text = tokenizer.decode(ref_ids) if ref_ids else ""
+
+    def summary(mode: str) -> dict:
+        items = runs[mode]
+        out = {
+            "decode_ms_per_token": round(median([r.decode_ms for r in items]), 3),
+            "ttft_ms": round(median([r.ttft_ms for r in items]), 2),
+            "runs_decode_ms": [round(r.decode_ms, 3) for r in items],
+            "runs_ttft_ms": [round(r.ttft_ms, 2) for r in items],
+            "tokens": items[0].tokens if items else 0,
+        }
+        if items and items[0].hops_ms:
+            key = "per_hop_ms" if mode == "grpc" else "per_span_ms"
+            out[key] = [round(median([r.hops_ms[i] for r in items]), 3) for i in range(len(items[0].hops_ms))]
+        if ref_ids and mode in ("grpc", "spans"):
+            out["same_tokens_as_reference"] = all(r.token_ids == ref_ids for r in items)
+            out["matching_prefix_tokens"] = min(_common_prefix(r.token_ids, ref_ids) for r in items)
+        if ref_ids and mode == "http":
+            out["same_text_as_reference"] = all(r.text == ref_text for r in items)
+        return out
+
+    result = {
+        "model": preset,
+        "model_dir": str(model_dir),
+        "params": params,
+        "params_millions": round(params / 1e6, 1),
+        "config": {k: reference.config.to_dict()[k] for k in
+                   ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "vocab_size")},  # fmt: skip
+        "settings": {
+            "peers": args.peers,
+            "spans": [list(s) for s in split],
+            "batch": 1,
+            "greedy": True,
+            "dtype": "float32",
+            "prompt_tokens": len(prompt_ids),
+            "new_tokens": n,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "order_within_repeat": list(args.modes),
+            "http_request": "POST /v1/completions stream=true temperature=0 ignore_eos=true logprobs=0",
+            "reference_call": f"generate(do_sample=False, max_new_tokens={n}, min_new_tokens={n})",
+        },
+        "swarm_startup_s": round(startup_s, 2),
+        "peer_announced_tokens_per_s": [round(t, 1) for t in throughput],
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in load_after],
+        "modes": {mode: summary(mode) for mode in args.modes},
+    }
+    modes = result["modes"]
+    if "http" in modes and "reference" in modes:
+        ref = modes["reference"]["decode_ms_per_token"]
+        result["swarm_ms_per_token"] = modes["http"]["decode_ms_per_token"]
+        result["reference_ms_per_token"] = ref
+        result["ratio"] = round(modes["http"]["decode_ms_per_token"] / ref, 3)
+        result["paired_ratios"] = [
+            round(h.decode_ms / r.decode_ms, 3) for h, r in zip(runs["http"], runs["reference"], strict=False)
+        ]
+        result["swarm_ttft_ms"] = modes["http"]["ttft_ms"]
+        result["reference_ttft_ms"] = modes["reference"]["ttft_ms"]
+        result["breakdown_ms_per_token"] = breakdown(modes)
+    return result
+
+
+def breakdown(modes: dict) -> dict:
+    """Where the swarm's time per token goes, by differences of medians (noisy when small)."""
+    get = lambda mode: modes[mode]["decode_ms_per_token"] if mode in modes else None  # noqa: E731
+    ref, spans, grpc, http = get("reference"), get("spans"), get("grpc"), get("http")
+    out: dict = {"reference_generate": ref}
+    if spans is not None:
+        out["span_compute_in_process"] = spans
+        out["span_compute_minus_reference"] = round(spans - ref, 3)
+    if grpc is not None and spans is not None:
+        out["grpc_peers_minus_span_compute"] = round(grpc - spans, 3)
+        hop_ms, span_ms = modes["grpc"].get("per_hop_ms"), modes["spans"].get("per_span_ms")
+        if hop_ms and span_ms:
+            out["per_hop_overhead"] = [round(h - s, 3) for h, s in zip(hop_ms, span_ms, strict=True)]
+    if http is not None and grpc is not None:
+        out["gateway_http_minus_grpc"] = round(http - grpc, 3)
+    if http is not None:
+        out["swarm_http_minus_reference"] = round(http - ref, 3)
+    return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def markdown_table(results: dict) -> str:
+    rows = [
+        "| model | params | swarm (HTTP) ms/token | `generate()` ms/token | ratio | swarm TTFT ms | `generate()` TTFT ms "
+        "| swarm without gateway (gRPC) ms/token | spans in one process ms/token |",
+        "| --- | --: | --: | --: | --: | --: | --: | --: | --: |",
+    ]
+    for r in results["models"]:
+        m = r["modes"]
+        cell = lambda mode: f"{m[mode]['decode_ms_per_token']:.2f}" if mode in m else "n/a"  # noqa: E731
+        rows.append(
+            f"| {r['model']} ({r['config']['hidden_size']}×{r['config']['num_hidden_layers']}, vocab "
+            f"{r['config']['vocab_size']}) | {r['params_millions']} M | {r.get('swarm_ms_per_token', float('nan')):.2f} "
+            f"| {r.get('reference_ms_per_token', float('nan')):.2f} | **{r.get('ratio', float('nan')):.2f}** "
+            f"| {r.get('swarm_ttft_ms', float('nan')):.1f} | {r.get('reference_ttft_ms', float('nan')):.1f} "
+            f"| {cell('grpc')} | {cell('spans')} |"
+        )
+    machine = results["machine"]
+    settings = results["models"][0]["settings"] if results["models"] else {}
+    rows.append("")
+    rows.append(
+        f"{machine['cpu_count']} cores ({machine['cpu_model']}), torch {machine['torch']}, transformers "
+        f"{machine['transformers']}, {settings.get('threads')} torch threads in each peer and in the reference; "
+        f"batch 1, greedy, fp32, {settings.get('prompt_tokens')}-token prompt, {settings.get('new_tokens')} new tokens, "
+        f"median of {settings.get('repeats')} interleaved repeats. Ratio = swarm / `generate()` (goal: <= 1.05). "
+        f"Run at {results['finished_at']}."
+    )
+    return "\n".join(rows)
+
+
+def update_docs(path: Path, table: str, command: str) -> None:
+    """Replace the table between the markers in the write-up (or append a section with them)."""
+    block = f"{DOCS_START}\nReproduce: `{command}`\n\n{table}\n{DOCS_END}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if DOCS_START in text and DOCS_END in text:
+        head, rest = text.split(DOCS_START, 1)
+        text = head + block + rest.split(DOCS_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Decode ms/token\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+    import transformers
+
+    cpu_model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": threads,
+        "torch_parallel_backend": "OpenMP" if "OpenMP" in torch.__config__.parallel_info() else "other",
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from swarm.cli import DEFAULT_CACHE
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="demo,bench", help="comma-separated demo-model presets")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads in each peer and in the reference (default: cores)")  # fmt: skip
+    parser.add_argument("--modes", default="http,reference,grpc,spans",
+                        help="what to time, in this order inside each repeat; http and reference are the headline")  # fmt: skip
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the model folders are made")
+    parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "decode.json")
+    parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"),
+                        help="write-up whose table is replaced ('' to leave it alone)")  # fmt: skip
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.modes = [m for m in args.modes.split(",") if m]
+    unknown = set(args.modes) - {"http", "reference", "grpc", "spans"}
+    if unknown or "reference" not in args.modes:
+        parser.error(f"--modes must include reference and only name http, reference, grpc, spans (got {args.modes})")
+    if args.new_tokens < 2 or args.repeats < 1 or args.threads < 1:
+        parser.error("need --new-tokens >= 2, --repeats >= 1, --threads >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    results = {"benchmark": "decode", "machine": machine_info(args.threads), "models": []}
+    for preset in args.models:
+        results["models"].append(bench_model(preset, args))
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    command = "python -m loadtests.bench_decode " + " ".join(
+        (argv if argv is not None else sys.argv[1:]) or [f"--models {','.join(args.models)}"]
+    )
+    results["command"] = command
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(results)
+    print("\n" + table + "\n")
+    print(json.dumps({r["model"]: r.get("breakdown_ms_per_token") for r in results["models"]}, indent=1))
+    if args.docs:
+        update_docs(Path(args.docs), table, command)
+    print(f"\nwrote {args.out} in {results['wall_s']} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
