@@ -18,12 +18,16 @@ fi
 
 if [ "${1:-}" = "test" ]; then
     "${PIP[@]}" -e '.[test]'
-    if ! command -v redis-server >/dev/null 2>&1; then
-        if [ "$(id -u)" = 0 ]; then
-            apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
-        else
-            sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null
-        fi
+    # System packages the integration tests use: a real redis-server, and docker-compose to
+    # validate the compose files (no engine needed; no recommends, or apt pulls in docker.io).
+    missing=()
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+    if [ ${#missing[@]} -gt 0 ]; then
+        SUDO=""
+        [ "$(id -u)" = 0 ] || SUDO=sudo
+        $SUDO apt-get update -qq
+        $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 else
     "${PIP[@]}" -e .

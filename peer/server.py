@@ -37,6 +37,7 @@ from protos import swarm_pb2, swarm_pb2_grpc
 log = logging.getLogger("peer")
 
 VERSION = "0.1.0"
+WITHDRAW_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -465,16 +466,21 @@ class PeerServer:
         if self.servicer is not None:
             self.servicer.draining = True
         if self.announcer is not None:
-            await self.announcer.stop(withdraw=True)
+            # Best effort and bounded: with parts of the swarm gone, a withdraw waits on dead
+            # nodes; the record's own expiry removes it anyway.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.announcer.stop(withdraw=True), WITHDRAW_TIMEOUT_S)
         if self.servicer is not None and self.servicer.sessions:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.servicer.all_closed.wait(), self.config.drain_timeout)
+        log.info("withdrawn and drained; stopping the gRPC server")
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.scheduler is not None:
             await self.scheduler.stop()
         if self.dht is not None:
             self.dht.stop()
+        log.info("peer stopped")
 
 
 async def run_peer(config: PeerConfig) -> None:

@@ -22,6 +22,15 @@ class EnvDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     pass
 
 
+class _AppendOverEnv(argparse._AppendAction):
+    """Append, but flags given on the command line replace a list that came from the environment."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is self.default:
+            setattr(namespace, self.dest, [])
+        super().__call__(parser, namespace, values, option_string)
+
+
 def _flag(parser: argparse.ArgumentParser, command: str, *names: str, **kwargs) -> None:
     """Add a flag whose default is read from SWARM_<COMMAND>_<FLAG> when that is set."""
     dest = kwargs.get("dest") or names[0].lstrip("-").replace("-", "_")
@@ -32,6 +41,7 @@ def _flag(parser: argparse.ArgumentParser, command: str, *names: str, **kwargs) 
             kwargs["default"] = raw.lower() in ("1", "true", "yes", "on")
         elif kwargs.get("action") == "append":
             kwargs["default"] = [item for item in raw.split(",") if item]
+            kwargs["action"] = _AppendOverEnv
         else:
             convert = kwargs.get("type", str)
             kwargs["default"] = convert(raw)
@@ -138,6 +148,23 @@ def model_id_for(model: str, name: str | None = None) -> str:
     return path.resolve().name if path.exists() else model
 
 
+def default_announce_host(listen_host: str, bootstrap: list[tuple[str, int]]) -> str | None:
+    """The address to announce when none is given: the listen address if it is a specific one,
+    else the local address of the interface that reaches the DHT (how other machines see us)."""
+    import socket
+
+    if listen_host not in ("0.0.0.0", "", "::"):
+        return None
+    for host, port in bootstrap:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((host, port))  # UDP connect sends nothing; it only picks a route
+                return probe.getsockname()[0]
+        except OSError:
+            continue
+    return "127.0.0.1"
+
+
 def resolve_dtype(name: str, device: str):
     import torch
 
@@ -186,7 +213,7 @@ def cmd_peer(args) -> int:
         end=args.blocks[1],
         host=args.host,
         port=args.port,
-        announce_host=args.announce_host or (None if args.host != "0.0.0.0" else "127.0.0.1"),
+        announce_host=args.announce_host or default_announce_host(args.host, bootstrap),
         dht_bootstrap=bootstrap,
         dht_port=args.dht_port,
         dtype=resolve_dtype(args.dtype, device),
@@ -200,7 +227,11 @@ def cmd_peer(args) -> int:
         drain_timeout=args.drain_timeout,
     )
     asyncio.run(run_peer(config))
-    return 0
+    # Everything is closed by now; interpreter teardown with torch and grpc loaded takes seconds
+    # that a restarting peer (or a test) would wait for, so leave at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def cmd_gateway(args) -> int:

@@ -147,10 +147,24 @@ class LocalSwarm:
         wait_http(child, f"{child.address}/health", timeout)
         return child
 
-    def stop(self) -> None:
-        for child in reversed(self.children):
-            with contextlib.suppress(Exception):
-                child.stop()
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop peers first (their goodbye reaches a live DHT), then gateways, then the DHT node;
+        each group is signalled at once and waited for together."""
+        order = {"peer": 0, "gateway": 1}
+        groups: dict[int, list[Child]] = {}
+        for child in self.children:
+            groups.setdefault(order.get(child.name.split("-")[0], 2), []).append(child)
+        for _, group in sorted(groups.items()):
+            for child in group:
+                child.signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for child in group:
+                try:
+                    child.process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.process.wait(5)
         self.children.clear()
 
     def __enter__(self) -> LocalSwarm:
