@@ -239,11 +239,15 @@ def cmd_gateway(args) -> int:
     if names and len(names) != len(args.model):
         raise SystemExit("give one --model-name per --model, or none")
     models = {model_id_for(model, names[i] if names else None): model for i, model in enumerate(args.model)}
+    bootstrap = _addresses(args.dht)
+    if args.dry_run:
+        print(f"gateway on {args.host}:{args.port} serving {models}, dht {bootstrap}")
+        return 0
     from gateway.app import GatewaySettings, run_gateway
 
     settings = GatewaySettings(
         models=models,
-        dht_bootstrap=_addresses(args.dht),
+        dht_bootstrap=bootstrap,
         host=args.host,
         port=args.port,
         dht_port=args.dht_port,
@@ -252,9 +256,6 @@ def cmd_gateway(args) -> int:
         step_timeout=args.step_timeout,
         session_ttl=args.session_ttl,
     )
-    if args.dry_run:
-        print(settings)
-        return 0
     run_gateway(settings)
     return 0
 
