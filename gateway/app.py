@@ -26,6 +26,7 @@ from gateway import errors, protocol
 from gateway.errors import OpenAIError
 from gateway.generation import GenerationParams, NoRouteError, RouteRunner, Swarm, TokenEvent, generate
 from gateway.models import ServedModel, load_model
+from gateway.precision import accepts, precisions, split_model_id
 from gateway.routing import Route
 from gateway.sessions import MemorySessionStore, Pin, RedisSessionStore, conversation_key, next_turn_key
 from gateway.text import IncrementalDetokenizer, StopMatcher, encode_prompt, render_chat
@@ -49,6 +50,7 @@ class GatewaySettings:
     api_key: str | None = None
     step_timeout: float = 10.0
     session_ttl: float = 3600.0
+    wire_dtype: str = ""  # dtype hidden states travel in ("" = each sender's compute dtype)
     max_body_bytes: int = 4 << 20
 
 
@@ -95,18 +97,33 @@ class Gateway:
             raise errors.model_not_found(name)
         return served
 
-    async def route_for(self, served: ServedModel, key: str | None, max_length: int) -> Route:
+    def model_and_precision(self, name: str | None) -> tuple[ServedModel, str | None]:
+        """``model`` of a request, with an optional ``:<precision>`` suffix (gateway/precision.py)."""
+        if name is None:
+            return self.model(name), None
+        base, precision = split_model_id(name, self.models)
+        return self.model(base), precision
+
+    async def route_for(
+        self, served: ServedModel, key: str | None, max_length: int, precision: str | None = None
+    ) -> Route:
         """The pinned route of this conversation while all its peers live, else a new one."""
+        accept = accepts(precision)
         if key:
             pin = await self.sessions.get(key)
             if pin is not None and pin.model == served.id:
                 records = await self.swarm.peers(served.id)
-                if self.swarm.is_live(pin.route, records):
+                by_id = {record.peer_id: record for record in records}
+                fits = accept is None or all(
+                    hop.peer_id in by_id and accept(by_id[hop.peer_id]) for hop in pin.route
+                )
+                if fits and self.swarm.is_live(pin.route, records):
                     return pin.route
         try:
-            return await self.swarm.plan(served.id, served.num_blocks, min_free_tokens=max_length)
+            return await self.swarm.plan(served.id, served.num_blocks, min_free_tokens=max_length, accept=accept)
         except NoRouteError as exc:
-            raise errors.unavailable(f"{exc}; retry when peers join", retry_after=5) from exc
+            where = f" of precision {precision}" if precision else ""
+            raise errors.unavailable(f"{exc}{where}; retry when peers join", retry_after=5) from exc
 
     async def pin(self, key: str | None, served: ServedModel, route: Route) -> None:
         if key:
@@ -176,7 +193,7 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
         ignore_eos=job.ignore_eos,
         request_id=request_id,
     )
-    runner = RouteRunner(gw.pool, route, gw.settings.step_timeout)
+    runner = RouteRunner(gw.pool, route, gw.settings.step_timeout, wire_dtype=gw.settings.wire_dtype)
     finish = "length"
     try:
         async with aclosing(generate(runner, params, len(job.prompt_ids) + job.max_new_tokens)) as events:
@@ -322,13 +339,20 @@ async def list_models(gw: GatewayDep) -> protocol.ModelList:
     for served in gw.models.values():
         records = await gw.swarm.peers(served.id)
         if covered(records, served.num_blocks):
-            cards.append(protocol.ModelCard(id=served.id, created=served.created, max_model_len=served.max_context))
+            cards.append(
+                protocol.ModelCard(
+                    id=served.id,
+                    created=served.created,
+                    max_model_len=served.max_context,
+                    precisions=precisions(records),
+                )
+            )
     return protocol.ModelList(data=cards)
 
 
 @router.post("/chat/completions", response_model=protocol.ChatCompletionResponse)
 async def chat_completions(req: protocol.ChatCompletionRequest, request: Request, response: Response, gw: GatewayDep):
-    served = gw.model(req.model)
+    served, precision = gw.model_and_precision(req.model)
     _log_unknown(req)
     messages = req.template_messages()
     try:
@@ -343,7 +367,7 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
     base_sampling = sampling_message(req, served, req.logprobs, top)
     explicit_key = request.headers.get(SESSION_HEADER)
     key = explicit_key or conversation_key(served.id, messages)
-    route = await gw.route_for(served, key, len(prompt_ids) + max_new)
+    route = await gw.route_for(served, key, len(prompt_ids) + max_new, precision)
     request_id = uuid.uuid4().hex
     jobs = [
         ChoiceJob(i, prompt_ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(), req.ignore_eos)
@@ -414,7 +438,7 @@ async def _chat_events(stream, pieces, req, served: ServedModel, prompt_tokens: 
 
 @router.post("/completions", response_model=protocol.CompletionResponse)
 async def completions(req: protocol.CompletionRequest, request: Request, response: Response, gw: GatewayDep):
-    served = gw.model(req.model)
+    served, precision = gw.model_and_precision(req.model)
     _log_unknown(req)
     tokenizer = served.tokenizer
     prompts: list[tuple[str, list[int]]] = []
@@ -450,7 +474,7 @@ async def completions(req: protocol.CompletionRequest, request: Request, respons
         for i in range(req.n):
             jobs.append(ChoiceJob(p * req.n + i, ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(), req.ignore_eos))
     key = request.headers.get(SESSION_HEADER)
-    route = await gw.route_for(served, key, max(budgets))
+    route = await gw.route_for(served, key, max(budgets), precision)
     await gw.pin(key, served, route)
     pieces = merge_choices([run_choice(gw, served, job, route, request_id) for job in jobs])
     echoes = [prompts[job.index // req.n][0] if req.echo else "" for job in jobs]

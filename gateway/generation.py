@@ -46,8 +46,9 @@ class GenerationParams:
 class RouteRunner:
     """Open sessions on every hop of a route and push steps through them in order."""
 
-    def __init__(self, pool: ChannelPool, route: Route, step_timeout: float):
+    def __init__(self, pool: ChannelPool, route: Route, step_timeout: float, wire_dtype: str = ""):
         self.pool = pool
+        self.wire_dtype = wire_dtype  # "" = each peer sends in its compute dtype
         self.route = route
         self.step_timeout = step_timeout
         self.sessions: list[PeerSession] = []
@@ -65,6 +66,7 @@ class RouteRunner:
                 end_block=hop.end,
                 max_length=max_length,
                 request_id=request_id,
+                wire_dtype=self.wire_dtype,
             )
             if is_last:
                 message.sampling.CopyFrom(sampling)
@@ -123,13 +125,13 @@ class Swarm:
         self._cache[model] = (loop.time(), records)
         return records
 
-    async def plan(self, model: str, num_blocks: int, min_free_tokens: int = 0) -> Route:
+    async def plan(self, model: str, num_blocks: int, min_free_tokens: int = 0, accept=None) -> Route:
         exclude = self.bans.banned()
         records = await self.peers(model)
-        route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens)
+        route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept)
         if route is None:  # the cache may be stale: a peer may have joined since
             records = await self.peers(model, fresh=True)
-            route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens)
+            route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept)
         if route is None:
             raise NoRouteError(f"no live peers cover all {num_blocks} blocks of {model}")
         return route

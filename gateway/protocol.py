@@ -716,6 +716,9 @@ class ModelCard(ResponseModel):
     created: int = Field(default_factory=lambda: now())
     owned_by: str = "swarm"
     max_model_len: int | None = _omit_none()
+    #: Our extra: precisions the live peers serve (``float32``, ``bfloat16``, ``int8`` ...); ask
+    #: for one with a ``<model>:<precision>`` model id (see gateway/precision.py).
+    precisions: list[str] | None = _omit_none()
 
 
 class ModelList(ResponseModel):

@@ -14,6 +14,7 @@ import heapq
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from swarm.dht import PeerRecord
@@ -58,8 +59,13 @@ def plan_route(
     exclude: set[str] = frozenset(),
     min_free_tokens: int = 0,
     rng: random.Random | None = None,
+    accept: Callable[[PeerRecord], bool] | None = None,
 ) -> Route | None:
-    """Cheapest chain of peers covering blocks [start, end), or None when there is none."""
+    """Cheapest chain of peers covering blocks [start, end), or None when there is none.
+
+    ``accept`` (optional) keeps only the peers it returns True for, e.g. one precision
+    (``gateway.precision.accepts``).
+    """
     end = num_blocks if end is None else end
     rng = rng or random.Random()
     edges: dict[int, list[tuple[float, PeerRecord]]] = {}
@@ -67,6 +73,8 @@ def plan_route(
         if record.state != "online" or record.peer_id in exclude:
             continue
         if record.free_cache_tokens < min_free_tokens:
+            continue
+        if accept is not None and not accept(record):
             continue
         if start <= record.start < record.end <= end:
             edges.setdefault(record.start, []).append((edge_cost(record, rng), record))

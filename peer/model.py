@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peer import quant as quantization
 from peer.kv_cache import KVCache
-from peer.weights import load_span_state_dict, resolve_model_dir
+from peer.weights import read_tensors, resolve_model_dir, span_tensor_names, tensor_index
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 # RoPE variants whose frequencies depend only on the config. "dynamic" and "longrope" rescale with
@@ -297,6 +298,7 @@ class BlockSpan(nn.Module):
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.tensor(config.inv_freq, dtype=torch.float32), persistent=False)
+        self.quant = "none"  # set by load(); see peer.quant
 
     @classmethod
     def load(
@@ -307,9 +309,17 @@ class BlockSpan(nn.Module):
         *,
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
+        quant: str = "none",
     ) -> BlockSpan:
-        """Load only this span's tensors from ``model_dir`` (a folder, or a hub id when online)."""
+        """Load only this span's tensors from ``model_dir`` (a folder, or a hub id when online).
+
+        ``quant`` (``none``, ``int8``, ``nf4``; see ``peer.quant``) quantizes the Linear layers of
+        each block right after that block is read, so peak memory holds one block in full
+        precision, never the whole span. Unsupported combinations raise ``ValueError`` before any
+        tensor is read.
+        """
         dtype, device = parse_dtype(dtype), torch.device(device)
+        quantization.validate(quant, device, dtype)
         model_dir = resolve_model_dir(model_dir)
         config = SpanConfig.from_model_dir(model_dir)
         # Validate before reading any tensor, so a bad request costs nothing.
@@ -317,22 +327,59 @@ class BlockSpan(nn.Module):
             raise ValueError(
                 f"span [{start}, {end}) is not inside a model of {config.num_hidden_layers} blocks"
             )
-        state = load_span_state_dict(
-            model_dir,
-            start,
-            end,
-            num_layers=config.num_hidden_layers,
-            tie_word_embeddings=config.tie_word_embeddings,
-            dtype=dtype,
-            device=device,
+        index = tensor_index(model_dir)
+        wanted = span_tensor_names(
+            index, config.num_hidden_layers, start, end, tie_word_embeddings=config.tie_word_embeddings
         )
         # Build on the meta device so no throwaway random weights are allocated, then adopt the
         # loaded tensors as the parameters (assign=True) instead of copying into them.
         with torch.device("meta"):
             span = cls(config, start, end)
-        span.load_state_dict(state, strict=True, assign=True)
+        # CUDA quantizers take CPU weights and quantize on the way to the GPU.
+        read_device = torch.device("cpu") if quant != "none" else device
+        groups: list[tuple[str | None, dict[str, str]]] = [
+            (None, {k: v for k, v in wanted.items() if not k.startswith("layers.")})
+        ]
+        groups += [
+            (f"layers.{i}", {k: v for k, v in wanted.items() if k.startswith(f"layers.{i}.")})
+            for i in range(end - start)
+        ]
+        for prefix, names in groups:
+            state = read_tensors(model_dir, index, names, dtype=dtype, device=read_device)
+            if prefix is None:  # embedding / final norm / head, read first while no block is quantized
+                result = span.load_state_dict(state, strict=False, assign=True)
+                if result.unexpected_keys:
+                    raise ValueError(f"unexpected tensors for span [{start}, {end}): {result.unexpected_keys[:5]}")
+                continue
+            block = span.layers[int(prefix.split(".")[1])]
+            block.load_state_dict(
+                {name.removeprefix(prefix + "."): tensor for name, tensor in state.items()}, strict=True, assign=True
+            )
+            del state
+            quantization.quantize_linears(block, quant, device, dtype)
+            block.to(device)
+        if span.is_last:
+            span.lm_head = quantization.quantize_linears(span.lm_head, quant, device, dtype)
         span.inv_freq = torch.tensor(config.inv_freq, dtype=torch.float32, device=device)
+        missing = [name for name, tensor in span.state_dict().items() if getattr(tensor, "is_meta", False)]
+        if missing:
+            raise ValueError(f"checkpoint left tensors of span [{start}, {end}) unloaded: {missing[:5]}")
+        span.to(device)
+        span.quant = quant
         return span.eval().requires_grad_(False)
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Resident weight bytes: ``{"per_block": mean over blocks, "blocks": sum, "total": all}``.
+
+        Counts parameters and buffers, including packed quantized weights and their scales (see
+        ``peer.quant.resident_bytes``); the embedding / LM head show up in ``total`` only.
+        """
+        blocks = [quantization.resident_bytes(layer) for layer in self.layers]
+        return {
+            "per_block": sum(blocks) // len(blocks),
+            "blocks": sum(blocks),
+            "total": quantization.resident_bytes(self),
+        }
 
     # ---- properties the server uses ----
     @property

@@ -54,6 +54,7 @@ class PeerConfig:
     dtype: torch.dtype = torch.float32
     quant: str = "none"
     device: str = "cpu"
+    wire_dtype: torch.dtype | None = None  # dtype of hidden states we send; None = compute dtype
     cache_tokens: int = 0  # KV budget in tokens over all sessions; 0 = derive from free memory
     max_batch_tokens: int = 2048
     threads: int = 0  # torch intra-op threads; 0 = torch's default
@@ -208,7 +209,9 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"no cache room for {request.max_length} tokens ({self.free_cache_tokens} free)",
             )
-        wire_dtype = self.span.dtype
+        # The client's choice wins; else this peer's --wire-dtype; else its compute dtype. Whatever
+        # arrives is converted to the compute dtype in _prepare_step, so mixed swarms just work.
+        wire_dtype = self.config.wire_dtype or self.span.dtype
         if request.wire_dtype:
             if request.wire_dtype not in tensor_codec.DTYPES:
                 raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown wire_dtype {request.wire_dtype!r}")
@@ -404,7 +407,9 @@ class PeerServer:
             torch.set_num_threads(cfg.threads)
         loop = asyncio.get_running_loop()
         span = await loop.run_in_executor(
-            None, lambda: BlockSpan.load(cfg.model_dir, cfg.start, cfg.end, dtype=cfg.dtype, device=cfg.device)
+            None, lambda: BlockSpan.load(
+                cfg.model_dir, cfg.start, cfg.end, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant
+            )
         )
         if not (0 <= cfg.start < cfg.end <= span.config.num_hidden_layers):
             raise ValueError(f"blocks [{cfg.start}, {cfg.end}) are outside the model's {span.config.num_hidden_layers}")
@@ -420,9 +425,10 @@ class PeerServer:
         self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         await self.server.start()
         log.info(
-            "peer %s serving %s blocks [%d, %d) on %s:%d (%s, %.1f tok/s, cache budget %d tokens)",
-            cfg.peer_id, cfg.model_id, cfg.start, cfg.end, cfg.host, self.port, span.dtype,
-            self.servicer.throughput, cache_tokens,
+            "peer %s serving %s blocks [%d, %d) on %s:%d (%s, quant %s, %.1f MB weights/block, %.1f tok/s, "
+            "cache budget %d tokens)",
+            cfg.peer_id, cfg.model_id, cfg.start, cfg.end, cfg.host, self.port, span.dtype, cfg.quant,
+            span.weight_bytes()["per_block"] / 1e6, self.servicer.throughput, cache_tokens,
         )  # fmt: skip
         if cfg.dht_bootstrap is not None:
             await self._join_dht()

@@ -128,6 +128,22 @@ def load_span_state_dict(
     model_dir = Path(model_dir)
     index = tensor_index(model_dir)
     wanted = span_tensor_names(index, num_layers, start, end, tie_word_embeddings=tie_word_embeddings)
+    return read_tensors(model_dir, index, wanted, dtype=dtype, device=device)
+
+
+def read_tensors(
+    model_dir: Path,
+    index: dict[str, str],
+    wanted: dict[str, str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Read ``{module name: checkpoint name}`` from the checkpoint, converted to ``dtype`` on ``device``.
+
+    ``BlockSpan.load`` calls this once per block so a quantizing peer never holds the whole span
+    in full precision.
+    """
     by_file: dict[str, set[str]] = {}
     for source in wanted.values():
         by_file.setdefault(index[source], set()).add(source)
@@ -139,5 +155,5 @@ def load_span_state_dict(
                 if tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 loaded[name] = tensor.to(device)
-    logger.debug("span [%d, %d): read %d tensors from %d file(s)", start, end, len(loaded), len(by_file))
+    logger.debug("read %d tensors from %d file(s)", len(loaded), len(by_file))
     return {module_name: loaded[source] for module_name, source in wanted.items()}

@@ -105,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(peer, "peer", "--dht-port", type=int, default=0, help="UDP port of this peer's own DHT node")
     _flag(peer, "peer", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
           help="compute dtype; auto: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on CPU")  # fmt: skip
-    _flag(peer, "peer", "--quant", default="none", choices=["none", "int8", "nf4"], help="weight quantization")
+    _flag(peer, "peer", "--quant", default="none", choices=["none", "int8", "nf4"],
+          help="weight quantization: int8 (CPU: dynamic int8, needs float32; CUDA: bitsandbytes), nf4 (CUDA only)")  # fmt: skip
+    _flag(peer, "peer", "--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+          help="dtype of the hidden states this peer sends unless the gateway asks otherwise; auto: compute dtype")  # fmt: skip
     _flag(peer, "peer", "--device", default="auto", help="cpu, cuda, cuda:N or auto")
     _flag(peer, "peer", "--cache-tokens", type=int, default=0, help="KV cache budget in tokens (0: half of free memory)")
     _flag(peer, "peer", "--max-batch-tokens", type=int, default=2048, help="tokens per forward pass at most")
@@ -127,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "gateway", "--api-key", default=None, help="require this bearer token")
     _flag(gateway, "gateway", "--step-timeout", type=float, default=10.0, help="seconds a peer may take per step")
     _flag(gateway, "gateway", "--session-ttl", type=float, default=3600.0, help="seconds a session pin lives")
+    _flag(gateway, "gateway", "--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+          help="dtype hidden states travel in between peers; auto: each sender's compute dtype")  # fmt: skip
     _flag(gateway, "gateway", "--dry-run", action="store_true", help="validate the flags and exit")
 
     demo = commands.add_parser("demo-model", help="write a random-weight model folder", formatter_class=EnvDefaultsFormatter)
@@ -202,10 +207,17 @@ def cmd_peer(args) -> int:
     if args.dry_run:
         print(f"peer {args.model} blocks {args.blocks[0]}:{args.blocks[1]} dht {bootstrap}")
         return 0
+    from peer.quant import validate
     from peer.server import PeerConfig, run_peer
     from peer.weights import resolve_model_dir
 
     device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    try:  # before any weight is read: a bad combination is a one-line error, not a traceback
+        validate(args.quant, device, dtype)
+    except ValueError as exc:
+        print(f"swarm peer: error: {exc}", file=sys.stderr)
+        return 2
     config = PeerConfig(
         model_dir=resolve_model_dir(args.model),
         model_id=model_id_for(args.model, args.model_name),
@@ -216,9 +228,10 @@ def cmd_peer(args) -> int:
         announce_host=args.announce_host or default_announce_host(args.host, bootstrap),
         dht_bootstrap=bootstrap,
         dht_port=args.dht_port,
-        dtype=resolve_dtype(args.dtype, device),
+        dtype=dtype,
         quant=args.quant,
         device=device,
+        wire_dtype=None if args.wire_dtype == "auto" else resolve_dtype(args.wire_dtype, device),
         cache_tokens=args.cache_tokens,
         max_batch_tokens=args.max_batch_tokens,
         threads=args.threads,
@@ -255,6 +268,7 @@ def cmd_gateway(args) -> int:
         api_key=args.api_key,
         step_timeout=args.step_timeout,
         session_ttl=args.session_ttl,
+        wire_dtype="" if args.wire_dtype == "auto" else args.wire_dtype,
     )
     run_gateway(settings)
     return 0
