@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -107,7 +108,13 @@ class RouteRunner:
 
 
 class Swarm:
-    """What the gateway knows of the swarm: DHT lookups (cached briefly), bans, route planning."""
+    """What the gateway knows of the swarm: DHT lookups, bans, route planning.
+
+    Lookups are served stale-while-revalidate: a request never waits for the DHT when a snapshot
+    exists (a lookup can take a DHT timeout when nodes have just died); the snapshot is refreshed
+    in the background once older than `refresh`, and records past their own expiry are dropped
+    on every read, so a snapshot never outlives what it describes.
+    """
 
     def __init__(self, dht, pool: ChannelPool, *, refresh: float = 1.0, ban_duration: float = 30.0):
         self.dht = dht
@@ -115,13 +122,35 @@ class Swarm:
         self.refresh = refresh
         self.bans = BanList(ban_duration)
         self._cache: dict[str, tuple[float, list[PeerRecord]]] = {}
+        self._lookups: dict[str, asyncio.Task] = {}
 
     async def peers(self, model: str, fresh: bool = False) -> list[PeerRecord]:
         loop = asyncio.get_running_loop()
         cached = self._cache.get(model)
-        if cached and not fresh and loop.time() - cached[0] < self.refresh:
-            return cached[1]
-        records = await self.dht.peers(model) if self.dht is not None else []
+        if cached is None or fresh:
+            return await self._lookup(model)
+        if loop.time() - cached[0] >= self.refresh:
+            self._lookup(model)  # in the background; _fetch logs its own failures
+        now = time.time()
+        return [record for record in cached[1] if not record.is_expired(now)]
+
+    def _lookup(self, model: str) -> asyncio.Task:
+        """One lookup per model at a time; concurrent callers share it."""
+        task = self._lookups.get(model)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch(model))
+            self._lookups[model] = task
+            task.add_done_callback(lambda _: self._lookups.pop(model, None))
+        return task
+
+    async def _fetch(self, model: str) -> list[PeerRecord]:
+        loop = asyncio.get_running_loop()
+        try:
+            records = await self.dht.peers(model) if self.dht is not None else []
+        except Exception:  # keep serving from the last snapshot
+            log.exception("DHT lookup for %s failed", model)
+            cached = self._cache.get(model)
+            return cached[1] if cached else []
         self._cache[model] = (loop.time(), records)
         return records
 

@@ -423,10 +423,32 @@ class MergingStorage(ForgetfulStorage):
 class _SwarmProtocol(KademliaProtocol):
     """KademliaProtocol with a configurable RPC timeout, a size-safe hand-off, and no crashes on junk."""
 
+    # A node that missed a reply is skipped by lookups for this long (unless it talks to us again):
+    # other nodes keep it in their tables and hand it back in every crawl, and waiting out its
+    # timeout each time made lookups and announcements slower than a record's ttl.
+    UNRESPONSIVE_S = 30.0
+
     def __init__(self, source_node: Node, storage: MergingStorage, ksize: int, wait_timeout: float):
         super().__init__(source_node, storage, ksize)
         self._wait_timeout = wait_timeout
         self._background: set[asyncio.Future] = set()
+        self._unresponsive: dict[bytes, float] = {}
+
+    def handle_call_response(self, result: Any, node: Node) -> Any:
+        if result[0]:
+            self._unresponsive.pop(node.id, None)
+        else:
+            self._unresponsive[node.id] = time.monotonic()
+        return super().handle_call_response(result, node)
+
+    def is_unresponsive(self, node_id: bytes) -> bool:
+        since = self._unresponsive.get(node_id)
+        if since is None:
+            return False
+        if time.monotonic() - since > self.UNRESPONSIVE_S:
+            del self._unresponsive[node_id]
+            return False
+        return True
 
     async def _solve_datagram(self, datagram: bytes, address: tuple) -> None:
         try:
@@ -450,7 +472,10 @@ class _SwarmProtocol(KademliaProtocol):
         k are known, values are split under the store limit, self (and ids that are not 20 bytes)
         are ignored.
         """
-        if len(node.id) != 20 or node.id == self.source_node.id or not self.router.is_new_node(node):
+        if len(node.id) != 20 or node.id == self.source_node.id:
+            return
+        self._unresponsive.pop(node.id, None)  # it just talked to us
+        if not self.router.is_new_node(node):
             return
         log.debug("new DHT contact %s", node)
         for key, entries in self.storage.snapshot():
@@ -512,7 +537,11 @@ class _SafeNodeCrawl(NodeSpiderCrawl):
             if ok and not isinstance(contacts, list):
                 contacts = []
             if ok:
-                contacts = [tuple(item) for item in contacts if _valid_contact(item)]
+                contacts = [
+                    tuple(item)
+                    for item in contacts
+                    if _valid_contact(item) and not self.protocol.is_unresponsive(item[0])
+                ]
             cleaned[peer_id] = (ok, contacts)
         return await super()._nodes_found(cleaned)
 
@@ -647,7 +676,7 @@ class SwarmDHT:
         *,
         ksize: int = 20,
         alpha: int = 3,
-        rpc_timeout: float = 3.0,
+        rpc_timeout: float = 2.0,
         node_id: bytes | None = None,
         rebootstrap_interval: float = 5.0,
     ):
