@@ -9,11 +9,14 @@ them on a replacement peer after a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from gateway.failover import NOT_RETRYABLE, FailoverEvent, FailoverPolicy
 from gateway.routing import BanList, Hop, Route, plan_route
 from peer.client import ChannelPool, PeerError, PeerSession
 from protos import swarm_pb2
@@ -43,64 +46,299 @@ class GenerationParams:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-class RouteRunner:
-    """Open sessions on every hop of a route and push steps through them in order."""
+class _HopFailure(Exception):
+    """A step failed at hop `index` of the current route."""
 
-    def __init__(self, pool: ChannelPool, route: Route, step_timeout: float):
+    def __init__(self, index: int, error: PeerError):
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
+def tail_rows(hidden: swarm_pb2.Tensor, rows: int) -> swarm_pb2.Tensor:
+    """The last `rows` rows of a [T, hidden] tensor, sliced as bytes (the gateway has no torch)."""
+    total = hidden.shape[0]
+    if rows == total:
+        return hidden
+    row_bytes = len(hidden.data) // total
+    return swarm_pb2.Tensor(
+        data=hidden.data[(total - rows) * row_bytes :], dtype=hidden.dtype, shape=[rows, *hidden.shape[1:]]
+    )
+
+
+class RouteRunner:
+    """Open sessions on every hop of a route and push steps through them in order.
+
+    Failover (when a `FailoverPolicy` is given): the runner keeps every token id the whole route
+    has processed (`history`). When a hop fails (gRPC error, broken stream, or no answer within
+    the step deadline), its peer is banned, a replacement for exactly that hop's blocks is planned
+    from a fresh DHT lookup (possibly split over several peers) and opened, and the step is
+    retried. The replacement's KV cache is rebuilt by *replaying* the history on the retry:
+
+    * every hop from the first up to the end of the replacement steps with ``position=0`` and all
+      tokens so far (history + the step's tokens): the replacement needs the previous hop's hidden
+      states for the whole history, and the gateway keeps no hidden states (they would cost
+      hidden_size x 4 bytes per token per hop), so the hops before it recompute them. A peer
+      truncates its cache to ``position`` first, so this overwrites rather than duplicates.
+    * hops after the replacement keep their caches and get only the step's rows (its new tokens).
+
+    Cost of one failover: one prefill of ``len(history)`` tokens over the blocks
+    ``[0, end of the failed hop)`` (a failed last hop costs one full-model prefill, a failed first
+    hop a prefill of its span only), plus a fresh DHT lookup and the session opens. Sampling
+    stays exact: the last span seeds its sampler per position, so a replayed last span samples
+    the same token that the lost one would have.
+
+    A peer that is draining flags its step results; the runner then moves that hop the same way
+    at its own pace (the rebuild happens on the next step), and stays put if no replacement
+    exists (the peer finishes the session within its drain timeout).
+
+    Bounded: a search for a replacement gives up after `FailoverPolicy.timeout` seconds and raises
+    `NoRouteError`, so a stream without a replacement ends within step_timeout + that budget.
+    """
+
+    def __init__(
+        self, pool: ChannelPool, route: Route, step_timeout: float, failover: FailoverPolicy | None = None
+    ):
         self.pool = pool
         self.route = route
         self.step_timeout = step_timeout
-        self.sessions: list[PeerSession] = []
-        self.position = 0
+        self.failover = failover
+        self.sessions: list[PeerSession | None] = []
+        self.history: list[int] = []  # token ids every hop of the route holds in cache
+        self.events: list[FailoverEvent] = []
+        self._rebuild_upto = -1  # hops [0, this] replay the history on the next step
+        self._unmeasured: list[FailoverEvent] = []  # pause known once the next step ends
+        self._max_length = 0
+        self._sampling = swarm_pb2.SamplingParams()
+        self._request_id = ""
+        self._session_id = ""
+        self._next_migration = 0.0
+        self._failed_peers: set[str] = set()  # peers that failed this runner: never retried
+        self._closing: set[asyncio.Task] = set()
+
+    @property
+    def position(self) -> int:
+        return len(self.history)
+
+    @property
+    def _end_block(self) -> int:
+        return self.route[-1].end
 
     async def open(self, max_length: int, sampling: swarm_pb2.SamplingParams, request_id: str) -> None:
-        session_id = uuid.uuid4().hex
-        metadata = (("x-request-id", request_id),)
-
-        async def open_hop(hop: Hop, is_last: bool) -> PeerSession:
-            session = PeerSession(self.pool, hop.address)
-            message = swarm_pb2.OpenSession(
-                session_id=session_id,
-                start_block=hop.start,
-                end_block=hop.end,
-                max_length=max_length,
-                request_id=request_id,
-            )
-            if is_last:
-                message.sampling.CopyFrom(sampling)
-            await self._with_deadline(hop, session.open(message, metadata))
-            return session
-
-        last = len(self.route) - 1
+        self._max_length, self._sampling, self._request_id = max_length, sampling, request_id
+        self._session_id = uuid.uuid4().hex
         results = await asyncio.gather(
-            *(open_hop(hop, i == last) for i, hop in enumerate(self.route)), return_exceptions=True
+            *(self._open_hop(hop, self.step_timeout) for hop in self.route), return_exceptions=True
         )
-        self.sessions = [result for result in results if isinstance(result, PeerSession)]
-        for result in results:
-            if isinstance(result, BaseException):
-                await self.close()
-                raise result
+        self.sessions = [result if isinstance(result, PeerSession) else None for result in results]
+        failed = [(i, result) for i, result in enumerate(results) if isinstance(result, BaseException)]
+        if not failed:
+            return
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + (self.failover.timeout if self.failover else 0.0)
+        try:
+            for index, error in reversed(failed):  # from the end, so earlier indexes stay valid
+                if not isinstance(error, PeerError):
+                    raise error
+                await self._recover(index, error, deadline)
+        except BaseException:
+            await self.close()
+            raise
+        self._measured(loop.time() - began)
+
+    async def _open_hop(self, hop: Hop, timeout: float) -> PeerSession:
+        session = PeerSession(self.pool, hop.address)
+        message = swarm_pb2.OpenSession(
+            session_id=self._session_id,
+            start_block=hop.start,
+            end_block=hop.end,
+            max_length=self._max_length,
+            request_id=self._request_id,
+        )
+        if hop.end == self._end_block:
+            message.sampling.CopyFrom(self._sampling)
+        try:
+            await self._with_deadline(
+                hop, session.open(message, (("x-request-id", self._request_id),)), timeout
+            )
+        except BaseException:
+            self._close_later(session)
+            raise
+        return session
 
     async def step(self, token_ids: list[int], sample: bool = True) -> swarm_pb2.StepResult:
-        hidden = None
-        result = None
-        for hop, session in zip(self.route, self.sessions, strict=True):
-            step = swarm_pb2.Step(token_ids=token_ids, position=self.position, sample=sample and hop is self.route[-1])
-            if hidden is not None:
-                step.hidden.CopyFrom(hidden)
-            result = await self._with_deadline(hop, session.step(step))
-            hidden = result.hidden
-        self.position += len(token_ids)
-        return result
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = None
+        while True:
+            try:
+                results = await self._pass(list(token_ids), sample)
+                break
+            except _HopFailure as failure:
+                if deadline is None:
+                    deadline = loop.time() + (self.failover.timeout if self.failover else 0.0)
+                await self._recover(failure.index, failure.error, deadline)
+        self.history.extend(token_ids)
+        self._measured(loop.time() - began)
+        if self.failover is not None:
+            draining = [i for i, result in enumerate(results) if result.draining]
+            if draining and loop.time() >= self._next_migration:
+                self._next_migration = loop.time() + 1.0  # a lookup per token would be wasteful
+                for index in reversed(draining):
+                    await self._migrate(index)
+        return results[-1]
 
-    async def _with_deadline(self, hop: Hop, awaitable):
+    async def _pass(self, token_ids: list[int], sample: bool) -> list[swarm_pb2.StepResult]:
+        """One step through every hop; hops up to `_rebuild_upto` replay the whole history."""
+        position = len(self.history)
+        everything = self.history + token_ids
+        upto = self._rebuild_upto
+        last = len(self.route) - 1
+        hidden = None
+        results = []
+        for i, (hop, session) in enumerate(zip(self.route, self.sessions, strict=True)):
+            rebuild = i <= upto
+            step = swarm_pb2.Step(
+                token_ids=everything if rebuild else token_ids,
+                position=0 if rebuild else position,
+                sample=sample and i == last,
+            )
+            if hidden is not None:
+                step.hidden.CopyFrom(
+                    hidden if rebuild or i != upto + 1 else tail_rows(hidden, len(token_ids))
+                )
+            try:
+                if session is None:
+                    raise PeerError(hop.address, None, "session is not open")
+                result = await self._with_deadline(hop, session.step(step))
+            except PeerError as exc:
+                raise _HopFailure(i, exc) from exc
+            results.append(result)
+            hidden = result.hidden
+        self._rebuild_upto = -1
+        return results
+
+    async def _recover(self, index: int, error: PeerError, deadline: float) -> None:
+        """Replace hop `index` after `error`, waiting for a replacement until `deadline`."""
+        policy = self.failover
+        hop = self.route[index]
+        if policy is None or error.code in NOT_RETRYABLE:
+            raise error
+        log.warning("hop %d (peer %s, blocks [%d, %d)) failed: %s; failing over", index, hop.peer_id, hop.start,
+                    hop.end, error)  # fmt: skip
+        policy.swarm.bans.ban(hop.peer_id)
+        self._failed_peers.add(hop.peer_id)
+        self._discard(index)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                part, sessions = await self._open_replacement(hop, deadline)
+                break
+            except (NoRouteError, PeerError) as exc:
+                if loop.time() + policy.retry_interval >= deadline:
+                    policy.stats.exhausted += 1
+                    raise NoRouteError(
+                        f"peer {hop.peer_id} failed and no replacement for blocks [{hop.start}, {hop.end}) "
+                        f"came within {policy.timeout:.1f} s ({exc})"
+                    ) from exc
+                await asyncio.sleep(policy.retry_interval)
+        self._splice(index, part, sessions, FailoverEvent(index, hop.peer_id, "failed", 0.0, ()))
+
+    async def _migrate(self, index: int) -> None:
+        """Move hop `index` off a draining peer if a replacement exists now; else stay."""
+        hop = self.route[index]
+        self.failover.swarm.bans.ban(hop.peer_id)  # it is leaving: no new sessions there either
+        self._failed_peers.add(hop.peer_id)
+        deadline = asyncio.get_running_loop().time() + self.step_timeout
         try:
-            return await asyncio.wait_for(awaitable, self.step_timeout)
+            part, sessions = await self._open_replacement(hop, deadline)
+        except (NoRouteError, PeerError) as exc:
+            log.info(
+                "peer %s is draining and has no replacement yet (%s); staying until it ends", hop.peer_id, exc
+            )
+            return
+        self._discard(index)
+        self._splice(index, part, sessions, FailoverEvent(index, hop.peer_id, "draining", 0.0, ()))
+
+    async def _open_replacement(self, hop: Hop, deadline: float) -> tuple[Route, list[PeerSession]]:
+        policy = self.failover
+        loop = asyncio.get_running_loop()
+        remaining = max(0.1, deadline - loop.time())
+        records = await policy.swarm.peers(policy.model, fresh=True, timeout=remaining)
+        part = None
+        # Bans keep new sessions off flaky peers; a stream about to die rather retries a peer
+        # that someone else banned (a slow step on a busy machine) than one that failed it.
+        for exclude in (policy.swarm.bans.banned() | self._failed_peers, self._failed_peers):
+            part = plan_route(
+                records, policy.num_blocks, start=hop.start, end=hop.end, exclude=exclude,
+                min_free_tokens=self._max_length,
+            )  # fmt: skip
+            if part is not None:
+                break
+        if part is None:
+            raise NoRouteError(f"no live peer covers blocks [{hop.start}, {hop.end})")
+        timeout = min(self.step_timeout, max(0.1, deadline - loop.time()))
+        results = await asyncio.gather(*(self._open_hop(h, timeout) for h in part), return_exceptions=True)
+        errors = [(h, r) for h, r in zip(part, results, strict=True) if isinstance(r, BaseException)]
+        if errors:
+            for result in results:
+                if isinstance(result, PeerSession):
+                    self._close_later(result)
+            for failed_hop, error in errors:
+                if not isinstance(error, PeerError):
+                    raise error
+                policy.swarm.bans.ban(failed_hop.peer_id)
+                self._failed_peers.add(failed_hop.peer_id)
+            raise errors[0][1]
+        return part, list(results)
+
+    def _splice(self, index: int, part: Route, sessions: list[PeerSession], event: FailoverEvent) -> None:
+        """Put `part` in place of hop `index`; it and every hop before it replay on the next step."""
+        grown = len(part) - 1
+        upto = self._rebuild_upto + grown if self._rebuild_upto >= index else self._rebuild_upto
+        self._rebuild_upto = max(upto, index + grown)
+        self.route = (*self.route[:index], *part, *self.route[index + 1 :])
+        self.sessions = [*self.sessions[:index], *sessions, *self.sessions[index + 1 :]]
+        event.replacement = tuple(h.peer_id for h in part)
+        self.events.append(event)
+        self._unmeasured.append(event)
+        log.info("hop %d (peer %s) now served by %s", index, event.peer_id, ", ".join(event.replacement))
+
+    def _measured(self, pause: float) -> None:
+        """The step that carried out the pending failovers took `pause` seconds: record it."""
+        events, self._unmeasured = self._unmeasured, []
+        for event in events:
+            event.pause_s = pause
+            if self.failover is not None:
+                self.failover.stats.record(event)
+
+    def _discard(self, index: int) -> None:
+        session = self.sessions[index]
+        self.sessions[index] = None
+        if session is not None:
+            self._close_later(session)
+
+    def _close_later(self, session: PeerSession) -> None:
+        """Close without waiting: the peer may be hung, and the stream must not wait for it."""
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.close(), 2.0)
+
+        task = asyncio.ensure_future(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _with_deadline(self, hop: Hop, awaitable, timeout: float | None = None):
+        timeout = self.step_timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
         except TimeoutError as exc:
-            raise PeerError(hop.address, None, f"no answer within {self.step_timeout:.1f} s") from exc
+            raise PeerError(hop.address, None, f"no answer within {timeout:.1f} s") from exc
 
     async def close(self) -> None:
-        sessions, self.sessions = self.sessions, []
+        sessions, self.sessions = [s for s in self.sessions if s is not None], []
         await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
 
 
@@ -114,12 +352,22 @@ class Swarm:
         self.bans = BanList(ban_duration)
         self._cache: dict[str, tuple[float, list[PeerRecord]]] = {}
 
-    async def peers(self, model: str, fresh: bool = False) -> list[PeerRecord]:
+    async def peers(self, model: str, fresh: bool = False, timeout: float | None = None) -> list[PeerRecord]:
+        """Records of `model`'s peers. When the DHT lookup fails or takes longer than `timeout`
+        (a bootstrap node restarting, a dead contact), the last records seen are used: they carry
+        their own expiry, and failed peers are banned separately."""
         loop = asyncio.get_running_loop()
         cached = self._cache.get(model)
         if cached and not fresh and loop.time() - cached[0] < self.refresh:
             return cached[1]
-        records = await self.dht.peers(model) if self.dht is not None else []
+        if self.dht is None:
+            return []
+        try:
+            records = await asyncio.wait_for(self.dht.peers(model), timeout)
+        except (TimeoutError, OSError, RuntimeError) as exc:
+            log.warning("DHT lookup for %s failed (%s); using the last records seen", model, exc or "timeout")
+            now = time.time()
+            return [record for record in (cached[1] if cached else []) if not record.is_expired(now)]
         self._cache[model] = (loop.time(), records)
         return records
 
@@ -137,7 +385,10 @@ class Swarm:
     def peers_at(self, address: str) -> set[str]:
         """Ids of the peers last seen at `address` (to ban the one that failed)."""
         return {
-            record.peer_id for _, records in self._cache.values() for record in records if record.address == address
+            record.peer_id
+            for _, records in self._cache.values()
+            for record in records
+            if record.address == address
         }
 
     def is_live(self, route: Route, records: list[PeerRecord]) -> bool:

@@ -311,6 +311,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         if session is None:
                             raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "open a session before stepping")
                         result = await self.scheduler.submit(self._prepare_step(session, request.step))
+                        result.draining = self.draining  # asks the gateway to move this session
                         yield swarm_pb2.InferenceResponse(result=result)
                     elif kind == "close":
                         break
@@ -461,14 +462,22 @@ class PeerServer:
         await self.announcer.start()
 
     async def stop(self) -> None:
-        """Graceful: refuse new sessions, say so in the DHT, let live ones finish, then exit."""
+        """Graceful: refuse new sessions and announce "draining" in the DHT at once; flag every
+        step result so gateways move live sessions elsewhere (they replay them on a replacement);
+        wait until those sessions close or the drain timeout runs out; withdraw; exit."""
         if self.servicer is not None:
             self.servicer.draining = True
         if self.announcer is not None:
-            await self.announcer.stop(withdraw=True)
+            try:
+                await asyncio.wait_for(self.announcer.announce_now(), 5.0)
+            except Exception as exc:  # noqa: BLE001 - the DHT may be gone; draining goes on
+                log.warning("could not announce draining: %s", exc)
         if self.servicer is not None and self.servicer.sessions:
+            log.info("draining %d live session(s) for up to %.0f s", len(self.servicer.sessions), self.config.drain_timeout)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.servicer.all_closed.wait(), self.config.drain_timeout)
+        if self.announcer is not None:
+            await self.announcer.stop(withdraw=True)
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.scheduler is not None:

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "gateway", "--redis-url", default=None, help="pin sessions in Redis (default: in memory)")
     _flag(gateway, "gateway", "--api-key", default=None, help="require this bearer token")
     _flag(gateway, "gateway", "--step-timeout", type=float, default=10.0, help="seconds a peer may take per step")
+    _flag(gateway, "gateway", "--failover-timeout", type=float, default=5.0,
+          help="seconds to look for a replacement after a peer fails mid-stream; then the stream ends with an error")  # fmt: skip
     _flag(gateway, "gateway", "--session-ttl", type=float, default=3600.0, help="seconds a session pin lives")
     _flag(gateway, "gateway", "--dry-run", action="store_true", help="validate the flags and exit")
 
@@ -219,6 +221,7 @@ def cmd_gateway(args) -> int:
         redis_url=args.redis_url,
         api_key=args.api_key,
         step_timeout=args.step_timeout,
+        failover_timeout=args.failover_timeout,
         session_ttl=args.session_ttl,
     )
     if args.dry_run:
