@@ -231,11 +231,15 @@ class RouteRunner:
         self._failed_peers.add(hop.peer_id)
         self._discard(index)
         loop = asyncio.get_running_loop()
+        attempt = 0
         while True:
-            try:
-                part, sessions = await self._open_replacement(hop, deadline)
+            try:  # first the records already known (no lookup to wait for), then fresh lookups
+                part, sessions = await self._open_replacement(hop, deadline, fresh=attempt > 0)
                 break
             except (NoRouteError, PeerError) as exc:
+                attempt += 1
+                if attempt == 1:
+                    continue
                 if loop.time() + policy.retry_interval >= deadline:
                     policy.stats.exhausted += 1
                     raise NoRouteError(
@@ -252,7 +256,10 @@ class RouteRunner:
         self._failed_peers.add(hop.peer_id)
         deadline = asyncio.get_running_loop().time() + self.step_timeout
         try:
-            part, sessions = await self._open_replacement(hop, deadline)
+            try:
+                part, sessions = await self._open_replacement(hop, deadline, fresh=False)
+            except (NoRouteError, PeerError):
+                part, sessions = await self._open_replacement(hop, deadline, fresh=True)
         except (NoRouteError, PeerError) as exc:
             log.info(
                 "peer %s is draining and has no replacement yet (%s); staying until it ends", hop.peer_id, exc
@@ -261,11 +268,16 @@ class RouteRunner:
         self._discard(index)
         self._splice(index, part, sessions, FailoverEvent(index, hop.peer_id, "draining", 0.0, ()))
 
-    async def _open_replacement(self, hop: Hop, deadline: float) -> tuple[Route, list[PeerSession]]:
+    async def _open_replacement(
+        self, hop: Hop, deadline: float, fresh: bool = True
+    ) -> tuple[Route, list[PeerSession]]:
         policy = self.failover
         loop = asyncio.get_running_loop()
         remaining = max(0.1, deadline - loop.time())
-        records = await policy.swarm.peers(policy.model, fresh=True, timeout=remaining)
+        if fresh:
+            records = await policy.swarm.peers(policy.model, fresh=True, timeout=remaining)
+        else:
+            records = policy.swarm.known(policy.model)
         part = None
         # Bans keep new sessions off flaky peers; a stream about to die rather retries a peer
         # that someone else banned (a slow step on a busy machine) than one that failed it.
@@ -277,6 +289,13 @@ class RouteRunner:
             if part is not None:
                 break
         if part is None:
+            seen = [
+                f"{r.peer_id}[{r.start},{r.end}){r.state}"
+                for r in records
+                if r.start < hop.end and r.end > hop.start
+            ]
+            log.info("no replacement for [%d, %d) among %s; excluded %s (fresh=%s)", hop.start, hop.end, seen,
+                     sorted(policy.swarm.bans.banned() | self._failed_peers), fresh)  # fmt: skip
             raise NoRouteError(f"no live peer covers blocks [{hop.start}, {hop.end})")
         timeout = min(self.step_timeout, max(0.1, deadline - loop.time()))
         results = await asyncio.gather(*(self._open_hop(h, timeout) for h in part), return_exceptions=True)
@@ -351,25 +370,52 @@ class Swarm:
         self.refresh = refresh
         self.bans = BanList(ban_duration)
         self._cache: dict[str, tuple[float, list[PeerRecord]]] = {}
+        self._lookups: dict[str, asyncio.Future] = {}
+        self._seen: dict[str, dict[str, PeerRecord]] = {}  # model -> peer id -> latest record
 
     async def peers(self, model: str, fresh: bool = False, timeout: float | None = None) -> list[PeerRecord]:
-        """Records of `model`'s peers. When the DHT lookup fails or takes longer than `timeout`
-        (a bootstrap node restarting, a dead contact), the last records seen are used: they carry
-        their own expiry, and failed peers are banned separately."""
+        """Records of `model`'s peers, from a DHT lookup at most `refresh` seconds old.
+
+        One lookup per model runs at a time, shared by every caller (many streams failing over at
+        once must not each crawl the DHT). A caller that cannot wait (`timeout`) gets the last
+        unexpired records seen: a lookup that meets a dead node (every killed peer runs one)
+        waits a whole RPC timeout for it.
+        """
         loop = asyncio.get_running_loop()
         cached = self._cache.get(model)
         if cached and not fresh and loop.time() - cached[0] < self.refresh:
             return cached[1]
         if self.dht is None:
             return []
+        task = self._lookups.get(model)
+        if task is None or task.done():
+            task = asyncio.ensure_future(self._lookup(model))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+            self._lookups[model] = task
         try:
-            records = await asyncio.wait_for(self.dht.peers(model), timeout)
+            return await asyncio.wait_for(asyncio.shield(task), timeout)
         except (TimeoutError, OSError, RuntimeError) as exc:
             log.warning("DHT lookup for %s failed (%s); using the last records seen", model, exc or "timeout")
             now = time.time()
             return [record for record in (cached[1] if cached else []) if not record.is_expired(now)]
-        self._cache[model] = (loop.time(), records)
+
+    async def _lookup(self, model: str) -> list[PeerRecord]:
+        records = await self.dht.peers(model)
+        self._cache[model] = (asyncio.get_running_loop().time(), records)
+        seen = self._seen.setdefault(model, {})
+        seen.update((record.peer_id, record) for record in records)
         return records
+
+    def known(self, model: str, grace: float = 60.0) -> list[PeerRecord]:
+        """Every peer seen in a recent lookup (its latest record, up to `grace` seconds past its
+        expiry): candidates to try at once after a failure, before a fresh lookup. Announces
+        stall while the DHT times out on a dead node, so a live peer's record may have lapsed;
+        a dead one fails to open fast and is excluded."""
+        now = time.time()
+        seen = self._seen.get(model, {})
+        for peer_id in [p for p, record in seen.items() if record.expires_at + grace < now]:
+            del seen[peer_id]
+        return list(seen.values())
 
     async def plan(self, model: str, num_blocks: int, min_free_tokens: int = 0) -> Route:
         exclude = self.bans.banned()
