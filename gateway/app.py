@@ -24,6 +24,7 @@ from sse_starlette import EventSourceResponse
 
 from gateway import errors, protocol
 from gateway.errors import OpenAIError
+from gateway.failover import FailoverPolicy, FailoverStats
 from gateway.generation import GenerationParams, NoRouteError, RouteRunner, Swarm, TokenEvent, generate
 from gateway.models import ServedModel, load_model
 from gateway.precision import accepts, precisions, split_model_id
@@ -49,6 +50,7 @@ class GatewaySettings:
     redis_url: str | None = None
     api_key: str | None = None
     step_timeout: float = 10.0
+    failover_timeout: float = 5.0  # search for a replacement peer this long after a failure
     session_ttl: float = 3600.0
     wire_dtype: str = ""  # dtype hidden states travel in ("" = each sender's compute dtype)
     max_body_bytes: int = 4 << 20
@@ -64,6 +66,7 @@ class Gateway:
         self.pool = ChannelPool()
         self.swarm: Swarm | None = None
         self.sessions = None
+        self.failover_stats = FailoverStats()
 
     async def start(self) -> None:
         from swarm.dht import SwarmDHT
@@ -193,7 +196,8 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
         ignore_eos=job.ignore_eos,
         request_id=request_id,
     )
-    runner = RouteRunner(gw.pool, route, gw.settings.step_timeout, wire_dtype=gw.settings.wire_dtype)
+    policy = FailoverPolicy(gw.swarm, served.id, served.num_blocks, gw.settings.failover_timeout, gw.failover_stats)
+    runner = RouteRunner(gw.pool, route, gw.settings.step_timeout, failover=policy, wire_dtype=gw.settings.wire_dtype)
     finish = "length"
     try:
         async with aclosing(generate(runner, params, len(job.prompt_ids) + job.max_new_tokens)) as events:
@@ -209,6 +213,8 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
                 yield Piece(job.index, text, [event])
     except PeerError as exc:
         raise peer_failure(exc, gw) from exc
+    except NoRouteError as exc:  # a peer failed and no replacement came within the budget
+        raise errors.unavailable(f"{exc}; retry when peers join", retry_after=5) from exc
     text, stopped = matcher.feed(detokenizer.flush())
     tail = text if stopped else text + matcher.flush()
     yield Piece(job.index, tail, [], "stop" if stopped else finish)
@@ -556,6 +562,8 @@ async def health(gw: GatewayDep) -> JSONResponse:
             "models": sorted(gw.models),
             "session_store": gw.sessions.backend,
             "session_store_available": gw.sessions.available,
+            "session_store_errors": getattr(gw.sessions, "errors", 0),
+            "failover": gw.failover_stats.to_dict(),
             "dht_contacts": gw.dht.num_contacts if gw.dht else 0,
         }
     )

@@ -9,12 +9,14 @@ them on a replacement peer after a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from gateway.failover import NOT_RETRYABLE, FailoverEvent, FailoverPolicy
 from gateway.routing import BanList, Hop, Route, plan_route
 from peer.client import ChannelPool, PeerError, PeerSession
 from protos import swarm_pb2
@@ -44,66 +46,325 @@ class GenerationParams:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-class RouteRunner:
-    """Open sessions on every hop of a route and push steps through them in order."""
+class _HopFailure(Exception):
+    """A step failed at hop `index` of the current route."""
 
-    def __init__(self, pool: ChannelPool, route: Route, step_timeout: float, wire_dtype: str = ""):
+    def __init__(self, index: int, error: PeerError):
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
+def tail_rows(hidden: swarm_pb2.Tensor, rows: int) -> swarm_pb2.Tensor:
+    """The last `rows` rows of a [T, hidden] tensor, sliced as bytes (the gateway has no torch)."""
+    total = hidden.shape[0]
+    if rows == total:
+        return hidden
+    row_bytes = len(hidden.data) // total
+    return swarm_pb2.Tensor(
+        data=hidden.data[(total - rows) * row_bytes :], dtype=hidden.dtype, shape=[rows, *hidden.shape[1:]]
+    )
+
+
+class RouteRunner:
+    """Open sessions on every hop of a route and push steps through them in order.
+
+    Failover (when a `FailoverPolicy` is given): the runner keeps every token id the whole route
+    has processed (`history`). When a hop fails (gRPC error, broken stream, or no answer within
+    the step deadline), its peer is banned, a replacement for exactly that hop's blocks is planned
+    from a fresh DHT lookup (possibly split over several peers) and opened, and the step is
+    retried. The replacement's KV cache is rebuilt by *replaying* the history on the retry:
+
+    * every hop from the first up to the end of the replacement steps with ``position=0`` and all
+      tokens so far (history + the step's tokens): the replacement needs the previous hop's hidden
+      states for the whole history, and the gateway keeps no hidden states (they would cost
+      hidden_size x 4 bytes per token per hop), so the hops before it recompute them. A peer
+      truncates its cache to ``position`` first, so this overwrites rather than duplicates.
+    * hops after the replacement keep their caches and get only the step's rows (its new tokens).
+
+    Cost of one failover: one prefill of ``len(history)`` tokens over the blocks
+    ``[0, end of the failed hop)`` (a failed last hop costs one full-model prefill, a failed first
+    hop a prefill of its span only), plus a fresh DHT lookup and the session opens. Sampling
+    stays exact: the last span seeds its sampler per position, so a replayed last span samples
+    the same token that the lost one would have.
+
+    A peer that is draining flags its step results; the runner then moves that hop the same way
+    at its own pace (the rebuild happens on the next step), and stays put if no replacement
+    exists (the peer finishes the session within its drain timeout).
+
+    Bounded: a search for a replacement gives up after `FailoverPolicy.timeout` seconds and raises
+    `NoRouteError`, so a stream without a replacement ends within step_timeout + that budget.
+    """
+
+    def __init__(
+        self,
+        pool: ChannelPool,
+        route: Route,
+        step_timeout: float,
+        failover: FailoverPolicy | None = None,
+        wire_dtype: str = "",
+    ):
         self.pool = pool
         self.wire_dtype = wire_dtype  # "" = each peer sends in its compute dtype
         self.route = route
         self.step_timeout = step_timeout
-        self.sessions: list[PeerSession] = []
-        self.position = 0
+        self.failover = failover
+        self.sessions: list[PeerSession | None] = []
+        self.history: list[int] = []  # token ids every hop of the route holds in cache
+        self.events: list[FailoverEvent] = []
+        self._rebuild_upto = -1  # hops [0, this] replay the history on the next step
+        self._unmeasured: list[FailoverEvent] = []  # pause known once the next step ends
+        self._max_length = 0
+        self._sampling = swarm_pb2.SamplingParams()
+        self._request_id = ""
+        self._session_id = ""
+        self._next_migration = 0.0
+        self._failed_peers: set[str] = set()  # peers that failed this runner: never retried
+        self._closing: set[asyncio.Task] = set()
+
+    @property
+    def position(self) -> int:
+        return len(self.history)
+
+    @property
+    def _end_block(self) -> int:
+        return self.route[-1].end
 
     async def open(self, max_length: int, sampling: swarm_pb2.SamplingParams, request_id: str) -> None:
-        session_id = uuid.uuid4().hex
-        metadata = (("x-request-id", request_id),)
-
-        async def open_hop(hop: Hop, is_last: bool) -> PeerSession:
-            session = PeerSession(self.pool, hop.address)
-            message = swarm_pb2.OpenSession(
-                session_id=session_id,
-                start_block=hop.start,
-                end_block=hop.end,
-                max_length=max_length,
-                request_id=request_id,
-                wire_dtype=self.wire_dtype,
-            )
-            if is_last:
-                message.sampling.CopyFrom(sampling)
-            await self._with_deadline(hop, session.open(message, metadata))
-            return session
-
-        last = len(self.route) - 1
+        self._max_length, self._sampling, self._request_id = max_length, sampling, request_id
+        self._session_id = uuid.uuid4().hex
         results = await asyncio.gather(
-            *(open_hop(hop, i == last) for i, hop in enumerate(self.route)), return_exceptions=True
+            *(self._open_hop(hop, self.step_timeout) for hop in self.route), return_exceptions=True
         )
-        self.sessions = [result for result in results if isinstance(result, PeerSession)]
-        for result in results:
-            if isinstance(result, BaseException):
-                await self.close()
-                raise result
+        self.sessions = [result if isinstance(result, PeerSession) else None for result in results]
+        failed = [(i, result) for i, result in enumerate(results) if isinstance(result, BaseException)]
+        if not failed:
+            return
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + (self.failover.timeout if self.failover else 0.0)
+        try:
+            for index, error in reversed(failed):  # from the end, so earlier indexes stay valid
+                if not isinstance(error, PeerError):
+                    raise error
+                await self._recover(index, error, deadline)
+        except BaseException:
+            await self.close()
+            raise
+        self._measured(loop.time() - began)
+
+    async def _open_hop(self, hop: Hop, timeout: float) -> PeerSession:
+        session = PeerSession(self.pool, hop.address)
+        message = swarm_pb2.OpenSession(
+            session_id=self._session_id,
+            start_block=hop.start,
+            end_block=hop.end,
+            max_length=self._max_length,
+            request_id=self._request_id,
+            wire_dtype=self.wire_dtype,
+        )
+        if hop.end == self._end_block:
+            message.sampling.CopyFrom(self._sampling)
+        try:
+            await self._with_deadline(
+                hop, session.open(message, (("x-request-id", self._request_id),)), timeout
+            )
+        except BaseException:
+            self._close_later(session)
+            raise
+        return session
 
     async def step(self, token_ids: list[int], sample: bool = True) -> swarm_pb2.StepResult:
-        hidden = None
-        result = None
-        for hop, session in zip(self.route, self.sessions, strict=True):
-            step = swarm_pb2.Step(token_ids=token_ids, position=self.position, sample=sample and hop is self.route[-1])
-            if hidden is not None:
-                step.hidden.CopyFrom(hidden)
-            result = await self._with_deadline(hop, session.step(step))
-            hidden = result.hidden
-        self.position += len(token_ids)
-        return result
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = None
+        while True:
+            try:
+                results = await self._pass(list(token_ids), sample)
+                break
+            except _HopFailure as failure:
+                if deadline is None:
+                    deadline = loop.time() + (self.failover.timeout if self.failover else 0.0)
+                await self._recover(failure.index, failure.error, deadline)
+        self.history.extend(token_ids)
+        self._measured(loop.time() - began)
+        if self.failover is not None:
+            draining = [i for i, result in enumerate(results) if result.draining]
+            if draining and loop.time() >= self._next_migration:
+                self._next_migration = loop.time() + 1.0  # a lookup per token would be wasteful
+                for index in reversed(draining):
+                    await self._migrate(index)
+        return results[-1]
 
-    async def _with_deadline(self, hop: Hop, awaitable):
+    async def _pass(self, token_ids: list[int], sample: bool) -> list[swarm_pb2.StepResult]:
+        """One step through every hop; hops up to `_rebuild_upto` replay the whole history."""
+        position = len(self.history)
+        everything = self.history + token_ids
+        upto = self._rebuild_upto
+        last = len(self.route) - 1
+        hidden = None
+        results = []
+        for i, (hop, session) in enumerate(zip(self.route, self.sessions, strict=True)):
+            rebuild = i <= upto
+            step = swarm_pb2.Step(
+                token_ids=everything if rebuild else token_ids,
+                position=0 if rebuild else position,
+                sample=sample and i == last,
+            )
+            if hidden is not None:
+                step.hidden.CopyFrom(
+                    hidden if rebuild or i != upto + 1 else tail_rows(hidden, len(token_ids))
+                )
+            try:
+                if session is None:
+                    raise PeerError(hop.address, None, "session is not open")
+                result = await self._with_deadline(hop, session.step(step))
+            except PeerError as exc:
+                raise _HopFailure(i, exc) from exc
+            results.append(result)
+            hidden = result.hidden
+        self._rebuild_upto = -1
+        return results
+
+    async def _recover(self, index: int, error: PeerError, deadline: float) -> None:
+        """Replace hop `index` after `error`, waiting for a replacement until `deadline`."""
+        policy = self.failover
+        hop = self.route[index]
+        if policy is None or error.code in NOT_RETRYABLE:
+            raise error
+        log.warning("hop %d (peer %s, blocks [%d, %d)) failed: %s; failing over", index, hop.peer_id, hop.start,
+                    hop.end, error)  # fmt: skip
+        policy.swarm.bans.ban(hop.peer_id)
+        self._failed_peers.add(hop.peer_id)
+        self._discard(index)
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            try:  # first the records already known (no lookup to wait for), then fresh lookups
+                part, sessions = await self._open_replacement(hop, deadline, fresh=attempt > 0)
+                break
+            except (NoRouteError, PeerError) as exc:
+                attempt += 1
+                if attempt == 1:
+                    continue
+                if loop.time() + policy.retry_interval >= deadline:
+                    policy.stats.exhausted += 1
+                    raise NoRouteError(
+                        f"peer {hop.peer_id} failed and no replacement for blocks [{hop.start}, {hop.end}) "
+                        f"came within {policy.timeout:.1f} s ({exc})"
+                    ) from exc
+                await asyncio.sleep(policy.retry_interval)
+        self._splice(index, part, sessions, FailoverEvent(index, hop.peer_id, "failed", 0.0, ()))
+
+    async def _migrate(self, index: int) -> None:
+        """Move hop `index` off a draining peer if a replacement exists now; else stay."""
+        hop = self.route[index]
+        self.failover.swarm.bans.ban(hop.peer_id)  # it is leaving: no new sessions there either
+        self._failed_peers.add(hop.peer_id)
+        deadline = asyncio.get_running_loop().time() + self.step_timeout
         try:
-            return await asyncio.wait_for(awaitable, self.step_timeout)
+            try:
+                part, sessions = await self._open_replacement(hop, deadline, fresh=False)
+            except (NoRouteError, PeerError):
+                part, sessions = await self._open_replacement(hop, deadline, fresh=True)
+        except (NoRouteError, PeerError) as exc:
+            log.info(
+                "peer %s is draining and has no replacement yet (%s); staying until it ends", hop.peer_id, exc
+            )
+            return
+        self._discard(index)
+        self._splice(index, part, sessions, FailoverEvent(index, hop.peer_id, "draining", 0.0, ()))
+
+    async def _open_replacement(
+        self, hop: Hop, deadline: float, fresh: bool = True
+    ) -> tuple[Route, list[PeerSession]]:
+        policy = self.failover
+        loop = asyncio.get_running_loop()
+        remaining = max(0.1, deadline - loop.time())
+        if fresh:
+            records = await policy.swarm.peers(policy.model, fresh=True, timeout=remaining)
+        else:
+            records = policy.swarm.known(policy.model)
+        part = None
+        # Bans keep new sessions off flaky peers; a stream about to die rather retries a peer
+        # that someone else banned (a slow step on a busy machine) than one that failed it.
+        for exclude in (policy.swarm.bans.banned() | self._failed_peers, self._failed_peers):
+            part = plan_route(
+                records, policy.num_blocks, start=hop.start, end=hop.end, exclude=exclude,
+                min_free_tokens=self._max_length,
+            )  # fmt: skip
+            if part is not None:
+                break
+        if part is None:
+            seen = [
+                f"{r.peer_id}[{r.start},{r.end}){r.state}"
+                for r in records
+                if r.start < hop.end and r.end > hop.start
+            ]
+            log.info("no replacement for [%d, %d) among %s; excluded %s (fresh=%s)", hop.start, hop.end, seen,
+                     sorted(policy.swarm.bans.banned() | self._failed_peers), fresh)  # fmt: skip
+            raise NoRouteError(f"no live peer covers blocks [{hop.start}, {hop.end})")
+        timeout = min(self.step_timeout, max(0.1, deadline - loop.time()))
+        results = await asyncio.gather(*(self._open_hop(h, timeout) for h in part), return_exceptions=True)
+        errors = [(h, r) for h, r in zip(part, results, strict=True) if isinstance(r, BaseException)]
+        if errors:
+            for result in results:
+                if isinstance(result, PeerSession):
+                    self._close_later(result)
+            for failed_hop, error in errors:
+                if not isinstance(error, PeerError):
+                    raise error
+                policy.swarm.bans.ban(failed_hop.peer_id)
+                self._failed_peers.add(failed_hop.peer_id)
+            raise errors[0][1]
+        return part, list(results)
+
+    def _splice(self, index: int, part: Route, sessions: list[PeerSession], event: FailoverEvent) -> None:
+        """Put `part` in place of hop `index`; it and every hop before it replay on the next step."""
+        grown = len(part) - 1
+        upto = self._rebuild_upto + grown if self._rebuild_upto >= index else self._rebuild_upto
+        self._rebuild_upto = max(upto, index + grown)
+        self.route = (*self.route[:index], *part, *self.route[index + 1 :])
+        self.sessions = [*self.sessions[:index], *sessions, *self.sessions[index + 1 :]]
+        event.replacement = tuple(h.peer_id for h in part)
+        self.events.append(event)
+        self._unmeasured.append(event)
+        log.info("hop %d (peer %s) now served by %s", index, event.peer_id, ", ".join(event.replacement))
+
+    def _measured(self, pause: float) -> None:
+        """The step that carried out the pending failovers took `pause` seconds: record it."""
+        events, self._unmeasured = self._unmeasured, []
+        for event in events:
+            event.pause_s = pause
+            if self.failover is not None:
+                self.failover.stats.record(event)
+
+    def _discard(self, index: int) -> None:
+        session = self.sessions[index]
+        self.sessions[index] = None
+        if session is not None:
+            self._close_later(session)
+
+    def _close_later(self, session: PeerSession) -> None:
+        """Close without waiting: the peer may be hung, and the stream must not wait for it."""
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.close(), 2.0)
+
+        task = asyncio.ensure_future(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _with_deadline(self, hop: Hop, awaitable, timeout: float | None = None):
+        timeout = self.step_timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
         except TimeoutError as exc:
-            raise PeerError(hop.address, None, f"no answer within {self.step_timeout:.1f} s") from exc
+            raise PeerError(hop.address, None, f"no answer within {timeout:.1f} s") from exc
 
     async def close(self) -> None:
-        sessions, self.sessions = self.sessions, []
+        sessions, self.sessions = [s for s in self.sessions if s is not None], []
         await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
 
 
@@ -122,20 +383,38 @@ class Swarm:
         self.refresh = refresh
         self.bans = BanList(ban_duration)
         self._cache: dict[str, tuple[float, list[PeerRecord]]] = {}
-        self._lookups: dict[str, asyncio.Task] = {}
+        self._lookups: dict[str, asyncio.Future] = {}
+        self._seen: dict[str, dict[str, PeerRecord]] = {}  # model -> peer id -> latest record
 
-    async def peers(self, model: str, fresh: bool = False) -> list[PeerRecord]:
+    async def peers(self, model: str, fresh: bool = False, timeout: float | None = None) -> list[PeerRecord]:
+        """Records of `model`'s peers, from a DHT lookup at most `refresh` seconds old.
+
+        One lookup per model runs at a time, shared by every caller (many streams failing over at
+        once must not each crawl the DHT). A caller that cannot wait (`timeout`) gets the last
+        unexpired records seen: a lookup that meets a dead node (every killed peer runs one)
+        waits a whole RPC timeout for it.
+        """
         loop = asyncio.get_running_loop()
         cached = self._cache.get(model)
         if cached is None or fresh:
-            return await self._lookup(model)
+            lookup = self._lookup(model)
+            try:
+                return await asyncio.wait_for(asyncio.shield(lookup), timeout)
+            except TimeoutError:
+                log.warning("DHT lookup for %s is slow; using the last records seen", model)
+                return self._unexpired(cached)
         if loop.time() - cached[0] >= self.refresh:
             self._lookup(model)  # in the background; _fetch logs its own failures
+        return self._unexpired(cached)
+
+    @staticmethod
+    def _unexpired(cached: tuple[float, list[PeerRecord]] | None) -> list[PeerRecord]:
         now = time.time()
-        return [record for record in cached[1] if not record.is_expired(now)]
+        return [record for record in (cached[1] if cached else []) if not record.is_expired(now)]
 
     def _lookup(self, model: str) -> asyncio.Task:
-        """One lookup per model at a time; concurrent callers share it."""
+        """One lookup per model at a time, shared by every caller (many streams failing over at
+        once must not each crawl the DHT)."""
         task = self._lookups.get(model)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._fetch(model))
@@ -149,10 +428,21 @@ class Swarm:
             records = await self.dht.peers(model) if self.dht is not None else []
         except Exception:  # keep serving from the last snapshot
             log.exception("DHT lookup for %s failed", model)
-            cached = self._cache.get(model)
-            return cached[1] if cached else []
+            return self._unexpired(self._cache.get(model))
         self._cache[model] = (loop.time(), records)
+        seen = self._seen.setdefault(model, {})
+        seen.update((record.peer_id, record) for record in records)
         return records
+
+    def known(self, model: str, grace: float = 60.0) -> list[PeerRecord]:
+        """Every peer seen in a recent lookup (its latest record, up to `grace` seconds past its
+        expiry): candidates to try at once after a failure, before a fresh lookup. A dead one
+        fails to open fast and is excluded."""
+        now = time.time()
+        seen = self._seen.get(model, {})
+        for peer_id in [p for p, record in seen.items() if record.expires_at + grace < now]:
+            del seen[peer_id]
+        return list(seen.values())
 
     async def plan(self, model: str, num_blocks: int, min_free_tokens: int = 0, accept=None) -> Route:
         exclude = self.bans.banned()
@@ -168,7 +458,10 @@ class Swarm:
     def peers_at(self, address: str) -> set[str]:
         """Ids of the peers last seen at `address` (to ban the one that failed)."""
         return {
-            record.peer_id for _, records in self._cache.values() for record in records if record.address == address
+            record.peer_id
+            for _, records in self._cache.values()
+            for record in records
+            if record.address == address
         }
 
     def is_live(self, route: Route, records: list[PeerRecord]) -> bool:

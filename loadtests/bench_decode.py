@@ -39,7 +39,8 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,6 +61,31 @@ class Run:
     token_ids: list[int] = field(default_factory=list, repr=False)
     text: str = field(default="", repr=False)
     hops_ms: list[float] = field(default_factory=list)  # per-hop (grpc) or per-span (spans) ms/token
+    wall_s: float = 0.0
+    cpu_s: float = 0.0  # CPU seconds the processes doing the work used during the run (all threads)
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a process, all threads (Linux /proc; 0 where unavailable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(pids: list[int], fn) -> Run:  # noqa: ANN001
+    """Run ``fn`` and note its wall time and the CPU time ``pids`` used meanwhile.
+
+    On a busy machine CPU time per token is the steadier figure, and cpu/wall (the share of a core
+    the work got) shows when a run was starved by other processes.
+    """
+    before = sum(process_cpu_s(pid) for pid in pids)
+    begin = time.perf_counter()
+    run = fn()
+    run.wall_s = time.perf_counter() - begin
+    run.cpu_s = sum(process_cpu_s(pid) for pid in pids) - before
+    return run
 
 
 def decode_ms(stamps: list[float]) -> float:
@@ -123,7 +149,9 @@ def run_http(client, base_url: str, model_id: str, prompt_ids: list[int], new_to
     begin = time.perf_counter()
     with client.stream("POST", f"{base_url}/v1/completions", json=body) as response:
         if response.status_code != 200:
-            raise RuntimeError(f"gateway answered {response.status_code}: {response.read().decode(errors='replace')}")
+            raise RuntimeError(
+                f"gateway answered {response.status_code}: {response.read().decode(errors='replace')}"
+            )
         for line in response.iter_lines():
             if not line.startswith("data:"):
                 continue
@@ -156,7 +184,9 @@ async def run_grpc(pool, hops: list[tuple[str, int, int]], prompt_ids: list[int]
     try:
         opens = []
         for i, (session, (_, start, end)) in enumerate(zip(sessions, hops, strict=True)):
-            message = swarm_pb2.OpenSession(start_block=start, end_block=end, max_length=len(prompt_ids) + new_tokens)
+            message = swarm_pb2.OpenSession(
+                start_block=start, end_block=end, max_length=len(prompt_ids) + new_tokens
+            )
             if i == last:
                 message.sampling.CopyFrom(swarm_pb2.SamplingParams(temperature=0.0))  # greedy
             opens.append(session.open(message))
@@ -258,6 +288,10 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
           flush=True)  # fmt: skip
 
     runs: dict[str, list[Run]] = {mode: [] for mode in args.modes}
+    # In-process torch work runs in one worker thread, as a peer runs its forward passes (in its
+    # BatchScheduler's single thread), so both sides compute under the same OpenMP conditions.
+    torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+    torch_thread.submit(torch.set_num_threads, args.threads).result()
     load_before = os.getloadavg()
     swarm = LocalSwarm(model_dir, log_level="WARNING", model_name=model_id)
     loop = asyncio.new_event_loop()
@@ -271,30 +305,46 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         with httpx.Client(timeout=httpx.Timeout(120.0, connect=10.0)) as client:
             wait_for_model(client, gateway.address, model_id)
             startup_s = time.perf_counter() - started
-            throughput = [loop.run_until_complete(peer_info(pool, address)).throughput for address, _, _ in hops]
+            throughput = [
+                loop.run_until_complete(peer_info(pool, address)).throughput for address, _, _ in hops
+            ]
+
+            me = os.getpid()
+            swarm_pids = [child.process.pid for child in swarm.children]
 
             def one(mode: str, tokens: int) -> Run:
-                if mode == "http":
-                    return run_http(client, gateway.address, model_id, prompt_ids, tokens)
+                if mode == "http":  # the client's own parsing is not the swarm's cost
+                    return timed(
+                        swarm_pids, lambda: run_http(client, gateway.address, model_id, prompt_ids, tokens)
+                    )
                 if mode == "reference":
-                    return run_reference(reference, prompt_ids, tokens)
-                if mode == "grpc":
-                    return loop.run_until_complete(run_grpc(pool, hops, prompt_ids, tokens))
-                return run_spans(spans, prompt_ids, tokens)
+                    return timed(
+                        [me],
+                        lambda: torch_thread.submit(run_reference, reference, prompt_ids, tokens).result(),
+                    )
+                if mode == "grpc":  # this process plays the gateway
+                    return timed(
+                        [me, *swarm_pids],
+                        lambda: loop.run_until_complete(run_grpc(pool, hops, prompt_ids, tokens)),
+                    )
+                return timed([me], lambda: torch_thread.submit(run_spans, spans, prompt_ids, tokens).result())
 
-            for mode in args.modes:  # warm-up: first connections, allocator, lazy imports
-                one(mode, min(n, 8))
+            for mode in args.modes:  # warm-up: first connections, allocator, OpenMP teams, lazy imports
+                one(mode, min(n, args.warmup_tokens))
             for repeat in range(args.repeats):
                 for mode in args.modes:
                     run = one(mode, n)
                     runs[mode].append(run)
                     hops_text = f"  per hop/span {[round(h, 2) for h in run.hops_ms]}" if run.hops_ms else ""
                     print(f"  repeat {repeat + 1}/{args.repeats} {mode:9s} {run.decode_ms:8.2f} ms/token  "
-                          f"ttft {run.ttft_ms:7.1f} ms  {run.tokens} tokens{hops_text}", flush=True)  # fmt: skip
+                          f"ttft {run.ttft_ms:7.1f} ms  cpu {run.cpu_s / run.tokens * 1000:6.2f} ms/token "
+                          f"(share {run.cpu_s / run.wall_s:4.2f})  load {os.getloadavg()[0]:.1f}{hops_text}",
+                          flush=True)  # fmt: skip
     finally:
         loop.run_until_complete(pool.close())
         loop.close()
         swarm.stop()
+        torch_thread.shutdown()
     load_after = os.getloadavg()
 
     ref_ids = runs["reference"][0].token_ids if runs.get("reference") else []
@@ -308,6 +358,8 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
             "runs_decode_ms": [round(r.decode_ms, 3) for r in items],
             "runs_ttft_ms": [round(r.ttft_ms, 2) for r in items],
             "tokens": items[0].tokens if items else 0,
+            "cpu_ms_per_token": round(median([r.cpu_s / r.tokens * 1000 for r in items]), 3),
+            "cpu_share": round(median([r.cpu_s / r.wall_s for r in items]), 3),
         }
         if items and items[0].hops_ms:
             key = "per_hop_ms" if mode == "grpc" else "per_span_ms"
@@ -324,9 +376,17 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         "model_dir": str(model_dir),
         "params": params,
         "params_millions": round(params / 1e6, 1),
-        "config": {k: reference.config.to_dict()[k] for k in
-                   ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                    "intermediate_size", "vocab_size")},  # fmt: skip
+        "config": {
+            k: reference.config.to_dict()[k]
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+                "vocab_size",
+            )
+        },  # fmt: skip
         "settings": {
             "peers": args.peers,
             "spans": [list(s) for s in split],
@@ -356,6 +416,9 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         result["paired_ratios"] = [
             round(h.decode_ms / r.decode_ms, 3) for h, r in zip(runs["http"], runs["reference"], strict=False)
         ]
+        result["cpu_ratio"] = round(
+            modes["http"]["cpu_ms_per_token"] / modes["reference"]["cpu_ms_per_token"], 3
+        )
         result["swarm_ttft_ms"] = modes["http"]["ttft_ms"]
         result["reference_ttft_ms"] = modes["reference"]["ttft_ms"]
         result["breakdown_ms_per_token"] = breakdown(modes)
@@ -394,29 +457,37 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 # ---- report ---------------------------------------------------------------------------------------
 def markdown_table(results: dict) -> str:
     rows = [
-        "| model | params | swarm (HTTP) ms/token | `generate()` ms/token | ratio | swarm TTFT ms | `generate()` TTFT ms "
-        "| swarm without gateway (gRPC) ms/token | spans in one process ms/token |",
-        "| --- | --: | --: | --: | --: | --: | --: | --: | --: |",
+        "| model | params | swarm ms/token (HTTP) | `generate()` ms/token | **ratio** | swarm TTFT ms | `generate()` TTFT ms "
+        "| swarm without gateway (gRPC) ms/token | spans in one process ms/token | CPU ms/token swarm / `generate()` "
+        "| load avg |",
+        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
     ]
     for r in results["models"]:
         m = r["modes"]
-        cell = lambda mode: f"{m[mode]['decode_ms_per_token']:.2f}" if mode in m else "n/a"  # noqa: E731
+        cell = lambda mode, m=m: f"{m[mode]['decode_ms_per_token']:.2f}" if mode in m else "n/a"  # noqa: E731
+        cpu = (
+            f"{m['http']['cpu_ms_per_token']:.1f} / {m['reference']['cpu_ms_per_token']:.1f}"
+            if "http" in m
+            else "n/a"
+        )
+        load = f"{r['loadavg_before'][0]:.1f} → {r['loadavg_after'][0]:.1f}"
         rows.append(
             f"| {r['model']} ({r['config']['hidden_size']}×{r['config']['num_hidden_layers']}, vocab "
             f"{r['config']['vocab_size']}) | {r['params_millions']} M | {r.get('swarm_ms_per_token', float('nan')):.2f} "
             f"| {r.get('reference_ms_per_token', float('nan')):.2f} | **{r.get('ratio', float('nan')):.2f}** "
             f"| {r.get('swarm_ttft_ms', float('nan')):.1f} | {r.get('reference_ttft_ms', float('nan')):.1f} "
-            f"| {cell('grpc')} | {cell('spans')} |"
+            f"| {cell('grpc')} | {cell('spans')} | {cpu} | {load} |"
         )
     machine = results["machine"]
     settings = results["models"][0]["settings"] if results["models"] else {}
     rows.append("")
     rows.append(
         f"{machine['cpu_count']} cores ({machine['cpu_model']}), torch {machine['torch']}, transformers "
-        f"{machine['transformers']}, {settings.get('threads')} torch threads in each peer and in the reference; "
-        f"batch 1, greedy, fp32, {settings.get('prompt_tokens')}-token prompt, {settings.get('new_tokens')} new tokens, "
-        f"median of {settings.get('repeats')} interleaved repeats. Ratio = swarm / `generate()` (goal: <= 1.05). "
-        f"Run at {results['finished_at']}."
+        f"{machine['transformers']}; `--threads {settings.get('threads')}` in each peer and "
+        f"`torch.set_num_threads({settings.get('threads')})` for the reference; batch 1, greedy, fp32, "
+        f"{settings.get('prompt_tokens')}-token prompt, {settings.get('new_tokens')} new tokens, median of "
+        f"{settings.get('repeats')} interleaved repeats. Ratio = swarm / `generate()` decode ms/token (goal: <= 1.05). "
+        f"Run {results['finished_at']}."
     )
     return "\n".join(rows)
 
@@ -466,11 +537,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peers", type=int, default=2)
+    parser.add_argument("--warmup-tokens", type=int, default=32, help="one untimed run of each mode first")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads in each peer and in the reference (default: cores)")  # fmt: skip
     parser.add_argument("--modes", default="http,reference,grpc,spans",
                         help="what to time, in this order inside each repeat; http and reference are the headline")  # fmt: skip
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the model folders are made")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the model folders are made"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "decode.json")
     parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"),
                         help="write-up whose table is replaced ('' to leave it alone)")  # fmt: skip
@@ -479,7 +553,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.modes = [m for m in args.modes.split(",") if m]
     unknown = set(args.modes) - {"http", "reference", "grpc", "spans"}
     if unknown or "reference" not in args.modes:
-        parser.error(f"--modes must include reference and only name http, reference, grpc, spans (got {args.modes})")
+        parser.error(
+            f"--modes must include reference and only name http, reference, grpc, spans (got {args.modes})"
+        )
     if args.new_tokens < 2 or args.repeats < 1 or args.threads < 1:
         parser.error("need --new-tokens >= 2, --repeats >= 1, --threads >= 1")
     return args

@@ -6,6 +6,8 @@ previous peer produced, never decoded.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from protos import swarm_pb2, swarm_pb2_grpc
@@ -78,6 +80,8 @@ class PeerSession:
             response = await self._call.read()
         except grpc.aio.AioRpcError as exc:
             raise PeerError(self.address, exc.code(), exc.details() or "") from exc
+        except (asyncio.InvalidStateError, grpc.aio.UsageError) as exc:  # the peer already ended the RPC
+            raise PeerError(self.address, None, str(exc) or "stream finished") from exc
         if response is grpc.aio.EOF:
             code = await self._call.code()
             details = await self._call.details()

@@ -315,6 +315,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         if session is None:
                             raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "open a session before stepping")
                         result = await self.scheduler.submit(self._prepare_step(session, request.step))
+                        result.draining = self.draining  # asks the gateway to move this session
                         yield swarm_pb2.InferenceResponse(result=result)
                     elif kind == "close":
                         break
@@ -468,17 +469,25 @@ class PeerServer:
         await self.announcer.start()
 
     async def stop(self) -> None:
-        """Graceful: refuse new sessions, say so in the DHT, let live ones finish, then exit."""
+        """Graceful: refuse new sessions and announce "draining" in the DHT at once; flag every
+        step result so gateways move live sessions elsewhere (they replay them on a replacement);
+        wait until those sessions close or the drain timeout runs out; withdraw; exit."""
         if self.servicer is not None:
             self.servicer.draining = True
+        if self.announcer is not None:
+            try:
+                await asyncio.wait_for(self.announcer.announce_now(), WITHDRAW_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - the DHT may be gone; draining goes on
+                log.warning("could not announce draining: %s", exc)
+        if self.servicer is not None and self.servicer.sessions:
+            log.info("draining %d live session(s) for up to %.0f s", len(self.servicer.sessions), self.config.drain_timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.servicer.all_closed.wait(), self.config.drain_timeout)
         if self.announcer is not None:
             # Best effort and bounded: with parts of the swarm gone, a withdraw waits on dead
             # nodes; the record's own expiry removes it anyway.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.announcer.stop(withdraw=True), WITHDRAW_TIMEOUT_S)
-        if self.servicer is not None and self.servicer.sessions:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.servicer.all_closed.wait(), self.config.drain_timeout)
         log.info("withdrawn and drained; stopping the gRPC server")
         if self.server is not None:
             await self.server.stop(grace=1.0)

@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "gateway", "--redis-url", default=None, help="pin sessions in Redis (default: in memory)")
     _flag(gateway, "gateway", "--api-key", default=None, help="require this bearer token")
     _flag(gateway, "gateway", "--step-timeout", type=float, default=10.0, help="seconds a peer may take per step")
+    _flag(gateway, "gateway", "--failover-timeout", type=float, default=5.0,
+          help="seconds to look for a replacement after a peer fails mid-stream; then the stream ends with an error")  # fmt: skip
     _flag(gateway, "gateway", "--session-ttl", type=float, default=3600.0, help="seconds a session pin lives")
     _flag(gateway, "gateway", "--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
           help="dtype hidden states travel in between peers; auto: each sender's compute dtype")  # fmt: skip
@@ -267,6 +269,7 @@ def cmd_gateway(args) -> int:
         redis_url=args.redis_url,
         api_key=args.api_key,
         step_timeout=args.step_timeout,
+        failover_timeout=args.failover_timeout,
         session_ttl=args.session_ttl,
         wire_dtype="" if args.wire_dtype == "auto" else args.wire_dtype,
     )
