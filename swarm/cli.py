@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
+
+from swarm.logging_setup import configure_logging
 
 DEFAULT_CACHE = Path(os.environ.get("SWARM_HOME", Path.home() / ".cache" / "swarm-serve"))
 
@@ -63,7 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swarm", description="Serve a language model from a swarm of machines behind an OpenAI-compatible API."
     )
-    parser.add_argument("--log-level", default=os.environ.get("SWARM_LOG_LEVEL", "INFO"), help="[env: SWARM_LOG_LEVEL]")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("SWARM_LOG_LEVEL", "INFO"),
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="least severe log lines to print (default: %(default)s) [env: SWARM_LOG_LEVEL]",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("SWARM_LOG_FORMAT", "kv"),
+        choices=["kv", "json"],
+        help="one line per event, as key=value pairs or as JSON; each line of a request carries its "
+        "request_id (default: %(default)s) [env: SWARM_LOG_FORMAT]",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser(
@@ -103,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(peer, "peer", "--heartbeat", type=float, default=5.0, help="seconds between DHT announcements")
     _flag(peer, "peer", "--ttl", type=float, default=15.0, help="seconds an announcement stays valid")
     _flag(peer, "peer", "--drain-timeout", type=float, default=30.0, help="seconds to let live sessions finish on SIGTERM")
+    _flag(peer, "peer", "--metrics-port", type=int, default=None,
+          help="serve Prometheus /metrics over HTTP on this port, on --host (0: any free port, announced "
+               "in the DHT; default: no metrics server)")  # fmt: skip
     _flag(peer, "peer", "--dry-run", action="store_true", help="validate the flags and exit")
 
     gateway = commands.add_parser("gateway", help="serve the OpenAI-compatible API", formatter_class=EnvDefaultsFormatter)
@@ -117,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "gateway", "--api-key", default=None, help="require this bearer token")
     _flag(gateway, "gateway", "--step-timeout", type=float, default=10.0, help="seconds a peer may take per step")
     _flag(gateway, "gateway", "--session-ttl", type=float, default=3600.0, help="seconds a session pin lives")
+    _flag(gateway, "gateway", "--log-prompts", action="store_true",
+          help="also log each request's prompt and completion text (off: logs never hold user text)")  # fmt: skip
     _flag(gateway, "gateway", "--dry-run", action="store_true", help="validate the flags and exit")
 
     demo = commands.add_parser("demo-model", help="write a random-weight model folder", formatter_class=EnvDefaultsFormatter)
@@ -124,8 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(demo, "demo-model", "--preset", default="demo", choices=["demo", "tiny", "bench"], help="demo: 4 blocks, hidden 256; tiny: 3 blocks with GQA; bench: ~156M params, hidden 1024, 8 blocks")
     _flag(demo, "demo-model", "--seed", type=int, default=0, help="random seed of the weights")
 
-    status = commands.add_parser("status", help="print the swarm as a table", formatter_class=EnvDefaultsFormatter)
-    _flag(status, "status", "--dht", action="append", required=True, help="DHT node to ask, host:port")
+    status = commands.add_parser(
+        "status",
+        help="print the swarm as a table",
+        description="Print every announced peer: span, state, load, free cache, dtype and throughput. Reads "
+        "the DHT (--dht), or a gateway's /swarm/api (--gateway: the same data as its /swarm map, plus the "
+        "routes in use and whether each peer answers).",
+        formatter_class=EnvDefaultsFormatter,
+    )
+    _flag(status, "status", "--dht", action="append", help="DHT node to ask, host:port (repeatable)")
+    _flag(status, "status", "--gateway", default=None, help="gateway base URL to ask instead, e.g. http://127.0.0.1:8000")
     _flag(status, "status", "--model", default=None, help="only this model id")
     return parser
 
@@ -198,6 +225,7 @@ def cmd_peer(args) -> int:
         heartbeat=args.heartbeat,
         ttl=args.ttl,
         drain_timeout=args.drain_timeout,
+        metrics_port=args.metrics_port,
     )
     asyncio.run(run_peer(config))
     return 0
@@ -220,6 +248,7 @@ def cmd_gateway(args) -> int:
         api_key=args.api_key,
         step_timeout=args.step_timeout,
         session_ttl=args.session_ttl,
+        log_prompts=args.log_prompts,
     )
     if args.dry_run:
         print(settings)
@@ -247,8 +276,17 @@ def cmd_up(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from swarm.status import print_status
+    import logging
 
+    from swarm.status import print_gateway_status, print_status
+
+    if args.log_level != "DEBUG":  # the table is the output; the DHT node's start-up lines are noise
+        logging.getLogger("swarm.dht").setLevel(logging.WARNING)
+
+    if args.gateway:
+        return print_gateway_status(args.gateway, args.model)
+    if not args.dht:
+        raise SystemExit("swarm status: give --dht host:port (or --gateway URL)")
     return asyncio.run(print_status(_addresses(args.dht), args.model))
 
 
@@ -264,9 +302,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(args.log_level, args.log_format)
     return COMMANDS[args.command](args)
 
 
