@@ -86,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(up, "up", "--model", help="model folder (or hub id); default: the demo model, created on first use")
     _flag(up, "up", "--peers", type=int, default=2, help="block peers to split the model between")
     _flag(up, "up", "--host", default="127.0.0.1", help="address the gateway listens on")
-    _flag(up, "up", "--port", type=int, default=8000, help="gateway port")
+    _flag(up, "up", "--port", type=int, default=8000, help="HTTP port of the gateway (the OpenAI base URL is http://HOST:PORT/v1)")
     _flag(up, "up", "--redis-url", default=None, help="pin sessions in this Redis (default: in memory)")
-    _flag(up, "up", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="peer dtype")
+    _flag(up, "up", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype of every peer (auto: see `swarm peer --help`)")
     _flag(up, "up", "--threads", type=int, default=0, help="torch threads per peer (0: torch's default)")
     _flag(up, "up", "--dry-run", action="store_true", help="print the commands that would run, start nothing")
 
@@ -103,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(peer, "peer", "--model-name", default=None, help="model id announced in the DHT (default: folder name)")
     _flag(peer, "peer", "--blocks", type=_blocks, required=True, help="blocks to serve, START:END (END excluded)")
     _flag(peer, "peer", "--dht", action="append", help="DHT node(s) to join, host:port (repeatable)")
-    _flag(peer, "peer", "--host", default="0.0.0.0", help="gRPC listen address")
+    _flag(peer, "peer", "--host", default="0.0.0.0", help="address the gRPC server (and --metrics-port) listens on")
     _flag(peer, "peer", "--port", type=int, default=0, help="gRPC port (0: any free port)")
     _flag(peer, "peer", "--announce-host", default=None, help="host others reach this peer at (default: --host)")
     _flag(peer, "peer", "--dht-port", type=int, default=0, help="UDP port of this peer's own DHT node")
     _flag(peer, "peer", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
           help="compute dtype; auto: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on CPU")  # fmt: skip
-    _flag(peer, "peer", "--quant", default="none", choices=["none", "int8", "nf4"], help="weight quantization")
+    _flag(peer, "peer", "--quant", default="none", choices=["none", "int8", "nf4"], help="weight quantization of the blocks, announced in the DHT")
     _flag(peer, "peer", "--device", default="auto", help="cpu, cuda, cuda:N or auto")
     _flag(peer, "peer", "--cache-tokens", type=int, default=0, help="KV cache budget in tokens (0: half of free memory)")
     _flag(peer, "peer", "--max-batch-tokens", type=int, default=2048, help="tokens per forward pass at most")
@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="model folder or hub id whose tokenizer and config to serve (repeatable)")  # fmt: skip
     _flag(gateway, "gateway", "--model-name", action="append", help="model id for each --model (default: folder name)")
     _flag(gateway, "gateway", "--dht", action="append", help="DHT node(s) to join, host:port (repeatable)")
-    _flag(gateway, "gateway", "--host", default="0.0.0.0", help="HTTP listen address")
-    _flag(gateway, "gateway", "--port", type=int, default=8000, help="HTTP port")
+    _flag(gateway, "gateway", "--host", default="0.0.0.0", help="address the HTTP API (and /metrics, /swarm) listens on")
+    _flag(gateway, "gateway", "--port", type=int, default=8000, help="HTTP port of the API, /metrics and the /swarm map")
     _flag(gateway, "gateway", "--dht-port", type=int, default=0, help="UDP port of the gateway's own DHT node")
     _flag(gateway, "gateway", "--redis-url", default=None, help="pin sessions in Redis (default: in memory)")
     _flag(gateway, "gateway", "--api-key", default=None, help="require this bearer token")
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _flag(status, "status", "--dht", action="append", help="DHT node to ask, host:port (repeatable)")
     _flag(status, "status", "--gateway", default=None, help="gateway base URL to ask instead, e.g. http://127.0.0.1:8000")
-    _flag(status, "status", "--model", default=None, help="only this model id")
+    _flag(status, "status", "--model", default=None, help="show only this model id (default: every model)")
     return parser
 
 
