@@ -26,13 +26,16 @@ from gateway import errors, protocol
 from gateway.errors import OpenAIError
 from gateway.failover import FailoverPolicy, FailoverStats
 from gateway.generation import GenerationParams, NoRouteError, RouteRunner, Swarm, TokenEvent, generate
+from gateway.metrics import install_telemetry, observe_generation, record_route_failure
 from gateway.models import ServedModel, load_model
 from gateway.precision import accepts, precisions, split_model_id
 from gateway.routing import Route
 from gateway.sessions import MemorySessionStore, Pin, RedisSessionStore, conversation_key, next_turn_key
+from gateway.swarm_map import install_swarm_map
 from gateway.text import IncrementalDetokenizer, StopMatcher, encode_prompt, render_chat
 from peer.client import ChannelPool, PeerError
 from protos import swarm_pb2
+from swarm.logging_setup import current_request_id
 
 log = logging.getLogger("gateway")
 
@@ -54,6 +57,7 @@ class GatewaySettings:
     session_ttl: float = 3600.0
     wire_dtype: str = ""  # dtype hidden states travel in ("" = each sender's compute dtype)
     max_body_bytes: int = 4 << 20
+    log_prompts: bool = False  # log prompt and completion text (off: logs never hold user text)
 
 
 class Gateway:
@@ -125,6 +129,7 @@ class Gateway:
         try:
             return await self.swarm.plan(served.id, served.num_blocks, min_free_tokens=max_length, accept=accept)
         except NoRouteError as exc:
+            record_route_failure(served.id)
             where = f" of precision {precision}" if precision else ""
             raise errors.unavailable(f"{exc}{where}; retry when peers join", retry_after=5) from exc
 
@@ -374,12 +379,13 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
     explicit_key = request.headers.get(SESSION_HEADER)
     key = explicit_key or conversation_key(served.id, messages)
     route = await gw.route_for(served, key, len(prompt_ids) + max_new, precision)
-    request_id = uuid.uuid4().hex
+    request_id = current_request_id() or uuid.uuid4().hex
     jobs = [
         ChoiceJob(i, prompt_ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(), req.ignore_eos)
         for i in range(req.n)
     ]
     pieces = merge_choices([run_choice(gw, served, job, route, request_id) for job in jobs])
+    pieces = observe_generation(request, pieces, route, served.id, len(prompt_ids), prompt)
 
     async def remember(reply: str) -> None:
         await gw.pin(explicit_key or next_turn_key(served.id, messages, reply), served, route)
@@ -472,7 +478,7 @@ async def completions(req: protocol.CompletionRequest, request: Request, respons
         raise errors.invalid_request("max_tokens must be at least 1", param="max_tokens")
     top = req.logprobs or 0
     base_sampling = sampling_message(req, served, req.logprobs is not None, top)
-    request_id = uuid.uuid4().hex
+    request_id = current_request_id() or uuid.uuid4().hex
     jobs, budgets = [], []
     for p, (_, ids) in enumerate(prompts):
         max_new = budget(served, ids, max_tokens, "max_tokens")
@@ -485,6 +491,7 @@ async def completions(req: protocol.CompletionRequest, request: Request, respons
     pieces = merge_choices([run_choice(gw, served, job, route, request_id) for job in jobs])
     echoes = [prompts[job.index // req.n][0] if req.echo else "" for job in jobs]
     prompt_tokens = sum(len(ids) for _, ids in prompts)
+    pieces = observe_generation(request, pieces, route, served.id, prompt_tokens, "\n".join(p for p, _ in prompts))
     if req.stream:
         stream = protocol.CompletionChunkStream(served.id)
         return EventSourceResponse(
@@ -583,6 +590,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # strict_content_type off: `curl -d '{...}'` without a JSON content type must work too
     app = FastAPI(title="swarm gateway", version="0.1.0", lifespan=lifespan, strict_content_type=False)
     errors.install_error_handlers(app)
+    install_telemetry(app)  # request ids, access logs, /metrics
+    install_swarm_map(app)  # /swarm and /swarm/api
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -605,7 +614,8 @@ def run_gateway(settings: GatewaySettings) -> None:
     import uvicorn
 
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="on")
+    # log_config=None: uvicorn's own lines go through our structured root handler too
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="on", log_config=None)
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):
         server.run()

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from gateway.failover import NOT_RETRYABLE, FailoverEvent, FailoverPolicy
+from gateway.metrics import record_failover
 from gateway.routing import BanList, Hop, Route, plan_route
 from peer.client import ChannelPool, PeerError, PeerSession
 from protos import swarm_pb2
@@ -327,6 +328,7 @@ class RouteRunner:
         self.route = (*self.route[:index], *part, *self.route[index + 1 :])
         self.sessions = [*self.sessions[:index], *sessions, *self.sessions[index + 1 :]]
         event.replacement = tuple(h.peer_id for h in part)
+        record_failover("peer_failed" if event.reason == "failed" else event.reason)
         self.events.append(event)
         self._unmeasured.append(event)
         log.info("hop %d (peer %s) now served by %s", index, event.peer_id, ", ".join(event.replacement))

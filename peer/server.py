@@ -30,6 +30,7 @@ import torch
 
 from peer import tensor_codec
 from peer.kv_cache import KVCache
+from peer.metrics import attach_metrics, bind_request_id
 from peer.model import BlockSpan
 from peer.sampling import Sampler, SamplingParams
 from protos import swarm_pb2, swarm_pb2_grpc
@@ -61,6 +62,7 @@ class PeerConfig:
     heartbeat: float = 5.0
     ttl: float = 15.0
     drain_timeout: float = 30.0
+    metrics_port: int | None = None  # HTTP port of /metrics: None = off, 0 = any free port
     peer_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -104,6 +106,7 @@ class BatchScheduler:
         self._task: asyncio.Task | None = None
         self.steps = 0
         self.tokens = 0
+        self.observe = None  # called with (sessions, tokens, seconds) after each forward pass
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -131,6 +134,7 @@ class BatchScheduler:
             batch = [work for work in batch if not work.future.cancelled()]
             if not batch:
                 continue
+            begin = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self._forward, batch)
             except Exception as exc:  # a bug or OOM must fail these steps, not the peer
@@ -141,6 +145,8 @@ class BatchScheduler:
                 continue
             self.steps += 1
             self.tokens += tokens
+            if self.observe is not None:
+                self.observe(len(batch), tokens, time.perf_counter() - begin)
             for work, result in zip(batch, results, strict=True):
                 if not work.future.done():
                     work.future.set_result(result)
@@ -233,7 +239,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.reserved_tokens += request.max_length
         self.sessions[id(session)] = session
         self.all_closed.clear()
-        log.debug("open session=%s request=%s", session_id, request.request_id)
+        log.info("session opened", extra={"session": session_id, "max_length": request.max_length})
         return session
 
     def _close(self, session: Session) -> None:
@@ -241,6 +247,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             # The cache itself is freed when the last reference goes: a forward pass already
             # running in the worker thread may still hold this session.
             self.reserved_tokens -= session.max_length
+            log.info("session closed", extra={"session": session.session_id, "tokens": session.cache.length})
         if not self.sessions:
             self.all_closed.set()
 
@@ -300,6 +307,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
     # -- RPCs --------------------------------------------------------------------------------
     async def Inference(self, request_iterator, context: grpc.aio.ServicerContext):
         session: Session | None = None
+        bind_request_id(context)  # log lines of this stream carry the gateway's request id
         try:
             async for request in request_iterator:
                 kind = request.WhichOneof("kind")
@@ -400,6 +408,7 @@ class PeerServer:
         self.scheduler: BatchScheduler | None = None
         self.dht = None
         self.announcer = None
+        self.metrics = None
         self.port = 0
 
     async def start(self) -> None:
@@ -419,6 +428,7 @@ class PeerServer:
         self.scheduler.start()
         self.servicer = PeerServicer(cfg, span, self.scheduler, cache_tokens)
         self.servicer.throughput = await loop.run_in_executor(None, measure_throughput, span)
+        self.metrics = attach_metrics(self)  # /metrics on --metrics-port, and the scheduler's hook
         self.server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
         )
@@ -458,6 +468,7 @@ class PeerServer:
             state="draining" if servicer.draining else "online",
             version=VERSION,
             expires_at=time.time() + self.config.ttl,
+            metrics_port=self.metrics.port if self.metrics else 0,
         )
 
     async def _join_dht(self) -> None:
@@ -495,6 +506,8 @@ class PeerServer:
             await self.scheduler.stop()
         if self.dht is not None:
             self.dht.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("peer stopped")
 
 

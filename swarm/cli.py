@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from swarm.logging_setup import configure_logging
+
 DEFAULT_CACHE = Path(os.environ.get("SWARM_HOME", Path.home() / ".cache" / "swarm-serve"))
 
 
@@ -73,7 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swarm", description="Serve a language model from a swarm of machines behind an OpenAI-compatible API."
     )
-    parser.add_argument("--log-level", default=os.environ.get("SWARM_LOG_LEVEL", "INFO"), help="[env: SWARM_LOG_LEVEL]")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("SWARM_LOG_LEVEL", "INFO"),
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="least severe log lines to print (default: %(default)s) [env: SWARM_LOG_LEVEL]",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("SWARM_LOG_FORMAT", "kv"),
+        choices=["kv", "json"],
+        help="one line per event, as key=value pairs or as JSON; each line of a request carries its "
+        "request_id (default: %(default)s) [env: SWARM_LOG_FORMAT]",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser(
@@ -82,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(up, "up", "--model", help="model folder (or hub id); default: the demo model, created on first use")
     _flag(up, "up", "--peers", type=int, default=2, help="block peers to split the model between")
     _flag(up, "up", "--host", default="127.0.0.1", help="address the gateway listens on")
-    _flag(up, "up", "--port", type=int, default=8000, help="gateway port")
+    _flag(up, "up", "--port", type=int, default=8000, help="HTTP port of the gateway (the OpenAI base URL is http://HOST:PORT/v1)")
     _flag(up, "up", "--redis-url", default=None, help="pin sessions in this Redis (default: in memory)")
-    _flag(up, "up", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="peer dtype")
+    _flag(up, "up", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype of every peer (auto: see `swarm peer --help`)")
     _flag(up, "up", "--threads", type=int, default=0, help="torch threads per peer (0: torch's default)")
     _flag(up, "up", "--dry-run", action="store_true", help="print the commands that would run, start nothing")
 
@@ -99,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(peer, "peer", "--model-name", default=None, help="model id announced in the DHT (default: folder name)")
     _flag(peer, "peer", "--blocks", type=_blocks, required=True, help="blocks to serve, START:END (END excluded)")
     _flag(peer, "peer", "--dht", action="append", help="DHT node(s) to join, host:port (repeatable)")
-    _flag(peer, "peer", "--host", default="0.0.0.0", help="gRPC listen address")
+    _flag(peer, "peer", "--host", default="0.0.0.0", help="address the gRPC server (and --metrics-port) listens on")
     _flag(peer, "peer", "--port", type=int, default=0, help="gRPC port (0: any free port)")
     _flag(peer, "peer", "--announce-host", default=None, help="host others reach this peer at (default: --host)")
     _flag(peer, "peer", "--dht-port", type=int, default=0, help="UDP port of this peer's own DHT node")
@@ -116,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(peer, "peer", "--heartbeat", type=float, default=5.0, help="seconds between DHT announcements")
     _flag(peer, "peer", "--ttl", type=float, default=15.0, help="seconds an announcement stays valid")
     _flag(peer, "peer", "--drain-timeout", type=float, default=30.0, help="seconds to let live sessions finish on SIGTERM")
+    _flag(peer, "peer", "--metrics-port", type=int, default=None,
+          help="serve Prometheus /metrics over HTTP on this port, on --host (0: any free port, announced "
+               "in the DHT; default: no metrics server)")  # fmt: skip
     _flag(peer, "peer", "--dry-run", action="store_true", help="validate the flags and exit")
 
     gateway = commands.add_parser("gateway", help="serve the OpenAI-compatible API", formatter_class=EnvDefaultsFormatter)
@@ -123,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="model folder or hub id whose tokenizer and config to serve (repeatable)")  # fmt: skip
     _flag(gateway, "gateway", "--model-name", action="append", help="model id for each --model (default: folder name)")
     _flag(gateway, "gateway", "--dht", action="append", help="DHT node(s) to join, host:port (repeatable)")
-    _flag(gateway, "gateway", "--host", default="0.0.0.0", help="HTTP listen address")
-    _flag(gateway, "gateway", "--port", type=int, default=8000, help="HTTP port")
+    _flag(gateway, "gateway", "--host", default="0.0.0.0", help="address the HTTP API (and /metrics, /swarm) listens on")
+    _flag(gateway, "gateway", "--port", type=int, default=8000, help="HTTP port of the API, /metrics and the /swarm map")
     _flag(gateway, "gateway", "--dht-port", type=int, default=0, help="UDP port of the gateway's own DHT node")
     _flag(gateway, "gateway", "--redis-url", default=None, help="pin sessions in Redis (default: in memory)")
     _flag(gateway, "gateway", "--api-key", default=None, help="require this bearer token")
@@ -134,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "gateway", "--session-ttl", type=float, default=3600.0, help="seconds a session pin lives")
     _flag(gateway, "gateway", "--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
           help="dtype hidden states travel in between peers; auto: each sender's compute dtype")  # fmt: skip
+    _flag(gateway, "gateway", "--log-prompts", action="store_true",
+          help="also log each request's prompt and completion text (off: logs never hold user text)")  # fmt: skip
     _flag(gateway, "gateway", "--dry-run", action="store_true", help="validate the flags and exit")
 
     demo = commands.add_parser("demo-model", help="write a random-weight model folder", formatter_class=EnvDefaultsFormatter)
@@ -141,9 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(demo, "demo-model", "--preset", default="demo", choices=["demo", "tiny", "bench"], help="demo: 4 blocks, hidden 256; tiny: 3 blocks with GQA; bench: ~156M params, hidden 1024, 8 blocks")
     _flag(demo, "demo-model", "--seed", type=int, default=0, help="random seed of the weights")
 
-    status = commands.add_parser("status", help="print the swarm as a table", formatter_class=EnvDefaultsFormatter)
-    _flag(status, "status", "--dht", action="append", required=True, help="DHT node to ask, host:port")
-    _flag(status, "status", "--model", default=None, help="only this model id")
+    status = commands.add_parser(
+        "status",
+        help="print the swarm as a table",
+        description="Print every announced peer: span, state, load, free cache, dtype and throughput. Reads "
+        "the DHT (--dht), or a gateway's /swarm/api (--gateway: the same data as its /swarm map, plus the "
+        "routes in use and whether each peer answers).",
+        formatter_class=EnvDefaultsFormatter,
+    )
+    _flag(status, "status", "--dht", action="append", help="DHT node to ask, host:port (repeatable)")
+    _flag(status, "status", "--gateway", default=None, help="gateway base URL to ask instead, e.g. http://127.0.0.1:8000")
+    _flag(status, "status", "--model", default=None, help="show only this model id (default: every model)")
     return parser
 
 
@@ -240,6 +268,7 @@ def cmd_peer(args) -> int:
         heartbeat=args.heartbeat,
         ttl=args.ttl,
         drain_timeout=args.drain_timeout,
+        metrics_port=args.metrics_port,
     )
     asyncio.run(run_peer(config))
     # Everything is closed by now; interpreter teardown with torch and grpc loaded takes seconds
@@ -272,6 +301,7 @@ def cmd_gateway(args) -> int:
         failover_timeout=args.failover_timeout,
         session_ttl=args.session_ttl,
         wire_dtype="" if args.wire_dtype == "auto" else args.wire_dtype,
+        log_prompts=args.log_prompts,
     )
     run_gateway(settings)
     return 0
@@ -296,8 +326,17 @@ def cmd_up(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from swarm.status import print_status
+    import logging
 
+    from swarm.status import print_gateway_status, print_status
+
+    if args.log_level != "DEBUG":  # the table is the output; the DHT node's start-up lines are noise
+        logging.getLogger("swarm.dht").setLevel(logging.WARNING)
+
+    if args.gateway:
+        return print_gateway_status(args.gateway, args.model)
+    if not args.dht:
+        raise SystemExit("swarm status: give --dht host:port (or --gateway URL)")
     return asyncio.run(print_status(_addresses(args.dht), args.model))
 
 
@@ -313,9 +352,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(args.log_level, args.log_format)
     return COMMANDS[args.command](args)
 
 

@@ -126,7 +126,7 @@ _STR_LIMITS = {
     "state": 16,
     "version": 64,
 }
-_INT_FIELDS = ("start", "end", "num_blocks", "free_cache_tokens", "live_sessions")
+_INT_FIELDS = ("start", "end", "num_blocks", "free_cache_tokens", "live_sessions", "metrics_port")
 _FLOAT_FIELDS = ("throughput", "expires_at")
 _MAY_BE_EMPTY = ("version",)
 
@@ -157,6 +157,7 @@ class PeerRecord:
     state: str = STATE_ONLINE
     version: str = ""
     expires_at: float = 0.0  # unix time
+    metrics_port: int = 0  # HTTP port of the peer's Prometheus /metrics on its host; 0 = not served
 
     def __post_init__(self) -> None:
         for name, limit in _STR_LIMITS.items():
@@ -177,6 +178,8 @@ class PeerRecord:
             raise ValueError(f"span [{self.start}, {self.end}) is not inside 0..{self.num_blocks}")
         if self.throughput < 0 or self.free_cache_tokens < 0 or self.live_sessions < 0:
             raise ValueError("throughput, free_cache_tokens and live_sessions must be >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError("metrics_port must be in 0..65535")
         if self.state not in STATES:
             raise ValueError(f"state must be one of {STATES}, got {self.state!r}")
         parse_address(self.address)

@@ -1,37 +1,113 @@
-"""`swarm status`: the swarm as a table in the terminal, read straight from the DHT."""
+"""`swarm status`: the swarm as a table in the terminal.
+
+Two sources, one table: the DHT itself (`--dht`, what any machine can see), or a gateway's
+`/swarm/api` (`--gateway`, the JSON behind the live map at `/swarm`), which adds whether each peer
+answers right now and the routes the gateway is using. Both are turned into the same plain dicts
+(`PeerRecord.to_dict()` plus optional fields) and printed by `format_models`.
+"""
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
+from typing import Any
 
 from swarm.dht import PeerRecord, SwarmDHT
 
+COLUMNS = (
+    # title, width, right-aligned
+    ("peer", 16, False),
+    ("address", 21, False),
+    ("blocks", 9, False),
+    ("health", 11, False),
+    ("sessions", 8, True),
+    ("free cache", 10, True),
+    ("tok/s", 8, True),
+    ("dtype", 8, False),
+    ("quant", 5, False),
+    ("expires", 7, True),
+)
+
+
+def coverage_bar(peers: list[dict[str, Any]], num_blocks: int) -> str:
+    """One character per block: how many online peers serve it (0 shown as '!')."""
+    counts = [0] * num_blocks
+    for peer in peers:
+        if peer.get("state") == "online" and peer.get("health", "online") not in ("unreachable", "banned"):
+            for block in range(max(0, peer["start"]), min(num_blocks, peer["end"])):
+                counts[block] += 1
+    return "".join("!" if c == 0 else (str(c) if c < 10 else "+") for c in counts)
+
+
+def _row(values: list[str]) -> str:
+    cells = []
+    for (_, width, right), value in zip(COLUMNS, values, strict=True):
+        cells.append(value.rjust(width) if right else value.ljust(width))
+    return "  " + " ".join(cells).rstrip()
+
+
+def format_models(models: list[dict[str, Any]], now: float | None = None) -> str:
+    """`models`: [{"id", "num_blocks", "peers": [peer dict], "routes"?: {"active", "recent"}}]."""
+    now = time.time() if now is None else now
+    lines: list[str] = []
+    for model in sorted(models, key=lambda m: m["id"]):
+        total, peers = model["num_blocks"], model["peers"]
+        bar = coverage_bar(peers, total)
+        missing = [block for block, mark in enumerate(bar) if mark == "!"]
+        state = "all blocks served" if total and not missing else f"blocks {missing} NOT served"
+        lines.append(f"model {model['id']}: {total} blocks, {len(peers)} peers, {state}")
+        lines.append(f"  coverage |{bar}|  (online peers per block, ! = none)")
+        lines.append(_row([title for title, _, _ in COLUMNS]))
+        for peer in sorted(peers, key=lambda p: (p["start"], p["end"], p["peer_id"])):
+            expires = peer.get("expires_in_s", max(0.0, peer.get("expires_at", now) - now))
+            lines.append(
+                _row(
+                    [
+                        peer["peer_id"][:16],
+                        peer["address"],
+                        f"[{peer['start']},{peer['end']})",
+                        peer.get("health", peer["state"]),
+                        str(peer["live_sessions"]),
+                        str(peer["free_cache_tokens"]),
+                        f"{peer['throughput']:.1f}",
+                        peer["dtype"],
+                        peer["quant"],
+                        f"{expires:.0f}s",
+                    ]
+                )
+            )
+        routes = model.get("routes")
+        if routes is not None:
+            active, recent = routes.get("active", []), routes.get("recent", [])
+            lines.append(f"  routes: {len(active)} running, last {len(recent)} finished")
+            for route in [*active, *recent[:5]]:
+                hops = " -> ".join(
+                    f"{hop['peer_id'][:10]}[{hop['start']},{hop['end']})" for hop in route["hops"]
+                )
+                lines.append(
+                    f"    {route['outcome']:<9} {route['request_id'][:32]:<32} {hops}  "
+                    f"{route['prompt_tokens']}+{route['completion_tokens']} tokens"
+                )
+        lines.append("")
+    return "\n".join(lines) if lines else "no models announced"
+
 
 def format_table(records_by_model: dict[str, list[PeerRecord]], num_blocks: dict[str, int]) -> str:
-    lines = []
-    header = f"{'peer':<16} {'address':<22} {'blocks':<9} {'dtype':<9} {'quant':<5} {'state':<8} " \
-             f"{'tok/s':>7} {'sessions':>8} {'free cache':>10} {'expires':>7}"  # fmt: skip
-    now = time.time()
-    for model, records in sorted(records_by_model.items()):
-        total = num_blocks.get(model, 0)
-        covered = sorted({block for r in records if r.state == "online" for block in range(r.start, r.end)})
-        missing = [block for block in range(total) if block not in covered]
-        state = "all blocks covered" if total and not missing else f"missing blocks {missing}"
-        lines.append(f"model {model}: {total} blocks, {len(records)} peers, {state}")
-        lines.append("  " + header)
-        for r in sorted(records, key=lambda r: (r.start, r.end, r.peer_id)):
-            lines.append(
-                f"  {r.peer_id[:16]:<16} {r.address:<22} {f'[{r.start},{r.end})':<9} {r.dtype:<9} {r.quant:<5} "
-                f"{r.state:<8} {r.throughput:>7.1f} {r.live_sessions:>8} {r.free_cache_tokens:>10} "
-                f"{max(0.0, r.expires_at - now):>6.0f}s"
-            )
-        lines.append("")
-    return "\n".join(lines) if lines else "no models announced in the DHT"
+    """The table from DHT records (kept for callers of the first version)."""
+    models = [
+        {"id": model, "num_blocks": num_blocks.get(model, 0), "peers": [r.to_dict() for r in records]}
+        for model, records in records_by_model.items()
+    ]
+    return format_models(models)
 
 
 async def print_status(bootstrap: list[tuple[str, int]], model: str | None = None) -> int:
     dht = SwarmDHT()
-    await dht.start("127.0.0.1" if all(h in ("127.0.0.1", "localhost") for h, _ in bootstrap) else "0.0.0.0", 0, bootstrap)
+    await dht.start(
+        "127.0.0.1" if all(h in ("127.0.0.1", "localhost") for h, _ in bootstrap) else "0.0.0.0", 0, bootstrap
+    )
     try:
         models = await dht.models()
         if model:
@@ -40,4 +116,17 @@ async def print_status(bootstrap: list[tuple[str, int]], model: str | None = Non
     finally:
         dht.stop()
     print(format_table(records, models))
+    return 0
+
+
+def print_gateway_status(base_url: str, model: str | None = None, timeout: float = 10.0) -> int:
+    url = base_url.rstrip("/") + "/swarm/api"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"cannot read {url}: {exc}")
+        return 1
+    models = [m for m in data.get("models", []) if model is None or m["id"] == model]
+    print(format_models(models, now=data.get("generated_at")))
     return 0

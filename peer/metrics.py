@@ -1,0 +1,153 @@
+"""A peer's Prometheus metrics, served over HTTP on `--metrics-port`, and its request-id binding.
+
+Live values (sessions, KV cache bytes and budget, free cache tokens) are read from the servicer at
+scrape time by a collector, so they are never stale and cost nothing between scrapes. What
+happens per forward pass (latency, batch size, tokens) is pushed by the `BatchScheduler` through
+its `observe` hook, called on the event loop after each pass.
+
+The registry is this peer's own (no global default registry): tests may run several peers' worth
+of servers in one process. The HTTP server is prometheus-client's threaded WSGI server, which
+needs nothing from the asyncio loop, so a scrape never waits behind a forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from swarm.logging_setup import REQUEST_ID_HEADER, set_request_id
+
+if TYPE_CHECKING:
+    import grpc
+
+    from peer.server import PeerServer
+
+log = logging.getLogger("peer.metrics")
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def bind_request_id(context: grpc.aio.ServicerContext) -> str:
+    """Bind the gateway's `x-request-id` (gRPC metadata) to this RPC's log lines."""
+    incoming = None
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER:
+            incoming = value if isinstance(value, str) else value.decode("latin-1")
+            break
+    return set_request_id(incoming)
+
+
+class _LiveCollector(Collector):
+    def __init__(self, server: PeerServer):
+        self.server = server
+
+    def collect(self):
+        servicer = self.server.servicer
+        if servicer is None:
+            return
+        cfg = self.server.config
+        info = GaugeMetricFamily(
+            "swarm_peer_info", "what this peer serves (value is always 1)",
+            labels=["peer_id", "model", "start", "end", "dtype", "quant", "state"],
+        )  # fmt: skip
+        dtype = str(servicer.span.dtype).removeprefix("torch.")
+        state = "draining" if servicer.draining else "online"
+        info.add_metric(
+            [cfg.peer_id, cfg.model_id, str(cfg.start), str(cfg.end), dtype, cfg.quant, state], 1.0
+        )
+        yield info
+        sessions = list(servicer.sessions.values())
+        yield GaugeMetricFamily("swarm_peer_sessions", "live inference sessions", value=len(sessions))
+        used = sum(session.cache.nbytes for session in sessions)
+        yield GaugeMetricFamily(
+            "swarm_peer_kv_cache_bytes_used", "bytes held by session KV caches now", value=used
+        )
+        per_token = servicer.span.new_cache(capacity=1).bytes_per_token
+        yield GaugeMetricFamily(
+            "swarm_peer_kv_cache_bytes_budget",
+            "KV cache memory budget of this peer",
+            value=servicer.cache_tokens * per_token,
+        )
+        yield GaugeMetricFamily(
+            "swarm_peer_kv_cache_tokens_reserved",
+            "cache tokens reserved by open sessions",
+            value=servicer.reserved_tokens,
+        )
+        yield GaugeMetricFamily(
+            "swarm_peer_kv_cache_tokens_free",
+            "cache tokens a new session may still reserve",
+            value=servicer.free_cache_tokens,
+        )
+        yield GaugeMetricFamily(
+            "swarm_peer_throughput_tokens_per_second", "decode throughput measured at start-up (announced in the DHT)",
+            value=servicer.throughput,
+        )  # fmt: skip
+
+
+class PeerMetrics:
+    """The peer's registry; `observe_batch` is installed as the scheduler's `observe` hook."""
+
+    def __init__(self, server: PeerServer):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.step_seconds = Histogram(
+            "swarm_peer_step_seconds",
+            "wall time of one (batched) forward pass",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.batch_sessions = Histogram(
+            "swarm_peer_batch_size",
+            "sessions packed into one forward pass",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "swarm_peer_batch_tokens",
+            "tokens packed into one forward pass",
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "swarm_peer_tokens_processed", "tokens run through this peer's blocks", registry=r
+        )
+        self.steps = Counter("swarm_peer_forward_passes", "forward passes run", registry=r)
+        self.registry.register(_LiveCollector(server))
+        self._httpd = None
+        self.port = 0
+
+    def observe_batch(self, sessions: int, tokens: int, seconds: float) -> None:
+        self.step_seconds.observe(seconds)
+        self.batch_sessions.observe(sessions)
+        self.batch_tokens.observe(tokens)
+        self.tokens.inc(tokens)
+        self.steps.inc()
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve `/metrics` on host:port (0: any free port) in a thread; returns the port."""
+        self._httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        self.port = self._httpd.server_port
+        log.info("metrics on http://%s:%d/metrics", host, self.port, extra={"metrics_port": self.port})
+        return self.port
+
+    def close(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+
+def attach_metrics(server: PeerServer) -> PeerMetrics:
+    """Create the peer's metrics, hook them to its scheduler, serve them if a port is configured."""
+    metrics = PeerMetrics(server)
+    server.scheduler.observe = metrics.observe_batch
+    port = server.config.metrics_port
+    if port is not None and port >= 0:
+        metrics.serve(server.config.host, port)
+    return metrics
