@@ -149,6 +149,9 @@ class ChoiceJob:
     sampling: swarm_pb2.SamplingParams
     stops: list[str]
     ignore_eos: bool
+    # Text completions decode with the prompt's last tokens as context, so a SentencePiece
+    # leading space is kept ("The capital is" + "▁Paris" -> " Paris"); chat needs none.
+    prompt_context: bool = False
 
 
 def peer_failure(exc: PeerError, gw: Gateway) -> OpenAIError:
@@ -166,7 +169,7 @@ def peer_failure(exc: PeerError, gw: Gateway) -> OpenAIError:
 
 async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Route, request_id: str) -> AsyncIterator[Piece]:
     """Generate one choice and yield its text as it becomes final (detokenized, stops applied)."""
-    detokenizer = IncrementalDetokenizer(served.tokenizer)
+    detokenizer = IncrementalDetokenizer(served.tokenizer, job.prompt_ids if job.prompt_context else None)
     matcher = StopMatcher(job.stops)
     params = GenerationParams(
         prompt_ids=job.prompt_ids,
@@ -278,21 +281,21 @@ def budget(served: ServedModel, prompt_ids: list[int], requested: int | None, pa
 
 
 def token_text(served: ServedModel, token_id: int) -> str:
-    return served.tokenizer.decode([token_id])
+    """One token as OpenAI's logprobs show it: its own text with its leading space; a token that
+    holds part of a UTF-8 character shows its bytes backslash-escaped (`TokenPieces`)."""
+    return served.pieces.text(token_id)
 
 
 def chat_logprobs(served: ServedModel, tokens: list[TokenEvent], top: int) -> protocol.ChatCompletionLogprobs:
     content = []
     for event in tokens:
-        text = token_text(served, event.token_id)
-        alternatives = [
-            protocol.TopLogprob(token=token_text(served, tid), logprob=lp, bytes=list(token_text(served, tid).encode()))
-            for tid, lp in event.top_logprobs[:top]
-        ]
+        text, raw = served.pieces(event.token_id)
+        alternatives = []
+        for tid, lp in event.top_logprobs[:top]:
+            alt_text, alt_raw = served.pieces(tid)
+            alternatives.append(protocol.TopLogprob(token=alt_text, logprob=lp, bytes=alt_raw))
         content.append(
-            protocol.ChatCompletionTokenLogprob(
-                token=text, logprob=event.logprob, bytes=list(text.encode()), top_logprobs=alternatives
-            )
+            protocol.ChatCompletionTokenLogprob(token=text, logprob=event.logprob, bytes=raw, top_logprobs=alternatives)
         )
     return protocol.ChatCompletionLogprobs(content=content)
 
@@ -448,7 +451,10 @@ async def completions(req: protocol.CompletionRequest, request: Request, respons
         max_new = budget(served, ids, max_tokens, "max_tokens")
         budgets.append(len(ids) + max_new)
         for i in range(req.n):
-            jobs.append(ChoiceJob(p * req.n + i, ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(), req.ignore_eos))
+            jobs.append(
+                ChoiceJob(p * req.n + i, ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(),
+                          req.ignore_eos, prompt_context=True)  # fmt: skip
+            )
     key = request.headers.get(SESSION_HEADER)
     route = await gw.route_for(served, key, max(budgets))
     await gw.pin(key, served, route)

@@ -152,7 +152,14 @@ async def generate(
     """Prefill the prompt, then decode until EOS or max_new_tokens. The caller stops early by
     closing the generator (use `contextlib.aclosing`); the runner's sessions close either way."""
     try:
-        await runner.open(max_length, params.sampling, params.request_id)
+        sampling = params.sampling
+        if not sampling.penalty_start:
+            # OpenAI's presence/frequency penalties count generated tokens only: the last span
+            # skips the prompt's tokens when it counts (see swarm.proto, SamplingParams).
+            sampling = swarm_pb2.SamplingParams()
+            sampling.CopyFrom(params.sampling)
+            sampling.penalty_start = len(params.prompt_ids)
+        await runner.open(max_length, sampling, params.request_id)
         result = await runner.step(params.prompt_ids)
         for produced in range(1, params.max_new_tokens + 1):
             event = TokenEvent(

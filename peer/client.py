@@ -94,7 +94,11 @@ class PeerSession:
             await call.done_writing()
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
             pass
-        call.cancel()
+        finally:
+            # Also when the polite close above is cancelled (a client that disconnected
+            # mid-stream cancels the whole request, and anyio re-cancels every await in it):
+            # cancelling the RPC ends the peer's stream, and the peer frees the cache at once.
+            call.cancel()
 
 
 async def peer_info(pool: ChannelPool, address: str, timeout: float = 5.0) -> swarm_pb2.InfoResponse:
