@@ -295,7 +295,9 @@ def chat_logprobs(served: ServedModel, tokens: list[TokenEvent], top: int) -> pr
             alt_text, alt_raw = served.pieces(tid)
             alternatives.append(protocol.TopLogprob(token=alt_text, logprob=lp, bytes=alt_raw))
         content.append(
-            protocol.ChatCompletionTokenLogprob(token=text, logprob=event.logprob, bytes=raw, top_logprobs=alternatives)
+            protocol.ChatCompletionTokenLogprob(
+                token=text, logprob=event.logprob, bytes=raw, top_logprobs=alternatives
+            )
         )
     return protocol.ChatCompletionLogprobs(content=content)
 
@@ -451,10 +453,10 @@ async def completions(req: protocol.CompletionRequest, request: Request, respons
         max_new = budget(served, ids, max_tokens, "max_tokens")
         budgets.append(len(ids) + max_new)
         for i in range(req.n):
-            jobs.append(
-                ChoiceJob(p * req.n + i, ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(),
-                          req.ignore_eos, prompt_context=True)  # fmt: skip
-            )
+            sampling = choice_sampling(base_sampling, i)
+            job = ChoiceJob(p * req.n + i, ids, max_new, sampling, req.stop_sequences(), req.ignore_eos)
+            job.prompt_context = True
+            jobs.append(job)
     key = request.headers.get(SESSION_HEADER)
     route = await gw.route_for(served, key, max(budgets))
     await gw.pin(key, served, route)
@@ -563,6 +565,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_body_bytes:
             return errors.error_response(errors.payload_too_large())
+        _json_for_curl(request)
         start = time.perf_counter()
         response = await call_next(request)
         log.debug("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code,
@@ -573,6 +576,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(router, include_in_schema=False)  # clients that omit /v1
     app.include_router(health_router)
     return app
+
+
+def _json_for_curl(request: Request) -> None:
+    """`curl -d '{...}'` labels a JSON body `application/x-www-form-urlencoded`; no OpenAI route
+    takes a form, so read such a body as the JSON it is (a body that is not JSON still gets a 400)."""
+    if request.method != "POST" or not request.url.path.endswith("completions"):
+        return
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
 
 
 def run_gateway(settings: GatewaySettings) -> None:
