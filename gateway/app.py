@@ -22,7 +22,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from gateway import errors, protocol
+from gateway import errors, protocol, tools
+from gateway.constrained import Grammar, JsonConstraint
 from gateway.errors import OpenAIError
 from gateway.generation import GenerationParams, NoRouteError, RouteRunner, Swarm, TokenEvent, generate
 from gateway.models import ServedModel, load_model
@@ -152,6 +153,7 @@ class ChoiceJob:
     # Text completions decode with the prompt's last tokens as context, so a SentencePiece
     # leading space is kept ("The capital is" + "▁Paris" -> " Paris"); chat needs none.
     prompt_context: bool = False
+    grammar: Grammar | None = None  # constrain the output (response_format, forced tool calls)
 
 
 def peer_failure(exc: PeerError, gw: Gateway) -> OpenAIError:
@@ -171,7 +173,11 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
     """Generate one choice and yield its text as it becomes final (detokenized, stops applied)."""
     detokenizer = IncrementalDetokenizer(served.tokenizer, job.prompt_ids if job.prompt_context else None)
     matcher = StopMatcher(job.stops)
+    constraint = None
+    if job.grammar is not None:
+        constraint = JsonConstraint(job.grammar, served.token_table, served.eos_token_ids, job.max_new_tokens)
     params = GenerationParams(
+        constraint=constraint,
         prompt_ids=job.prompt_ids,
         max_new_tokens=job.max_new_tokens,
         sampling=job.sampling,
@@ -184,7 +190,7 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
     try:
         async with aclosing(generate(runner, params, len(job.prompt_ids) + job.max_new_tokens)) as events:
             async for event in events:
-                if event.token_id in served.eos_token_ids and not job.ignore_eos:
+                if event.token_id in served.eos_token_ids and (not job.ignore_eos or constraint is not None):
                     finish = "stop"
                     yield Piece(job.index, "", [event])  # counted in usage, shows no text
                     break
@@ -346,6 +352,7 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
     max_new = budget(served, prompt_ids, req.effective_max_tokens(), "max_tokens")
     top = req.top_logprobs or 0
     base_sampling = sampling_message(req, served, req.logprobs, top)
+    plan = tools.plan_output(req)
     explicit_key = request.headers.get(SESSION_HEADER)
     key = explicit_key or conversation_key(served.id, messages)
     route = await gw.route_for(served, key, len(prompt_ids) + max_new)
@@ -354,6 +361,8 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
         ChoiceJob(i, prompt_ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(), req.ignore_eos)
         for i in range(req.n)
     ]
+    for job in jobs:
+        job.grammar = plan.grammar
     pieces = merge_choices([run_choice(gw, served, job, route, request_id) for job in jobs])
 
     async def remember(reply: str) -> None:
@@ -362,7 +371,7 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
     if req.stream:
         stream = protocol.ChatChunkStream(served.id)
         return EventSourceResponse(
-            _chat_events(stream, pieces, req, served, len(prompt_ids), remember),
+            _chat_events(stream, pieces, req, served, len(prompt_ids), remember, plan),
             sep="\n",
             ping=15,
             headers=route_headers(route),
@@ -378,22 +387,38 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
             if piece.finish_reason:
                 finishes[piece.index] = piece.finish_reason
     await remember(texts[0])
-    choices = [
-        protocol.ChatCompletionChoice(
-            index=i,
-            message=protocol.ChatMessage(content=texts[i]),
-            logprobs=chat_logprobs(served, tokens[i], top) if req.logprobs else None,
-            finish_reason=finishes[i],
+    choices = []
+    for i in range(req.n):
+        content, calls = tool_output(plan, texts[i])
+        choices.append(
+            protocol.ChatCompletionChoice(
+                index=i,
+                message=protocol.ChatMessage(content=content, tool_calls=calls or None),
+                logprobs=chat_logprobs(served, tokens[i], top) if req.logprobs else None,
+                finish_reason="tool_calls" if calls else finishes[i],
+            )
         )
-        for i in range(req.n)
-    ]
     usage = protocol.Usage.of(len(prompt_ids), sum(len(t) for t in tokens))
     return protocol.ChatCompletionResponse(model=served.id, choices=choices, usage=usage)
 
 
-async def _chat_events(stream, pieces, req, served: ServedModel, prompt_tokens: int, remember) -> AsyncIterator[str]:
+def tool_output(plan: tools.OutputPlan, text: str) -> tuple[str | None, list[protocol.ToolCall]]:
+    """A choice's ``(content, tool_calls)`` under `plan` (see `gateway.tools`)."""
+    if plan.mode == "tool_forced":
+        calls = tools.forced_calls(text)
+        return (None, calls) if calls else (text, [])
+    if plan.mode == "tool_auto":
+        return tools.auto_calls(text, plan.tool_names)
+    return text, []
+
+
+async def _chat_events(
+    stream, pieces, req, served: ServedModel, prompt_tokens: int, remember, plan: tools.OutputPlan | None = None
+) -> AsyncIterator[str]:
     produced = 0
     first_text = ""
+    # With tools, a choice's text is held until it ends: only then is it known to be a call.
+    held = [""] * req.n if plan is not None and plan.mode.startswith("tool") else None
     try:
         for i in range(req.n):
             yield stream.role(i)
@@ -402,6 +427,26 @@ async def _chat_events(stream, pieces, req, served: ServedModel, prompt_tokens: 
                 produced += len(piece.tokens)
                 if piece.index == 0:
                     first_text += piece.text
+                if held is not None:
+                    held[piece.index] += piece.text
+                    if not piece.finish_reason:
+                        continue
+                    content, calls = tool_output(plan, held[piece.index])
+                    if calls:
+                        deltas = [
+                            protocol.DeltaToolCall(
+                                index=k, id=call.id, type="function",
+                                function=protocol.DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments),
+                            )  # fmt: skip
+                            for k, call in enumerate(calls)
+                        ]
+                        yield stream.delta(protocol.DeltaMessage(tool_calls=deltas), piece.index)
+                        yield stream.finish("tool_calls", piece.index)
+                        continue
+                    if content:
+                        yield stream.content(content, piece.index)
+                    yield stream.finish(piece.finish_reason, piece.index)
+                    continue
                 if piece.text or (req.logprobs and piece.tokens):
                     logprobs = chat_logprobs(served, piece.tokens, req.top_logprobs or 0) if req.logprobs else None
                     yield stream.content(piece.text, piece.index, logprobs)

@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.routing import BanList, Hop, Route, plan_route
 from peer.client import ChannelPool, PeerError, PeerSession
@@ -41,6 +42,9 @@ class GenerationParams:
     eos_token_ids: set[int] = field(default_factory=set)
     ignore_eos: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Constrained decoding (`gateway.constrained.JsonConstraint`): `allowed()` before each step goes
+    # to the last span as `Step.allowed_token_ids`, `advance(token)` after it. EOS then always ends.
+    constraint: Any = None
 
 
 class RouteRunner:
@@ -81,11 +85,15 @@ class RouteRunner:
                 await self.close()
                 raise result
 
-    async def step(self, token_ids: list[int], sample: bool = True) -> swarm_pb2.StepResult:
+    async def step(
+        self, token_ids: list[int], sample: bool = True, allowed_token_ids: list[int] | None = None
+    ) -> swarm_pb2.StepResult:
         hidden = None
         result = None
         for hop, session in zip(self.route, self.sessions, strict=True):
             step = swarm_pb2.Step(token_ids=token_ids, position=self.position, sample=sample and hop is self.route[-1])
+            if allowed_token_ids and hop is self.route[-1]:
+                step.allowed_token_ids.extend(allowed_token_ids)
             if hidden is not None:
                 step.hidden.CopyFrom(hidden)
             result = await self._with_deadline(hop, session.step(step))
@@ -160,17 +168,21 @@ async def generate(
             sampling.CopyFrom(params.sampling)
             sampling.penalty_start = len(params.prompt_ids)
         await runner.open(max_length, sampling, params.request_id)
-        result = await runner.step(params.prompt_ids)
+        constraint = params.constraint
+        result = await runner.step(params.prompt_ids, allowed_token_ids=constraint and constraint.allowed())
         for produced in range(1, params.max_new_tokens + 1):
             event = TokenEvent(
                 token_id=result.token_id,
                 logprob=result.logprob,
                 top_logprobs=[(item.token_id, item.logprob) for item in result.top_logprobs],
             )
+            if constraint is not None:
+                constraint.advance(event.token_id)
             yield event
-            finished = event.token_id in params.eos_token_ids and not params.ignore_eos
+            is_eos = event.token_id in params.eos_token_ids
+            finished = is_eos and (not params.ignore_eos or constraint is not None)
             if finished or produced == params.max_new_tokens:
                 return
-            result = await runner.step([event.token_id])
+            result = await runner.step([event.token_id], allowed_token_ids=constraint and constraint.allowed())
     finally:
         await runner.close()

@@ -35,6 +35,14 @@ class ServedModel:
 
         return TokenPieces(self.tokenizer)
 
+    @cached_property
+    def token_table(self):
+        """Every token's text in a trie, for constrained decoding (`gateway.constrained`)."""
+        from gateway.constrained import TokenTable
+        from gateway.text import _special_ids
+
+        return TokenTable(self.pieces, len(self.tokenizer), _special_ids(self.tokenizer))
+
     @property
     def has_fim(self) -> bool:
         vocab = self.tokenizer.get_vocab()

@@ -198,7 +198,7 @@ def test_schemathesis_finds_no_5xx(base_url, tmp_path):
          "--max-examples", "25", "--phases", "examples,coverage,fuzzing", "--workers", "1",
          "-H", f"Authorization: Bearer {API_KEY}", "--seed", "1", "--no-color",
          "--report", "junit", "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )  # fmt: skip
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
