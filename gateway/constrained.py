@@ -412,8 +412,11 @@ class JsonConstraint:
         options = self._options(self.state)
         room = self.left - 1  # tokens left after this one
         ids = [token_id for token_id, (_, need) in options.items() if need <= room]
-        if not ids:  # no budget left to close: at least stay valid (the answer is cut at max_tokens)
-            ids = list(options)
+        if not ids and options:
+            # Too few tokens left to close char by char: take those that leave the least to write
+            # (multi-character tokens may still make it; else the answer is cut at max_tokens).
+            least = min(need for _, need in options.values())
+            ids = [token_id for token_id, (_, need) in options.items() if need == least]
         if self.complete:  # complete (a top-level number may also go on)
             ids += self.eos_ids
         return ids or list(self.eos_ids)

@@ -205,3 +205,124 @@ def test_schemathesis_finds_no_5xx(base_url, tmp_path):
     match = re.search(r"Test cases:\s*(\d+) generated", output)
     assert match and int(match.group(1)) > 50, output[-3000:]
     print(f"schemathesis ran {match.group(1)} test cases")
+
+
+# -- response_format and tools through the SDK (constrained decoding on a random-weight model) -----
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer"},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 2},
+        "vip": {"type": "boolean"},
+    },
+    "required": ["name", "age", "pets", "vip"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sdk_response_format_json_schema(client, seed):
+    import jsonschema
+
+    response = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=60, temperature=1.0, seed=seed,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(response.choices[0].message.content), PERSON)
+    assert response.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_sdk_response_format_json_object_stream(client, seed):
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=30, temperature=1.0, seed=seed,
+                  response_format={"type": "json_object"})  # fmt: skip
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+    )
+    assert streamed == full
+    assert isinstance(json.loads(full), dict)
+
+
+def test_sdk_unsupported_schema_is_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=5,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"anyOf": [{"type": "string"}]}}},
+        )  # fmt: skip
+    assert "anyOf" in info.value.message
+
+
+def test_sdk_tool_choice_required_and_named(client):
+    import jsonschema
+
+    for seed in (1, 2):
+        response = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER, TIME],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=80, seed=seed,
+        )  # fmt: skip
+        choice = response.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.id.startswith("call") and call.type == "function"
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    required = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Time?"}], tools=[WEATHER, TIME], tool_choice="required",
+        max_tokens=80, seed=3,
+    )  # fmt: skip
+    assert required.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time")
+    json.loads(required.choices[0].message.tool_calls[0].function.arguments)
+
+
+def test_sdk_tool_calls_streamed(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER],
+                  tool_choice="required", max_tokens=80, seed=9)  # fmt: skip
+    full = client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
+    calls: dict[int, dict] = {}
+    finishes = []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                call["name"] += delta.function.name or ""
+                call["arguments"] += delta.function.arguments or ""
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+    assert finishes == ["tool_calls"]
+    assert calls == {0: {"name": full.function.name, "arguments": full.function.arguments}}
+
+
+def test_sdk_tool_choice_auto_and_tool_history(client):
+    """A random model rarely writes a call: "auto" gives plain content; a conversation that holds
+    a call and its result renders through the template."""
+    messages = [
+        {"role": "user", "content": "Weather in Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome", "unit": "C"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"},
+    ]  # fmt: skip
+    response = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], max_tokens=6, seed=1
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    assert choice.message.content is not None or choice.message.tool_calls
