@@ -64,6 +64,17 @@ class SchemaError(ValueError):
     """The schema uses something constrained decoding cannot enforce."""
 
 
+def _bounds(schema: dict[str, Any], low_key: str, high_key: str) -> tuple[int, int | None]:
+    """``(min, max)`` of a length keyword pair, checked: client input must never crash a step."""
+    low, high = schema.get(low_key, 0), schema.get(high_key)
+    for key, value in ((low_key, low), (high_key, high)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise SchemaError(f"'{key}' must be a non-negative integer")
+    if high is not None and high < low:
+        raise SchemaError(f"'{high_key}' is less than '{low_key}'")
+    return low, high
+
+
 # -- schemas compiled to a table of nodes, so that parser states can name them by index --------------
 @dataclass(frozen=True)
 class Node:
@@ -146,17 +157,12 @@ class Grammar:
         if kind == "array":
             index = self._add(Node("array"))
             items = self._compile(schema.get("items", {}), depth + 1)
-            self.nodes[index] = Node(
-                "array",
-                items=items,
-                min_items=int(schema.get("minItems", 0)),
-                max_items=schema.get("maxItems"),
-            )
+            low, high = _bounds(schema, "minItems", "maxItems")
+            self.nodes[index] = Node("array", items=items, min_items=low, max_items=high)
             return index
         if kind == "string":
-            return self._add(
-                Node("string", min_length=int(schema.get("minLength", 0)), max_length=schema.get("maxLength"))
-            )
+            low, high = _bounds(schema, "minLength", "maxLength")
+            return self._add(Node("string", min_length=low, max_length=high))
         if kind in ("number", "integer"):
             return self._add(Node(kind))
         if kind == "boolean":

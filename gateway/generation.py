@@ -109,7 +109,14 @@ class RouteRunner:
 
     async def close(self) -> None:
         sessions, self.sessions = self.sessions, []
-        await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
+        try:
+            await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
+        finally:
+            # When the request was cancelled (a client that went away), gather's tasks may be
+            # cancelled before they ever ran: cancel every RPC synchronously so no peer keeps
+            # the session's cache.
+            for session in sessions:
+                session.abort()
 
 
 class Swarm:

@@ -84,6 +84,13 @@ class PeerSession:
             raise PeerError(self.address, code, details or "stream ended")
         return response
 
+    def abort(self) -> None:
+        """Cancel the RPC now, without awaiting: the peer sees the stream end and frees the cache.
+        Safe to call at any time, also after `close` (then it does nothing)."""
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+
     async def close(self) -> None:
         """Tell the peer to free the session's cache; never raises (the peer may be gone)."""
         call, self._call = self._call, None

@@ -79,7 +79,8 @@ def test_complete_value_allows_only_eos(table, tokenizer):
 
 @pytest.mark.parametrize(
     "schema", [{"anyOf": [{"type": "string"}]}, {"type": ["string", "null"]}, {"$ref": "http://x/y"},
-               {"type": "string", "pattern": "a+"}, {"enum": [1, 12]}, {"type": "tuple"}],
+               {"type": "string", "pattern": "a+"}, {"enum": [1, 12]}, {"type": "tuple"},
+               {"type": "array", "maxItems": "3"}, {"type": "string", "minLength": 5, "maxLength": 2}],
 )  # fmt: skip
 def test_unsupported_schemas_are_refused(schema):
     with pytest.raises(SchemaError):

@@ -263,7 +263,7 @@ def test_client_disconnect_frees_every_peer(base_url, swarm):
 
     assert asyncio.run(live_sessions()) != [0, 0], "the stream should hold a session on the peers"
     sock.close()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30  # a bound for a loaded machine; it takes well under a second
     sessions = asyncio.run(live_sessions())
     while sessions != [0, 0] and time.monotonic() < deadline:
         time.sleep(0.1)
