@@ -22,7 +22,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from gateway import errors, protocol
+from gateway import errors, protocol, tools
+from gateway.constrained import Grammar, JsonConstraint
 from gateway.errors import OpenAIError
 from gateway.failover import FailoverPolicy, FailoverStats
 from gateway.generation import GenerationParams, NoRouteError, RouteRunner, Swarm, TokenEvent, generate
@@ -174,6 +175,10 @@ class ChoiceJob:
     sampling: swarm_pb2.SamplingParams
     stops: list[str]
     ignore_eos: bool
+    # Text completions decode with the prompt's last tokens as context, so a SentencePiece
+    # leading space is kept ("The capital is" + "▁Paris" -> " Paris"); chat needs none.
+    prompt_context: bool = False
+    grammar: Grammar | None = None  # constrain the output (response_format, forced tool calls)
 
 
 def peer_failure(exc: PeerError, gw: Gateway) -> OpenAIError:
@@ -191,9 +196,13 @@ def peer_failure(exc: PeerError, gw: Gateway) -> OpenAIError:
 
 async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Route, request_id: str) -> AsyncIterator[Piece]:
     """Generate one choice and yield its text as it becomes final (detokenized, stops applied)."""
-    detokenizer = IncrementalDetokenizer(served.tokenizer)
+    detokenizer = IncrementalDetokenizer(served.tokenizer, job.prompt_ids if job.prompt_context else None)
     matcher = StopMatcher(job.stops)
+    constraint = None
+    if job.grammar is not None:
+        constraint = JsonConstraint(job.grammar, served.token_table, served.eos_token_ids, job.max_new_tokens)
     params = GenerationParams(
+        constraint=constraint,
         prompt_ids=job.prompt_ids,
         max_new_tokens=job.max_new_tokens,
         sampling=job.sampling,
@@ -207,7 +216,7 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
     try:
         async with aclosing(generate(runner, params, len(job.prompt_ids) + job.max_new_tokens)) as events:
             async for event in events:
-                if event.token_id in served.eos_token_ids and not job.ignore_eos:
+                if event.token_id in served.eos_token_ids and (not job.ignore_eos or constraint is not None):
                     finish = "stop"
                     yield Piece(job.index, "", [event])  # counted in usage, shows no text
                     break
@@ -306,20 +315,22 @@ def budget(served: ServedModel, prompt_ids: list[int], requested: int | None, pa
 
 
 def token_text(served: ServedModel, token_id: int) -> str:
-    return served.tokenizer.decode([token_id])
+    """One token as OpenAI's logprobs show it: its own text with its leading space; a token that
+    holds part of a UTF-8 character shows its bytes backslash-escaped (`TokenPieces`)."""
+    return served.pieces.text(token_id)
 
 
 def chat_logprobs(served: ServedModel, tokens: list[TokenEvent], top: int) -> protocol.ChatCompletionLogprobs:
     content = []
     for event in tokens:
-        text = token_text(served, event.token_id)
-        alternatives = [
-            protocol.TopLogprob(token=token_text(served, tid), logprob=lp, bytes=list(token_text(served, tid).encode()))
-            for tid, lp in event.top_logprobs[:top]
-        ]
+        text, raw = served.pieces(event.token_id)
+        alternatives = []
+        for tid, lp in event.top_logprobs[:top]:
+            alt_text, alt_raw = served.pieces(tid)
+            alternatives.append(protocol.TopLogprob(token=alt_text, logprob=lp, bytes=alt_raw))
         content.append(
             protocol.ChatCompletionTokenLogprob(
-                token=text, logprob=event.logprob, bytes=list(text.encode()), top_logprobs=alternatives
+                token=text, logprob=event.logprob, bytes=raw, top_logprobs=alternatives
             )
         )
     return protocol.ChatCompletionLogprobs(content=content)
@@ -376,6 +387,7 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
     max_new = budget(served, prompt_ids, req.effective_max_tokens(), "max_tokens")
     top = req.top_logprobs or 0
     base_sampling = sampling_message(req, served, req.logprobs, top)
+    plan = tools.plan_output(req)
     explicit_key = request.headers.get(SESSION_HEADER)
     key = explicit_key or conversation_key(served.id, messages)
     route = await gw.route_for(served, key, len(prompt_ids) + max_new, precision)
@@ -384,6 +396,8 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
         ChoiceJob(i, prompt_ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(), req.ignore_eos)
         for i in range(req.n)
     ]
+    for job in jobs:
+        job.grammar = plan.grammar
     pieces = merge_choices([run_choice(gw, served, job, route, request_id) for job in jobs])
     pieces = observe_generation(request, pieces, route, served.id, len(prompt_ids), prompt)
 
@@ -393,7 +407,7 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
     if req.stream:
         stream = protocol.ChatChunkStream(served.id)
         return EventSourceResponse(
-            _chat_events(stream, pieces, req, served, len(prompt_ids), remember),
+            _chat_events(stream, pieces, req, served, len(prompt_ids), remember, plan),
             sep="\n",
             ping=15,
             headers=route_headers(route),
@@ -409,22 +423,38 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
             if piece.finish_reason:
                 finishes[piece.index] = piece.finish_reason
     await remember(texts[0])
-    choices = [
-        protocol.ChatCompletionChoice(
-            index=i,
-            message=protocol.ChatMessage(content=texts[i]),
-            logprobs=chat_logprobs(served, tokens[i], top) if req.logprobs else None,
-            finish_reason=finishes[i],
+    choices = []
+    for i in range(req.n):
+        content, calls = tool_output(plan, texts[i])
+        choices.append(
+            protocol.ChatCompletionChoice(
+                index=i,
+                message=protocol.ChatMessage(content=content, tool_calls=calls or None),
+                logprobs=chat_logprobs(served, tokens[i], top) if req.logprobs else None,
+                finish_reason="tool_calls" if calls else finishes[i],
+            )
         )
-        for i in range(req.n)
-    ]
     usage = protocol.Usage.of(len(prompt_ids), sum(len(t) for t in tokens))
     return protocol.ChatCompletionResponse(model=served.id, choices=choices, usage=usage)
 
 
-async def _chat_events(stream, pieces, req, served: ServedModel, prompt_tokens: int, remember) -> AsyncIterator[str]:
+def tool_output(plan: tools.OutputPlan, text: str) -> tuple[str | None, list[protocol.ToolCall]]:
+    """A choice's ``(content, tool_calls)`` under `plan` (see `gateway.tools`)."""
+    if plan.mode == "tool_forced":
+        calls = tools.forced_calls(text)
+        return (None, calls) if calls else (text, [])
+    if plan.mode == "tool_auto":
+        return tools.auto_calls(text, plan.tool_names)
+    return text, []
+
+
+async def _chat_events(
+    stream, pieces, req, served: ServedModel, prompt_tokens: int, remember, plan: tools.OutputPlan | None = None
+) -> AsyncIterator[str]:
     produced = 0
     first_text = ""
+    # With tools, a choice's text is held until it ends: only then is it known to be a call.
+    held = [""] * req.n if plan is not None and plan.mode.startswith("tool") else None
     try:
         for i in range(req.n):
             yield stream.role(i)
@@ -433,6 +463,26 @@ async def _chat_events(stream, pieces, req, served: ServedModel, prompt_tokens: 
                 produced += len(piece.tokens)
                 if piece.index == 0:
                     first_text += piece.text
+                if held is not None:
+                    held[piece.index] += piece.text
+                    if not piece.finish_reason:
+                        continue
+                    content, calls = tool_output(plan, held[piece.index])
+                    if calls:
+                        deltas = [
+                            protocol.DeltaToolCall(
+                                index=k, id=call.id, type="function",
+                                function=protocol.DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments),
+                            )  # fmt: skip
+                            for k, call in enumerate(calls)
+                        ]
+                        yield stream.delta(protocol.DeltaMessage(tool_calls=deltas), piece.index)
+                        yield stream.finish("tool_calls", piece.index)
+                        continue
+                    if content:
+                        yield stream.content(content, piece.index)
+                    yield stream.finish(piece.finish_reason, piece.index)
+                    continue
                 if piece.text or (req.logprobs and piece.tokens):
                     logprobs = chat_logprobs(served, piece.tokens, req.top_logprobs or 0) if req.logprobs else None
                     yield stream.content(piece.text, piece.index, logprobs)
@@ -484,7 +534,10 @@ async def completions(req: protocol.CompletionRequest, request: Request, respons
         max_new = budget(served, ids, max_tokens, "max_tokens")
         budgets.append(len(ids) + max_new)
         for i in range(req.n):
-            jobs.append(ChoiceJob(p * req.n + i, ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(), req.ignore_eos))
+            sampling = choice_sampling(base_sampling, i)
+            job = ChoiceJob(p * req.n + i, ids, max_new, sampling, req.stop_sequences(), req.ignore_eos)
+            job.prompt_context = True
+            jobs.append(job)
     key = request.headers.get(SESSION_HEADER)
     route = await gw.route_for(served, key, max(budgets), precision)
     await gw.pin(key, served, route)
@@ -598,6 +651,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_body_bytes:
             return errors.error_response(errors.payload_too_large())
+        _json_for_curl(request)
         start = time.perf_counter()
         response = await call_next(request)
         log.debug("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code,
@@ -608,6 +662,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(router, include_in_schema=False)  # clients that omit /v1
     app.include_router(health_router)
     return app
+
+
+def _json_for_curl(request: Request) -> None:
+    """`curl -d '{...}'` labels a JSON body `application/x-www-form-urlencoded`; no OpenAI route
+    takes a form, so read such a body as the JSON it is (a body that is not JSON still gets a 400)."""
+    if request.method != "POST" or not request.url.path.endswith("completions"):
+        return
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
 
 
 def run_gateway(settings: GatewaySettings) -> None:

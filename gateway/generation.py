@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.failover import NOT_RETRYABLE, FailoverEvent, FailoverPolicy
 from gateway.metrics import record_failover
@@ -45,6 +46,9 @@ class GenerationParams:
     eos_token_ids: set[int] = field(default_factory=set)
     ignore_eos: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Constrained decoding (`gateway.constrained.JsonConstraint`): `allowed()` before each step goes
+    # to the last span as `Step.allowed_token_ids`, `advance(token)` after it. EOS then always ends.
+    constraint: Any = None
 
 
 class _HopFailure(Exception):
@@ -175,13 +179,15 @@ class RouteRunner:
             raise
         return session
 
-    async def step(self, token_ids: list[int], sample: bool = True) -> swarm_pb2.StepResult:
+    async def step(
+        self, token_ids: list[int], sample: bool = True, allowed_token_ids: list[int] | None = None
+    ) -> swarm_pb2.StepResult:
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline = None
         while True:
             try:
-                results = await self._pass(list(token_ids), sample)
+                results = await self._pass(list(token_ids), sample, allowed_token_ids)
                 break
             except _HopFailure as failure:
                 if deadline is None:
@@ -197,7 +203,9 @@ class RouteRunner:
                     await self._migrate(index)
         return results[-1]
 
-    async def _pass(self, token_ids: list[int], sample: bool) -> list[swarm_pb2.StepResult]:
+    async def _pass(
+        self, token_ids: list[int], sample: bool, allowed_token_ids: list[int] | None = None
+    ) -> list[swarm_pb2.StepResult]:
         """One step through every hop; hops up to `_rebuild_upto` replay the whole history."""
         position = len(self.history)
         everything = self.history + token_ids
@@ -212,6 +220,8 @@ class RouteRunner:
                 position=0 if rebuild else position,
                 sample=sample and i == last,
             )
+            if allowed_token_ids and i == last:
+                step.allowed_token_ids.extend(allowed_token_ids)
             if hidden is not None:
                 step.hidden.CopyFrom(
                     hidden if rebuild or i != upto + 1 else tail_rows(hidden, len(token_ids))
@@ -367,7 +377,14 @@ class RouteRunner:
 
     async def close(self) -> None:
         sessions, self.sessions = [s for s in self.sessions if s is not None], []
-        await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
+        try:
+            await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
+        finally:
+            # When the request was cancelled (a client that went away), gather's tasks may be
+            # cancelled before they ever ran: cancel every RPC synchronously so no peer keeps
+            # the session's cache.
+            for session in sessions:
+                session.abort()
 
 
 class Swarm:
@@ -478,18 +495,29 @@ async def generate(
     """Prefill the prompt, then decode until EOS or max_new_tokens. The caller stops early by
     closing the generator (use `contextlib.aclosing`); the runner's sessions close either way."""
     try:
-        await runner.open(max_length, params.sampling, params.request_id)
-        result = await runner.step(params.prompt_ids)
+        sampling = params.sampling
+        if not sampling.penalty_start:
+            # OpenAI's presence/frequency penalties count generated tokens only: the last span
+            # skips the prompt's tokens when it counts (see swarm.proto, SamplingParams).
+            sampling = swarm_pb2.SamplingParams()
+            sampling.CopyFrom(params.sampling)
+            sampling.penalty_start = len(params.prompt_ids)
+        await runner.open(max_length, sampling, params.request_id)
+        constraint = params.constraint
+        result = await runner.step(params.prompt_ids, allowed_token_ids=constraint and constraint.allowed())
         for produced in range(1, params.max_new_tokens + 1):
             event = TokenEvent(
                 token_id=result.token_id,
                 logprob=result.logprob,
                 top_logprobs=[(item.token_id, item.logprob) for item in result.top_logprobs],
             )
+            if constraint is not None:
+                constraint.advance(event.token_id)
             yield event
-            finished = event.token_id in params.eos_token_ids and not params.ignore_eos
+            is_eos = event.token_id in params.eos_token_ids
+            finished = is_eos and (not params.ignore_eos or constraint is not None)
             if finished or produced == params.max_new_tokens:
                 return
-            result = await runner.step([event.token_id])
+            result = await runner.step([event.token_id], allowed_token_ids=constraint and constraint.allowed())
     finally:
         await runner.close()

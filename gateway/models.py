@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 log = logging.getLogger("gateway.models")
@@ -26,6 +27,21 @@ class ServedModel:
     max_context: int
     eos_token_ids: set[int]
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @cached_property
+    def pieces(self):
+        """Text and bytes of single tokens (`gateway.text.TokenPieces`), for logprobs and constraints."""
+        from gateway.text import TokenPieces
+
+        return TokenPieces(self.tokenizer)
+
+    @cached_property
+    def token_table(self):
+        """Every token's text in a trie, for constrained decoding (`gateway.constrained`)."""
+        from gateway.constrained import TokenTable
+        from gateway.text import _special_ids
+
+        return TokenTable(self.pieces, len(self.tokenizer), _special_ids(self.tokenizer))
 
     @property
     def has_fim(self) -> bool:

@@ -23,7 +23,9 @@ them alike:
 Decode ms/token = (time of the last token - time of the first token) / (tokens - 1), so prefill is
 excluded; TTFT (request to first token) is reported beside it. Medians over ``--repeats``; the
 headline ratio is median(http) / median(reference). The peers get ``--threads N`` and this process
-``torch.set_num_threads(N)`` (N = cores by default), so both sides compute with the same threads.
+``torch.set_num_threads(N)``, so both sides compute with the same threads; N defaults to 1, not to
+the core count (see ``--threads`` and docs/benchmarks.md for why). The CPU time the working
+processes used is recorded per run too: CPU ms/token is steadier than wall time on a shared machine.
 
     python -m loadtests.bench_decode [--models demo,bench] [--new-tokens 128] [--repeats 3]
                                      [--out loadtests/results/decode.json] [--docs docs/benchmarks.md]
@@ -538,8 +540,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peers", type=int, default=2)
     parser.add_argument("--warmup-tokens", type=int, default=32, help="one untimed run of each mode first")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch threads in each peer and in the reference (default: cores)")  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in each peer (--threads) and in the reference (set_num_threads). Default 1, not "
+        "the core count: batch-1 Linear layers run on one thread anyway, peers run their forward passes on "
+        "one thread, and 2 OpenMP threads per process on a 2-core box spin against each other and the other "
+        "processes, which slowed generate() 3-4x here (see docs/benchmarks.md)",
+    )
     parser.add_argument("--modes", default="http,reference,grpc,spans",
                         help="what to time, in this order inside each repeat; http and reference are the headline")  # fmt: skip
     parser.add_argument(

@@ -88,6 +88,13 @@ class PeerSession:
             raise PeerError(self.address, code, details or "stream ended")
         return response
 
+    def abort(self) -> None:
+        """Cancel the RPC now, without awaiting: the peer sees the stream end and frees the cache.
+        Safe to call at any time, also after `close` (then it does nothing)."""
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+
     async def close(self) -> None:
         """Tell the peer to free the session's cache; never raises (the peer may be gone)."""
         call, self._call = self._call, None
@@ -98,7 +105,11 @@ class PeerSession:
             await call.done_writing()
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
             pass
-        call.cancel()
+        finally:
+            # Also when the polite close above is cancelled (a client that disconnected
+            # mid-stream cancels the whole request, and anyio re-cancels every await in it):
+            # cancelling the RPC ends the peer's stream, and the peer frees the cache at once.
+            call.cancel()
 
 
 async def peer_info(pool: ChannelPool, address: str, timeout: float = 5.0) -> swarm_pb2.InfoResponse:

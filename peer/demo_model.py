@@ -98,8 +98,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # ChatML with a leading BOS. Content may be a string or a list of OpenAI content parts (only
 # "text" parts are rendered); None content (an assistant turn with tool calls) renders empty.
+# With `tools`, a system turn lists them and the call format the gateway parses (`gateway/tools.py`);
+# an assistant turn's tool calls render in that format. Without tools the output is unchanged.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}"
+    "{{ '<|im_start|>system\\nYou can call these tools. To call one, answer with '"
+    " + '<tool_call>{\"name\": <name>, \"arguments\": <object>}</tool_call>\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% set content = message['content'] %}"
@@ -107,6 +115,12 @@ CHAT_TEMPLATE = (
     "{% elif content is not none %}"
     "{% for part in content %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set arguments = call['function']['arguments'] %}"
+    "{{ '<tool_call>{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": ' }}"
+    "{% if arguments is string %}{{ arguments }}{% else %}{{ arguments | tojson }}{% endif %}"
+    "{{ '}</tool_call>' }}"
+    "{% endfor %}"
     "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"

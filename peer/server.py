@@ -83,6 +83,7 @@ class Session:
     max_length: int
     wire_dtype: torch.dtype
     history: list[int] = field(default_factory=list)  # token ids the cache holds, for penalties
+    penalty_start: int = 0  # presence/frequency penalties count history[penalty_start:] (the prompt length)
 
 
 @dataclass
@@ -169,7 +170,9 @@ class BatchScheduler:
                 result.hidden.CopyFrom(tensor_codec.encode(rows, session.wire_dtype))
             elif work.sample:
                 logits = span.logits(rows[-1:])[0]
-                sample = session.sampler.sample(logits, session.history, work.allowed or None)
+                sample = session.sampler.sample(
+                    logits, session.history, work.allowed or None, penalty_start=session.penalty_start
+                )
                 result.token_id = sample.token_id
                 result.logprob = sample.logprob
                 for token_id, logprob in sample.top_logprobs:
@@ -235,6 +238,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             sampler=sampler,
             max_length=request.max_length,
             wire_dtype=wire_dtype,
+            penalty_start=max(0, request.sampling.penalty_start),
         )
         self.reserved_tokens += request.max_length
         self.sessions[id(session)] = session

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bswarm.proto\x12\x05swarm\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xd3\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x38\n\nlogit_bias\x18\t \x03(\x0b\x32$.swarm.SamplingParams.LogitBiasEntry\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\xae\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\x05\x12\x11\n\tend_block\x18\x03 \x01(\x05\x12\x12\n\nmax_length\x18\x04 \x01(\x05\x12\'\n\x08sampling\x18\x05 \x01(\x0b\x32\x15.swarm.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\nwire_dtype\x18\x07 \x01(\t\"u\n\x04Step\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x1d\n\x06hidden\x18\x02 \x01(\x0b\x32\r.swarm.Tensor\x12\x10\n\x08position\x18\x03 \x01(\x05\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12\x19\n\x11\x61llowed_token_ids\x18\x05 \x03(\x03\"\x07\n\x05\x43lose\"z\n\x10InferenceRequest\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x12.swarm.OpenSessionH\x00\x12\x1b\n\x04step\x18\x02 \x01(\x0b\x32\x0b.swarm.StepH\x00\x12\x1d\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x0c.swarm.CloseH\x00\x42\x06\n\x04kind\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x9f\x01\n\nStepResult\x12\x1d\n\x06hidden\x18\x01 \x01(\x0b\x32\r.swarm.Tensor\x12\x10\n\x08token_id\x18\x02 \x01(\x03\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\'\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x11.swarm.TopLogprob\x12\x14\n\x0c\x63\x61\x63he_length\x18\x05 \x01(\x05\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\"/\n\x06Opened\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61\x63he_length\x18\x02 \x01(\x05\"a\n\x11InferenceResponse\x12\x1f\n\x06opened\x18\x01 \x01(\x0b\x32\r.swarm.OpenedH\x00\x12#\n\x06result\x18\x02 \x01(\x0b\x32\x11.swarm.StepResultH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"\xee\x01\n\x0cInfoResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\x05\x12\x11\n\tend_block\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05quant\x18\x07 \x01(\t\x12\x15\n\rlive_sessions\x18\x08 \x01(\x05\x12\x19\n\x11\x66ree_cache_tokens\x18\t \x01(\x03\x12\x12\n\nthroughput\x18\n \x01(\x02\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\r\n\x05state\x18\x0c \x01(\t2{\n\x04Peer\x12\x42\n\tInference\x12\x17.swarm.InferenceRequest\x1a\x18.swarm.InferenceResponse(\x01\x30\x01\x12/\n\x04Info\x12\x12.swarm.InfoRequest\x1a\x13.swarm.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bswarm.proto\x12\x05swarm\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xea\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x38\n\nlogit_bias\x18\t \x03(\x0b\x32$.swarm.SamplingParams.LogitBiasEntry\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x15\n\rpenalty_start\x18\x0c \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\xae\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\x05\x12\x11\n\tend_block\x18\x03 \x01(\x05\x12\x12\n\nmax_length\x18\x04 \x01(\x05\x12\'\n\x08sampling\x18\x05 \x01(\x0b\x32\x15.swarm.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\nwire_dtype\x18\x07 \x01(\t\"u\n\x04Step\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x1d\n\x06hidden\x18\x02 \x01(\x0b\x32\r.swarm.Tensor\x12\x10\n\x08position\x18\x03 \x01(\x05\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12\x19\n\x11\x61llowed_token_ids\x18\x05 \x03(\x03\"\x07\n\x05\x43lose\"z\n\x10InferenceRequest\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x12.swarm.OpenSessionH\x00\x12\x1b\n\x04step\x18\x02 \x01(\x0b\x32\x0b.swarm.StepH\x00\x12\x1d\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x0c.swarm.CloseH\x00\x42\x06\n\x04kind\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x9f\x01\n\nStepResult\x12\x1d\n\x06hidden\x18\x01 \x01(\x0b\x32\r.swarm.Tensor\x12\x10\n\x08token_id\x18\x02 \x01(\x03\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\'\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x11.swarm.TopLogprob\x12\x14\n\x0c\x63\x61\x63he_length\x18\x05 \x01(\x05\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\"/\n\x06Opened\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61\x63he_length\x18\x02 \x01(\x05\"a\n\x11InferenceResponse\x12\x1f\n\x06opened\x18\x01 \x01(\x0b\x32\r.swarm.OpenedH\x00\x12#\n\x06result\x18\x02 \x01(\x0b\x32\x11.swarm.StepResultH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"\xee\x01\n\x0cInfoResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\x05\x12\x11\n\tend_block\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05quant\x18\x07 \x01(\t\x12\x15\n\rlive_sessions\x18\x08 \x01(\x05\x12\x19\n\x11\x66ree_cache_tokens\x18\t \x01(\x03\x12\x12\n\nthroughput\x18\n \x01(\x02\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\r\n\x05state\x18\x0c \x01(\t2{\n\x04Peer\x12\x42\n\tInference\x12\x17.swarm.InferenceRequest\x1a\x18.swarm.InferenceResponse(\x01\x30\x01\x12/\n\x04Info\x12\x12.swarm.InfoRequest\x1a\x13.swarm.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=22
   _globals['_TENSOR']._serialized_end=74
   _globals['_SAMPLINGPARAMS']._serialized_start=77
-  _globals['_SAMPLINGPARAMS']._serialized_end=416
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=359
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=407
-  _globals['_OPENSESSION']._serialized_start=419
-  _globals['_OPENSESSION']._serialized_end=593
-  _globals['_STEP']._serialized_start=595
-  _globals['_STEP']._serialized_end=712
-  _globals['_CLOSE']._serialized_start=714
-  _globals['_CLOSE']._serialized_end=721
-  _globals['_INFERENCEREQUEST']._serialized_start=723
-  _globals['_INFERENCEREQUEST']._serialized_end=845
-  _globals['_TOPLOGPROB']._serialized_start=847
-  _globals['_TOPLOGPROB']._serialized_end=894
-  _globals['_STEPRESULT']._serialized_start=897
-  _globals['_STEPRESULT']._serialized_end=1056
-  _globals['_OPENED']._serialized_start=1058
-  _globals['_OPENED']._serialized_end=1105
-  _globals['_INFERENCERESPONSE']._serialized_start=1107
-  _globals['_INFERENCERESPONSE']._serialized_end=1204
-  _globals['_INFOREQUEST']._serialized_start=1206
-  _globals['_INFOREQUEST']._serialized_end=1219
-  _globals['_INFORESPONSE']._serialized_start=1222
-  _globals['_INFORESPONSE']._serialized_end=1460
-  _globals['_PEER']._serialized_start=1462
-  _globals['_PEER']._serialized_end=1585
+  _globals['_SAMPLINGPARAMS']._serialized_end=439
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=382
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=430
+  _globals['_OPENSESSION']._serialized_start=442
+  _globals['_OPENSESSION']._serialized_end=616
+  _globals['_STEP']._serialized_start=618
+  _globals['_STEP']._serialized_end=735
+  _globals['_CLOSE']._serialized_start=737
+  _globals['_CLOSE']._serialized_end=744
+  _globals['_INFERENCEREQUEST']._serialized_start=746
+  _globals['_INFERENCEREQUEST']._serialized_end=868
+  _globals['_TOPLOGPROB']._serialized_start=870
+  _globals['_TOPLOGPROB']._serialized_end=917
+  _globals['_STEPRESULT']._serialized_start=920
+  _globals['_STEPRESULT']._serialized_end=1079
+  _globals['_OPENED']._serialized_start=1081
+  _globals['_OPENED']._serialized_end=1128
+  _globals['_INFERENCERESPONSE']._serialized_start=1130
+  _globals['_INFERENCERESPONSE']._serialized_end=1227
+  _globals['_INFOREQUEST']._serialized_start=1229
+  _globals['_INFOREQUEST']._serialized_end=1242
+  _globals['_INFORESPONSE']._serialized_start=1245
+  _globals['_INFORESPONSE']._serialized_end=1483
+  _globals['_PEER']._serialized_start=1485
+  _globals['_PEER']._serialized_end=1608
 # @@protoc_insertion_point(module_scope)
