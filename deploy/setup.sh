@@ -18,16 +18,22 @@ fi
 
 if [ "${1:-}" = "test" ]; then
     "${PIP[@]}" -e '.[test]'
-    # System packages the integration tests use: a real redis-server, and docker-compose to
-    # validate the compose files (no engine needed; no recommends, or apt pulls in docker.io).
+    # System packages the integration tests use: a real redis-server, docker-compose to validate
+    # the compose files (no engine needed; no recommends, or apt pulls in docker.io), and chromium
+    # for the swarm map page.
     missing=()
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     if [ ${#missing[@]} -gt 0 ]; then
         SUDO=""
         [ "$(id -u)" = 0 ] || SUDO=sudo
         $SUDO apt-get update -qq
         $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    # the official `openai` npm package, for the Node client test (versions pinned by the lock file)
+    if command -v npm >/dev/null 2>&1 && [ ! -d tests/node/node_modules ]; then
+        npm ci --prefix tests/node --no-audit --no-fund --silent
     fi
 else
     "${PIP[@]}" -e .
