@@ -14,7 +14,7 @@ from swarm.launcher import LocalSwarm, free_port
 
 # Short heartbeats so that joins and expiries show within a test's patience.
 HEARTBEAT = 1.0
-TTL = 3.0
+TTL = 5.0  # > heartbeat + one DHT RPC timeout, so a slow announce never lets a record lapse
 
 
 def pytest_collection_modifyitems(config, items):
