@@ -95,22 +95,38 @@ class Gateway:
             raise errors.model_not_found(name)
         return served
 
-    async def route_for(self, served: ServedModel, key: str | None, max_length: int) -> Route:
-        """The pinned route of this conversation while all its peers live, else a new one."""
+    async def pinned(self, served: ServedModel, key: str | None) -> Pin | None:
+        """This conversation's pin while every peer of its route lives."""
         if key:
             pin = await self.sessions.get(key)
             if pin is not None and pin.model == served.id:
                 records = await self.swarm.peers(served.id)
                 if self.swarm.is_live(pin.route, records):
-                    return pin.route
+                    return pin
+        return None
+
+    async def route_for(self, served: ServedModel, key: str | None, max_length: int) -> Route:
+        """The pinned route of this conversation while all its peers live, else a new one."""
+        pin = await self.pinned(served, key)
+        if pin is not None:
+            return pin.route
         try:
             return await self.swarm.plan(served.id, served.num_blocks, min_free_tokens=max_length)
         except NoRouteError as exc:
             raise errors.unavailable(f"{exc}; retry when peers join", retry_after=5) from exc
 
-    async def pin(self, key: str | None, served: ServedModel, route: Route) -> None:
+    async def pin(
+        self,
+        key: str | None,
+        served: ServedModel,
+        route: Route,
+        tokens: list[int] | None = None,
+        peer_session: str = "",
+    ) -> None:
         if key:
-            await self.sessions.put(key, Pin(model=served.id, route=route))
+            await self.sessions.put(
+                key, Pin(model=served.id, route=route, tokens=tokens or [], peer_session=peer_session)
+            )
 
 
 def get_gateway(request: Request) -> Gateway:
@@ -149,6 +165,11 @@ class ChoiceJob:
     sampling: swarm_pb2.SamplingParams
     stops: list[str]
     ignore_eos: bool
+    # cache reuse: the peers' session id; resume what they kept of it; `held` receives the tokens
+    # the route's caches hold when the choice ends (recorded in the pin for the next turn)
+    session_id: str = ""
+    resume: bool = False
+    held: list[int] | None = None
 
 
 def peer_failure(exc: PeerError, gw: Gateway) -> OpenAIError:
@@ -175,6 +196,8 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
         eos_token_ids=served.eos_token_ids,
         ignore_eos=job.ignore_eos,
         request_id=request_id,
+        session_id=job.session_id,
+        resume=job.resume,
     )
     runner = RouteRunner(gw.pool, route, gw.settings.step_timeout)
     finish = "length"
@@ -192,6 +215,9 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
                 yield Piece(job.index, text, [event])
     except PeerError as exc:
         raise peer_failure(exc, gw) from exc
+    finally:
+        if job.held is not None:
+            job.held[:] = runner.tokens
     text, stopped = matcher.feed(detokenizer.flush())
     tail = text if stopped else text + matcher.flush()
     yield Piece(job.index, tail, [], "stop" if stopped else finish)
@@ -343,16 +369,22 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
     base_sampling = sampling_message(req, served, req.logprobs, top)
     explicit_key = request.headers.get(SESSION_HEADER)
     key = explicit_key or conversation_key(served.id, messages)
-    route = await gw.route_for(served, key, len(prompt_ids) + max_new)
+    pin = await gw.pinned(served, key)
+    route = pin.route if pin is not None else await gw.route_for(served, None, len(prompt_ids) + max_new)
     request_id = uuid.uuid4().hex
     jobs = [
         ChoiceJob(i, prompt_ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(), req.ignore_eos)
         for i in range(req.n)
     ]
+    # Choice 0 carries the conversation: its peers keep their caches under one session id that
+    # the pin records, and the next turn resumes them and sends only its new tokens.
+    peer_session = (pin.peer_session if pin is not None else "") or uuid.uuid4().hex
+    jobs[0].session_id, jobs[0].resume, jobs[0].held = peer_session, pin is not None, []
     pieces = merge_choices([run_choice(gw, served, job, route, request_id) for job in jobs])
 
     async def remember(reply: str) -> None:
-        await gw.pin(explicit_key or next_turn_key(served.id, messages, reply), served, route)
+        key = explicit_key or next_turn_key(served.id, messages, reply)
+        await gw.pin(key, served, route, tokens=jobs[0].held, peer_session=peer_session)
 
     if req.stream:
         stream = protocol.ChatChunkStream(served.id)

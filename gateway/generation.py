@@ -41,6 +41,9 @@ class GenerationParams:
     eos_token_ids: set[int] = field(default_factory=set)
     ignore_eos: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Cache reuse across turns: the peers' session id, and whether to resume what they kept.
+    session_id: str = ""
+    resume: bool = False
 
 
 class RouteRunner:
@@ -52,10 +55,27 @@ class RouteRunner:
         self.step_timeout = step_timeout
         self.sessions: list[PeerSession] = []
         self.position = 0
+        self.tokens: list[int] = []  # every token the route's caches hold, in order
 
-    async def open(self, max_length: int, sampling: swarm_pb2.SamplingParams, request_id: str) -> None:
-        session_id = uuid.uuid4().hex
+    async def open(
+        self,
+        max_length: int,
+        sampling: swarm_pb2.SamplingParams,
+        request_id: str,
+        *,
+        session_id: str = "",
+        resume_tokens: list[int] | None = None,
+    ) -> int:
+        """Open the route's sessions; returns the position to step from (0 unless resuming).
+
+        With `resume_tokens` (the sequence about to run) each peer reattaches the cache it kept for
+        `session_id` and says how much of that sequence it still holds; the route resumes at the
+        smallest such length (every peer truncates to the position of the next step), so a peer
+        that evicted its cache simply gets the rest replayed.
+        """
+        session_id = session_id or uuid.uuid4().hex
         metadata = (("x-request-id", request_id),)
+        held: list[int] = []
 
         async def open_hop(hop: Hop, is_last: bool) -> PeerSession:
             session = PeerSession(self.pool, hop.address)
@@ -68,7 +88,11 @@ class RouteRunner:
             )
             if is_last:
                 message.sampling.CopyFrom(sampling)
-            await self._with_deadline(hop, session.open(message, metadata))
+            if resume_tokens:
+                message.resume = True
+                message.resume_tokens.extend(resume_tokens)
+            opened = await self._with_deadline(hop, session.open(message, metadata))
+            held.append(opened.cache_length if resume_tokens else 0)
             return session
 
         last = len(self.route) - 1
@@ -80,6 +104,9 @@ class RouteRunner:
             if isinstance(result, BaseException):
                 await self.close()
                 raise result
+        self.position = min(held, default=0)
+        self.tokens = list(resume_tokens[: self.position]) if resume_tokens else []
+        return self.position
 
     async def step(self, token_ids: list[int], sample: bool = True) -> swarm_pb2.StepResult:
         hidden = None
@@ -90,6 +117,8 @@ class RouteRunner:
                 step.hidden.CopyFrom(hidden)
             result = await self._with_deadline(hop, session.step(step))
             hidden = result.hidden
+        del self.tokens[self.position :]
+        self.tokens.extend(token_ids)
         self.position += len(token_ids)
         return result
 
@@ -152,8 +181,15 @@ async def generate(
     """Prefill the prompt, then decode until EOS or max_new_tokens. The caller stops early by
     closing the generator (use `contextlib.aclosing`); the runner's sessions close either way."""
     try:
-        await runner.open(max_length, params.sampling, params.request_id)
-        result = await runner.step(params.prompt_ids)
+        resume = params.prompt_ids[:-1] if params.resume else None  # at least one token must run
+        start = await runner.open(
+            max_length, params.sampling, params.request_id, session_id=params.session_id, resume_tokens=resume
+        )
+        if start:
+            log.debug(
+                "request %s resumes at token %d of %d", params.request_id, start, len(params.prompt_ids)
+            )
+        result = await runner.step(params.prompt_ids[start:])
         for produced in range(1, params.max_new_tokens + 1):
             event = TokenEvent(
                 token_id=result.token_id,
