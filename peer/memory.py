@@ -44,7 +44,7 @@ class _Session(Protocol):
     cache: _Cache
     reserved: int
     idle_since: float
-    pending: asyncio.Future | None
+    in_forward: bool
 
 
 class SessionTable:
@@ -123,8 +123,9 @@ class SessionTable:
         if self.live.pop(id(session), None) is None:
             return
         self.reserved_live -= session.reserved
-        in_flight = session.pending is not None and not session.pending.done()
-        if keep and self.idle_ttl > 0 and session.cache.length > 0 and not in_flight:
+        # A cache that a forward pass is still writing (its stream was cancelled mid-step) is not
+        # kept: a resume would race with that pass.
+        if keep and self.idle_ttl > 0 and session.cache.length > 0 and not session.in_forward:
             old = self.idle.pop(session.session_id, None)
             if old is not None:
                 self.reserved_idle -= old.reserved

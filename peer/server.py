@@ -88,7 +88,7 @@ class Session:
     history: list[int] = field(default_factory=list)  # token ids the cache holds, for penalties
     reserved: int = 0  # cache tokens the budget holds for this session (see peer.memory)
     idle_since: float = 0.0
-    pending: asyncio.Future | None = None  # the step in flight, if any
+    in_forward: bool = False  # a forward pass on this cache is running in the worker thread
 
 
 @dataclass
@@ -172,16 +172,19 @@ class BatchScheduler:
             pieces, self._carry = self._pack(waiting)
             if not pieces:
                 continue
+            for work, _ in pieces:
+                work.session.in_forward = True
             try:
                 results = await loop.run_in_executor(self._executor, self._forward, pieces)
             except Exception as exc:  # a bug or OOM must fail these steps, not the peer
                 log.exception("forward pass failed")
                 for work, _ in pieces:
                     if not work.future.done():
-                        work.future.set_exception(
-                            StepError(grpc.StatusCode.INTERNAL, f"forward failed: {exc}")
-                        )
+                        work.future.set_exception(StepError(grpc.StatusCode.INTERNAL, f"forward failed: {exc}"))
                 continue
+            finally:
+                for work, _ in pieces:
+                    work.session.in_forward = False
             self.steps += 1
             self.tokens += sum(count for _, count in pieces)
             for (work, _), result in zip(pieces, results, strict=True):
@@ -371,7 +374,6 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
     # -- RPCs --------------------------------------------------------------------------------
     async def Inference(self, request_iterator, context: grpc.aio.ServicerContext):
         session: Session | None = None
-        clean = False  # keep the cache for resumption only after an orderly close
         try:
             async for request in request_iterator:
                 kind = request.WhichOneof("kind")
@@ -386,12 +388,9 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                     elif kind == "step":
                         if session is None:
                             raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "open a session before stepping")
-                        work = self._prepare_step(session, request.step)
-                        session.pending = work.future
-                        result = await self.scheduler.submit(work)
+                        result = await self.scheduler.submit(self._prepare_step(session, request.step))
                         yield swarm_pb2.InferenceResponse(result=result)
                     elif kind == "close":
-                        clean = True
                         break
                     else:
                         raise StepError(grpc.StatusCode.INVALID_ARGUMENT, "empty request")
@@ -399,7 +398,9 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                     await context.abort(exc.code, exc.message)
         finally:
             if session is not None:
-                self._close(session, keep=clean)
+                # Kept idle whether the stream closed or broke: a resume compares token ids, so
+                # a cache the caller is unsure of is still safe to offer.
+                self._close(session)
 
     async def Info(self, request, context):
         return swarm_pb2.InfoResponse(
