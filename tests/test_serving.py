@@ -248,3 +248,26 @@ def test_gateway_answers_503_with_retry_after_when_the_budget_is_full(swarm, pee
     assert response.status_code == 503
     assert float(response.headers["retry-after"]) > 0
     assert response.json()["error"]["type"] == "unavailable_error"
+
+
+# -- the load generator ---------------------------------------------------------------------------
+def test_loadgen_reports_every_turn(swarm, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "load.json"
+    command = [
+        sys.executable, "-m", "loadtests.loadgen", "--base-url", swarm.children[-1].address, "--concurrency", "2",
+        "--input-len", "8", "--output-len", "4", "--num-requests", "3", "--multi-turn", "2", "--no-progress",
+        "--output", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert (report["completed"], report["failed"]) == (6, 0)
+    assert report["output_tokens"] == 6 * 4
+    assert report["config"]["model"] == MODEL
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "ttft_later_turns_ms"):
+        assert 0 < report[name]["p50"] <= report[name]["p99"]
+    assert report["output_throughput"] > 0
