@@ -112,10 +112,8 @@ class Gateway:
         base, precision = split_model_id(name, self.models)
         return self.model(base), precision
 
-    async def route_for(
-        self, served: ServedModel, key: str | None, max_length: int, precision: str | None = None
-    ) -> Route:
-        """The pinned route of this conversation while all its peers live, else a new one."""
+    async def pinned(self, served: ServedModel, key: str | None, precision: str | None = None) -> Pin | None:
+        """This conversation's pin while every peer of its route lives (and has the precision asked for)."""
         accept = accepts(precision)
         if key:
             pin = await self.sessions.get(key)
@@ -126,7 +124,17 @@ class Gateway:
                     hop.peer_id in by_id and accept(by_id[hop.peer_id]) for hop in pin.route
                 )
                 if fits and self.swarm.is_live(pin.route, records):
-                    return pin.route
+                    return pin
+        return None
+
+    async def route_for(
+        self, served: ServedModel, key: str | None, max_length: int, precision: str | None = None
+    ) -> Route:
+        """The pinned route of this conversation while all its peers live, else a new one."""
+        pin = await self.pinned(served, key, precision)
+        if pin is not None:
+            return pin.route
+        accept = accepts(precision)
         try:
             return await self.swarm.plan(served.id, served.num_blocks, min_free_tokens=max_length, accept=accept)
         except NoRouteError as exc:
@@ -134,9 +142,18 @@ class Gateway:
             where = f" of precision {precision}" if precision else ""
             raise errors.unavailable(f"{exc}{where}; retry when peers join", retry_after=5) from exc
 
-    async def pin(self, key: str | None, served: ServedModel, route: Route) -> None:
+    async def pin(
+        self,
+        key: str | None,
+        served: ServedModel,
+        route: Route,
+        tokens: list[int] | None = None,
+        peer_session: str = "",
+    ) -> None:
         if key:
-            await self.sessions.put(key, Pin(model=served.id, route=route))
+            await self.sessions.put(
+                key, Pin(model=served.id, route=route, tokens=tokens or [], peer_session=peer_session)
+            )
 
 
 def get_gateway(request: Request) -> Gateway:
@@ -179,6 +196,11 @@ class ChoiceJob:
     # leading space is kept ("The capital is" + "▁Paris" -> " Paris"); chat needs none.
     prompt_context: bool = False
     grammar: Grammar | None = None  # constrain the output (response_format, forced tool calls)
+    # cache reuse: the peers' session id; resume what they kept of it; `held` receives the tokens
+    # the route's caches hold when the choice ends (recorded in the pin for the next turn)
+    session_id: str = ""
+    resume: bool = False
+    held: list[int] | None = None
 
 
 def peer_failure(exc: PeerError, gw: Gateway) -> OpenAIError:
@@ -209,6 +231,8 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
         eos_token_ids=served.eos_token_ids,
         ignore_eos=job.ignore_eos,
         request_id=request_id,
+        session_id=job.session_id,
+        resume=job.resume,
     )
     policy = FailoverPolicy(gw.swarm, served.id, served.num_blocks, gw.settings.failover_timeout, gw.failover_stats)
     runner = RouteRunner(gw.pool, route, gw.settings.step_timeout, failover=policy, wire_dtype=gw.settings.wire_dtype)
@@ -229,6 +253,9 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
         raise peer_failure(exc, gw) from exc
     except NoRouteError as exc:  # a peer failed and no replacement came within the budget
         raise errors.unavailable(f"{exc}; retry when peers join", retry_after=5) from exc
+    finally:
+        if job.held is not None:
+            job.held[:] = runner.tokens
     text, stopped = matcher.feed(detokenizer.flush())
     tail = text if stopped else text + matcher.flush()
     yield Piece(job.index, tail, [], "stop" if stopped else finish)
@@ -390,7 +417,8 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
     plan = tools.plan_output(req)
     explicit_key = request.headers.get(SESSION_HEADER)
     key = explicit_key or conversation_key(served.id, messages)
-    route = await gw.route_for(served, key, len(prompt_ids) + max_new, precision)
+    pin = await gw.pinned(served, key, precision)
+    route = pin.route if pin is not None else await gw.route_for(served, None, len(prompt_ids) + max_new, precision)
     request_id = current_request_id() or uuid.uuid4().hex
     jobs = [
         ChoiceJob(i, prompt_ids, max_new, choice_sampling(base_sampling, i), req.stop_sequences(), req.ignore_eos)
@@ -398,11 +426,16 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
     ]
     for job in jobs:
         job.grammar = plan.grammar
+    # Choice 0 carries the conversation: its peers keep their caches under one session id that
+    # the pin records, and the next turn resumes them and sends only its new tokens.
+    peer_session = (pin.peer_session if pin is not None else "") or uuid.uuid4().hex
+    jobs[0].session_id, jobs[0].resume, jobs[0].held = peer_session, pin is not None, []
     pieces = merge_choices([run_choice(gw, served, job, route, request_id) for job in jobs])
     pieces = observe_generation(request, pieces, route, served.id, len(prompt_ids), prompt)
 
     async def remember(reply: str) -> None:
-        await gw.pin(explicit_key or next_turn_key(served.id, messages, reply), served, route)
+        key = explicit_key or next_turn_key(served.id, messages, reply)
+        await gw.pin(key, served, route, tokens=jobs[0].held, peer_session=peer_session)
 
     if req.stream:
         stream = protocol.ChatChunkStream(served.id)

@@ -49,6 +49,9 @@ class GenerationParams:
     # Constrained decoding (`gateway.constrained.JsonConstraint`): `allowed()` before each step goes
     # to the last span as `Step.allowed_token_ids`, `advance(token)` after it. EOS then always ends.
     constraint: Any = None
+    # Cache reuse across turns: the peers' session id, and whether to resume what they kept.
+    session_id: str = ""
+    resume: bool = False
 
 
 class _HopFailure(Exception):
@@ -123,6 +126,7 @@ class RouteRunner:
         self._sampling = swarm_pb2.SamplingParams()
         self._request_id = ""
         self._session_id = ""
+        self._resume_tokens: list[int] = []
         self._next_migration = 0.0
         self._failed_peers: set[str] = set()  # peers that failed this runner: never retried
         self._closing: set[asyncio.Task] = set()
@@ -132,19 +136,48 @@ class RouteRunner:
         return len(self.history)
 
     @property
+    def tokens(self) -> list[int]:
+        """Every token the route's caches hold, in order (recorded in the pin for the next turn)."""
+        return self.history
+
+    @property
     def _end_block(self) -> int:
         return self.route[-1].end
 
-    async def open(self, max_length: int, sampling: swarm_pb2.SamplingParams, request_id: str) -> None:
+    async def open(
+        self,
+        max_length: int,
+        sampling: swarm_pb2.SamplingParams,
+        request_id: str,
+        *,
+        session_id: str = "",
+        resume_tokens: list[int] | None = None,
+    ) -> int:
+        """Open the route's sessions; returns the position to step from (0 unless resuming).
+
+        With `resume_tokens` (the sequence about to run) each peer reattaches the cache it kept for
+        `session_id` and says how much of that sequence it still holds; the route resumes at the
+        smallest such length (every peer truncates to the position of the next step), so a peer
+        that evicted its cache, or a replacement opened by a failover, gets the rest replayed.
+        """
         self._max_length, self._sampling, self._request_id = max_length, sampling, request_id
-        self._session_id = uuid.uuid4().hex
-        results = await asyncio.gather(
-            *(self._open_hop(hop, self.step_timeout) for hop in self.route), return_exceptions=True
-        )
-        self.sessions = [result if isinstance(result, PeerSession) else None for result in results]
-        failed = [(i, result) for i, result in enumerate(results) if isinstance(result, BaseException)]
-        if not failed:
-            return
+        self._session_id = session_id or uuid.uuid4().hex
+        self._resume_tokens = list(resume_tokens or [])
+        try:
+            results = await asyncio.gather(
+                *(self._open_hop(hop, self.step_timeout) for hop in self.route), return_exceptions=True
+            )
+            self.sessions = [result if isinstance(result, PeerSession) else None for result in results]
+            failed = [(i, result) for i, result in enumerate(results) if isinstance(result, BaseException)]
+            if failed:
+                await self._recover_opens(failed)
+            held = min((session.cache_length for session in self.sessions if session is not None), default=0)
+            self.history = self._resume_tokens[:held]
+            return len(self.history)
+        finally:
+            self._resume_tokens = []  # later replacements start from nothing
+
+    async def _recover_opens(self, failed: list[tuple[int, BaseException]]) -> None:
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline = began + (self.failover.timeout if self.failover else 0.0)
@@ -170,10 +203,14 @@ class RouteRunner:
         )
         if hop.end == self._end_block:
             message.sampling.CopyFrom(self._sampling)
+        if self._resume_tokens:
+            message.resume = True
+            message.resume_tokens.extend(self._resume_tokens)
         try:
-            await self._with_deadline(
+            opened = await self._with_deadline(
                 hop, session.open(message, (("x-request-id", self._request_id),)), timeout
             )
+            session.cache_length = opened.cache_length if self._resume_tokens else 0
         except BaseException:
             self._close_later(session)
             raise
@@ -502,9 +539,14 @@ async def generate(
             sampling = swarm_pb2.SamplingParams()
             sampling.CopyFrom(params.sampling)
             sampling.penalty_start = len(params.prompt_ids)
-        await runner.open(max_length, sampling, params.request_id)
+        resume = params.prompt_ids[:-1] if params.resume else None  # at least one token must run
+        start = await runner.open(
+            max_length, sampling, params.request_id, session_id=params.session_id, resume_tokens=resume
+        )
+        if start:
+            log.debug("request %s resumes at token %d of %d", params.request_id, start, len(params.prompt_ids))
         constraint = params.constraint
-        result = await runner.step(params.prompt_ids, allowed_token_ids=constraint and constraint.allowed())
+        result = await runner.step(params.prompt_ids[start:], allowed_token_ids=constraint and constraint.allowed())
         for produced in range(1, params.max_new_tokens + 1):
             event = TokenEvent(
                 token_id=result.token_id,

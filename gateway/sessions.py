@@ -31,10 +31,17 @@ class Pin:
     route: Route
     # tokens the route's peers already hold for this conversation (used for cache reuse)
     tokens: list[int] = field(default_factory=list)
+    # the session id the route's peers keep those tokens under (resumed by the next turn)
+    peer_session: str = ""
 
     def to_json(self) -> str:
         return json.dumps(
-            {"model": self.model, "route": [hop.to_dict() for hop in self.route], "tokens": self.tokens}
+            {
+                "model": self.model,
+                "route": [hop.to_dict() for hop in self.route],
+                "tokens": self.tokens,
+                "peer_session": self.peer_session,
+            }
         )
 
     @classmethod
@@ -44,6 +51,7 @@ class Pin:
             model=str(data["model"]),
             route=tuple(Hop.from_dict(hop) for hop in data["route"]),
             tokens=[int(token) for token in data.get("tokens", [])],
+            peer_session=str(data.get("peer_session", "")),
         )
 
 

@@ -64,7 +64,11 @@ class _LiveCollector(Collector):
         yield info
         sessions = list(servicer.sessions.values())
         yield GaugeMetricFamily("swarm_peer_sessions", "live inference sessions", value=len(sessions))
-        used = sum(session.cache.nbytes for session in sessions)
+        idle = list(servicer.table.idle.values())
+        yield GaugeMetricFamily(
+            "swarm_peer_idle_sessions", "closed sessions whose cache is kept for the next turn", value=len(idle)
+        )
+        used = sum(session.cache.nbytes for session in sessions + idle)
         yield GaugeMetricFamily(
             "swarm_peer_kv_cache_bytes_used", "bytes held by session KV caches now", value=used
         )
@@ -77,7 +81,7 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "swarm_peer_kv_cache_tokens_reserved",
             "cache tokens reserved by open sessions",
-            value=servicer.reserved_tokens,
+            value=servicer.table.reserved_live,
         )
         yield GaugeMetricFamily(
             "swarm_peer_kv_cache_tokens_free",

@@ -9,7 +9,10 @@ Concurrency contract
   waiting at the same moment run as one packed forward pass (continuous batching); a session has
   at most one step in flight because the gateway waits for each result.
 * Session bookkeeping (open, close, truncate) happens on the loop, never while that session's step
-  is in flight.
+  is in flight. The KV budget, idle sessions and eviction live in `peer.memory.SessionTable`.
+* Chunked prefill: a pass holds at most `max_batch_tokens` tokens. Steps are packed shortest
+  first, so every waiting decode step gets in; a long prompt fills what is left and its rest
+  waits for the next pass, interleaved with everyone's decoding instead of stalling it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 
 from peer import tensor_codec
 from peer.kv_cache import KVCache
+from peer.memory import BudgetExhausted, SessionTable
 from peer.metrics import attach_metrics, bind_request_id
 from peer.model import BlockSpan
 from peer.sampling import Sampler, SamplingParams
@@ -57,7 +61,10 @@ class PeerConfig:
     device: str = "cpu"
     wire_dtype: torch.dtype | None = None  # dtype of hidden states we send; None = compute dtype
     cache_tokens: int = 0  # KV budget in tokens over all sessions; 0 = derive from free memory
-    max_batch_tokens: int = 2048
+    cache_bytes: int = 0  # the same budget in bytes (used when cache_tokens is 0)
+    open_wait: float = 5.0  # seconds an open waits for cache room before RESOURCE_EXHAUSTED
+    idle_ttl: float = 300.0  # seconds a closed session's cache is kept for resumption (0: never)
+    max_batch_tokens: int = 512  # tokens per forward pass; longer prefills are chunked
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     heartbeat: float = 5.0
     ttl: float = 15.0
@@ -84,6 +91,9 @@ class Session:
     wire_dtype: torch.dtype
     history: list[int] = field(default_factory=list)  # token ids the cache holds, for penalties
     penalty_start: int = 0  # presence/frequency penalties count history[penalty_start:] (the prompt length)
+    reserved: int = 0  # cache tokens the budget holds for this session (see peer.memory)
+    idle_since: float = 0.0
+    in_forward: bool = False  # a forward pass on this cache is running in the worker thread
 
 
 @dataclass
@@ -94,20 +104,30 @@ class _Work:
     sample: bool
     allowed: list[int]
     future: asyncio.Future
+    done: int = 0  # tokens already run (chunked prefill)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # hidden rows of earlier chunks
+
+    @property
+    def remaining(self) -> int:
+        return len(self.token_ids) - self.done
 
 
 class BatchScheduler:
     """Packs the steps that are waiting into one forward pass, run in a single worker thread."""
 
     def __init__(self, span: BlockSpan, max_batch_tokens: int):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.span = span
         self.max_batch_tokens = max_batch_tokens
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
+        self._carry: list[_Work] = []  # prefills with chunks still to run
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._task: asyncio.Task | None = None
-        self.steps = 0
+        self.steps = 0  # forward passes
         self.tokens = 0
         self.observe = None  # called with (sessions, tokens, seconds) after each forward pass
+        self.session_steps = 0  # finished steps of sessions; > steps when passes were shared
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -123,50 +143,91 @@ class BatchScheduler:
         self._queue.put_nowait(work)
         return await work.future
 
+    def _pack(self, waiting: list[_Work]) -> tuple[list[tuple[_Work, int]], list[_Work]]:
+        """Choose (work, tokens) pieces for one pass; the rest waits. Shortest first, so decode
+        steps never wait behind a long prompt; a prompt is cut to what the pass has room for."""
+        pieces: list[tuple[_Work, int]] = []
+        rest: list[_Work] = []
+        room = self.max_batch_tokens
+        for work in sorted(waiting, key=lambda w: w.remaining):
+            if work.future.done():
+                continue
+            cache = work.session.cache
+            if cache.max_capacity is not None and cache.length + work.remaining > cache.max_capacity:
+                # caught here so one session's overflow fails its own step, not the whole pack
+                work.future.set_exception(
+                    StepError(grpc.StatusCode.INVALID_ARGUMENT, "step exceeds the session's max_length")
+                )
+                continue
+            if room <= 0:
+                rest.append(work)
+                continue
+            count = min(room, work.remaining)
+            pieces.append((work, count))
+            room -= count
+        return pieces, rest
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            tokens = len(batch[0].token_ids)
-            while not self._queue.empty() and tokens < self.max_batch_tokens:
-                work = self._queue.get_nowait()
-                batch.append(work)
-                tokens += len(work.token_ids)
-            batch = [work for work in batch if not work.future.cancelled()]
-            if not batch:
+            waiting, self._carry = self._carry, []
+            if not waiting:
+                waiting.append(await self._queue.get())
+            while not self._queue.empty():
+                waiting.append(self._queue.get_nowait())
+            pieces, self._carry = self._pack(waiting)
+            if not pieces:
                 continue
             begin = time.perf_counter()
+            for work, _ in pieces:
+                work.session.in_forward = True
             try:
-                results = await loop.run_in_executor(self._executor, self._forward, batch)
+                results = await loop.run_in_executor(self._executor, self._forward, pieces)
             except Exception as exc:  # a bug or OOM must fail these steps, not the peer
                 log.exception("forward pass failed")
-                for work in batch:
+                for work, _ in pieces:
                     if not work.future.done():
                         work.future.set_exception(StepError(grpc.StatusCode.INTERNAL, f"forward failed: {exc}"))
                 continue
+            finally:
+                for work, _ in pieces:
+                    work.session.in_forward = False
             self.steps += 1
-            self.tokens += tokens
+            batch_tokens = sum(count for _, count in pieces)
+            self.tokens += batch_tokens
             if self.observe is not None:
-                self.observe(len(batch), tokens, time.perf_counter() - begin)
-            for work, result in zip(batch, results, strict=True):
-                if not work.future.done():
+                self.observe(len(pieces), batch_tokens, time.perf_counter() - begin)
+            for (work, _), result in zip(pieces, results, strict=True):
+                if work.future.done():
+                    continue
+                if result is None:  # more chunks to go
+                    self._carry.append(work)
+                else:
+                    self.session_steps += 1
                     work.future.set_result(result)
 
     @torch.inference_mode()
-    def _forward(self, batch: list[_Work]) -> list[swarm_pb2.StepResult]:
+    def _forward(self, pieces: list[tuple[_Work, int]]) -> list[swarm_pb2.StepResult | None]:
         span = self.span
-        inputs = torch.cat([work.inputs for work in batch])
-        lengths = [len(work.token_ids) for work in batch]
-        hidden = span(inputs, [work.session.cache for work in batch], lengths)
-        results = []
+        inputs = torch.cat([work.inputs[work.done : work.done + count] for work, count in pieces])
+        lengths = [count for _, count in pieces]
+        hidden = span(inputs, [work.session.cache for work, _ in pieces], lengths)
+        results: list[swarm_pb2.StepResult | None] = []
         offset = 0
-        for work, length in zip(batch, lengths, strict=True):
+        for work, length in pieces:
             session = work.session
-            session.history.extend(work.token_ids)
+            session.history.extend(work.token_ids[work.done : work.done + length])
             rows = hidden[offset : offset + length]
             offset += length
+            work.done += length
+            if work.remaining > 0:
+                if not span.is_last:
+                    work.outputs.append(rows)
+                results.append(None)
+                continue
             result = swarm_pb2.StepResult(cache_length=session.cache.length)
             if not span.is_last:
+                rows = torch.cat([*work.outputs, rows]) if work.outputs else rows
                 result.hidden.CopyFrom(tensor_codec.encode(rows, session.wire_dtype))
             elif work.sample:
                 logits = span.logits(rows[-1:])[0]
@@ -187,8 +248,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.span = span
         self.scheduler = scheduler
         self.cache_tokens = cache_tokens
-        self.sessions: dict[str, Session] = {}
-        self.reserved_tokens = 0
+        self.table = SessionTable(cache_tokens, idle_ttl=config.idle_ttl, open_wait=config.open_wait)
         self.draining = False
         self.throughput = 0.0
         self.all_closed = asyncio.Event()
@@ -196,10 +256,16 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
 
     # -- bookkeeping -------------------------------------------------------------------------
     @property
-    def free_cache_tokens(self) -> int:
-        return max(0, self.cache_tokens - self.reserved_tokens)
+    def sessions(self) -> dict[int, Session]:
+        """Live sessions (those with an open stream)."""
+        return self.table.live
 
-    def _open(self, request: swarm_pb2.OpenSession) -> Session:
+    @property
+    def free_cache_tokens(self) -> int:
+        return self.table.free_tokens
+
+    async def _open(self, request: swarm_pb2.OpenSession) -> tuple[Session, int]:
+        """Admit a session within the KV budget; returns it and the tokens its cache holds."""
         cfg = self.config
         if self.draining:
             raise StepError(grpc.StatusCode.UNAVAILABLE, "peer is shutting down; open the session elsewhere")
@@ -212,11 +278,6 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         if not 0 < request.max_length <= max_positions:
             raise StepError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"max_length must be in [1, {max_positions}], got {request.max_length}"
-            )
-        if request.max_length > self.free_cache_tokens:
-            raise StepError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"no cache room for {request.max_length} tokens ({self.free_cache_tokens} free)",
             )
         # The client's choice wins; else this peer's --wire-dtype; else its compute dtype. Whatever
         # arrives is converted to the compute dtype in _prepare_step, so mixed swarms just work.
@@ -232,27 +293,47 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             except ValueError as exc:
                 raise StepError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         session_id = request.session_id or uuid.uuid4().hex
-        session = Session(
-            session_id=session_id,
-            cache=self.span.new_cache(),
-            sampler=sampler,
-            max_length=request.max_length,
-            wire_dtype=wire_dtype,
-            penalty_start=max(0, request.sampling.penalty_start),
-        )
-        self.reserved_tokens += request.max_length
-        self.sessions[id(session)] = session
-        self.all_closed.clear()
-        log.info("session opened", extra={"session": session_id, "max_length": request.max_length})
-        return session
 
-    def _close(self, session: Session) -> None:
-        if self.sessions.pop(id(session), None) is not None:
-            # The cache itself is freed when the last reference goes: a forward pass already
-            # running in the worker thread may still hold this session.
-            self.reserved_tokens -= session.max_length
-            log.info("session closed", extra={"session": session.session_id, "tokens": session.cache.length})
-        if not self.sessions:
+        def make() -> Session:
+            return Session(
+                session_id=session_id,
+                cache=self.span.new_cache(max_capacity=request.max_length),
+                sampler=sampler,
+                max_length=request.max_length,
+                wire_dtype=wire_dtype,
+                penalty_start=max(0, request.sampling.penalty_start),
+            )
+
+        resume = request.resume and bool(request.session_id)
+        try:
+            session, resumed = await self.table.admit(request.max_length, session_id, resume, make)
+        except BudgetExhausted as exc:
+            raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        held = 0
+        if resumed:
+            # Keep only the prefix the caller's sequence shares with what the cache holds.
+            held = _common_prefix(session.history, request.resume_tokens)
+            held = min(held, session.cache.length, request.max_length - 1)
+            session.cache.truncate(held)
+            del session.history[held:]
+            session.cache.max_capacity = max(request.max_length, session.cache.capacity)
+            session.sampler = sampler
+            session.max_length = request.max_length
+            session.wire_dtype = wire_dtype
+            session.penalty_start = max(0, request.sampling.penalty_start)
+        self.all_closed.clear()
+        log.info(
+            "session opened",
+            extra={"session": session_id, "max_length": request.max_length, "resumed": resumed, "held": held},
+        )
+        return session, held
+
+    def _close(self, session: Session, keep: bool = True) -> None:
+        # The cache itself is freed when the last reference goes: a forward pass already running
+        # in the worker thread may still hold this session.
+        self.table.release(session, keep=keep and not self.draining)
+        log.info("session closed", extra={"session": session.session_id, "tokens": session.cache.length})
+        if not self.table.live:
             self.all_closed.set()
 
     def _prepare_step(self, session: Session, step: swarm_pb2.Step) -> _Work:
@@ -319,9 +400,9 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                     if kind == "open":
                         if session is not None:
                             raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "this stream already has a session")
-                        session = self._open(request.open)
+                        session, held = await self._open(request.open)
                         yield swarm_pb2.InferenceResponse(
-                            opened=swarm_pb2.Opened(peer_id=self.config.peer_id, cache_length=0)
+                            opened=swarm_pb2.Opened(peer_id=self.config.peer_id, cache_length=held)
                         )
                     elif kind == "step":
                         if session is None:
@@ -337,6 +418,8 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                     await context.abort(exc.code, exc.message)
         finally:
             if session is not None:
+                # Kept idle whether the stream closed or broke: a resume compares token ids, so
+                # a cache the caller is unsure of is still safe to offer.
                 self._close(session)
 
     async def Info(self, request, context):
@@ -353,7 +436,22 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             throughput=self.throughput,
             version=VERSION,
             state="draining" if self.draining else "online",
+            idle_sessions=len(self.table.idle),
+            cache_budget_tokens=self.cache_tokens,
+            tokens_processed=self.scheduler.tokens,
+            forward_passes=self.scheduler.steps,
+            steps=self.scheduler.session_steps,
+            evictions=self.table.evictions,
         )
+
+
+def _common_prefix(a: list[int], b) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _sampling_params(message: swarm_pb2.SamplingParams, vocab_size: int) -> SamplingParams:
@@ -373,6 +471,15 @@ def _sampling_params(message: swarm_pb2.SamplingParams, vocab_size: int) -> Samp
         logprobs=message.logprobs,
         top_logprobs=message.top_logprobs,
     )
+
+
+def cache_budget_tokens(span: BlockSpan, cache_tokens: int = 0, cache_bytes: int = 0) -> int:
+    """The KV budget in tokens: `--cache-tokens`, else `--cache-bytes`, else from free memory."""
+    if cache_tokens:
+        return cache_tokens
+    if cache_bytes:
+        return max(1, cache_bytes // span.new_cache(capacity=1).bytes_per_token)
+    return default_cache_tokens(span)
 
 
 def default_cache_tokens(span: BlockSpan) -> int:
@@ -427,7 +534,7 @@ class PeerServer:
         )
         if not (0 <= cfg.start < cfg.end <= span.config.num_hidden_layers):
             raise ValueError(f"blocks [{cfg.start}, {cfg.end}) are outside the model's {span.config.num_hidden_layers}")
-        cache_tokens = cfg.cache_tokens or default_cache_tokens(span)
+        cache_tokens = cache_budget_tokens(span, cfg.cache_tokens, cfg.cache_bytes)
         self.scheduler = BatchScheduler(span, cfg.max_batch_tokens)
         self.scheduler.start()
         self.servicer = PeerServicer(cfg, span, self.scheduler, cache_tokens)
@@ -489,6 +596,7 @@ class PeerServer:
         wait until those sessions close or the drain timeout runs out; withdraw; exit."""
         if self.servicer is not None:
             self.servicer.draining = True
+            self.servicer.table.drop_idle()
         if self.announcer is not None:
             try:
                 await asyncio.wait_for(self.announcer.announce_now(), WITHDRAW_TIMEOUT_S)

@@ -52,7 +52,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., top_logprobs: _Optional[int] = ..., logprobs: _Optional[bool] = ..., penalty_start: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "start_block", "end_block", "max_length", "sampling", "request_id", "wire_dtype")
+    __slots__ = ("session_id", "start_block", "end_block", "max_length", "sampling", "request_id", "wire_dtype", "resume", "resume_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,8 @@ class OpenSession(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_block: int
     end_block: int
@@ -67,7 +69,9 @@ class OpenSession(_message.Message):
     sampling: SamplingParams
     request_id: str
     wire_dtype: str
-    def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., max_length: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
+    resume: bool
+    resume_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., max_length: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., resume: _Optional[bool] = ..., resume_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("token_ids", "hidden", "position", "sample", "allowed_token_ids")
@@ -142,7 +146,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("peer_id", "model", "start_block", "end_block", "num_blocks", "dtype", "quant", "live_sessions", "free_cache_tokens", "throughput", "version", "state")
+    __slots__ = ("peer_id", "model", "start_block", "end_block", "num_blocks", "dtype", "quant", "live_sessions", "free_cache_tokens", "throughput", "version", "state", "idle_sessions", "cache_budget_tokens", "tokens_processed", "forward_passes", "steps", "evictions")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +159,12 @@ class InfoResponse(_message.Message):
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     model: str
     start_block: int
@@ -167,4 +177,10 @@ class InfoResponse(_message.Message):
     throughput: float
     version: str
     state: str
-    def __init__(self, peer_id: _Optional[str] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., live_sessions: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    idle_sessions: int
+    cache_budget_tokens: int
+    tokens_processed: int
+    forward_passes: int
+    steps: int
+    evictions: int
+    def __init__(self, peer_id: _Optional[str] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., live_sessions: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., idle_sessions: _Optional[int] = ..., cache_budget_tokens: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...

@@ -126,7 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
           help="dtype of the hidden states this peer sends unless the gateway asks otherwise; auto: compute dtype")  # fmt: skip
     _flag(peer, "peer", "--device", default="auto", help="cpu, cuda, cuda:N or auto")
     _flag(peer, "peer", "--cache-tokens", type=int, default=0, help="KV cache budget in tokens (0: half of free memory)")
-    _flag(peer, "peer", "--max-batch-tokens", type=int, default=2048, help="tokens per forward pass at most")
+    _flag(peer, "peer", "--cache-bytes", type=int, default=0,
+          help="KV cache budget in bytes, used when --cache-tokens is 0 (0: half of free memory)")  # fmt: skip
+    _flag(peer, "peer", "--open-wait", type=float, default=5.0,
+          help="seconds a new session waits for cache room before RESOURCE_EXHAUSTED")  # fmt: skip
+    _flag(peer, "peer", "--idle-ttl", type=float, default=300.0,
+          help="seconds a closed session's cache is kept so the next turn can resume it (0: never)")  # fmt: skip
+    _flag(peer, "peer", "--max-batch-tokens", type=int, default=512,
+          help="tokens per forward pass at most; longer prompts are prefilled in chunks of this size")  # fmt: skip
     _flag(peer, "peer", "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     _flag(peer, "peer", "--heartbeat", type=float, default=5.0, help="seconds between DHT announcements")
     _flag(peer, "peer", "--ttl", type=float, default=15.0, help="seconds an announcement stays valid")
@@ -263,6 +270,9 @@ def cmd_peer(args) -> int:
         device=device,
         wire_dtype=None if args.wire_dtype == "auto" else resolve_dtype(args.wire_dtype, device),
         cache_tokens=args.cache_tokens,
+        cache_bytes=args.cache_bytes,
+        open_wait=args.open_wait,
+        idle_ttl=args.idle_ttl,
         max_batch_tokens=args.max_batch_tokens,
         threads=args.threads,
         heartbeat=args.heartbeat,

@@ -1,0 +1,341 @@
+"""Batching benchmark (issue 5): aggregate throughput at 1..32 streams, cache reuse across turns,
+and peer memory under load, on the ~150M "bench" model over a 2-peer local swarm.
+
+In one run, against one machine's noise:
+
+* **swarm**: `loadtests.loadgen` at concurrency C (C in --levels), 2*C requests of --input-len
+  words in and exactly --output-len tokens out (`ignore_eos`), through the gateway's streaming
+  API. Aggregate output tokens/s, and each level as a multiple of the 1-stream figure.
+* **reference**: `transformers` `generate()` in this process on a batch of C prompts of the same
+  length, greedy, exactly --output-len new tokens: batch*tokens / wall time, and the same multiple.
+* **second turn**: a conversation whose first user message is ~--history tokens; TTFT of its
+  second turn (which resumes the peers' caches and sends only the new tokens) against the first
+  turn's; median over --conversations conversations, plain OpenAI requests (no session header).
+* **memory**: peak RSS of each peer process (sampled every 50 ms from /proc) during the
+  highest-concurrency run, beside the KV budget the peer was given (`--cache-tokens`).
+
+    python -m loadtests.bench_batching [--levels 1,4,8,16,32] [--output-len 32] [--input-len 32]
+        [--history 1000] [--threads 1] [--ref-threads 2]
+        [--out loadtests/results/batching.json] [--docs docs/benchmarks-batching.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_ID = "bench-bench"
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRSS:
+    """Samples the RSS of some processes in a thread; `peaks` holds the maximum of each."""
+
+    def __init__(self, pids: list[int], interval: float = 0.05):
+        self.pids = pids
+        self.interval = interval
+        self.peaks = [0] * len(pids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for i, pid in enumerate(self.pids):
+                self.peaks[i] = max(self.peaks[i], rss_bytes(pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def reference_throughput(model, vocab: int, batch: int, input_len: int, output_len: int) -> float:  # noqa: ANN001
+    import torch
+
+    generator = torch.Generator().manual_seed(batch)
+    ids = torch.randint(10, vocab, (batch, input_len), generator=generator)
+    mask = torch.ones_like(ids)
+    begin = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=output_len,
+                             min_new_tokens=output_len, pad_token_id=0)  # fmt: skip
+    elapsed = time.perf_counter() - begin
+    return batch * (out.shape[1] - input_len) / elapsed
+
+
+def history_text(tokenizer, tokens: int) -> str:  # noqa: ANN001
+    """A user message of about `tokens` tokens with this tokenizer."""
+    import random
+
+    from loadtests.loadgen import make_text
+
+    rng = random.Random(0)
+    words = tokens
+    for _ in range(6):
+        text = make_text(rng, words)
+        count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if abs(count - tokens) <= tokens // 50:
+            break
+        words = max(1, round(words * tokens / max(1, count)))
+    return text
+
+
+async def second_turn(base_url: str, tokenizer, args) -> dict:  # noqa: ANN001
+    import httpx
+
+    from loadtests.loadgen import LoadConfig, stream_chat
+
+    cfg = LoadConfig(base_url=base_url, model=MODEL_ID, output_len=args.output_len)
+    firsts, seconds, prompts = [], [], []
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        for i in range(args.conversations):
+            messages = [{"role": "user", "content": f"[{i}] " + history_text(tokenizer, args.history)}]
+            one, reply = await stream_chat(client, cfg, messages, {})
+            messages += [
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": "Say more about that."},
+            ]
+            two, _ = await stream_chat(client, cfg, messages, {})
+            if not (one.ok and two.ok):
+                raise RuntimeError(f"second-turn run failed: {one.error or two.error}")
+            firsts.append(one.ttft)
+            seconds.append(two.ttft)
+            prompts.append((one.prompt_tokens, two.prompt_tokens))
+    first, second = statistics.median(firsts), statistics.median(seconds)
+    return {
+        "history_tokens": prompts[0][0],
+        "second_prompt_tokens": prompts[0][1],
+        "conversations": args.conversations,
+        "ttft_first_turn_ms": first * 1000,
+        "ttft_second_turn_ms": second * 1000,
+        "ratio": second / first,
+        "goal_ratio_at_most": 0.25,
+        "raw_ms": [[a * 1000, b * 1000] for a, b in zip(firsts, seconds, strict=True)],
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loadtests.loadgen import LoadConfig, run_load
+    from peer.client import ChannelPool
+    from peer.demo_model import ensure_demo_model
+    from swarm.launcher import LocalSwarm, num_blocks_of, split_blocks
+
+    model_dir = ensure_demo_model(args.cache_dir, preset="bench")
+    config = json.loads((model_dir / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    split = split_blocks(num_blocks_of(model_dir), 2)
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    results: dict = {
+        "benchmark": "batching",
+        "model": {
+            "preset": "bench",
+            "hidden": config["hidden_size"],
+            "layers": config["num_hidden_layers"],
+            "dtype": "float32",
+            "spans": split,
+        },  # fmt: skip
+        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    swarm = LocalSwarm(model_dir, log_level="WARNING", model_name=MODEL_ID)
+    try:
+        swarm.start_dht()
+        flags = ["--threads", str(args.threads), "--cache-tokens", str(args.cache_tokens)]
+        peers = swarm.start_peers(split, *flags)
+        # Under a burst of 32 prefills a step queues behind several full passes on these shared
+        # cores; the default 10 s step deadline would call that a dead peer (and ban it).
+        gateway = swarm.start_gateway(None, "--step-timeout", str(args.step_timeout))
+        base = gateway.address
+        for _ in range(120):  # the gateway lists the model once the DHT shows both peers
+            import httpx
+
+            if httpx.get(f"{base}/v1/models").json()["data"]:
+                break
+            time.sleep(0.5)
+
+        def load(concurrency: int, requests: int) -> dict:
+            cfg = LoadConfig(base_url=base, model=MODEL_ID, concurrency=concurrency, num_requests=requests,
+                             input_len=args.input_len, output_len=args.output_len, progress=False)  # fmt: skip
+            return asyncio.run(run_load(cfg))
+
+        load(1, 1)  # warm-up
+        swarm_rows = []
+        peaks: list[int] = []
+        for level in args.levels:
+            if level == max(args.levels):
+                with PeakRSS([peer.process.pid for peer in peers]) as sampler:
+                    report = load(level, 2 * level)
+                peaks = sampler.peaks
+            else:
+                report = load(level, 2 * level)
+            swarm_rows.append({"concurrency": level, "output_tok_s": report["output_throughput"],
+                               "failed": report["failed"], "errors": report["errors"], "ttft_p50_ms": report["ttft_ms"]["p50"],
+                               "tpot_p50_ms": report["tpot_ms"]["p50"], "e2e_p50_ms": report["e2e_ms"]["p50"]})  # fmt: skip
+            print(
+                f"swarm  C={level:>3}: {report['output_throughput']:8.1f} tok/s  failed {report['failed']}",
+                flush=True,
+            )
+        base_rate = swarm_rows[0]["output_tok_s"]
+        for row in swarm_rows:
+            row["x_vs_1"] = row["output_tok_s"] / base_rate if base_rate else 0.0
+        results["swarm"] = swarm_rows
+
+        pool = ChannelPool()
+        infos = asyncio.run(_infos(pool, [peer.address for peer in peers]))
+        results["memory"] = [
+            {
+                "peer": f"blocks [{start}, {end})",
+                "peak_rss_mib": peak / 2**20,
+                "budget_tokens": info.cache_budget_tokens,
+                "budget_mib": info.cache_budget_tokens
+                * 2 * (end - start) * config["num_key_value_heads"] * head_dim * 4 / 2**20,
+                "evictions": info.evictions,
+            }
+            for (start, end), peak, info in zip(split, peaks, infos, strict=True)
+        ]  # fmt: skip
+        results["second_turn"] = asyncio.run(second_turn(base, tokenizer, args))
+        print(f"second turn TTFT ratio {results['second_turn']['ratio']:.3f}", flush=True)
+    finally:
+        swarm.stop()
+
+    torch.set_num_threads(args.ref_threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    reference_throughput(model, config["vocab_size"], 1, args.input_len, 4)  # warm-up
+    ref_rows = []
+    for level in args.levels:
+        rate = reference_throughput(model, config["vocab_size"], level, args.input_len, args.output_len)
+        ref_rows.append({"batch": level, "output_tok_s": rate})
+        print(f"ref    B={level:>3}: {rate:8.1f} tok/s", flush=True)
+    for row in ref_rows:
+        row["x_vs_1"] = row["output_tok_s"] / ref_rows[0]["output_tok_s"]
+    results["reference"] = ref_rows
+    return results
+
+
+async def _infos(pool, addresses: list[str]):  # noqa: ANN001
+    from peer.client import peer_info
+
+    try:
+        return [await peer_info(pool, address) for address in addresses]
+    finally:
+        await pool.close()
+
+
+def markdown(results: dict, command: str) -> str:
+    s = results["settings"]
+    lines = [
+        "# Batching benchmark",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        f'Model: random Llama "bench" preset (hidden {results["model"]["hidden"]}, {results["model"]["layers"]} layers, '
+        f"~156M params, fp32) over 2 local peers {results['model']['spans']}, each with `--threads {s['threads']}` "
+        f"and `--cache-tokens {s['cache_tokens']}`, gateway `--step-timeout {s['step_timeout']}`; reference `transformers` `generate()` with "
+        f"{s['ref_threads']} torch threads in one process. Machine: {results['machine']['cpu_count']} CPU cores "
+        f"(shared with other work, so figures are noisy). Requests: {s['input_len']} words in, exactly "
+        f"{s['output_len']} tokens out, greedy; 2×C requests per level. Finished {results.get('finished_at', '')}.",
+        "",
+        "## Aggregate output tokens/s",
+        "",
+        "| streams | swarm tok/s | swarm × 1-stream | failed | swarm TTFT p50 ms | swarm TPOT p50 ms "
+        "| transformers tok/s | transformers × batch 1 |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for sw, ref in zip(results["swarm"], results["reference"], strict=True):
+        lines.append(
+            f"| {sw['concurrency']} | {sw['output_tok_s']:.1f} | {sw['x_vs_1']:.2f}× | {sw['failed']} | {sw['ttft_p50_ms']:.0f} | "
+            f"{sw['tpot_p50_ms']:.0f} | {ref['output_tok_s']:.1f} | {ref['x_vs_1']:.2f}× |"
+        )
+    st = results["second_turn"]
+    lines += [
+        "",
+        "Goal: ≥4× at 8 streams, ≥6× at 16.",
+        "",
+        "## Second turn of a conversation (cache reuse)",
+        "",
+        f"First turn: {st['history_tokens']} prompt tokens; second turn: {st['second_prompt_tokens']} prompt tokens, "
+        f"of which the peers already hold the first turn. Median of {st['conversations']} conversations, "
+        "plain OpenAI requests (the conversation hash keys the session).",
+        "",
+        "| TTFT first turn ms | TTFT second turn ms | ratio (goal ≤ 0.25) |",
+        "| ---: | ---: | ---: |",
+        f"| {st['ttft_first_turn_ms']:.0f} | {st['ttft_second_turn_ms']:.0f} | {st['ratio']:.3f} |",
+        "",
+        f"## Peer memory during the {max(s['levels'])}-stream run",
+        "",
+        "| peer | peak RSS MiB | KV budget tokens | KV budget MiB |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for m in results["memory"]:
+        lines.append(
+            f"| {m['peer']} | {m['peak_rss_mib']:.0f} | {m['budget_tokens']} | {m['budget_mib']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from swarm.cli import DEFAULT_CACHE
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--levels", default="1,4,8,16,32", help="concurrent streams (and reference batch sizes)"
+    )
+    parser.add_argument("--input-len", type=int, default=32, help="words per request (~tokens)")
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument(
+        "--history", type=int, default=1000, help="tokens of the first turn in the reuse test"
+    )
+    parser.add_argument("--conversations", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per peer")
+    parser.add_argument(
+        "--ref-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the reference"
+    )
+    parser.add_argument("--cache-tokens", type=int, default=16384, help="each peer's KV budget")
+    parser.add_argument("--step-timeout", type=float, default=300.0, help="the gateway's per-step deadline")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "batching.json")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks-batching.md")
+    args = parser.parse_args(argv)
+    args.levels = [int(level) for level in args.levels.split(",") if level]
+    if not args.levels or min(args.levels) < 1:
+        parser.error("--levels needs positive integers")
+    started = time.perf_counter()
+    results = run(args)
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    command = "python -m loadtests.bench_batching " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["command"] = command.strip()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.docs.parent.mkdir(parents=True, exist_ok=True)
+    args.docs.write_text(markdown(results, results["command"]))
+    print(f"wrote {args.out} and {args.docs} in {results['wall_s']} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Serving many sessions on one swarm: continuous batching with chunked prefill, the KV budget
+(idle caches, LRU eviction, the bounded wait and RESOURCE_EXHAUSTED), and cache reuse across the
+turns of a conversation. Real processes: DHT, two peers, a gateway, the OpenAI SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from gateway.generation import GenerationParams, RouteRunner, generate
+from gateway.routing import Hop
+from peer.client import ChannelPool, PeerError, PeerSession, peer_info
+from protos import swarm_pb2
+from swarm.launcher import LocalSwarm
+from tests.conftest import HEARTBEAT, TTL
+
+MODEL = "swarm-demo"
+BUDGET = 600  # cache tokens per peer: small, so that eviction and refusal are easy to reach
+CHUNK = 16  # --max-batch-tokens: prompts longer than this are prefilled in chunks
+LONG_TEXT = "The swarm serves a model split across peers, block by block, for many users at once. " * 3
+
+
+@pytest.fixture(scope="module")
+def swarm(demo_model, tmp_path_factory):
+    local = LocalSwarm(demo_model, workdir=tmp_path_factory.mktemp("serving"), heartbeat=HEARTBEAT, ttl=TTL,
+                       model_name=MODEL)  # fmt: skip
+    try:
+        local.start_dht()
+        local.start_peers(
+            [(0, 2), (2, 4)],
+            "--threads", "1", "--cache-tokens", str(BUDGET), "--open-wait", "0.5",
+            "--max-batch-tokens", str(CHUNK),
+        )  # fmt: skip
+        local.start_gateway(None)
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+def peers(swarm) -> list[str]:
+    return [child.address for child in swarm.children if child.name.startswith("peer")]
+
+
+@pytest.fixture(scope="module")
+def client(swarm) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{swarm.children[-1].address}/v1", api_key="unused", max_retries=0)
+
+
+def info(address: str) -> swarm_pb2.InfoResponse:
+    async def ask():
+        pool = ChannelPool()
+        try:
+            return await peer_info(pool, address)
+        finally:
+            await pool.close()
+
+    return asyncio.run(ask())
+
+
+def greedy(max_tokens: int, **extra) -> dict:
+    return dict(model=MODEL, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}, **extra)
+
+
+# -- continuous batching ------------------------------------------------------------------------
+async def _generate(
+    route, prompt: list[int], max_new: int, pool: ChannelPool, start_after=None, progress=None
+):
+    """Greedy tokens of one session; waits for `start_after` to join mid-way, reports progress."""
+    if start_after is not None:
+        await start_after.wait()
+    params = GenerationParams(
+        prompt_ids=prompt, max_new_tokens=max_new, sampling=swarm_pb2.SamplingParams(temperature=0.0)
+    )
+    tokens = []
+    async for event in generate(RouteRunner(pool, route, 30.0), params, len(prompt) + max_new):
+        tokens.append(event.token_id)
+        if progress is not None and len(tokens) in progress:
+            progress[len(tokens)].set()
+    return tokens
+
+
+def test_batched_decoding_matches_unbatched(peers):
+    route = (Hop("p0", peers[0], 0, 2), Hop("p1", peers[1], 2, 4))
+    # mixed lengths: some prompts need several prefill chunks (CHUNK tokens each)
+    prompts = [[10 + i for i in range(n)] for n in (3, 40, 9, 23, 1, 57)]
+    max_new = [12, 6, 16, 9, 14, 8]  # they leave the batch at different steps
+
+    async def scenario():
+        pool = ChannelPool()
+        try:
+            alone = [await _generate(route, p, n, pool) for p, n in zip(prompts, max_new, strict=True)]
+            before = await peer_info(pool, peers[1])
+            # sessions 0..2 start together; 3..5 join while session 0 is decoding
+            progress = {k: asyncio.Event() for k in (2, 4, 6)}
+            gates = [None, None, None, progress[2], progress[4], progress[6]]
+            together = await asyncio.gather(
+                *(
+                    _generate(route, p, n, pool, start_after=gate, progress=progress if i == 0 else None)
+                    for i, (p, n, gate) in enumerate(zip(prompts, max_new, gates, strict=True))
+                )
+            )
+            after = await peer_info(pool, peers[1])
+            return alone, together, before, after
+        finally:
+            await pool.close()
+
+    alone, together, before, after = asyncio.run(scenario())
+    for i, (a, b) in enumerate(zip(alone, together, strict=True)):
+        assert a == b, f"session {i} differs when batched"
+        assert len(a) == max_new[i]
+    steps = after.steps - before.steps
+    passes = after.forward_passes - before.forward_passes
+    assert steps == sum(max_new)  # every prefill and decode step of the batched run
+    assert passes < steps, "no forward pass was shared between sessions"
+
+
+# -- cache reuse across turns -------------------------------------------------------------------
+def _turns(client, peers, headers: dict):
+    first = [{"role": "user", "content": LONG_TEXT}]
+    before = info(peers[0]).tokens_processed
+    one = client.chat.completions.create(messages=first, extra_headers=headers, **greedy(6))
+    mid = info(peers[0]).tokens_processed
+    second = [*first, {"role": "assistant", "content": one.choices[0].message.content},
+              {"role": "user", "content": "And then?"}]  # fmt: skip
+    two = client.chat.completions.create(messages=second, extra_headers=headers, **greedy(6))
+    after = info(peers[0]).tokens_processed
+    return one, two, second, mid - before, after - mid
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["x-session-id", "conversation-hash"])
+def test_second_turn_sends_only_new_tokens(client, peers, explicit):
+    headers = {"X-Session-Id": uuid.uuid4().hex} if explicit else {}
+    one, two, second, sent_one, sent_two = _turns(client, peers, headers)
+    # turn 1 runs its whole prompt and all but the last generated token
+    assert sent_one == one.usage.prompt_tokens + one.usage.completion_tokens - 1
+    # turn 2 runs only what turn 1 had not already put in the peer's cache
+    new_prompt = two.usage.prompt_tokens - one.usage.prompt_tokens
+    assert sent_two <= new_prompt + two.usage.completion_tokens
+    assert sent_two < two.usage.prompt_tokens
+    # and resuming changes nothing in the output: a fresh conversation gives the same reply
+    fresh = client.chat.completions.create(messages=second, extra_headers={"X-Session-Id": uuid.uuid4().hex},
+                                           **greedy(6))  # fmt: skip
+    assert fresh.choices[0].message.content == two.choices[0].message.content
+
+
+def _fill_budget(peers: list[str]) -> None:
+    """Open and close a session that needs nearly the whole budget: every idle cache goes."""
+
+    async def fill():
+        pool = ChannelPool()
+        try:
+            for address, (start, end) in zip(peers, [(0, 2), (2, 4)], strict=True):
+                session = PeerSession(pool, address)
+                await session.open(
+                    swarm_pb2.OpenSession(start_block=start, end_block=end, max_length=BUDGET - 10)
+                )
+                await session.close()
+        finally:
+            await pool.close()
+
+    asyncio.run(fill())
+
+
+def test_replay_after_eviction_gives_the_same_output(client, peers):
+    headers = {"X-Session-Id": uuid.uuid4().hex}
+    first = [{"role": "user", "content": LONG_TEXT}]
+    one = client.chat.completions.create(messages=first, extra_headers=headers, **greedy(6))
+    assert info(peers[0]).idle_sessions >= 1
+    evicted_before = info(peers[0]).evictions
+    _fill_budget(peers)
+    assert info(peers[0]).evictions > evicted_before
+    second = [*first, {"role": "assistant", "content": one.choices[0].message.content},
+              {"role": "user", "content": "And then?"}]  # fmt: skip
+    before = info(peers[0]).tokens_processed
+    two = client.chat.completions.create(messages=second, extra_headers=headers, **greedy(6))
+    sent = info(peers[0]).tokens_processed - before
+    # the peer had nothing left: the gateway replayed the whole conversation, transparently
+    assert sent == two.usage.prompt_tokens + two.usage.completion_tokens - 1
+    fresh = client.chat.completions.create(messages=second, extra_headers={"X-Session-Id": uuid.uuid4().hex},
+                                           **greedy(6))  # fmt: skip
+    assert fresh.choices[0].message.content == two.choices[0].message.content
+
+
+# -- the budget -----------------------------------------------------------------------------------
+def test_open_waits_for_room_then_fails_with_resource_exhausted(peers):
+    async def scenario():
+        pool = ChannelPool()
+        hog = PeerSession(pool, peers[0])
+        try:
+            await hog.open(swarm_pb2.OpenSession(start_block=0, end_block=2, max_length=BUDGET - 100))
+            # live sessions cannot be evicted: after --open-wait the open is refused
+            with pytest.raises(PeerError) as refused:
+                await PeerSession(pool, peers[0]).open(
+                    swarm_pb2.OpenSession(start_block=0, end_block=2, max_length=200)
+                )
+            # a session that can never fit is refused at once
+            with pytest.raises(PeerError) as too_big:
+                await PeerSession(pool, peers[0]).open(
+                    swarm_pb2.OpenSession(start_block=0, end_block=2, max_length=BUDGET + 1)
+                )
+            # an open that waits gets the room as soon as the hog's stream ends
+            waiter = PeerSession(pool, peers[0])
+            opening = asyncio.create_task(
+                waiter.open(swarm_pb2.OpenSession(start_block=0, end_block=2, max_length=200))
+            )
+            await asyncio.sleep(0.1)
+            assert not opening.done()
+            await hog.close()
+            opened = await opening
+            await waiter.close()
+            return refused.value, too_big.value, opened
+        finally:
+            await hog.close()
+            await pool.close()
+
+    refused, too_big, opened = asyncio.run(scenario())
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert too_big.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert opened.cache_length == 0
+    assert info(peers[0]).live_sessions == 0  # and the peer keeps serving
+
+
+def test_gateway_answers_503_with_retry_after_when_the_budget_is_full(swarm, peers):
+    base = swarm.children[-1].address
+
+    async def scenario():
+        pool = ChannelPool()
+        hog = PeerSession(pool, peers[0])
+        try:
+            await hog.open(swarm_pb2.OpenSession(start_block=0, end_block=2, max_length=BUDGET - 50))
+            async with httpx.AsyncClient(timeout=30) as http:
+                response = await http.post(
+                    f"{base}/v1/chat/completions",
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100},
+                )
+            return response
+        finally:
+            await hog.close()
+            await pool.close()
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 503
+    assert float(response.headers["retry-after"]) > 0
+    assert response.json()["error"]["type"] == "unavailable_error"
+
+
+# -- the load generator ---------------------------------------------------------------------------
+def test_loadgen_reports_every_turn(swarm, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "load.json"
+    command = [
+        sys.executable, "-m", "loadtests.loadgen", "--base-url", swarm.children[-1].address, "--concurrency", "2",
+        "--input-len", "8", "--output-len", "4", "--num-requests", "3", "--multi-turn", "2", "--no-progress",
+        "--output", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert (report["completed"], report["failed"]) == (6, 0)
+    assert report["output_tokens"] == 6 * 4
+    assert report["config"]["model"] == MODEL
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "ttft_later_turns_ms"):
+        assert 0 < report[name]["p50"] <= report[name]["p99"]
+    assert report["output_throughput"] > 0
