@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
+
 from gateway.failover import NOT_RETRYABLE, FailoverEvent, FailoverPolicy
 from gateway.metrics import record_failover
 from gateway.routing import BanList, Hop, Route, plan_route
@@ -280,9 +282,11 @@ class RouteRunner:
         hop = self.route[index]
         if policy is None or error.code in NOT_RETRYABLE:
             raise error
+        full = error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         log.warning("hop %d (peer %s, blocks [%d, %d)) failed: %s; failing over", index, hop.peer_id, hop.start,
                     hop.end, error)  # fmt: skip
-        policy.swarm.bans.ban(hop.peer_id)
+        if not full:  # a peer out of cache room is healthy: try another replica, but ban nobody
+            policy.swarm.bans.ban(hop.peer_id)
         self._failed_peers.add(hop.peer_id)
         self._discard(index)
         loop = asyncio.get_running_loop()
@@ -295,6 +299,8 @@ class RouteRunner:
                 attempt += 1
                 if attempt == 1:
                     continue
+                if full:  # no other replica has room either: the client retries later (503)
+                    raise error from exc
                 if loop.time() + policy.retry_interval >= deadline:
                     policy.stats.exhausted += 1
                     raise NoRouteError(
@@ -362,7 +368,8 @@ class RouteRunner:
             for failed_hop, error in errors:
                 if not isinstance(error, PeerError):
                     raise error
-                policy.swarm.bans.ban(failed_hop.peer_id)
+                if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    policy.swarm.bans.ban(failed_hop.peer_id)
                 self._failed_peers.add(failed_hop.peer_id)
             raise errors[0][1]
         return part, list(results)
