@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -679,32 +678,38 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     install_telemetry(app)  # request ids, access logs, /metrics
     install_swarm_map(app)  # /swarm and /swarm/api
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
-            return errors.error_response(errors.payload_too_large())
-        _json_for_curl(request)
-        start = time.perf_counter()
-        response = await call_next(request)
-        log.debug("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code,
-                  (time.perf_counter() - start) * 1000)  # fmt: skip
-        return response
-
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
     app.include_router(router, prefix="/v1")
     app.include_router(router, include_in_schema=False)  # clients that omit /v1
     app.include_router(health_router)
     return app
 
 
-def _json_for_curl(request: Request) -> None:
-    """`curl -d '{...}'` labels a JSON body `application/x-www-form-urlencoded`; no OpenAI route
-    takes a form, so read such a body as the JSON it is (a body that is not JSON still gets a 400)."""
-    if request.method != "POST" or not request.url.path.endswith("completions"):
-        return
-    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
-        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+class BodyGuard:
+    """Pure ASGI middleware (no per-chunk wrapping of streamed responses, unlike `@app.middleware`):
+
+    * a body announced larger than `max_body_bytes` gets 413 before it is read;
+    * `curl -d '{...}'` labels a JSON body `application/x-www-form-urlencoded`; no OpenAI route takes
+      a form, so such a body on a `*completions` POST is read as the JSON it is (a body that is not
+      JSON still gets a 400).
+    """
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                await errors.error_response(errors.payload_too_large())(scope, receive, send)
+                return
+            form = headers.get(b"content-type", b"").startswith(b"application/x-www-form-urlencoded")
+            if form and scope["method"] == "POST" and scope["path"].endswith("completions"):
+                rest = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*rest, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 def run_gateway(settings: GatewaySettings) -> None:

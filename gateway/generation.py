@@ -415,7 +415,9 @@ class RouteRunner:
     async def _with_deadline(self, hop: Hop, awaitable, timeout: float | None = None):
         timeout = self.step_timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(awaitable, timeout)
+            # asyncio.timeout, not wait_for: wait_for makes a task per call, i.e. per hop per token
+            async with asyncio.timeout(timeout):
+                return await awaitable
         except TimeoutError as exc:
             raise PeerError(hop.address, None, f"no answer within {timeout:.1f} s") from exc
 

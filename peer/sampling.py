@@ -147,7 +147,10 @@ class Sampler:
             raise ValueError(f"logits must be a non-empty 1-D tensor, got shape {tuple(logits.shape)}")
         params, vocab = self.params, logits.numel()
         scores = logits.detach().to("cpu", torch.float32).clone()
-        history = _token_ids(history_token_ids, vocab, "history_token_ids")
+        penalised = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        # the history grows with the sequence: only turn it into a tensor when a penalty reads it
+        history = _token_ids(history_token_ids if penalised else (), vocab, "history_token_ids")
+        position = len(history_token_ids)
 
         self._apply_bias(scores, vocab)
         if params.repetition_penalty != 1.0 and history.numel():
@@ -172,7 +175,7 @@ class Sampler:
         if params.greedy:
             token_id = int(torch.argmax(scores))
         else:
-            token_id = self._draw(self._truncate(scores / params.temperature), position=history.numel())
+            token_id = self._draw(self._truncate(scores / params.temperature), position=position)
         top = _top_logprobs(logprobs, params.top_logprobs) if params.top_logprobs else []
         return SampleResult(token_id, float(logprobs[token_id]), top)
 

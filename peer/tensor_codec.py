@@ -48,7 +48,7 @@ def decode(message: swarm_pb2.Tensor) -> torch.Tensor:
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise CodecError(f"tensor of {count} elements is too large")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if len(message.data) != count * itemsize:
         raise CodecError(f"{len(message.data)} bytes do not hold a {message.dtype} tensor of shape {shape}")
     if count == 0:

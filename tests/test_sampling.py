@@ -165,8 +165,8 @@ def test_invalid_params_raise_value_error(kwargs):
 
 def test_invalid_token_ids_raise_value_error():
     sampler = Sampler(SamplingParams(temperature=0))
-    with pytest.raises(ValueError, match="history"):
-        sampler.sample(random_logits(), [VOCAB])
+    with pytest.raises(ValueError, match="history"):  # the history is read (and checked) by penalties
+        Sampler(SamplingParams(temperature=0, presence_penalty=1.0)).sample(random_logits(), [VOCAB])
     with pytest.raises(ValueError, match="allowed"):
         sampler.sample(random_logits(), [], [])
     with pytest.raises(ValueError, match="logit_bias"):
