@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from gateway import errors, protocol, tools
+from gateway.admission import AdmissionGuard
 from gateway.constrained import Grammar, JsonConstraint
 from gateway.errors import OpenAIError
 from gateway.failover import FailoverPolicy, FailoverStats
@@ -57,6 +58,7 @@ class GatewaySettings:
     session_ttl: float = 3600.0
     wire_dtype: str = ""  # dtype hidden states travel in ("" = each sender's compute dtype)
     max_body_bytes: int = 4 << 20
+    max_concurrent: int = 256  # generations in flight before new ones get 429 (0: no limit)
     log_prompts: bool = False  # log prompt and completion text (off: logs never hold user text)
 
 
@@ -679,6 +681,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     install_swarm_map(app)  # /swarm and /swarm/api
 
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AdmissionGuard, max_concurrent=settings.max_concurrent)
     app.include_router(router, prefix="/v1")
     app.include_router(router, include_in_schema=False)  # clients that omit /v1
     app.include_router(health_router)

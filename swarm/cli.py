@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "gateway", "--session-ttl", type=float, default=3600.0, help="seconds a session pin lives")
     _flag(gateway, "gateway", "--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
           help="dtype hidden states travel in between peers; auto: each sender's compute dtype")  # fmt: skip
+    _flag(gateway, "gateway", "--max-concurrent", type=int, default=256,
+          help="generations in flight before new requests get 429 with Retry-After (0: no limit)")  # fmt: skip
     _flag(gateway, "gateway", "--log-prompts", action="store_true",
           help="also log each request's prompt and completion text (off: logs never hold user text)")  # fmt: skip
     _flag(gateway, "gateway", "--dry-run", action="store_true", help="validate the flags and exit")
@@ -312,6 +314,7 @@ def cmd_gateway(args) -> int:
         session_ttl=args.session_ttl,
         wire_dtype="" if args.wire_dtype == "auto" else args.wire_dtype,
         log_prompts=args.log_prompts,
+        max_concurrent=args.max_concurrent,
     )
     run_gateway(settings)
     return 0

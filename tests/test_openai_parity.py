@@ -296,3 +296,34 @@ def test_still_serving(client):
         .message.content
         is not None
     )
+
+
+def test_over_the_concurrency_limit_is_429_with_retry_after(swarm):
+    """A gateway past --max-concurrent answers 429 at once (the SDK retries it), and recovers."""
+    limited = swarm.start_gateway(None, "--max-concurrent", "1", name="gateway-limited")
+    # long enough that it cannot finish before the second request arrives (the client stops reading,
+    # so the full socket buffers hold the stream back as well)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    try:
+        with httpx.stream("POST", f"{limited.address}/v1/chat/completions", json=body, timeout=60) as held:
+            assert held.status_code == 200
+            lines = held.iter_lines()  # kept: a dropped iterator would close the stream
+            next(lines)  # the first generation is now in flight
+            refused = httpx.post(
+                f"{limited.address}/v1/chat/completions",
+                json={**body, "stream": False, "max_tokens": 2},
+                timeout=30,
+            )
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["type"] == "rate_limit_error"
+            assert int(refused.headers["retry-after"]) >= 1
+        small = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+        deadline = time.monotonic() + 10
+        while (
+            status := httpx.post(f"{limited.address}/v1/chat/completions", json=small, timeout=30).status_code
+        ) == 429:
+            assert time.monotonic() < deadline, "the slot of the finished stream was never released"
+            time.sleep(0.1)
+        assert status == 200
+    finally:
+        limited.stop()
