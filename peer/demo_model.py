@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -195,11 +196,17 @@ def create_demo_model(
         )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    # a bar on a terminal only (the bench preset takes a few seconds); logs and tests stay clean
+    bar = tqdm(total=3, desc=f"writing the {preset} model", unit="step", disable=not sys.stderr.isatty())
     _write_tokenizer(path, config.vocab_size, config.max_position_embeddings)
+    bar.update()
     # fork_rng: seed transformers' init without disturbing the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    bar.update()
     model.generation_config.bos_token_id = BOS_ID
     model.generation_config.eos_token_id = [EOS_ID, IM_END_ID]  # </s> for text, <|im_end|> for chat
     model.generation_config.pad_token_id = PAD_ID
@@ -210,6 +217,8 @@ def create_demo_model(
     finally:
         if bars_were_enabled:
             hf_logging.enable_progress_bar()
+    bar.update()
+    bar.close()
     return path
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from peer import quant as quantization
 from peer.kv_cache import KVCache
@@ -344,7 +346,9 @@ class BlockSpan(nn.Module):
             (f"layers.{i}", {k: v for k, v in wanted.items() if k.startswith(f"layers.{i}.")})
             for i in range(end - start)
         ]
-        for prefix, names in groups:
+        # A bar on a terminal only: logs and tests get no carriage-return noise.
+        bar = tqdm(groups, desc=f"loading blocks [{start}, {end})", unit="part", disable=not sys.stderr.isatty())
+        for prefix, names in bar:
             state = read_tensors(model_dir, index, names, dtype=dtype, device=read_device)
             if prefix is None:  # embedding / final norm / head, read first while no block is quantized
                 result = span.load_state_dict(state, strict=False, assign=True)
