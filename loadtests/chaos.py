@@ -243,7 +243,9 @@ async def run(args: argparse.Namespace) -> dict:
                     record.ended = time.perf_counter() - began
                     compare(record, references[prompt])
                     if not record.ok:
-                        print(f"  stream failed (worker {index}, prompt {prompt}): {record.error}", flush=True)
+                        print(
+                            f"  stream failed (worker {index}, prompt {prompt}): {record.error}", flush=True
+                        )
                     turn += 1
 
             async def chaos() -> None:
@@ -256,7 +258,12 @@ async def run(args: argparse.Namespace) -> dict:
                     victim = choose_victim(swarm, spans, turn, live)
                     turn += 1
                     if victim is None:
-                        kills.append({"t_s": round(time.perf_counter() - began, 1), "skipped": "no span has 2 ready replicas"})
+                        kills.append(
+                            {
+                                "t_s": round(time.perf_counter() - began, 1),
+                                "skipped": "no span has 2 ready replicas",
+                            }
+                        )
                         continue
                     peer_id, child = victim
                     carried = sum(peer_id in route for route in live.values())
@@ -271,7 +278,9 @@ async def run(args: argparse.Namespace) -> dict:
             await asyncio.gather(chaos(), *(worker(i) for i in range(args.concurrency)))
             elapsed = time.perf_counter() - began
             health = (await client.get("/health")).json()["failover"]
-        logs = {child.name: child.log()[-4000:] for child in swarm.children if not child.name.startswith("peer")}
+        logs = {
+            child.name: child.log()[-4000:] for child in swarm.children if not child.name.startswith("peer")
+        }
     return summarize(args, spans, references, records, kills, before, health, elapsed, workdir, logs)
 
 
@@ -300,7 +309,10 @@ def summarize(args, spans, references, records, kills, before, health, elapsed, 
             "spans": [list(s) for s in spans],
             "replicas_per_span": args.replicas,
             "peer_flags": ["--threads", "1", *args.peer_flag],
-            "gateway_flags": {"step_timeout_s": args.step_timeout, "failover_timeout_s": args.failover_timeout},
+            "gateway_flags": {
+                "step_timeout_s": args.step_timeout,
+                "failover_timeout_s": args.failover_timeout,
+            },
             "heartbeat_s": args.heartbeat,
             "ttl_s": args.ttl,
             "concurrency": args.concurrency,
@@ -316,8 +328,10 @@ def summarize(args, spans, references, records, kills, before, health, elapsed, 
         "streams_started": len(records),
         "streams_completed": len(completed),
         "streams_failed": len(failed),
-        "failures": [{"worker": r.worker, "prompt": r.prompt, "t_s": round(r.started, 1), "error": r.error}
-                     for r in failed],  # fmt: skip
+        "failures": [
+            {"worker": r.worker, "prompt": r.prompt, "t_s": round(r.started, 1), "error": r.error}
+            for r in failed
+        ],  # fmt: skip
         "tokens_received": sum(len(r.tokens) for r in records),
         "tokens_lost": sum(r.lost for r in records),
         "tokens_duplicated": sum(r.duplicated for r in records),
@@ -372,18 +386,18 @@ def markdown(result: dict) -> str:
 Command (from the repository root):
 
 ```
-{result['command']}
+{result["command"]}
 ```
 
-Setup: {s['model']}, spans {s['spans']} with {s['replicas_per_span']} replicas each, peers
-`{' '.join(s['peer_flags'])}`, gateway step timeout {s['gateway_flags']['step_timeout_s']} s and
-failover timeout {s['gateway_flags']['failover_timeout_s']} s, DHT heartbeat {s['heartbeat_s']} s /
-ttl {s['ttl_s']} s. {s['concurrency']} clients stream {s['prompts']} fixed prompts back to back
-({s['max_tokens']} tokens each, {s['sampling']}) for {s['duration_s']:.0f} s while every
-{s['kill_interval_s']:.0f} s one peer is SIGKILLed (the replica carrying the most live streams of
+Setup: {s["model"]}, spans {s["spans"]} with {s["replicas_per_span"]} replicas each, peers
+`{" ".join(s["peer_flags"])}`, gateway step timeout {s["gateway_flags"]["step_timeout_s"]} s and
+failover timeout {s["gateway_flags"]["failover_timeout_s"]} s, DHT heartbeat {s["heartbeat_s"]} s /
+ttl {s["ttl_s"]} s. {s["concurrency"]} clients stream {s["prompts"]} fixed prompts back to back
+({s["max_tokens"]} tokens each, {s["sampling"]}) for {s["duration_s"]:.0f} s while every
+{s["kill_interval_s"]:.0f} s one peer is SIGKILLed (the replica carrying the most live streams of
 the next span, round robin) and a new peer for its span is started. Every stream is compared token
 by token with a reference run of the same prompt made before the chaos, with no failure.
-Host: {s['host']} (shared with other work: timings are noisy).
+Host: {s["host"]} (shared with other work: timings are noisy).
 
 | figure | value |
 | --- | --- |
@@ -411,8 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--failover-timeout", type=float, default=5.0, help="gateway --failover-timeout")
     parser.add_argument("--heartbeat", type=float, default=1.0, help="peers' DHT heartbeat, seconds")
     parser.add_argument("--ttl", type=float, default=10.0, help="peers' DHT record ttl, seconds")
-    parser.add_argument("--peer-flag", action="append", default=[], help="extra flag for every peer (repeatable)")
-    parser.add_argument("--workdir", default=None, help="where the model and the logs go (default: a temp dir)")
+    parser.add_argument(
+        "--peer-flag", action="append", default=[], help="extra flag for every peer (repeatable)"
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="where the model and the logs go (default: a temp dir)"
+    )
     parser.add_argument("--output", default="loadtests/results/chaos.json", help="JSON results")
     parser.add_argument("--markdown", default="docs/benchmarks-chaos.md", help="markdown table ('' to skip)")
     args = parser.parse_args(argv)
