@@ -94,10 +94,10 @@ class Swarm:
     def health(self) -> dict:
         return httpx.get(f"{self.gateway.address}/health", timeout=10).json()
 
-    def stream(self, act=None, body: dict | None = None) -> StreamResult:
+    def stream(self, act=None, body: dict | None = None, headers: dict | None = None) -> StreamResult:
         """Stream a chat completion; call `act(route)` once the first text has arrived."""
         with httpx.stream(
-            "POST", f"{self.gateway.address}/v1/chat/completions", json=body or BODY, timeout=60
+            "POST", f"{self.gateway.address}/v1/chat/completions", json=body or BODY, headers=headers, timeout=60
         ) as r:
             assert r.status_code == 200, r.read()
             result = StreamResult("", r.headers["x-swarm-route"].split(","))
@@ -169,13 +169,19 @@ def test_sigkill_mid_stream_continues_exactly(swarm, reference, position):
         victim.signal(signal.SIGKILL)
         victims.append(victim)
 
-    result = swarm.stream(kill)
+    session = f"killed-{position}"
+    result = swarm.stream(kill, headers={"X-Session-Id": session})
     swarm.replace(victims[0])
     assert result.errors == [] and result.done
     assert result.text == reference
     assert _failovers(swarm) > before, "the peer died after the stream ended: no failover happened"
     health = swarm.health()["failover"]
     assert health["pause_ms_max"] is not None and health["pause_ms_max"] > 0
+    # the pin follows the failover: the next turn goes to the replacement, not the dead peer
+    pin = json.loads(redis_lib.Redis.from_url(swarm.redis.url).get(f"swarm:session:{session}"))
+    pinned = [hop["peer_id"] for hop in pin["route"]]
+    dead = result.route[position]
+    assert dead not in pinned and pinned[:position] == result.route[:position]
 
 
 def test_hung_peer_is_detected_by_the_step_deadline(swarm, reference):
