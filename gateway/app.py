@@ -202,6 +202,8 @@ class ChoiceJob:
     session_id: str = ""
     resume: bool = False
     held: list[int] | None = None
+    # the route that holds `held` when the choice ends: a failover mid-stream replaces hops
+    route: Route | None = None
 
 
 def peer_failure(exc: PeerError, gw: Gateway) -> OpenAIError:
@@ -257,6 +259,7 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
     finally:
         if job.held is not None:
             job.held[:] = runner.tokens
+            job.route = runner.route
     text, stopped = matcher.feed(detokenizer.flush())
     tail = text if stopped else text + matcher.flush()
     yield Piece(job.index, tail, [], "stop" if stopped else finish)
@@ -436,7 +439,9 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
 
     async def remember(reply: str) -> None:
         key = explicit_key or next_turn_key(served.id, messages, reply)
-        await gw.pin(key, served, route, tokens=jobs[0].held, peer_session=peer_session)
+        # after a failover the conversation lives on the replacement peers (they replayed it
+        # under the same peer session id): pin those, not the route the request began with
+        await gw.pin(key, served, jobs[0].route or route, tokens=jobs[0].held, peer_session=peer_session)
 
     if req.stream:
         stream = protocol.ChatChunkStream(served.id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -296,6 +297,12 @@ class RouteRunner:
                 part, sessions = await self._open_replacement(hop, deadline, fresh=attempt > 0)
                 break
             except (NoRouteError, PeerError) as exc:
+                if attempt == 0 and isinstance(exc, PeerError) and loop.time() < deadline:
+                    # A known peer failed to open (most often one that died since: its record
+                    # outlives it). Opens to dead peers fail fast, while a fresh lookup waits a
+                    # DHT timeout for every dead node it meets (seconds), so try the other
+                    # known peers first; each failure is excluded, so this ends.
+                    continue
                 attempt += 1
                 if attempt == 1:
                     continue
@@ -337,14 +344,21 @@ class RouteRunner:
         remaining = max(0.1, deadline - loop.time())
         if fresh:
             records = await policy.swarm.peers(policy.model, fresh=True, timeout=remaining)
+            candidates = [records]
         else:
+            # Known records may be past their expiry (a peer that died a minute ago): prefer
+            # the unexpired ones, which are far more likely to be alive.
             records = policy.swarm.known(policy.model)
+            now = time.time()
+            candidates = [[r for r in records if not r.is_expired(now)], records]
         part = None
         # Bans keep new sessions off flaky peers; a stream about to die rather retries a peer
         # that someone else banned (a slow step on a busy machine) than one that failed it.
-        for exclude in (policy.swarm.bans.banned() | self._failed_peers, self._failed_peers):
+        for exclude, pool in itertools.product(
+            (policy.swarm.bans.banned() | self._failed_peers, self._failed_peers), candidates
+        ):
             part = plan_route(
-                records, policy.num_blocks, start=hop.start, end=hop.end, exclude=exclude,
+                pool, policy.num_blocks, start=hop.start, end=hop.end, exclude=exclude,
                 min_free_tokens=self._max_length,
             )  # fmt: skip
             if part is not None:

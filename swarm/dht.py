@@ -670,8 +670,10 @@ async def _resolve(host: str, port: int, family: int) -> tuple[str, int] | None:
 class SwarmDHT:
     """A kademlia node with merging storage; announce, withdraw and look up peer records.
 
-    Use from one event loop. If the routing table empties (bootstrap node not up yet, or every
-    contact timed out), a background task re-bootstraps every `rebootstrap_interval` seconds.
+    Use from one event loop. Every `rebootstrap_interval` seconds a background task re-bootstraps
+    when the routing table is empty (bootstrap node not up yet, or every contact timed out), and
+    otherwise pings the bootstrap addresses (cheap: one datagram each) so that a bootstrap node
+    that restarted is rejoined (see `_bootstrap_is_new`).
     """
 
     def __init__(
@@ -729,11 +731,32 @@ class SwarmDHT:
     async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(self._rebootstrap_interval)
-            if self._bootstrap and self._server.num_contacts() == 0:
-                try:
+            if not self._bootstrap:
+                continue
+            try:
+                if self._server.num_contacts() == 0 or await self._bootstrap_is_new():
                     await self.bootstrap()
-                except Exception:
-                    log.exception("DHT re-bootstrap failed")
+            except Exception:
+                log.exception("DHT re-bootstrap failed")
+
+    async def _bootstrap_is_new(self) -> bool:
+        """Ping the bootstrap addresses (one datagram each way); True when one answers with a node
+        id this node does not know.
+
+        That is a bootstrap node that restarted: it comes back empty, with a new id, and nobody
+        would ever contact it again (nodes only re-bootstrap with no contacts left), so the peers
+        that join through it afterwards would form a network of their own that no gateway sees.
+        The ping already makes the restarted node know this one (kademlia welcomes the sender of
+        any request); the crawl that follows puts it into this node's table and teaches it the rest.
+        """
+        resolved = await asyncio.gather(*(_resolve(h, p, self._family) for h, p in self._bootstrap))
+        addrs = [addr for addr in resolved if addr is not None]
+        nodes = await asyncio.gather(*(self._server.bootstrap_node(addr) for addr in addrs))
+        router = self._server.protocol.router
+        fresh = [node for node in nodes if node is not None and router.is_new_node(node)]
+        if fresh:
+            log.info("DHT bootstrap node(s) %s answer with a new id; rejoining through them", fresh)
+        return bool(fresh)
 
     def stop(self) -> None:
         if self._maintenance is not None:

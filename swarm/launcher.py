@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,12 +93,12 @@ class LocalSwarm:
     children: list[Child] = field(default_factory=list)
     dht_address: str = ""
 
-    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> Child:
+    def _spawn(self, name: str, args: list[str], env: dict | None = None, wrap: Sequence[str] = ()) -> Child:
         log_path = self.workdir / f"{name}.log"
         log_file = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its whole life
         child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         process = subprocess.Popen(
-            [sys.executable, "-m", "swarm.cli", "--log-level", self.log_level, *args],
+            [*wrap, sys.executable, "-m", "swarm.cli", "--log-level", self.log_level, *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -108,8 +109,9 @@ class LocalSwarm:
         self.children.append(child)
         return child
 
-    def start_dht(self, timeout: float = 30.0) -> str:
-        child = self._spawn("dht", ["dht", "--host", "127.0.0.1", "--port", "0"])
+    def start_dht(self, timeout: float = 30.0, *, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Start the DHT bootstrap node (again, on the same `port`, to restart it)."""
+        child = self._spawn("dht", ["dht", "--host", host, "--port", str(port)])
         child.address = child.wait_for_line("DHT_READY", timeout)
         self.dht_address = child.address
         return child.address
@@ -117,13 +119,18 @@ class LocalSwarm:
     def _model_flags(self) -> list[str]:
         return ["--model", str(self.model_dir)] + (["--model-name", self.model_name] if self.model_name else [])
 
-    def spawn_peer(self, start: int, end: int, *extra: str, name: str | None = None) -> Child:
-        """Start a peer without waiting for it (see `start_peers` to start several at once)."""
+    def spawn_peer(
+        self, start: int, end: int, *extra: str, name: str | None = None, wrap: Sequence[str] = ()
+    ) -> Child:
+        """Start a peer without waiting for it (see `start_peers` to start several at once).
+
+        `wrap` prefixes the command, e.g. ``("ip", "netns", "exec", "ns1")`` to run it on another
+        (virtual) host; a later ``--host`` in `extra` overrides the default 127.0.0.1."""
         args = [
             "peer", *self._model_flags(), "--blocks", f"{start}:{end}", "--dht", self.dht_address,
             "--host", "127.0.0.1", "--heartbeat", str(self.heartbeat), "--ttl", str(self.ttl), *extra,
         ]  # fmt: skip
-        return self._spawn(name or f"peer-{start}-{end}-{len(self.children)}", args)
+        return self._spawn(name or f"peer-{start}-{end}-{len(self.children)}", args, wrap=wrap)
 
     def start_peer(self, start: int, end: int, *extra: str, name: str | None = None, timeout: float = 120.0) -> Child:
         child = self.spawn_peer(start, end, *extra, name=name)

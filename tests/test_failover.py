@@ -94,10 +94,10 @@ class Swarm:
     def health(self) -> dict:
         return httpx.get(f"{self.gateway.address}/health", timeout=10).json()
 
-    def stream(self, act=None, body: dict | None = None) -> StreamResult:
+    def stream(self, act=None, body: dict | None = None, headers: dict | None = None) -> StreamResult:
         """Stream a chat completion; call `act(route)` once the first text has arrived."""
         with httpx.stream(
-            "POST", f"{self.gateway.address}/v1/chat/completions", json=body or BODY, timeout=60
+            "POST", f"{self.gateway.address}/v1/chat/completions", json=body or BODY, headers=headers, timeout=60
         ) as r:
             assert r.status_code == 200, r.read()
             result = StreamResult("", r.headers["x-swarm-route"].split(","))
@@ -169,13 +169,19 @@ def test_sigkill_mid_stream_continues_exactly(swarm, reference, position):
         victim.signal(signal.SIGKILL)
         victims.append(victim)
 
-    result = swarm.stream(kill)
+    session = f"killed-{position}"
+    result = swarm.stream(kill, headers={"X-Session-Id": session})
     swarm.replace(victims[0])
     assert result.errors == [] and result.done
     assert result.text == reference
     assert _failovers(swarm) > before, "the peer died after the stream ended: no failover happened"
     health = swarm.health()["failover"]
     assert health["pause_ms_max"] is not None and health["pause_ms_max"] > 0
+    # the pin follows the failover: the next turn goes to the replacement, not the dead peer
+    pin = json.loads(redis_lib.Redis.from_url(swarm.redis.url).get(f"swarm:session:{session}"))
+    pinned = [hop["peer_id"] for hop in pin["route"]]
+    dead = result.route[position]
+    assert dead not in pinned and pinned[:position] == result.route[:position]
 
 
 def test_hung_peer_is_detected_by_the_step_deadline(swarm, reference):
@@ -257,6 +263,69 @@ def test_redis_outage_mid_load_fails_no_request(swarm, reference):
     assert response.status_code == 200
     stored = redis_lib.Redis.from_url(swarm.redis.url).get("swarm:session:after-outage")
     assert stored is not None and swarm.health()["session_store_available"] is True
+
+
+def test_a_dead_known_peer_is_skipped_before_any_dht_lookup(swarm):
+    """Regression from the chaos run (loadtests/chaos.py): when a hop failed, the runner tried the
+    peers it knew, met one that had died earlier (its record outlives it), and then waited for a
+    fresh DHT lookup, which stalls a DHT timeout per dead node (pauses of 2.5-4.9 s), although a
+    live replica was known all along. The replacement must come from the known live replica.
+
+    The runner gets no DHT here (a fresh lookup finds nothing), so only the known records can
+    save the stream: a dead route peer, a dead peer that looks fastest (unexpired), another one
+    past its expiry, and the live peers of the swarm.
+    """
+    import asyncio
+    import dataclasses
+
+    from gateway.failover import FailoverPolicy
+    from gateway.generation import RouteRunner
+    from gateway.generation import Swarm as SwarmView
+    from gateway.routing import Hop
+    from peer.client import ChannelPool
+    from protos import swarm_pb2
+    from swarm.dht import PeerRecord
+
+    swarm.settle()
+    api = httpx.get(f"{swarm.gateway.address}/swarm/api", timeout=10).json()["models"][0]["peers"]
+    live = [
+        PeerRecord.from_dict(view)
+        for view in api
+        if view["state"] == "online" and view["reachable"] and not view["banned"]
+    ]
+    first = next(record for record in live if (record.start, record.end) == (0, 1))
+    now = time.time()
+
+    def dead(name: str, **changes) -> PeerRecord:
+        return dataclasses.replace(first, peer_id=name, address=f"127.0.0.1:{free_port()}", **changes)
+
+    on_route = dead("dead-on-route", expires_at=now + 60)
+    fastest = dead("dead-fastest", throughput=1e9, expires_at=now + 60)
+    expired = dead("dead-expired", throughput=1e9, expires_at=now - 5)
+    route = (
+        Hop(on_route.peer_id, on_route.address, 0, 1),
+        *(Hop(r.peer_id, r.address, r.start, r.end) for r in
+          (next(r for r in live if r.start == start) for start in (1, 2))),
+    )  # fmt: skip
+
+    async def run():
+        pool = ChannelPool()
+        view = SwarmView(None, pool)
+        view._seen[MODEL] = {r.peer_id: r for r in (on_route, fastest, expired, *live)}
+        policy = FailoverPolicy(view, MODEL, 3, timeout=FAILOVER_TIMEOUT)
+        runner = RouteRunner(pool, route, STEP_TIMEOUT, failover=policy)
+        try:
+            await runner.open(64, swarm_pb2.SamplingParams(), "regression-known-peers")
+            result = await runner.step([1, 2, 3])
+        finally:
+            await runner.close()
+            await pool.close()
+        return runner, policy, result
+
+    runner, policy, result = asyncio.run(run())
+    assert runner.route[0].peer_id in {r.peer_id for r in live if (r.start, r.end) == (0, 1)}
+    assert result.token_id >= 0
+    assert policy.stats.failovers == 1 and policy.stats.exhausted == 0
 
 
 def test_no_replacement_ends_the_stream_within_the_bound(swarm, reference):
