@@ -14,6 +14,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,6 +215,7 @@ class RouteRunner:
                 hop, session.open(message, (("x-request-id", self._request_id),)), timeout
             )
             session.cache_length = opened.cache_length if self._resume_tokens else 0
+            self._count(session, hop)
         except BaseException:
             self._close_later(session)
             raise
@@ -359,7 +361,7 @@ class RouteRunner:
         ):
             part = plan_route(
                 pool, policy.num_blocks, start=hop.start, end=hop.end, exclude=exclude,
-                min_free_tokens=self._max_length,
+                min_free_tokens=self._max_length, local_load=policy.swarm.local_load,
             )  # fmt: skip
             if part is not None:
                 break
@@ -409,6 +411,21 @@ class RouteRunner:
             if self.failover is not None:
                 self.failover.stats.record(event)
 
+    def _count(self, session: PeerSession, hop: Hop) -> None:
+        """Count an opened session in the gateway's own load view (see routing.edge_cost)."""
+        if self.failover is not None:
+            self.failover.swarm.local_load[hop.peer_id] += 1
+            session.load_key = hop.peer_id
+
+    def _uncount(self, session: PeerSession) -> None:
+        key = getattr(session, "load_key", None)
+        if key is not None and self.failover is not None:
+            session.load_key = None
+            load = self.failover.swarm.local_load
+            load[key] -= 1
+            if load[key] <= 0:
+                del load[key]
+
     def _discard(self, index: int) -> None:
         session = self.sessions[index]
         self.sessions[index] = None
@@ -417,6 +434,8 @@ class RouteRunner:
 
     def _close_later(self, session: PeerSession) -> None:
         """Close without waiting: the peer may be hung, and the stream must not wait for it."""
+
+        self._uncount(session)
 
         async def close() -> None:
             with contextlib.suppress(Exception):
@@ -437,6 +456,8 @@ class RouteRunner:
 
     async def close(self) -> None:
         sessions, self.sessions = [s for s in self.sessions if s is not None], []
+        for session in sessions:
+            self._uncount(session)
         try:
             await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
         finally:
@@ -464,6 +485,7 @@ class Swarm:
         self._cache: dict[str, tuple[float, list[PeerRecord]]] = {}
         self._lookups: dict[str, asyncio.Future] = {}
         self._seen: dict[str, dict[str, PeerRecord]] = {}  # model -> peer id -> latest record
+        self.local_load: Counter[str] = Counter()  # peer id -> sessions this gateway has open there
 
     async def peers(self, model: str, fresh: bool = False, timeout: float | None = None) -> list[PeerRecord]:
         """Records of `model`'s peers, from a DHT lookup at most `refresh` seconds old.
@@ -526,10 +548,12 @@ class Swarm:
     async def plan(self, model: str, num_blocks: int, min_free_tokens: int = 0, accept=None) -> Route:
         exclude = self.bans.banned()
         records = await self.peers(model)
-        route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept)
+        route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept,
+                           local_load=self.local_load)  # fmt: skip
         if route is None:  # the cache may be stale: a peer may have joined since
             records = await self.peers(model, fresh=True)
-            route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept)
+            route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept,
+                               local_load=self.local_load)  # fmt: skip
         if route is None:
             raise NoRouteError(f"no live peers cover all {num_blocks} blocks of {model}")
         return route

@@ -14,7 +14,7 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 from swarm.dht import PeerRecord
@@ -44,9 +44,12 @@ class Hop:
 Route = tuple[Hop, ...]
 
 
-def edge_cost(record: PeerRecord, rng: random.Random) -> float:
+def edge_cost(record: PeerRecord, rng: random.Random, local_sessions: int = 0) -> float:
+    """`local_sessions`: this gateway's own live sessions on the peer, known at once, whereas the
+    announced `live_sessions` lags by a heartbeat (without it, a burst of new streams piles onto
+    whichever replica looked idlest at the last announcement)."""
     per_token = 1.0 / max(record.throughput, 1e-3)
-    load = 1.0 + LOAD_PENALTY * record.live_sessions
+    load = 1.0 + LOAD_PENALTY * max(record.live_sessions, local_sessions)
     return (HOP_COST_S + per_token * load) * (1.0 + JITTER * rng.random())
 
 
@@ -60,6 +63,7 @@ def plan_route(
     min_free_tokens: int = 0,
     rng: random.Random | None = None,
     accept: Callable[[PeerRecord], bool] | None = None,
+    local_load: Mapping[str, int] | None = None,
 ) -> Route | None:
     """Cheapest chain of peers covering blocks [start, end), or None when there is none.
 
@@ -77,7 +81,8 @@ def plan_route(
         if accept is not None and not accept(record):
             continue
         if start <= record.start < record.end <= end:
-            edges.setdefault(record.start, []).append((edge_cost(record, rng), record))
+            local = local_load.get(record.peer_id, 0) if local_load else 0
+            edges.setdefault(record.start, []).append((edge_cost(record, rng, local), record))
 
     best: dict[int, float] = {start: 0.0}
     previous: dict[int, PeerRecord] = {}

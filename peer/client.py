@@ -58,6 +58,7 @@ class PeerSession:
         self._call = None
         self.peer_id = ""
         self.cache_length = 0  # tokens the peer still held for a resumed session when it opened
+        self.load_key: str | None = None  # peer id under which the gateway counts this session
 
     async def open(self, request: swarm_pb2.OpenSession, metadata: tuple = ()) -> swarm_pb2.Opened:
         self._call = self._stub.Inference(metadata=metadata or None)

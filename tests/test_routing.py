@@ -1,0 +1,60 @@
+"""Route planning over DHT records (pure functions, no network)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+from gateway.routing import plan_route
+from swarm.dht import PeerRecord
+
+
+def record(peer_id: str, start: int, end: int, **fields) -> PeerRecord:
+    defaults = dict(
+        address=f"127.0.0.1:{1000 + len(peer_id)}", model="m", num_blocks=4, throughput=100.0,
+        free_cache_tokens=10_000, expires_at=time.time() + 60,
+    )  # fmt: skip
+    return PeerRecord(peer_id=peer_id, start=start, end=end, **{**defaults, **fields})
+
+
+def spans(route) -> list[tuple[int, int]]:
+    return [(hop.start, hop.end) for hop in route]
+
+
+def test_covers_every_block_or_says_none():
+    records = [record("a", 0, 2), record("b", 2, 4)]
+    assert spans(plan_route(records, 4)) == [(0, 2), (2, 4)]
+    assert plan_route([record("a", 0, 2)], 4) is None
+
+
+def test_prefers_fewer_faster_hops_and_skips_the_unusable():
+    records = [
+        record("one", 0, 4, throughput=50.0),
+        record("a", 0, 2),
+        record("b", 2, 4),
+        record("draining", 0, 4, throughput=1000.0, state="draining"),
+        record("full", 0, 4, throughput=1000.0, free_cache_tokens=10),
+    ]
+    route = plan_route(records, 4, min_free_tokens=100, rng=random.Random(0))
+    assert [hop.peer_id for hop in route] in (["one"], ["a", "b"])
+    assert plan_route(records, 4, exclude={"one", "a"}, min_free_tokens=100) is None
+
+
+def test_plans_a_sub_range_for_a_replacement():
+    records = [record("a", 0, 1), record("b", 1, 3), record("c", 3, 4), record("d", 1, 2), record("e", 2, 3)]
+    route = plan_route(records, 4, start=1, end=3, exclude={"b"})
+    assert [hop.peer_id for hop in route] == ["d", "e"]
+
+
+def test_local_load_spreads_a_burst_over_replicas():
+    """Announced loads lag a heartbeat; the gateway's own count spreads new streams at once."""
+    records = [record("r1", 0, 4, throughput=110.0), record("r2", 0, 4)]  # r1 a little faster
+    rng = random.Random(1)
+    alone = Counter(plan_route(records, 4, rng=rng)[0].peer_id for _ in range(16))
+    assert alone == {"r1": 16}  # without the local count, a burst all lands on one replica
+    load: Counter[str] = Counter()
+    for _ in range(16):
+        (hop,) = plan_route(records, 4, rng=rng, local_load=load)
+        load[hop.peer_id] += 1
+    assert load["r2"] >= 6, load
