@@ -17,49 +17,45 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 ACTIVE_S = 5.0  # a session silent for longer than this is not expected back soon
-EMA = 0.5  # weight of the newest round-trip sample
-
-
-@dataclass
-class _Track:
-    done_at: float = 0.0  # when this peer last answered the session's step (0: in flight/never)
-    round_trip: float | None = None  # smoothed seconds from our answer to its next step
+LATE = 1.5  # wait for a session up to this many of its usual round trips after our answer
 
 
 class BatchWindow:
-    """Per-session round-trip estimates, keyed by the session object's id."""
+    """When this peer last answered each session whose next step is not back yet (by object id)."""
 
     def __init__(self) -> None:
-        self._tracks: dict[int, _Track] = {}
+        self._answered: dict[int, float] = {}
+        self._round_trip: dict[int, float] = {}  # smoothed seconds from our answer to the next step
 
     def arrived(self, session: object, now: float | None = None) -> None:
-        """A step of `session` was submitted; learn its round trip (kept for diagnosis)."""
-        now = time.perf_counter() if now is None else now
-        track = self._tracks.setdefault(id(session), _Track())
-        if track.done_at:
-            sample = now - track.done_at
-            track.round_trip = (
-                sample if track.round_trip is None else EMA * sample + (1 - EMA) * track.round_trip
-            )
-        track.done_at = 0.0
+        """A step of `session` was submitted: it is no longer awaited; learn its round trip."""
+        at = self._answered.pop(id(session), None)
+        if at is not None:
+            sample = (time.perf_counter() if now is None else now) - at
+            previous = self._round_trip.get(id(session))
+            self._round_trip[id(session)] = sample if previous is None else 0.5 * (sample + previous)
 
     def stepped(self, session: object, now: float | None = None) -> None:
-        """This peer answered a step of `session`."""
-        track = self._tracks.setdefault(id(session), _Track())
-        track.done_at = time.perf_counter() if now is None else now
+        """This peer answered a step of `session`: its next step is awaited."""
+        self._answered[id(session)] = time.perf_counter() if now is None else now
 
     def forget(self, session: object) -> None:
-        self._tracks.pop(id(session), None)
+        """The session's stream ended."""
+        self._answered.pop(id(session), None)
+        self._round_trip.pop(id(session), None)
+
+    def due(self, keys: Iterable[int], floor: float) -> float:
+        """perf_counter time by which the sessions `keys` should be back: each at most LATE of its
+        round trip after our answer (`floor` seconds after our answer when not known yet)."""
+        return max(
+            (self._answered.get(key, 0.0) + LATE * self._round_trip.get(key, floor) for key in keys),
+            default=0.0,
+        )
 
     def expected(self, present: Iterable[object], now: float | None = None) -> set[int]:
         """Ids of the active sessions not in `present`: answered here lately, step not back yet."""
         now = time.perf_counter() if now is None else now
         skip = {id(session) for session in present}
-        return {
-            key
-            for key, track in self._tracks.items()
-            if key not in skip and track.done_at and now - track.done_at < ACTIVE_S
-        }
+        return {key for key, at in self._answered.items() if key not in skip and now - at < ACTIVE_S}

@@ -127,7 +127,6 @@ class BatchScheduler:
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait = batch_wait_ms / 1000
         self._window = BatchWindow()
-        self._pass_ema = 0.0  # smoothed seconds per forward pass
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
         self._carry: list[_Work] = []  # prefills with chunks still to run
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
@@ -197,7 +196,12 @@ class BatchScheduler:
             return waiting
         expected = self._window.expected(work.session for work in waiting)
         if expected:
-            wait = max(self.batch_wait, min(self._pass_ema, MERGE_WAIT_MAX_S))
+            wait = self.batch_wait
+            if self.span.is_first:
+                # Only the first span merges groups: if every peer of a route waited for the
+                # sessions queued at the others, they would all wait for each other.
+                due = self._window.due(expected, floor=self.batch_wait) - time.perf_counter()
+                wait = max(wait, min(due, MERGE_WAIT_MAX_S))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     while expected:
@@ -230,8 +234,6 @@ class BatchScheduler:
                 for work, _ in pieces:
                     work.session.in_forward = False
             self.steps += 1
-            seconds = time.perf_counter() - begin
-            self._pass_ema = seconds if not self._pass_ema else 0.8 * self._pass_ema + 0.2 * seconds
             batch_tokens = sum(count for _, count in pieces)
             self.tokens += batch_tokens
             if self.observe is not None:
