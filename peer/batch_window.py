@@ -28,6 +28,7 @@ class BatchWindow:
     def __init__(self) -> None:
         self._answered: dict[int, float] = {}
         self._round_trip: dict[int, float] = {}  # smoothed seconds from our answer to the next step
+        self._cohort: dict[int, int] = {}  # number of the pass that answered the session last
 
     def arrived(self, session: object, now: float | None = None) -> None:
         """A step of `session` was submitted: it is no longer awaited; learn its round trip."""
@@ -37,14 +38,16 @@ class BatchWindow:
             previous = self._round_trip.get(id(session))
             self._round_trip[id(session)] = sample if previous is None else 0.5 * (sample + previous)
 
-    def stepped(self, session: object, now: float | None = None) -> None:
-        """This peer answered a step of `session`: its next step is awaited."""
+    def stepped(self, session: object, now: float | None = None, cohort: int = 0) -> None:
+        """This peer answered a step of `session` in pass number `cohort`: its next step is awaited."""
         self._answered[id(session)] = time.perf_counter() if now is None else now
+        self._cohort[id(session)] = cohort
 
     def forget(self, session: object) -> None:
         """The session's stream ended."""
         self._answered.pop(id(session), None)
         self._round_trip.pop(id(session), None)
+        self._cohort.pop(id(session), None)
 
     def due(self, keys: Iterable[int], floor: float) -> float:
         """perf_counter time by which the sessions `keys` should be back: each at most LATE of its
@@ -54,8 +57,20 @@ class BatchWindow:
             default=0.0,
         )
 
-    def expected(self, present: Iterable[object], now: float | None = None) -> set[int]:
-        """Ids of the active sessions not in `present`: answered here lately, step not back yet."""
+    def expected(
+        self, present: Iterable[object], now: float | None = None, same_pass: bool = False
+    ) -> set[int]:
+        """Ids of the active sessions not in `present`: answered here lately, step not back yet.
+        `same_pass`: only those answered in the same pass as one of `present` (they travel
+        together, so they are due now; sessions of other passes may be queued at another peer)."""
         now = time.perf_counter() if now is None else now
+        present = list(present)
         skip = {id(session) for session in present}
-        return {key for key, at in self._answered.items() if key not in skip and now - at < ACTIVE_S}
+        cohorts = {self._cohort.get(key) for key in skip} if same_pass else None
+        return {
+            key
+            for key, at in self._answered.items()
+            if key not in skip
+            and now - at < ACTIVE_S
+            and (cohorts is None or self._cohort.get(key) in cohorts)
+        }

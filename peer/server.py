@@ -181,12 +181,13 @@ class BatchScheduler:
 
     async def _gather(self) -> list[_Work]:
         """The steps for the next pass: all that are queued, plus those of active sessions that
-        arrive soon (they are in flight through the gateway or the other peers; without the wait,
-        a pipeline of peers splits the sessions into several small passes that stay out of phase,
-        see `peer.batch_window`). The wait is the longer of `--batch-wait-ms` and about one pass
-        (capped at MERGE_WAIT_MAX_S): long enough for a group on the other peer of a 2-peer route
-        to come back, so groups merge once and then stay merged. Each pass reads every weight
-        once whatever its batch, so one pass of 8 costs far less than two of 4 on a busy CPU."""
+        arrive soon (in flight through the gateway or the other peers; without the wait, a
+        pipeline of peers splits the sessions into out-of-phase groups of small passes, see
+        `peer.batch_window`). Every span waits up to `--batch-wait-ms` (the gateway's jitter).
+        The first span also waits for each active session up to 1.5 of its usual round trip
+        (capped at MERGE_WAIT_MAX_S), so a group still on the later peers is merged once and then
+        stays merged: a pass reads every weight once whatever its batch, so one pass of 8 costs
+        far less than two of 4. A lone stream never waits (no other session is expected)."""
         waiting, self._carry = self._carry, []
         if not waiting:
             waiting.append(await self._queue.get())
@@ -194,14 +195,13 @@ class BatchScheduler:
             waiting.append(self._queue.get_nowait())
         if self.batch_wait <= 0:
             return waiting
-        expected = self._window.expected(work.session for work in waiting)
+        # Only the first span merges groups: if every peer of a route waited for sessions queued
+        # at the others, they would all wait for each other. Later spans wait for the rest of the
+        # pass the arrived steps came with, which the gateway sends on one after the other.
+        expected = self._window.expected((work.session for work in waiting), same_pass=not self.span.is_first)
         if expected:
-            wait = self.batch_wait
-            if self.span.is_first:
-                # Only the first span merges groups: if every peer of a route waited for the
-                # sessions queued at the others, they would all wait for each other.
-                due = self._window.due(expected, floor=self.batch_wait) - time.perf_counter()
-                wait = max(wait, min(due, MERGE_WAIT_MAX_S))
+            due = self._window.due(expected, floor=self.batch_wait) - time.perf_counter()
+            wait = max(self.batch_wait, min(due, MERGE_WAIT_MAX_S))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     while expected:
@@ -245,7 +245,7 @@ class BatchScheduler:
                     self._carry.append(work)
                 else:
                     self.session_steps += 1
-                    self._window.stepped(work.session)
+                    self._window.stepped(work.session, cohort=self.steps)
                     work.future.set_result(result)
 
     @torch.inference_mode()
