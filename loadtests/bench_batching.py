@@ -185,7 +185,9 @@ def run(args: argparse.Namespace) -> dict:
         load(1, 1)  # warm-up
         swarm_rows = []
         peaks: list[int] = []
+        addresses = [peer.address for peer in peers]
         for level in args.levels:
+            before = asyncio.run(_infos(ChannelPool(), addresses))
             if level == max(args.levels):
                 with PeakRSS([peer.process.pid for peer in peers]) as sampler:
                     report = load(level, 2 * level)
@@ -195,8 +197,15 @@ def run(args: argparse.Namespace) -> dict:
             swarm_rows.append({"concurrency": level, "output_tok_s": report["output_throughput"],
                                "failed": report["failed"], "errors": report["errors"], "ttft_p50_ms": report["ttft_ms"]["p50"],
                                "tpot_p50_ms": report["tpot_ms"]["p50"], "e2e_p50_ms": report["e2e_ms"]["p50"]})  # fmt: skip
+            after = asyncio.run(_infos(ChannelPool(), addresses))
+            # session steps per forward pass on each peer: how well the steps were packed
+            swarm_rows[-1]["steps_per_pass"] = [
+                round((a.steps - b.steps) / max(1, a.forward_passes - b.forward_passes), 2)
+                for b, a in zip(before, after, strict=True)
+            ]
             print(
-                f"swarm  C={level:>3}: {report['output_throughput']:8.1f} tok/s  failed {report['failed']}",
+                f"swarm  C={level:>3}: {report['output_throughput']:8.1f} tok/s  failed {report['failed']}  "
+                f"steps/pass {swarm_rows[-1]['steps_per_pass']}",
                 flush=True,
             )
         base_rate = swarm_rows[0]["output_tok_s"]
@@ -262,13 +271,14 @@ def markdown(results: dict, command: str) -> str:
         "## Aggregate output tokens/s",
         "",
         "| streams | swarm tok/s | swarm × 1-stream | failed | swarm TTFT p50 ms | swarm TPOT p50 ms "
-        "| transformers tok/s | transformers × batch 1 |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| session steps per pass (each peer) | transformers tok/s | transformers × batch 1 |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for sw, ref in zip(results["swarm"], results["reference"], strict=True):
         lines.append(
             f"| {sw['concurrency']} | {sw['output_tok_s']:.1f} | {sw['x_vs_1']:.2f}× | {sw['failed']} | {sw['ttft_p50_ms']:.0f} | "
-            f"{sw['tpot_p50_ms']:.0f} | {ref['output_tok_s']:.1f} | {ref['x_vs_1']:.2f}× |"
+            f"{sw['tpot_p50_ms']:.0f} | {' / '.join(str(x) for x in sw.get('steps_per_pass', []))} | "
+            f"{ref['output_tok_s']:.1f} | {ref['x_vs_1']:.2f}× |"
         )
     st = results["second_turn"]
     lines += [

@@ -32,6 +32,7 @@ import grpc
 import torch
 
 from peer import tensor_codec
+from peer.batch_window import BatchWindow
 from peer.kv_cache import KVCache
 from peer.memory import BudgetExhausted, SessionTable
 from peer.metrics import attach_metrics, bind_request_id
@@ -43,6 +44,7 @@ log = logging.getLogger("peer")
 
 VERSION = "0.1.0"
 WITHDRAW_TIMEOUT_S = 2.0
+MERGE_WAIT_MAX_S = 0.25  # the longest a pass waits for active sessions (see BatchScheduler._gather)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class PeerConfig:
     open_wait: float = 5.0  # seconds an open waits for cache room before RESOURCE_EXHAUSTED
     idle_ttl: float = 300.0  # seconds a closed session's cache is kept for resumption (0: never)
     max_batch_tokens: int = 512  # tokens per forward pass; longer prefills are chunked
+    batch_wait_ms: float = 3.0  # how long a pass waits for steps of active sessions still in flight
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     heartbeat: float = 5.0
     ttl: float = 15.0
@@ -115,11 +118,15 @@ class _Work:
 class BatchScheduler:
     """Packs the steps that are waiting into one forward pass, run in a single worker thread."""
 
-    def __init__(self, span: BlockSpan, max_batch_tokens: int):
+    def __init__(self, span: BlockSpan, max_batch_tokens: int, batch_wait_ms: float = 0.0):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if not 0 <= batch_wait_ms <= 1000:
+            raise ValueError(f"batch_wait_ms must be in [0, 1000], got {batch_wait_ms}")
         self.span = span
         self.max_batch_tokens = max_batch_tokens
+        self.batch_wait = batch_wait_ms / 1000
+        self._window = BatchWindow()
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
         self._carry: list[_Work] = []  # prefills with chunks still to run
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
@@ -140,6 +147,7 @@ class BatchScheduler:
         self._executor.shutdown(wait=True)
 
     async def submit(self, work: _Work) -> swarm_pb2.StepResult:
+        self._window.arrived(work.session)
         self._queue.put_nowait(work)
         return await work.future
 
@@ -167,14 +175,47 @@ class BatchScheduler:
             room -= count
         return pieces, rest
 
+    def forget(self, session: Session) -> None:
+        """The session's stream ended: stop expecting its steps (see `BatchWindow`)."""
+        self._window.forget(session)
+
+    async def _gather(self) -> list[_Work]:
+        """The steps for the next pass: all that are queued, plus those of active sessions that
+        arrive soon (in flight through the gateway or the other peers; without the wait, a
+        pipeline of peers splits the sessions into out-of-phase groups of small passes, see
+        `peer.batch_window`). Every span waits up to `--batch-wait-ms` (the gateway's jitter).
+        The first span also waits for each active session up to 1.5 of its usual round trip
+        (capped at MERGE_WAIT_MAX_S), so a group still on the later peers is merged once and then
+        stays merged: a pass reads every weight once whatever its batch, so one pass of 8 costs
+        far less than two of 4. A lone stream never waits (no other session is expected)."""
+        waiting, self._carry = self._carry, []
+        if not waiting:
+            waiting.append(await self._queue.get())
+        while not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        if self.batch_wait <= 0:
+            return waiting
+        # Only the first span merges groups: if every peer of a route waited for sessions queued
+        # at the others, they would all wait for each other. Later spans wait for the rest of the
+        # pass the arrived steps came with, which the gateway sends on one after the other.
+        expected = self._window.expected((work.session for work in waiting), same_pass=not self.span.is_first)
+        if expected:
+            due = self._window.due(expected, floor=self.batch_wait) - time.perf_counter()
+            wait = max(self.batch_wait, min(due, MERGE_WAIT_MAX_S))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    while expected:
+                        work = await self._queue.get()
+                        waiting.append(work)
+                        expected.discard(id(work.session))
+            while not self._queue.empty():
+                waiting.append(self._queue.get_nowait())
+        return waiting
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            waiting, self._carry = self._carry, []
-            if not waiting:
-                waiting.append(await self._queue.get())
-            while not self._queue.empty():
-                waiting.append(self._queue.get_nowait())
+            waiting = await self._gather()
             pieces, self._carry = self._pack(waiting)
             if not pieces:
                 continue
@@ -204,6 +245,7 @@ class BatchScheduler:
                     self._carry.append(work)
                 else:
                     self.session_steps += 1
+                    self._window.stepped(work.session, cohort=self.steps)
                     work.future.set_result(result)
 
     @torch.inference_mode()
@@ -212,9 +254,22 @@ class BatchScheduler:
         inputs = torch.cat([work.inputs[work.done : work.done + count] for work, count in pieces])
         lengths = [count for _, count in pieces]
         hidden = span(inputs, [work.session.cache for work, _ in pieces], lengths)
+        # One LM-head matmul for every session that samples in this pass: the head is the
+        # biggest weight of the last span, and reading it once per session made its cost grow
+        # linearly with the batch (8 sessions: ~3x the whole pass). Rows are the last token of each.
+        logits_of: dict[int, torch.Tensor] = {}
+        if span.is_last:
+            rows_at, offset = [], 0
+            for index, (work, length) in enumerate(pieces):
+                offset += length
+                if work.sample and work.remaining == length:
+                    rows_at.append((index, offset - 1))
+            if rows_at:
+                logits = span.logits(hidden[[row for _, row in rows_at]])
+                logits_of = {index: logits[i] for i, (index, _) in enumerate(rows_at)}
         results: list[swarm_pb2.StepResult | None] = []
         offset = 0
-        for work, length in pieces:
+        for index, (work, length) in enumerate(pieces):
             session = work.session
             session.history.extend(work.token_ids[work.done : work.done + length])
             rows = hidden[offset : offset + length]
@@ -230,9 +285,8 @@ class BatchScheduler:
                 rows = torch.cat([*work.outputs, rows]) if work.outputs else rows
                 result.hidden.CopyFrom(tensor_codec.encode(rows, session.wire_dtype))
             elif work.sample:
-                logits = span.logits(rows[-1:])[0]
                 sample = session.sampler.sample(
-                    logits, session.history, work.allowed or None, penalty_start=session.penalty_start
+                    logits_of[index], session.history, work.allowed or None, penalty_start=session.penalty_start
                 )
                 result.token_id = sample.token_id
                 result.logprob = sample.logprob
@@ -332,6 +386,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         # The cache itself is freed when the last reference goes: a forward pass already running
         # in the worker thread may still hold this session.
         self.table.release(session, keep=keep and not self.draining)
+        self.scheduler.forget(session)
         log.info("session closed", extra={"session": session.session_id, "tokens": session.cache.length})
         if not self.table.live:
             self.all_closed.set()
@@ -535,7 +590,7 @@ class PeerServer:
         if not (0 <= cfg.start < cfg.end <= span.config.num_hidden_layers):
             raise ValueError(f"blocks [{cfg.start}, {cfg.end}) are outside the model's {span.config.num_hidden_layers}")
         cache_tokens = cache_budget_tokens(span, cfg.cache_tokens, cfg.cache_bytes)
-        self.scheduler = BatchScheduler(span, cfg.max_batch_tokens)
+        self.scheduler = BatchScheduler(span, cfg.max_batch_tokens, cfg.batch_wait_ms)
         self.scheduler.start()
         self.servicer = PeerServicer(cfg, span, self.scheduler, cache_tokens)
         self.servicer.throughput = await loop.run_in_executor(None, measure_throughput, span)

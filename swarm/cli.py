@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="seconds a closed session's cache is kept so the next turn can resume it (0: never)")  # fmt: skip
     _flag(peer, "peer", "--max-batch-tokens", type=int, default=512,
           help="tokens per forward pass at most; longer prompts are prefilled in chunks of this size")  # fmt: skip
+    _flag(peer, "peer", "--batch-wait-ms", type=float, default=3.0,
+          help="ms a forward pass waits for steps of active sessions still in flight; the first span waits up to "
+               "1.5 round trips (max 250 ms) to merge out-of-phase groups (0: no waiting at all)")  # fmt: skip
     _flag(peer, "peer", "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     _flag(peer, "peer", "--heartbeat", type=float, default=5.0, help="seconds between DHT announcements")
     _flag(peer, "peer", "--ttl", type=float, default=15.0, help="seconds an announcement stays valid")
@@ -276,6 +279,7 @@ def cmd_peer(args) -> int:
         open_wait=args.open_wait,
         idle_ttl=args.idle_ttl,
         max_batch_tokens=args.max_batch_tokens,
+        batch_wait_ms=args.batch_wait_ms,
         threads=args.threads,
         heartbeat=args.heartbeat,
         ttl=args.ttl,

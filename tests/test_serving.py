@@ -120,6 +120,30 @@ def test_batched_decoding_matches_unbatched(peers):
     assert passes < steps, "no forward pass was shared between sessions"
 
 
+def test_concurrent_sessions_stay_in_phase_across_the_pipeline(peers):
+    """The batching window (--batch-wait-ms): sessions decoding together through two peers share
+    each pass instead of drifting into several out-of-phase groups of small passes."""
+    route = (Hop("p0", peers[0], 0, 2), Hop("p1", peers[1], 2, 4))
+    sessions, max_new = 6, 16
+
+    async def scenario():
+        pool = ChannelPool()
+        try:
+            before = [await peer_info(pool, address) for address in peers]
+            await asyncio.gather(*(_generate(route, [20 + i, 7, 9], max_new, pool) for i in range(sessions)))
+            return before, [await peer_info(pool, address) for address in peers]
+        finally:
+            await pool.close()
+
+    before, after = asyncio.run(scenario())
+    for b, a in zip(before, after, strict=True):
+        steps = a.steps - b.steps
+        passes = a.forward_passes - b.forward_passes
+        assert steps == sessions * max_new
+        # 16 rounds of 6 in the best case; drifting groups took about three times as many passes
+        assert steps / passes >= 4, f"{steps} steps in {passes} passes"
+
+
 # -- cache reuse across turns -------------------------------------------------------------------
 def _turns(client, peers, headers: dict):
     first = [{"role": "user", "content": LONG_TEXT}]
