@@ -140,8 +140,9 @@ def test_concurrent_sessions_stay_in_phase_across_the_pipeline(peers):
         steps = a.steps - b.steps
         passes = a.forward_passes - b.forward_passes
         assert steps == sessions * max_new
-        # 16 rounds of 6 in the best case; drifting groups took about three times as many passes
-        assert steps / passes >= 4, f"{steps} steps in {passes} passes"
+        # 16 rounds of 6 (6 steps a pass) in the best case; without the window the sessions drift
+        # into groups and it took 55 passes (1.7 a pass); a loaded CI machine has given 3.8
+        assert steps / passes >= 3.2, f"{steps} steps in {passes} passes"
 
 
 # -- cache reuse across turns -------------------------------------------------------------------

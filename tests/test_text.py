@@ -139,7 +139,9 @@ def _detokenize(tokenizer, ids, prompt_ids=None) -> tuple[list[str], str]:
 
 def test_tokenizers_split_multibyte_characters(tokenizer) -> None:
     """Guard for the tests below: some single tokens must decode to U+FFFD on their own."""
-    ids = tokenizer.encode("你好😀", add_special_tokens=False)
+    # characters the training corpus never shows: with limit_alphabet, which of the corpus's equally
+    # frequent characters win a token is up to the trainer, so corpus characters may not split
+    ids = tokenizer.encode("漢字🦀", add_special_tokens=False)
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
 
 
