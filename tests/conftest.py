@@ -17,6 +17,17 @@ HEARTBEAT = 1.0
 TTL = 5.0  # > heartbeat + one DHT RPC timeout, so a slow announce never lets a record lapse
 
 
+def wait_until(predicate, timeout: float, interval: float = 0.1):
+    """Poll `predicate` until it returns something truthy or `timeout` passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

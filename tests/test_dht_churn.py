@@ -8,6 +8,7 @@ answers with an id they do not know (`SwarmDHT._bootstrap_is_new`).
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import socket
@@ -16,6 +17,7 @@ import time
 import httpx
 
 from swarm.launcher import Child, free_port
+from tests.conftest import wait_until
 
 PEER_FLAGS = ("--threads", "1")
 BODY = {
@@ -41,14 +43,7 @@ def _visible_peers(gateway: Child) -> set[str]:
     return {peer["peer_id"] for model in models for peer in model["peers"]}
 
 
-def _wait(predicate, timeout: float, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+_wait = functools.partial(wait_until, interval=0.25)
 
 
 def test_bootstrap_node_restart_keeps_serving_and_rejoins(make_swarm, tiny_model):

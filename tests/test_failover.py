@@ -20,7 +20,7 @@ import pytest
 import redis as redis_lib
 
 from swarm.launcher import Child, LocalSwarm, free_port
-from tests.conftest import HEARTBEAT, RedisServer
+from tests.conftest import HEARTBEAT, RedisServer, wait_until
 
 MODEL = "tiny"
 SPANS = [(0, 1), (1, 2), (2, 3)]
@@ -41,14 +41,7 @@ BODY = {
 }
 
 
-def _wait(predicate, timeout: float, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+_wait = wait_until
 
 
 @dataclass

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from swarm.launcher import LocalSwarm
-from tests.conftest import HEARTBEAT, TTL, RedisServer
+from tests.conftest import HEARTBEAT, TTL, RedisServer, wait_until
 
 MODEL = "swarm-demo"
 SECRET = "zebra-umbrella-7731"  # a prompt word that must never reach a log by default
@@ -50,14 +50,7 @@ def gateway(swarm):
     return swarm.children[-1]
 
 
-def _wait(predicate, timeout: float, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+_wait = wait_until
 
 
 def _covered(base_url: str) -> bool:

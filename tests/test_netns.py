@@ -12,6 +12,7 @@ and veths are removed in a finalizer whatever happens.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import httpx
 import pytest
 
 from swarm.launcher import Child, free_port
+from tests.conftest import wait_until
 from tests.test_failover import StreamResult
 
 STEP_TIMEOUT = 2.0
@@ -102,14 +104,7 @@ def _peer_id(child: Child) -> str:
     return match.group(1)
 
 
-def _wait(predicate, timeout: float, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+_wait = functools.partial(wait_until, interval=0.25)
 
 
 def test_cut_link_mid_stream_fails_over_to_a_replica(far_host, make_swarm, tiny_model):

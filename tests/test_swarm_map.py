@@ -4,19 +4,19 @@ expires. Screenshots go to artifacts/ at the repository root (gitignored)."""
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from swarm.launcher import LocalSwarm
-from tests.conftest import HEARTBEAT, TTL
+from tests.conftest import HEARTBEAT, TTL, wait_until
 
 MODEL = "swarm-demo"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -62,14 +62,7 @@ def peer_ids(swarm) -> dict[str, str]:
     return asyncio.run(ask())
 
 
-def _wait(predicate, timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+_wait = functools.partial(wait_until, interval=0.2)
 
 
 def _api(gateway) -> dict:

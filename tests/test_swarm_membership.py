@@ -10,20 +10,13 @@ import time
 import httpx
 import redis
 
-from tests.conftest import HEARTBEAT, TTL
+from tests.conftest import HEARTBEAT, TTL, wait_until
 
 MODEL = "m"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
-def _wait(predicate, timeout: float, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+_wait = wait_until
 
 
 def _models(gateway) -> list[str]:
