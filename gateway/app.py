@@ -451,16 +451,9 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
             ping=15,
             headers=route_headers(route),
         )
-    response.headers.update(route_headers(route))
-    texts = [""] * req.n
-    tokens: list[list[TokenEvent]] = [[] for _ in range(req.n)]
-    finishes: list[str | None] = [None] * req.n
-    async with aclosing(pieces):
-        async for piece in pieces:
-            texts[piece.index] += piece.text
-            tokens[piece.index].extend(piece.tokens)
-            if piece.finish_reason:
-                finishes[piece.index] = piece.finish_reason
+    texts, tokens, finishes = await collect(pieces, [""] * req.n)
+    # the route that served choice 0, which a failover may have changed since the request began
+    response.headers.update(route_headers(jobs[0].route or route))
     await remember(texts[0])
     choices = []
     for i in range(req.n):
@@ -475,6 +468,22 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
         )
     usage = protocol.Usage.of(len(prompt_ids), sum(len(t) for t in tokens))
     return protocol.ChatCompletionResponse(model=served.id, choices=choices, usage=usage)
+
+
+async def collect(
+    pieces: AsyncIterator[Piece], texts: list[str]
+) -> tuple[list[str], list[list[TokenEvent]], list[str | None]]:
+    """Gather a non-streamed response: each choice's text (appended to `texts`, which holds any
+    echoed prompt), its tokens and its finish reason."""
+    tokens: list[list[TokenEvent]] = [[] for _ in texts]
+    finishes: list[str | None] = [None] * len(texts)
+    async with aclosing(pieces):
+        async for piece in pieces:
+            texts[piece.index] += piece.text
+            tokens[piece.index].extend(piece.tokens)
+            if piece.finish_reason:
+                finishes[piece.index] = piece.finish_reason
+    return texts, tokens, finishes
 
 
 def tool_output(plan: tools.OutputPlan, text: str) -> tuple[str | None, list[protocol.ToolCall]]:
@@ -592,16 +601,8 @@ async def completions(req: protocol.CompletionRequest, request: Request, respons
             ping=15,
             headers=route_headers(route),
         )
-    response.headers.update(route_headers(route))
-    texts = list(echoes)
-    tokens: list[list[TokenEvent]] = [[] for _ in jobs]
-    finishes: list[str | None] = [None] * len(jobs)
-    async with aclosing(pieces):
-        async for piece in pieces:
-            texts[piece.index] += piece.text
-            tokens[piece.index].extend(piece.tokens)
-            if piece.finish_reason:
-                finishes[piece.index] = piece.finish_reason
+    texts, tokens, finishes = await collect(pieces, list(echoes))
+    response.headers.update(route_headers(jobs[0].route or route))
     choices = [
         protocol.CompletionChoice(
             index=i,
