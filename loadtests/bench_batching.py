@@ -4,7 +4,8 @@ and peer memory under load, on the ~150M "bench" model over a 2-peer local swarm
 In one run, against one machine's noise:
 
 * **swarm**: `loadtests.loadgen` at concurrency C (C in --levels), 2*C requests of --input-len
-  words in and exactly --output-len tokens out (`ignore_eos`), through the gateway's streaming
+  prompt tokens in (chat template included; see `loadtests.loadgen`) and exactly --output-len
+  tokens out (`ignore_eos`), through the gateway's streaming
   API. Aggregate output tokens/s, and each level as a multiple of the 1-stream figure.
 * **reference**: `transformers` `generate()` in this process on a batch of C prompts of the same
   length, greedy, exactly --output-len new tokens: batch*tokens / wall time, and the same multiple.
@@ -265,7 +266,7 @@ def markdown(results: dict, command: str) -> str:
         f"~156M params, fp32) over 2 local peers {results['model']['spans']}, each with `--threads {s['threads']}` "
         f"and `--cache-tokens {s['cache_tokens']}`, gateway `--step-timeout {s['step_timeout']}`; reference `transformers` `generate()` with "
         f"{s['ref_threads']} torch threads in one process. Machine: {results['machine']['cpu_count']} CPU cores "
-        f"(shared with other work, so figures are noisy). Requests: {s['input_len']} words in, exactly "
+        f"(shared with other work, so figures are noisy). Requests: {s['input_len']} prompt tokens in, exactly "
         f"{s['output_len']} tokens out, greedy; 2×C requests per level. Finished {results.get('finished_at', '')}.",
         "",
         "## Aggregate output tokens/s",
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--levels", default="1,4,8,16,32", help="concurrent streams (and reference batch sizes)"
     )
-    parser.add_argument("--input-len", type=int, default=32, help="words per request (~tokens)")
+    parser.add_argument("--input-len", type=int, default=32, help="prompt tokens per request")
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument(
         "--history", type=int, default=1000, help="tokens of the first turn in the reuse test"

@@ -6,9 +6,13 @@
 
 Every request streams `/v1/chat/completions` with `stream_options.include_usage`; token counts
 come from `usage` (no tokenizer needed here), `ignore_eos` makes outputs exactly `--output-len`
-long. Timings per request: TTFT (first content chunk), ITL (gaps between content chunks), TPOT
-= (E2E - TTFT) / (output tokens - 1), E2E. Reported at mean, p50, p90, p99, with requests
-completed / failed, request rate and output / total tokens per second, as JSON.
+long. `--input-len` is prompt tokens as the server counts them (chat template included), like
+vLLM's random dataset: two probe requests (one token out) measure how many tokens the filler
+words and the template take with the served model's tokenizer, and each user message gets the
+number of words that comes closest. Timings per request: TTFT (first content chunk), ITL (gaps
+between content chunks), TPOT = (E2E - TTFT) / (output tokens - 1), E2E. Reported at mean, p50,
+p90, p99, with requests completed / failed, request rate and output / total tokens per second,
+as JSON.
 
 `--multi-turn N` makes each request a conversation of N turns: every turn resends the history
 plus a new user message, as plain chat clients do (no session header unless `--session-header`),
@@ -74,6 +78,7 @@ class LoadConfig:
     seed: int = 0
     timeout: float = 600.0
     progress: bool = True
+    words: int | None = None  # filler words per user message; None = sized to input_len by probing
 
 
 @dataclass
@@ -93,8 +98,28 @@ class TurnResult:
 
 
 def make_text(rng: random.Random, words: int) -> str:
-    """About `words` tokens of filler (one word is roughly one token with most tokenizers)."""
+    """`words` words of filler (how many tokens that is depends on the tokenizer: see
+    `words_for_tokens`)."""
     return " ".join(rng.choice(WORDS) for _ in range(max(1, words)))
+
+
+async def prompt_tokens(client: httpx.AsyncClient, model: str, text: str) -> int:
+    """The server's count of prompt tokens for one user message (one token generated)."""
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
+    response = await client.post("/v1/chat/completions", json=body)
+    response.raise_for_status()
+    return int(response.json()["usage"]["prompt_tokens"])
+
+
+async def words_for_tokens(client: httpx.AsyncClient, model: str, tokens: int, probe_words: int = 50) -> int:
+    """Filler words per user message that make a first turn of about `tokens` prompt tokens:
+    the template's share and the tokens per word come from two probes of 1 and `probe_words`."""
+    rng = random.Random(0)
+    one = await prompt_tokens(client, model, make_text(rng, 1))
+    many = await prompt_tokens(client, model, make_text(rng, probe_words))
+    per_word = max(1e-3, (many - one) / (probe_words - 1))
+    fixed = one - per_word  # chat template around the message
+    return max(1, round((tokens - fixed) / per_word))
 
 
 async def stream_chat(
@@ -159,7 +184,7 @@ async def conversation(client: httpx.AsyncClient, cfg: LoadConfig, rng: random.R
     headers = {"X-Session-Id": uuid.uuid4().hex} if cfg.session_header else {}
     results = []
     for turn in range(cfg.multi_turn):
-        messages.append({"role": "user", "content": make_text(rng, cfg.input_len)})
+        messages.append({"role": "user", "content": make_text(rng, cfg.words or cfg.input_len)})
         result, reply = await stream_chat(client, cfg, messages, headers)
         result.turn = turn
         results.append(result)
@@ -221,6 +246,8 @@ async def run_load(cfg: LoadConfig) -> dict:
             if not models:
                 raise RuntimeError("the gateway serves no model right now")
             cfg.model = models[0]["id"]
+        if cfg.words is None:
+            cfg.words = await words_for_tokens(client, cfg.model, cfg.input_len)
         rng = random.Random(cfg.seed)
         seeds = [rng.random() for _ in range(cfg.num_requests)]
         bar = None
@@ -284,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--concurrency", type=int, default=None, help="streams in flight (default 1)")
     mode.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s")
-    parser.add_argument("--input-len", type=int, default=128, help="words per user message (~tokens)")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (first turn; chat template included)")
     parser.add_argument("--output-len", type=int, default=128, help="tokens per reply")
     parser.add_argument(
         "--num-requests", type=int, default=32, help="requests (conversations with --multi-turn)"

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from peer import gemm
 from peer import quant as quantization
+from peer.gemm import linear
 from peer.kv_cache import KVCache
 from peer.weights import read_tensors, resolve_model_dir, span_tensor_names, tensor_index
 
@@ -221,9 +223,9 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: list[_SessionSlice]
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q = linear(self.q_proj, x).view(tokens, self.num_heads, self.head_dim)
+        k = linear(self.k_proj, x).view(tokens, self.num_kv_heads, self.head_dim)
+        v = linear(self.v_proj, x).view(tokens, self.num_kv_heads, self.head_dim)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -244,7 +246,7 @@ class Attention(nn.Module):
                 enable_gqa=self.num_heads != self.num_kv_heads,
             )
             out[rows] = attn[0].transpose(0, 1)
-        return self.o_proj(out.view(tokens, -1))
+        return linear(self.o_proj, out.view(tokens, -1))
 
 
 class MLP(nn.Module):
@@ -257,7 +259,7 @@ class MLP(nn.Module):
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.down_proj, self.act(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
 
 class Block(nn.Module):
@@ -370,7 +372,9 @@ class BlockSpan(nn.Module):
             raise ValueError(f"checkpoint left tensors of span [{start}, {end}) unloaded: {missing[:5]}")
         span.to(device)
         span.quant = quant
-        return span.eval().requires_grad_(False)
+        span = span.eval().requires_grad_(False)
+        gemm.calibrate(span.modules())  # which way round to multiply small batches (see peer.gemm)
+        return span
 
     def weight_bytes(self) -> dict[str, int]:
         """Resident weight bytes: ``{"per_block": mean over blocks, "blocks": sum, "total": all}``.
@@ -440,7 +444,7 @@ class BlockSpan(nn.Module):
         if not self.is_last:
             raise ValueError(f"span [{self.start}, {self.end}) does not own the LM head")
         with torch.no_grad():
-            return self.lm_head(hidden.to(device=self.device, dtype=self.dtype)).float()
+            return linear(self.lm_head, hidden.to(device=self.device, dtype=self.dtype)).float()
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin per token, computed in fp32 exactly as HF does, then cast to the compute dtype."""

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 import peer.weights
+from peer import gemm
 from peer.kv_cache import KVCache
 from peer.model import BlockSpan, SpanConfig, last_token_rows
 
@@ -204,6 +205,28 @@ def test_chunked_prefill_matches_single_prefill(model_dir, reference):
     tokens, logits, _ = greedy(spans, prompt, 16, eos, chunks=[6, 1, 6])
     assert tokens == ref_tokens[:16]
     torch.testing.assert_close(logits, ref_logits[:16], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["demo", "variant"])
+def test_weight_first_matmul_matches_transformers(model_dir, reference, name):
+    """Every Linear multiplied as ``(W @ x.T).T`` for packs of 2..64 rows (peer.gemm): the tokens
+    and logits still match, for prefill chunks of 3 rows and for several sessions decoding at once."""
+    prompt, ref_tokens, ref_logits, eos = reference(name)
+    spans = load_chain(model_dir(name), [(0, 2), (2, 4)])
+    for span in spans:
+        for module in span.modules():
+            if type(module) is torch.nn.Linear:
+                module.transposed_rows = frozenset(gemm.BUCKETS)
+    tokens, logits, _ = greedy(spans, prompt, 16, eos, chunks=[3, 3, 3, 4])
+    assert tokens == ref_tokens[:16]
+    torch.testing.assert_close(logits, ref_logits[:16], atol=ATOL, rtol=0)
+    # four copies of the session decoding in one pack: rows 4 -> bucket 4, all equal to alone
+    caches = [[span.new_cache() for _ in range(4)] for span in spans]
+    logits = run_step(spans, caches, prompt.repeat(4), [len(prompt)] * 4)
+    for step in range(8):
+        assert [pick(row, eos) for row in logits] == [ref_tokens[step]] * 4
+        torch.testing.assert_close(logits, ref_logits[step].expand(4, -1), atol=ATOL, rtol=0)
+        logits = run_step(spans, caches, torch.tensor([ref_tokens[step]] * 4), [1] * 4)
 
 
 def test_truncate_and_refeed(model_dir, reference):
