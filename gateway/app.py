@@ -33,7 +33,7 @@ from gateway.precision import accepts, precisions, split_model_id
 from gateway.routing import Route
 from gateway.sessions import MemorySessionStore, Pin, RedisSessionStore, conversation_key, next_turn_key
 from gateway.swarm_map import install_swarm_map
-from gateway.text import IncrementalDetokenizer, StopMatcher, encode_prompt, render_chat
+from gateway.text import IncrementalDetokenizer, StopMatcher, encode_continuing, encode_prompt, render_chat
 from peer.client import ChannelPool, PeerError
 from protos import swarm_pb2
 from swarm.logging_setup import current_request_id
@@ -414,14 +414,19 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
         )
     except ValueError as exc:
         raise errors.invalid_request(str(exc), param="messages") from exc
-    prompt_ids = encode_prompt(served.tokenizer, prompt)
+    explicit_key = request.headers.get(SESSION_HEADER)
+    key = explicit_key or conversation_key(served.id, messages)
+    pin = await gw.pinned(served, key, precision)
+    # A conversation the route holds continues the exact ids the model produced (see
+    # `encode_continuing`); a new one, or one whose pin expired, is tokenized from its text.
+    if pin is not None and pin.tokens:
+        prompt_ids = encode_continuing(served.tokenizer, prompt, pin.tokens)
+    else:
+        prompt_ids = encode_prompt(served.tokenizer, prompt)
     max_new = budget(served, prompt_ids, req.effective_max_tokens(), "max_tokens")
     top = req.top_logprobs or 0
     base_sampling = sampling_message(req, served, req.logprobs, top)
     plan = tools.plan_output(req)
-    explicit_key = request.headers.get(SESSION_HEADER)
-    key = explicit_key or conversation_key(served.id, messages)
-    pin = await gw.pinned(served, key, precision)
     route = pin.route if pin is not None else await gw.route_for(served, None, len(prompt_ids) + max_new, precision)
     request_id = current_request_id() or uuid.uuid4().hex
     jobs = [

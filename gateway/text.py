@@ -1,7 +1,9 @@
 """Text on both sides of the swarm: prompts in, generated text out.
 
 * :func:`render_chat` turns OpenAI ``messages`` into the prompt string with the model's
-  chat template, and :func:`encode_prompt` tokenizes it without doubling the BOS token.
+  chat template, and :func:`encode_prompt` tokenizes it without doubling the BOS token;
+  :func:`encode_continuing` tokenizes a conversation's next turn after the exact token ids
+  the route already holds for it.
 * :class:`IncrementalDetokenizer` turns sampled token ids back into text one token at a
   time, without ever splitting a UTF-8 character and with SentencePiece / byte-level
   spaces right, at O(1) cost per token.
@@ -25,6 +27,7 @@ __all__ = [
     "RESERVED_TEMPLATE_KWARGS",
     "render_chat",
     "encode_prompt",
+    "encode_continuing",
     "IncrementalDetokenizer",
     "StopMatcher",
     "TokenPieces",
@@ -248,6 +251,50 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     bos = getattr(tokenizer, "bos_token", None)
     add_special = not (bos and text.startswith(bos))
     return list(tokenizer.encode(text, add_special_tokens=add_special))
+
+
+#: Held tokens decoded again, with the new ones, to check the seam between them.
+_SEAM_TOKENS = 8
+
+
+def _decode_verbatim(tokenizer: Any, ids: list[int]) -> str:
+    """The text of ``ids`` with special tokens kept and no clean-up of spaces."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def encode_continuing(tokenizer: Any, text: str, held_ids: Sequence[int]) -> list[int]:
+    """Token ids of ``text`` that start with ``held_ids`` when the text continues them.
+
+    ``held_ids`` are the ids a conversation's route already holds (the previous turns'
+    prompt and generated ids, ``Pin.tokens``), ``text`` the newly rendered prompt. If
+    ``text`` starts with the held ids' text (decoded with ``skip_special_tokens=False``,
+    ``clean_up_tokenization_spaces=False``), the result is ``held_ids`` followed by the
+    rest of the text tokenized without special tokens added.
+
+    Why: the model then sees exactly the tokens it produced. Re-tokenizing a reply's text
+    often gives other ids than were generated (BPE merges the text its own way; always so
+    with random-weight models, sometimes with real ones), and cache reuse works by token
+    ids: each peer keeps only the common prefix of what it holds and the new ids, so a
+    re-tokenized reply would be prefilled again, with everything after it.
+
+    Falls back to :func:`encode_prompt` (the whole text re-tokenized) when the held ids do
+    not decode faithfully or the text does not continue them: nothing held, a decode that
+    ends in U+FFFD (the held ids stop inside a UTF-8 character), a changed conversation,
+    or a seam that does not decode back to the text (a tokenizer that prepends a space to
+    every encoded text, as SentencePiece's dummy prefix does, would add one there).
+    A U+FFFD inside the held text (a partial character the reply showed as U+FFFD, sent
+    back by the client) does continue: the model keeps the bytes it generated.
+    """
+    held = list(held_ids)
+    if held:
+        decoded = _decode_verbatim(tokenizer, held)
+        if decoded and not decoded.endswith(_REPLACEMENT) and text.startswith(decoded):
+            rest = text[len(decoded) :]
+            rest_ids = list(tokenizer.encode(rest, add_special_tokens=False)) if rest else []
+            seam = held[-_SEAM_TOKENS:]
+            if _decode_verbatim(tokenizer, seam + rest_ids) == _decode_verbatim(tokenizer, seam) + rest:
+                return held + rest_ids
+    return encode_prompt(tokenizer, text)
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@ import pytest
 
 from gateway.generation import GenerationParams, RouteRunner, generate
 from gateway.routing import Hop
+from gateway.text import TokenPieces, encode_prompt, render_chat
 from peer.client import ChannelPool, PeerError, PeerSession, peer_info
 from protos import swarm_pb2
 from swarm.launcher import LocalSwarm
 from tests.conftest import HEARTBEAT, TTL
+from tests.test_swarm_exactness import reference
 
 MODEL = "swarm-demo"
 BUDGET = 600  # cache tokens per peer: small, so that eviction and refusal are easy to reach
@@ -172,6 +174,52 @@ def test_second_turn_sends_only_new_tokens(client, peers, explicit):
     fresh = client.chat.completions.create(messages=second, extra_headers={"X-Session-Id": uuid.uuid4().hex},
                                            **greedy(6))  # fmt: skip
     assert fresh.choices[0].message.content == two.choices[0].message.content
+
+
+def test_second_turn_continues_the_generated_token_ids(client, peers, demo_model):
+    """The reply's text re-tokenizes to other ids than the model generated; the next turn
+    continues the generated ids (held by the peers), so only the new text's ids run, and its
+    output is `transformers`' for exactly those ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    first = [{"role": "user", "content": LONG_TEXT}]
+    first_ids = encode_prompt(tokenizer, render_chat(tokenizer, first))
+    # a random model's replies hold partial UTF-8 characters (shown as U+FFFD) and <extra_N>
+    # tokens, whose text re-tokenizes to other ids; 24 tokens make one all but certain
+    generated = reference(demo_model, first_ids, 24)[0]
+    held = first_ids + generated[:-1]  # what the pin records: the last sampled token never ran
+
+    # the turns follow each other at once: the in-process references run before and after them
+    headers = {"X-Session-Id": uuid.uuid4().hex}
+    one = client.chat.completions.create(messages=first, extra_headers=headers, **greedy(24))
+    reply = one.choices[0].message.content
+    assert one.usage.prompt_tokens == len(first_ids)
+    assert reply == tokenizer.decode(generated, skip_special_tokens=True)
+    second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+    text = render_chat(tokenizer, second)
+    decoded = tokenizer.decode(held, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert text.startswith(decoded)
+    rest_ids = tokenizer.encode(text[len(decoded) :], add_special_tokens=False)
+    continued = held + rest_ids
+    before = info(peers[0]).tokens_processed
+    two = client.chat.completions.create(messages=second, extra_headers=headers, **greedy(6, logprobs=True))
+    sent = info(peers[0]).tokens_processed - before
+
+    # not vacuous: re-tokenizing the text gives other ids for the reply, and would run more
+    retokenized = encode_prompt(tokenizer, text)
+    common = next((i for i, (a, b) in enumerate(zip(retokenized, held, strict=False)) if a != b), len(held))
+    assert common < len(held), "the reply re-tokenizes to the generated ids; pick another prompt"
+    assert len(retokenized) - common > len(rest_ids) + 1
+    assert two.usage.prompt_tokens == len(continued)
+    # the peers ran only the new text's ids (the held ones were resumed), then decoded
+    assert sent == len(rest_ids) + two.usage.completion_tokens - 1
+
+    expected = reference(demo_model, continued, two.usage.completion_tokens)[0]
+    pieces = TokenPieces(tokenizer)
+    got = [token.bytes for token in two.choices[0].logprobs.content]
+    assert got == [pieces.bytes_of(token) for token in expected]
+    assert two.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
 
 
 def _fill_budget(peers: list[str]) -> None:

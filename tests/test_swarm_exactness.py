@@ -18,7 +18,8 @@ NEW_TOKENS = 64
 TOP = 5
 
 
-def reference(model_dir, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+def reference(model_dir, prompt: list[int], new_tokens: int = NEW_TOKENS) -> tuple[list[int], torch.Tensor]:
+    """`transformers` greedy `generate()` on `prompt`, EOS ignored: the tokens and their log-probabilities."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -28,7 +29,7 @@ def reference(model_dir, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
         torch.tensor([prompt]),
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         do_sample=False,
-        max_new_tokens=NEW_TOKENS,
+        max_new_tokens=new_tokens,
         output_logits=True,
         return_dict_in_generate=True,
         pad_token_id=0,

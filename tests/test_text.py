@@ -19,6 +19,7 @@ from gateway.text import (
     IncrementalDetokenizer,
     StopMatcher,
     TokenPieces,
+    encode_continuing,
     encode_prompt,
     render_chat,
 )
@@ -468,3 +469,83 @@ def test_encode_prompt_does_not_double_bos() -> None:
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
     plain = encode_prompt(tok, "Hello world")
     assert plain[0] == tok.bos_token_id and plain.count(tok.bos_token_id) == 1
+
+
+# --- encode_continuing -----------------------------------------------------------------------
+
+
+def _first_turn(tok) -> tuple[str, list[int]]:
+    """A rendered first turn and the ids a route would hold after it: the prompt's ids, then
+    "generated" ids for the reply that re-tokenization would not give (one id per character)."""
+    prompt = render_chat(tok, [{"role": "user", "content": "Hello world"}])
+    reply = [i for ch in "How are" for i in tok.encode(ch, add_special_tokens=False)]
+    return prompt, encode_prompt(tok, prompt) + reply
+
+
+def test_encode_continuing_appends_the_rest_to_the_held_ids() -> None:
+    tok = _templated()
+    prompt, held = _first_turn(tok)
+    reply = tok.decode(held[len(encode_prompt(tok, prompt)) :])
+    assert reply == "How are"
+    text = render_chat(
+        tok,
+        [
+            {"role": "user", "content": "Hello world"},
+            {"role": "assistant", "content": "How are you"},
+            {"role": "user", "content": "Fine."},
+        ],
+    )
+    ids = encode_continuing(tok, text, held)
+    rest = text[len(tok.decode(held, skip_special_tokens=False)) :]
+    assert rest.startswith(" you<|end|>")
+    assert ids == held + tok.encode(rest, add_special_tokens=False)
+    # re-tokenizing the text gives other ids for the reply: the case this function exists for
+    plain = encode_prompt(tok, text)
+    assert plain[: len(held)] != held
+    assert tok.decode(ids) == tok.decode(plain) == text
+
+
+def test_encode_continuing_falls_back_when_the_text_does_not_continue_the_held_ids() -> None:
+    tok = _templated()
+    _, held = _first_turn(tok)
+    changed = render_chat(
+        tok,
+        [
+            {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": "How are you"},
+            {"role": "user", "content": "Fine."},
+        ],
+    )
+    assert encode_continuing(tok, changed, held) == encode_prompt(tok, changed)
+    assert encode_continuing(tok, changed, []) == encode_prompt(tok, changed)
+
+
+def test_encode_continuing_falls_back_when_the_held_ids_end_inside_a_character() -> None:
+    tok = _templated()
+    prompt = render_chat(tok, [{"role": "user", "content": "Hi"}])
+    emoji = tok.encode("😀", add_special_tokens=False)
+    assert len(emoji) > 1  # the tiny vocabulary splits it
+    held = encode_prompt(tok, prompt) + emoji[:-1]
+    assert tok.decode(held, skip_special_tokens=False).endswith("\ufffd")
+    text = render_chat(
+        tok,
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "😀"},
+            {"role": "user", "content": "Nice"},
+        ],
+    )
+    assert encode_continuing(tok, text, held) == encode_prompt(tok, text)
+    # the same conversation held up to a whole character continues
+    whole = encode_prompt(tok, prompt) + emoji
+    assert encode_continuing(tok, text, whole)[: len(whole)] == whole
+
+
+def test_encode_continuing_falls_back_when_the_seam_adds_a_space() -> None:
+    # this SentencePiece-style tokenizer prepends "▁" to every text it encodes: the rest,
+    # encoded alone, would gain a space the conversation does not have
+    tok = sentencepiece_tokenizer()
+    held = tok.encode("Hello world", add_special_tokens=False)
+    text = "Hello world again"
+    assert tok.decode(held + tok.encode(" again", add_special_tokens=False)) != text
+    assert encode_continuing(tok, text, held) == encode_prompt(tok, text)
