@@ -115,18 +115,26 @@ class Gateway:
 
     async def pinned(self, served: ServedModel, key: str | None, precision: str | None = None) -> Pin | None:
         """This conversation's pin while every peer of its route lives (and has the precision asked for)."""
-        accept = accepts(precision)
-        if key:
-            pin = await self.sessions.get(key)
-            if pin is not None and pin.model == served.id:
-                records = await self.swarm.peers(served.id)
-                by_id = {record.peer_id: record for record in records}
-                fits = accept is None or all(
-                    hop.peer_id in by_id and accept(by_id[hop.peer_id]) for hop in pin.route
-                )
-                if fits and self.swarm.is_live(pin.route, records):
-                    return pin
+        if not key:
+            return None
+        pin = await self.sessions.get(key)
+        if pin is None or pin.model != served.id:
+            return None
+        if self._serves(pin, await self.swarm.peers(served.id), precision):
+            return pin
+        # The snapshot may just be old: an idle gateway refreshes it only when requests come, so
+        # after a pause longer than the records' ttl (a person typing the next turn) every record
+        # in it has expired. Ask the DHT before giving up the peers' caches.
+        if self._serves(pin, await self.swarm.peers(served.id, fresh=True), precision):
+            return pin
         return None
+
+    def _serves(self, pin: Pin, records: list, precision: str | None) -> bool:
+        """Every peer of the pin's route is live in `records` (and has the precision asked for)."""
+        accept = accepts(precision)
+        by_id = {record.peer_id: record for record in records}
+        fits = accept is None or all(hop.peer_id in by_id and accept(by_id[hop.peer_id]) for hop in pin.route)
+        return fits and self.swarm.is_live(pin.route, records)
 
     async def route_for(
         self, served: ServedModel, key: str | None, max_length: int, precision: str | None = None

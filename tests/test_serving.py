@@ -5,6 +5,7 @@ turns of a conversation. Real processes: DHT, two peers, a gateway, the OpenAI S
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import grpc
@@ -148,11 +149,12 @@ def test_concurrent_sessions_stay_in_phase_across_the_pipeline(peers):
 
 
 # -- cache reuse across turns -------------------------------------------------------------------
-def _turns(client, peers, headers: dict):
+def _turns(client, peers, headers: dict, pause: float = 0.0):
     first = [{"role": "user", "content": LONG_TEXT}]
     before = info(peers[0]).tokens_processed
     one = client.chat.completions.create(messages=first, extra_headers=headers, **greedy(6))
     mid = info(peers[0]).tokens_processed
+    time.sleep(pause)  # the user reads the reply and types the next message
     second = [*first, {"role": "assistant", "content": one.choices[0].message.content},
               {"role": "user", "content": "And then?"}]  # fmt: skip
     two = client.chat.completions.create(messages=second, extra_headers=headers, **greedy(6))
@@ -174,6 +176,13 @@ def test_second_turn_sends_only_new_tokens(client, peers, explicit):
     fresh = client.chat.completions.create(messages=second, extra_headers={"X-Session-Id": uuid.uuid4().hex},
                                            **greedy(6))  # fmt: skip
     assert fresh.choices[0].message.content == two.choices[0].message.content
+
+
+def test_second_turn_after_a_pause_longer_than_the_record_ttl_still_resumes(client, peers):
+    """By the next turn an idle gateway's DHT snapshot has expired (records live TTL seconds and
+    are refreshed only when requests come): the pin is checked against a fresh lookup, not dropped."""
+    one, two, _, _, sent_two = _turns(client, peers, {"X-Session-Id": uuid.uuid4().hex}, pause=TTL + 1.0)
+    assert sent_two <= two.usage.prompt_tokens - one.usage.prompt_tokens + two.usage.completion_tokens
 
 
 def test_second_turn_continues_the_generated_token_ids(client, peers, demo_model):
