@@ -166,6 +166,8 @@ def run(args: argparse.Namespace) -> dict:
     try:
         swarm.start_dht()
         flags = ["--threads", str(args.threads), "--cache-tokens", str(args.cache_tokens)]
+        if args.prepack:
+            flags.append("--prepack")
         peers = swarm.start_peers(split, *flags)
         # Under a burst of 32 prefills a step queues behind several full passes on these shared
         # cores; the default 10 s step deadline would call that a dead peer (and ban it).
@@ -326,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         "--ref-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the reference"
     )
     parser.add_argument("--cache-tokens", type=int, default=16384, help="each peer's KV budget")
+    parser.add_argument(
+        "--prepack", action="store_true", help="peers keep oneDNN-packed weights too (swarm peer --prepack)"
+    )
     parser.add_argument("--step-timeout", type=float, default=300.0, help="the gateway's per-step deadline")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "batching.json")

@@ -1,35 +1,45 @@
-"""Which way round to multiply a Linear layer's weight for a batch of a few rows (CPU).
+"""How each Linear layer multiplies a pass of a few rows on the CPU (calibrated at load).
 
 A decode pass multiplies each weight ``W`` ``[out, in]`` by a few rows ``x`` ``[B, in]`` (one per
 session). ``F.linear`` asks BLAS for ``x @ W.T``; for a small B, MKL's fp32 kernel for that shape
 reads the weight once per pair of rows, so a pass of 8 sessions costs 3x a pass of 1 and 16 costs
-about the same as 8. Asking for the same product the other way round, ``(W @ x.T).T``, gets a
-kernel that reads the weight once: measured on the 2-core machine, 1 thread, weight 2816 x 1024,
-B = 8: 1.22 ms -> 0.90 ms; B = 16: 1.32 -> 0.86 ms; the 32000 x 1024 LM head at B = 8:
-29 -> 17 ms. At B = 1-2 and for long prefill chunks ``F.linear`` is as fast or faster.
+about the same as 8. Two other ways compute the same product:
 
-Which form wins depends on the BLAS library, the CPU and the thread count, so it is measured
-rather than assumed: `calibrate` times both forms on each distinct weight shape of a span for
-row counts 2, 4, ..., 64 when the span is loaded (about a second for the bench model), and marks
-the buckets where the transposed form is clearly faster on the layer (`transposed_rows`).
-`linear` then dispatches on the row count. Layers that are not plain fp32 CPU ``nn.Linear``
-(quantized, CUDA, bf16) are never marked and keep their own forward.
+* ``transposed``: ``(W @ x.T).T``, the same weight, another kernel that reads it once. Measured on
+  the 2-core machine, 1 thread, weight 2816 x 1024: B = 8 1.22 -> 0.90 ms, B = 16 1.32 -> 0.86 ms;
+  the 32000 x 1024 LM head at B = 8: 29 -> 17 ms. No extra memory, so always considered.
+* ``packed`` (opt-in, ``--prepack``): a second copy of the weight in oneDNN's blocked layout
+  (``torch.ops.mkldnn._reorder_linear_weight``, what inductor uses on CPU) and oneDNN's matmul:
+  B = 4 costs what B = 1 does and B = 8 ~1.3x. The copy doubles weight memory, and the plain
+  weight stays for single rows and long prefill chunks, where the packed kernel is slower
+  (B = 1: +28% in a span pass), hence opt-in: for peers with RAM to spare and many users.
 
-The two forms compute the same dot products; only the kernel's blocking differs, so results
-agree to float32 rounding (~1e-6 relative), as any change of batch size already does.
+Which way wins depends on the BLAS library, the CPU and the thread count, so it is measured rather
+than assumed: `calibrate` times every way on each distinct weight shape of a span for row counts
+2, 4, ..., 64 when the span is loaded (about a second for the bench model) and gives each layer a
+plan (bucket -> way) holding only the ways that beat ``F.linear`` clearly. `linear` dispatches on
+the row count. Layers that are not plain fp32 CPU ``nn.Linear`` (quantized, CUDA, bf16) get no
+plan and keep their own forward.
+
+All ways compute the same dot products with different blocking, so results agree to float32
+rounding (~1e-6 relative), as any change of batch size already does.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger("peer.gemm")
+
 BUCKETS = (2, 4, 8, 16, 32, 64)  # row counts measured; n rows use the bucket of the next power of 2
-MIN_GAIN = 0.85  # the transposed form must take at most this share of F.linear's time
+MIN_GAIN = 0.85  # another way must take at most this share of F.linear's time to be used
+PACK_HINT = 16  # the batch size oneDNN's blocked layout is tuned for (it serves every size)
 _REPS = 2
 
 
@@ -40,13 +50,42 @@ def bucket(rows: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
+def _transposed(weight: torch.Tensor, packed: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.mm(weight, x.t()).t().contiguous()
+
+
+def _packed(weight: torch.Tensor, packed: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+WAYS: dict[str, Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]] = {
+    "transposed": _transposed,
+    "packed": _packed,
+}
+
+
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``, multiplied the way round that `calibrate` found faster for this many rows."""
-    marked = getattr(layer, "transposed_rows", None)
-    if marked and x.dim() == 2 and bucket(x.shape[0]) in marked:
-        out = torch.mm(layer.weight, x.t()).t().contiguous()
-        return out if layer.bias is None else out + layer.bias
+    """``layer(x)``, multiplied the way `calibrate` found fastest for this many rows."""
+    plan = getattr(layer, "matmul_plan", None)
+    if plan and x.dim() == 2:
+        way = plan.get(bucket(x.shape[0]))
+        if way is not None:
+            out = WAYS[way](layer.weight, getattr(layer, "packed_weight", None), x.contiguous())
+            return out if layer.bias is None else out + layer.bias
     return layer(x)
+
+
+def can_pack() -> bool:
+    """Whether this torch build has oneDNN's prepacked fp32 matmul."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight = torch.ones(4, 8)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_HINT)
+        out = _packed(weight, packed, torch.ones(2, 8))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.equal(out, torch.full((2, 4), 8.0)))
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -70,27 +109,38 @@ def _time(fn) -> float:  # noqa: ANN001
 
 
 @torch.inference_mode()
-def faster_buckets(weight: torch.Tensor) -> frozenset[int]:
-    """The row buckets where ``(W @ x.T).T`` beats ``F.linear(x, W)`` by the margin MIN_GAIN."""
-    won = set()
+def measure_plan(weight: torch.Tensor, packed: torch.Tensor | None = None) -> dict[int, str]:
+    """bucket -> the fastest way for that many rows, for the buckets where one beats ``F.linear``
+    by the margin MIN_GAIN (``packed`` is tried only when a packed copy is given)."""
+    ways = {name: way for name, way in WAYS.items() if name != "packed" or packed is not None}
+    plan = {}
     for rows in BUCKETS:
         x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
         plain = _time(lambda x=x: F.linear(x, weight))
-        transposed = _time(lambda x=x: torch.mm(weight, x.t()).t().contiguous())
-        if transposed <= MIN_GAIN * plain:
-            won.add(rows)
-    return frozenset(won)
+        times = {name: _time(lambda x=x, way=way: way(weight, packed, x)) for name, way in ways.items()}
+        best = min(times, key=times.get)
+        if times[best] <= MIN_GAIN * plain:
+            plan[rows] = best
+    return plan
 
 
-def calibrate(modules: Iterable[nn.Module]) -> dict[tuple[int, int], frozenset[int]]:
-    """Measure each distinct fp32 CPU Linear weight shape once and mark every layer of that shape
-    with the buckets where the transposed form wins. Returns ``{(out, in): buckets}``."""
-    found: dict[tuple[int, int], frozenset[int]] = {}
+def calibrate(modules: Iterable[nn.Module], prepack: bool = False) -> dict[tuple[int, int], dict[int, str]]:
+    """Give each fp32 CPU Linear layer a `matmul_plan`, measured once per distinct weight shape;
+    with `prepack`, also a oneDNN-packed copy of its weight where the plan uses one. Returns
+    ``{(out, in): plan}``."""
+    if prepack and not can_pack():
+        log.warning("--prepack: this torch build has no oneDNN prepacked matmul; using the plain weights")
+        prepack = False
+    found: dict[tuple[int, int], dict[int, str]] = {}
     for module in modules:
         if not _eligible(module):
             continue
         shape = tuple(module.weight.shape)
+        packed = torch.ops.mkldnn._reorder_linear_weight(module.weight, PACK_HINT) if prepack else None
         if shape not in found:
-            found[shape] = faster_buckets(module.weight)
-        module.transposed_rows = found[shape]
+            found[shape] = measure_plan(module.weight, packed)
+        module.matmul_plan = found[shape]
+        if "packed" in found[shape].values():
+            # only kept where used: a second copy of the weight (a buffer, so weight_bytes counts it)
+            module.register_buffer("packed_weight", packed, persistent=False)
     return found

@@ -314,13 +314,15 @@ class BlockSpan(nn.Module):
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
         quant: str = "none",
+        prepack: bool = False,
     ) -> BlockSpan:
         """Load only this span's tensors from ``model_dir`` (a folder, or a hub id when online).
 
         ``quant`` (``none``, ``int8``, ``nf4``; see ``peer.quant``) quantizes the Linear layers of
         each block right after that block is read, so peak memory holds one block in full
         precision, never the whole span. Unsupported combinations raise ``ValueError`` before any
-        tensor is read.
+        tensor is read. ``prepack`` keeps a oneDNN-packed second copy of fp32 CPU weights for
+        batched passes where it is faster (see ``peer.gemm``).
         """
         dtype, device = parse_dtype(dtype), torch.device(device)
         quantization.validate(quant, device, dtype)
@@ -373,7 +375,7 @@ class BlockSpan(nn.Module):
         span.to(device)
         span.quant = quant
         span = span.eval().requires_grad_(False)
-        gemm.calibrate(span.modules())  # which way round to multiply small batches (see peer.gemm)
+        gemm.calibrate(span.modules(), prepack=prepack)  # how to multiply small batches (peer.gemm)
         return span
 
     def weight_bytes(self) -> dict[str, int]:

@@ -191,7 +191,8 @@ def resident_bytes(module: nn.Module) -> int:
         if packed is not None and callable(getattr(sub, "weight", None)):
             total += _tensor_bytes(sub.weight()) + _tensor_bytes(sub.bias())
         for tensor in list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False)):
-            key = tensor.data_ptr() if tensor.device.type != "meta" else id(tensor)
+            # meta tensors and oneDNN-packed copies (peer.gemm) have no data pointer
+            key = id(tensor) if tensor.device.type == "meta" or tensor.is_mkldnn else tensor.data_ptr()
             if key in seen:
                 continue
             seen.add(key)

@@ -69,6 +69,7 @@ class PeerConfig:
     max_batch_tokens: int = 512  # tokens per forward pass; longer prefills are chunked
     batch_wait_ms: float = 3.0  # how long a pass waits for steps of active sessions still in flight
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    prepack: bool = False  # a oneDNN-packed copy of fp32 CPU weights for batched passes (peer.gemm)
     heartbeat: float = 5.0
     ttl: float = 15.0
     drain_timeout: float = 30.0
@@ -584,7 +585,8 @@ class PeerServer:
         loop = asyncio.get_running_loop()
         span = await loop.run_in_executor(
             None, lambda: BlockSpan.load(
-                cfg.model_dir, cfg.start, cfg.end, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant
+                cfg.model_dir, cfg.start, cfg.end, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant,
+                prepack=cfg.prepack,
             )
         )
         if not (0 <= cfg.start < cfg.end <= span.config.num_hidden_layers):

@@ -1,4 +1,4 @@
-"""The CPU matmul orientation chosen per Linear layer and row count (peer.gemm)."""
+"""How each Linear layer multiplies a pass of a few rows (peer.gemm): the plan per row count."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from peer import gemm
+from peer.quant import resident_bytes
+
+needs_onednn = pytest.mark.skipif(
+    not gemm.can_pack(), reason="this torch build has no oneDNN prepacked matmul"
+)
 
 
 @pytest.mark.parametrize(
@@ -18,37 +23,71 @@ def test_bucket_is_the_next_power_of_two_within_the_measured_range(rows, expecte
     assert gemm.bucket(rows) == expected
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_a_marked_layer_multiplies_the_other_way_round_with_the_same_result(bias, monkeypatch):
+def _layer(bias: bool) -> nn.Linear:
     torch.manual_seed(0)
-    layer = nn.Linear(64, 96, bias=bias)
-    layer.transposed_rows = frozenset({8})
+    return nn.Linear(64, 96, bias=bias)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_transposed_way_puts_the_weight_first_with_the_same_result(bias, monkeypatch):
+    layer = _layer(bias)
+    layer.matmul_plan = {8: "transposed"}
     calls = []
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(a.shape) or real_mm(a, b))
-    x = torch.randn(7, 64)  # bucket 8: marked
+    x = torch.randn(7, 64)  # bucket 8: planned
     out = gemm.linear(layer, x)
     assert calls == [torch.Size([96, 64])], "the weight must be the left operand"
     assert out.is_contiguous() and out.shape == (7, 96)
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
     calls.clear()
-    gemm.linear(layer, torch.randn(2, 64))  # bucket 2: not marked, the layer's own forward
+    gemm.linear(layer, torch.randn(2, 64))  # bucket 2: not planned, the layer's own forward
     assert calls == []
 
 
-def test_calibrate_marks_only_plain_float32_cpu_linears_and_shares_a_shape_once(monkeypatch):
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_packed_way_gives_the_same_result_for_every_row_count(bias):
+    layer = _layer(bias)
+    layer.register_buffer(
+        "packed_weight", torch.ops.mkldnn._reorder_linear_weight(layer.weight, 16), persistent=False
+    )
+    layer.matmul_plan = dict.fromkeys(gemm.BUCKETS, "packed")
+    for rows in (2, 3, 8, 16, 17, 64):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(
+            gemm.linear(layer, x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_calibrate_plans_only_plain_float32_cpu_linears_and_measures_a_shape_once(monkeypatch):
     measured = []
-    monkeypatch.setattr(gemm, "faster_buckets", lambda w: measured.append(tuple(w.shape)) or frozenset({16}))
+    monkeypatch.setattr(
+        gemm, "measure_plan", lambda w, packed=None: measured.append(tuple(w.shape)) or {16: "transposed"}
+    )
     a, b = nn.Linear(32, 48), nn.Linear(32, 48)
     half = nn.Linear(32, 48).to(torch.bfloat16)
     quantized = torch.ao.nn.quantized.dynamic.Linear(32, 48)
     found = gemm.calibrate([a, b, half, quantized, nn.ReLU()])
-    assert found == {(48, 32): frozenset({16})}
+    assert found == {(48, 32): {16: "transposed"}}
     assert measured == [(48, 32)], "one measurement per distinct shape"
-    assert a.transposed_rows == b.transposed_rows == frozenset({16})
-    assert not hasattr(half, "transposed_rows") and not hasattr(quantized, "transposed_rows")
+    assert a.matmul_plan == b.matmul_plan == {16: "transposed"}
+    assert not hasattr(half, "matmul_plan") and not hasattr(quantized, "matmul_plan")
+    assert not hasattr(a, "packed_weight"), "no packed copy without --prepack"
 
 
-def test_faster_buckets_only_names_measured_buckets():
-    buckets = gemm.faster_buckets(torch.randn(128, 64))
-    assert buckets <= set(gemm.BUCKETS)
+@needs_onednn
+def test_prepack_keeps_a_packed_copy_only_where_the_plan_uses_it_and_counts_its_bytes(monkeypatch):
+    plans = iter([{8: "packed", 16: "transposed"}, {16: "transposed"}])
+    monkeypatch.setattr(gemm, "measure_plan", lambda w, packed=None: next(plans))
+    used, unused = nn.Linear(32, 48, bias=False), nn.Linear(48, 32, bias=False)
+    plain_bytes = resident_bytes(used)
+    gemm.calibrate([used, unused], prepack=True)
+    assert used.packed_weight.is_mkldnn and not hasattr(unused, "packed_weight")
+    assert resident_bytes(used) == 2 * plain_bytes
+    assert "packed_weight" not in used.state_dict(), "the copy is never saved"
+
+
+def test_measured_plans_only_name_measured_buckets_and_known_ways():
+    plan = gemm.measure_plan(torch.randn(128, 64))
+    assert set(plan) <= set(gemm.BUCKETS) and set(plan.values()) <= {"transposed"}

@@ -56,15 +56,15 @@ async def through_swarm(local: LocalSwarm, model_id: str, num_blocks: int, promp
 
 
 @pytest.mark.parametrize(
-    ("model_fixture", "spans"),
+    ("model_fixture", "spans", "flags"),
     [
-        ("demo_model", [(0, 2), (2, 4)]),
-        ("demo_model", [(0, 1), (1, 3), (3, 4)]),
-        ("tiny_model", [(0, 1), (1, 3)]),
+        ("demo_model", [(0, 2), (2, 4)], ()),
+        ("demo_model", [(0, 1), (1, 3), (3, 4)], ("--prepack",)),  # oneDNN-packed weights (peer.gemm)
+        ("tiny_model", [(0, 1), (1, 3)], ()),
     ],
-    ids=["demo-2-peers", "demo-3-peers-uneven", "tiny-gqa-2-peers-uneven"],
+    ids=["demo-2-peers", "demo-3-peers-uneven-prepacked", "tiny-gqa-2-peers-uneven"],
 )
-async def test_greedy_tokens_and_logprobs_match_transformers(model_fixture, spans, request, tmp_path):
+async def test_greedy_tokens_and_logprobs_match_transformers(model_fixture, spans, flags, request, tmp_path):
     model_dir = request.getfixturevalue(model_fixture)
     num_blocks = spans[-1][1]
     vocab = int(__import__("json").loads((model_dir / "config.json").read_text())["vocab_size"])
@@ -72,7 +72,7 @@ async def test_greedy_tokens_and_logprobs_match_transformers(model_fixture, span
 
     with LocalSwarm(model_dir, workdir=tmp_path, heartbeat=HEARTBEAT, ttl=TTL, model_name="m") as local:
         local.start_dht()
-        local.start_peers(spans, "--threads", "1")
+        local.start_peers(spans, "--threads", "1", *flags)
         route, events = await through_swarm(local, "m", num_blocks, prompt)
 
     assert [(hop.start, hop.end) for hop in route] == spans
