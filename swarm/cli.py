@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(up, "up", "--redis-url", default=None, help="pin sessions in this Redis (default: in memory)")
     _flag(up, "up", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype of every peer (auto: see `swarm peer --help`)")
     _flag(up, "up", "--threads", type=int, default=0, help="torch threads per peer (0: torch's default)")
+    _flag(up, "up", "--prepack", action="store_true", help="peers keep oneDNN-packed weights too (see `swarm peer --help`)")
     _flag(up, "up", "--dry-run", action="store_true", help="print the commands that would run, start nothing")
 
     dht = commands.add_parser("dht", help="run a DHT bootstrap node", formatter_class=EnvDefaultsFormatter)

@@ -219,6 +219,8 @@ def run_local_swarm(args) -> int:
     peer_flags = ["--dtype", args.dtype]
     if args.threads:
         peer_flags += ["--threads", str(args.threads)]
+    if args.prepack:
+        peer_flags.append("--prepack")
     gateway_flags = ["--redis-url", args.redis_url] if args.redis_url else []
     stop = False
 
