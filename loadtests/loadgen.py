@@ -63,6 +63,9 @@ WORDS = [
 ]
 
 
+PROBE_TRIES = 5  # attempts of a probe request answered 429 / 503
+
+
 @dataclass
 class LoadConfig:
     base_url: str
@@ -106,7 +109,14 @@ def make_text(rng: random.Random, words: int) -> str:
 async def prompt_tokens(client: httpx.AsyncClient, model: str, text: str) -> int:
     """The server's count of prompt tokens for one user message (one token generated)."""
     body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
-    response = await client.post("/v1/chat/completions", json=body)
+    for _ in range(PROBE_TRIES - 1):
+        response = await client.post("/v1/chat/completions", json=body)
+        if response.status_code not in (429, 503):
+            break
+        # a busy or just-started swarm: wait as told (briefly), the run itself has not begun
+        await asyncio.sleep(min(2.0, float(response.headers.get("retry-after", 1))))
+    else:
+        response = await client.post("/v1/chat/completions", json=body)
     response.raise_for_status()
     return int(response.json()["usage"]["prompt_tokens"])
 
