@@ -26,7 +26,15 @@ from gateway.admission import AdmissionGuard
 from gateway.constrained import Grammar, JsonConstraint
 from gateway.errors import OpenAIError
 from gateway.failover import FailoverPolicy, FailoverStats
-from gateway.generation import GenerationParams, NoRouteError, RouteRunner, Swarm, TokenEvent, generate
+from gateway.generation import (
+    GenerationParams,
+    NoRouteError,
+    PromptLogprobs,
+    RouteRunner,
+    Swarm,
+    TokenEvent,
+    generate,
+)
 from gateway.metrics import install_telemetry, observe_generation, record_route_failure
 from gateway.models import ServedModel, load_model
 from gateway.precision import accepts, precisions, split_model_id
@@ -191,6 +199,8 @@ class Piece:
     text: str
     tokens: list[TokenEvent]
     finish_reason: str | None = None
+    # echo with logprobs: what the model gave prompt tokens 1.. (`PromptLogprobs`), before any token
+    prompt: list[TokenEvent] | None = None
 
 
 @dataclass
@@ -212,6 +222,8 @@ class ChoiceJob:
     held: list[int] | None = None
     # the route that holds `held` when the choice ends: a failover mid-stream replaces hops
     route: Route | None = None
+    # score the prompt with this many alternatives per token (completions' echo + logprobs)
+    prompt_logprobs: int | None = None
 
 
 def peer_failure(exc: PeerError, gw: Gateway) -> OpenAIError:
@@ -244,6 +256,7 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
         request_id=request_id,
         session_id=job.session_id,
         resume=job.resume,
+        prompt_logprobs=job.prompt_logprobs,
     )
     policy = FailoverPolicy(gw.swarm, served.id, served.num_blocks, gw.settings.failover_timeout, gw.failover_stats)
     runner = RouteRunner(gw.pool, route, gw.settings.step_timeout, failover=policy, wire_dtype=gw.settings.wire_dtype)
@@ -251,6 +264,9 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
     try:
         async with aclosing(generate(runner, params, len(job.prompt_ids) + job.max_new_tokens)) as events:
             async for event in events:
+                if isinstance(event, PromptLogprobs):
+                    yield Piece(job.index, "", [], prompt=event.tokens)
+                    continue
                 if event.token_id in served.eos_token_ids and (not job.ignore_eos or constraint is not None):
                     finish = "stop"
                     yield Piece(job.index, "", [event])  # counted in usage, shows no text
@@ -346,9 +362,10 @@ def choice_sampling(base: swarm_pb2.SamplingParams, index: int) -> swarm_pb2.Sam
 
 
 def budget(served: ServedModel, prompt_ids: list[int], requested: int | None, param: str) -> int:
-    """New tokens this request may generate, or a 400 when the context cannot hold it."""
+    """New tokens this request may generate, or a 400 when the context cannot hold it (a prompt
+    that fills the context is fine when nothing is to be generated: an echo that scores it)."""
     room = served.max_context - len(prompt_ids)
-    if room <= 0 or (requested is not None and requested > room):
+    if room < 0 or (room == 0 and requested != 0) or (requested is not None and requested > room):
         raise errors.context_length_exceeded(served.max_context, len(prompt_ids), requested, param=param)
     return room if requested is None else requested
 
@@ -375,8 +392,16 @@ def chat_logprobs(served: ServedModel, tokens: list[TokenEvent], top: int) -> pr
     return protocol.ChatCompletionLogprobs(content=content)
 
 
-def completion_logprobs(served: ServedModel, tokens: list[TokenEvent], top: int, offset: int) -> protocol.CompletionLogprobs:
-    result = protocol.CompletionLogprobs()
+def completion_logprobs(
+    served: ServedModel,
+    tokens: list[TokenEvent],
+    top: int,
+    offset: int,
+    head: protocol.CompletionLogprobs | None = None,
+) -> protocol.CompletionLogprobs:
+    """Entries of generated `tokens` whose text starts at `offset` of the choice's text, after
+    `head` (the echoed prompt's entries, `prompt_logprobs`) when given."""
+    result = head if head is not None else protocol.CompletionLogprobs()
     for event in tokens:
         text = token_text(served, event.token_id)
         result.tokens.append(text)
@@ -384,6 +409,33 @@ def completion_logprobs(served: ServedModel, tokens: list[TokenEvent], top: int,
         result.top_logprobs.append({token_text(served, tid): lp for tid, lp in event.top_logprobs[:top]} if top else None)
         result.text_offset.append(offset)
         offset += len(text)
+    return result
+
+
+def prompt_logprobs(
+    served: ServedModel, prompt_ids: list[int], scored: list[TokenEvent], top: int, echo: str
+) -> protocol.CompletionLogprobs:
+    """The echoed prompt's entries: its first token has no logprob and no top (nothing precedes
+    it); `scored[i]` scores token i+1. A token's `text_offset` is where its text starts in `echo`
+    (decoded incrementally, so a BOS or a leading SentencePiece space shifts nothing), never past it."""
+    if [event.token_id for event in scored] != prompt_ids[1:]:
+        raise errors.OpenAIError(502, "the swarm scored other tokens than the prompt's")
+    result = protocol.CompletionLogprobs()
+    detokenizer = IncrementalDetokenizer(served.tokenizer)
+    position = 0
+    for i, token_id in enumerate(prompt_ids):
+        result.tokens.append(token_text(served, token_id))
+        result.text_offset.append(min(position, len(echo)))
+        position += len(detokenizer.push(token_id))
+        if i == 0:
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+            continue
+        event = scored[i - 1]
+        result.token_logprobs.append(event.logprob)
+        result.top_logprobs.append(
+            {token_text(served, tid): lp for tid, lp in event.top_logprobs[:top]} if top else None
+        )
     return result
 
 
@@ -484,14 +536,17 @@ async def chat_completions(req: protocol.ChatCompletionRequest, request: Request
 
 
 async def collect(
-    pieces: AsyncIterator[Piece], texts: list[str]
+    pieces: AsyncIterator[Piece], texts: list[str], prompts: dict[int, list[TokenEvent]] | None = None
 ) -> tuple[list[str], list[list[TokenEvent]], list[str | None]]:
     """Gather a non-streamed response: each choice's text (appended to `texts`, which holds any
-    echoed prompt), its tokens and its finish reason."""
+    echoed prompt), its tokens and its finish reason; the prompt's scores (`Piece.prompt`) by
+    choice into `prompts` when given."""
     tokens: list[list[TokenEvent]] = [[] for _ in texts]
     finishes: list[str | None] = [None] * len(texts)
     async with aclosing(pieces):
         async for piece in pieces:
+            if piece.prompt is not None and prompts is not None:
+                prompts[piece.index] = piece.prompt
             texts[piece.index] += piece.text
             tokens[piece.index].extend(piece.tokens)
             if piece.finish_reason:
@@ -585,9 +640,14 @@ async def completions(req: protocol.CompletionRequest, request: Request, respons
             raise errors.invalid_request("the prompt is empty after tokenization", param="prompt")
         prompts.append((prompt, ids))
     max_tokens = req.effective_max_tokens()
-    if max_tokens == 0:
-        raise errors.invalid_request("max_tokens must be at least 1", param="max_tokens")
+    if max_tokens == 0 and not req.echo:
+        raise errors.invalid_request(
+            "max_tokens must be at least 1 (0, to score a prompt without generating, needs echo: true)",
+            param="max_tokens",
+        )
     top = req.logprobs or 0
+    # echo + logprobs: the prompt's tokens get entries too (the last span scores them in the prefill)
+    scoring = top if req.echo and req.logprobs is not None else None
     base_sampling = sampling_message(req, served, req.logprobs is not None, top)
     request_id = current_request_id() or uuid.uuid4().hex
     jobs, budgets = [], []
@@ -598,6 +658,7 @@ async def completions(req: protocol.CompletionRequest, request: Request, respons
             sampling = choice_sampling(base_sampling, i)
             job = ChoiceJob(p * req.n + i, ids, max_new, sampling, req.stop_sequences(), req.ignore_eos)
             job.prompt_context = True
+            job.prompt_logprobs = scoring
             jobs.append(job)
     key = request.headers.get(SESSION_HEADER)
     route = await gw.route_for(served, key, max(budgets), precision)
@@ -609,35 +670,55 @@ async def completions(req: protocol.CompletionRequest, request: Request, respons
     if req.stream:
         stream = protocol.CompletionChunkStream(served.id)
         return EventSourceResponse(
-            _completion_events(stream, pieces, req, served, echoes, prompt_tokens),
+            _completion_events(
+                stream, pieces, req, served, echoes, prompt_tokens, [job.prompt_ids for job in jobs]
+            ),
             sep="\n",
             ping=15,
             headers=route_headers(route),
         )
-    texts, tokens, finishes = await collect(pieces, list(echoes))
+    scored: dict[int, list[TokenEvent]] = {}
+    texts, tokens, finishes = await collect(pieces, list(echoes), scored)
     response.headers.update(route_headers(jobs[0].route or route))
-    choices = [
-        protocol.CompletionChoice(
-            index=i,
-            text=texts[i],
-            logprobs=completion_logprobs(served, tokens[i], top, len(echoes[i])) if req.logprobs is not None else None,
-            finish_reason=finishes[i],
+    choices = []
+    for i, job in enumerate(jobs):
+        logprobs = None
+        if req.logprobs is not None:
+            head = None
+            if i in scored:
+                head = prompt_logprobs(served, job.prompt_ids, scored[i], top, echoes[i])
+            logprobs = completion_logprobs(served, tokens[i], top, len(echoes[i]), head)
+        choices.append(
+            protocol.CompletionChoice(index=i, text=texts[i], logprobs=logprobs, finish_reason=finishes[i])
         )
-        for i in range(len(jobs))
-    ]
     usage = protocol.Usage.of(prompt_tokens, sum(len(t) for t in tokens))
     return protocol.CompletionResponse(model=served.id, choices=choices, usage=usage)
 
 
-async def _completion_events(stream, pieces, req, served: ServedModel, echoes: list[str], prompt_tokens: int):
+async def _completion_events(
+    stream,
+    pieces,
+    req,
+    served: ServedModel,
+    echoes: list[str],
+    prompt_tokens: int,
+    prompt_ids: list[list[int]],
+):
     produced = 0
     offsets = [len(echo) for echo in echoes]
+    scoring = req.echo and req.logprobs is not None
     try:
         for index, echo in enumerate(echoes):
-            if echo:
+            if echo and not scoring:  # else it goes with the prompt's entries, once the prefill ran
                 yield stream.text(echo, index)
         async with aclosing(pieces):
             async for piece in pieces:
+                if piece.prompt is not None:
+                    head = prompt_logprobs(
+                        served, prompt_ids[piece.index], piece.prompt, req.logprobs, echoes[piece.index]
+                    )
+                    yield stream.text(echoes[piece.index], piece.index, logprobs=head)
+                    continue
                 produced += len(piece.tokens)
                 logprobs = None
                 if req.logprobs is not None and piece.tokens:

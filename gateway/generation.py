@@ -43,6 +43,14 @@ class TokenEvent:
 
 
 @dataclass
+class PromptLogprobs:
+    """What the model gave each prompt token after the first (`GenerationParams.prompt_logprobs`):
+    `tokens[i]` scores prompt token i+1 (its id, logprob and the best alternatives there)."""
+
+    tokens: list[TokenEvent]
+
+
+@dataclass
 class GenerationParams:
     prompt_ids: list[int]
     max_new_tokens: int
@@ -56,6 +64,11 @@ class GenerationParams:
     # Cache reuse across turns: the peers' session id, and whether to resume what they kept.
     session_id: str = ""
     resume: bool = False
+    # Score the prompt (`Step.prompt_logprobs`, for an echo with logprobs): this many alternatives
+    # per token; `generate` then yields one `PromptLogprobs` before any token. The whole prompt
+    # runs (never resumed), so every token is scored; a failover during the prefill replays it
+    # with the same request. With max_new_tokens == 0 nothing is sampled.
+    prompt_logprobs: int | None = None
 
 
 class _HopFailure(Exception):
@@ -222,14 +235,20 @@ class RouteRunner:
         return session
 
     async def step(
-        self, token_ids: list[int], sample: bool = True, allowed_token_ids: list[int] | None = None
+        self,
+        token_ids: list[int],
+        sample: bool = True,
+        allowed_token_ids: list[int] | None = None,
+        prompt_logprobs: int | None = None,
     ) -> swarm_pb2.StepResult:
+        """One step through the route; the last span's result. With `prompt_logprobs` the result's
+        `prompt_logprobs` scores `token_ids[1:]` (also when a failover replayed more)."""
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline = None
         while True:
             try:
-                results = await self._pass(list(token_ids), sample, allowed_token_ids)
+                results = await self._pass(list(token_ids), sample, allowed_token_ids, prompt_logprobs)
                 break
             except _HopFailure as failure:
                 if deadline is None:
@@ -246,7 +265,11 @@ class RouteRunner:
         return results[-1]
 
     async def _pass(
-        self, token_ids: list[int], sample: bool, allowed_token_ids: list[int] | None = None
+        self,
+        token_ids: list[int],
+        sample: bool,
+        allowed_token_ids: list[int] | None = None,
+        prompt_logprobs: int | None = None,
     ) -> list[swarm_pb2.StepResult]:
         """One step through every hop; hops up to `_rebuild_upto` replay the whole history."""
         position = len(self.history)
@@ -264,6 +287,8 @@ class RouteRunner:
             )
             if allowed_token_ids and i == last:
                 step.allowed_token_ids.extend(allowed_token_ids)
+            if prompt_logprobs is not None and i == last:
+                step.prompt_logprobs = prompt_logprobs
             if hidden is not None:
                 step.hidden.CopyFrom(
                     hidden if rebuild or i != upto + 1 else tail_rows(hidden, len(token_ids))
@@ -276,6 +301,8 @@ class RouteRunner:
                 raise _HopFailure(i, exc) from exc
             results.append(result)
             hidden = result.hidden
+            if prompt_logprobs is not None and i == last and rebuild and position:
+                del result.prompt_logprobs[:position]  # a replay scored the history too
         self._rebuild_upto = -1
         return results
 
@@ -575,9 +602,11 @@ class Swarm:
 
 async def generate(
     runner: RouteRunner, params: GenerationParams, max_length: int
-) -> AsyncIterator[TokenEvent]:
-    """Prefill the prompt, then decode until EOS or max_new_tokens. The caller stops early by
-    closing the generator (use `contextlib.aclosing`); the runner's sessions close either way."""
+) -> AsyncIterator[TokenEvent | PromptLogprobs]:
+    """Prefill the prompt, then decode until EOS or max_new_tokens (0: prefill only). With
+    `params.prompt_logprobs` the first event is a `PromptLogprobs`; every other is a `TokenEvent`.
+    The caller stops early by closing the generator (use `contextlib.aclosing`); the runner's
+    sessions close either way."""
     try:
         sampling = params.sampling
         if not sampling.penalty_start:
@@ -586,14 +615,32 @@ async def generate(
             sampling = swarm_pb2.SamplingParams()
             sampling.CopyFrom(params.sampling)
             sampling.penalty_start = len(params.prompt_ids)
-        resume = params.prompt_ids[:-1] if params.resume else None  # at least one token must run
+        scoring = params.prompt_logprobs
+        # at least one token must run; scoring the prompt needs all of it to run
+        resume = params.prompt_ids[:-1] if params.resume and scoring is None else None
         start = await runner.open(
             max_length, sampling, params.request_id, session_id=params.session_id, resume_tokens=resume
         )
         if start:
             log.debug("request %s resumes at token %d of %d", params.request_id, start, len(params.prompt_ids))
         constraint = params.constraint
-        result = await runner.step(params.prompt_ids[start:], allowed_token_ids=constraint and constraint.allowed())
+        result = await runner.step(
+            params.prompt_ids[start:],
+            sample=params.max_new_tokens > 0,
+            allowed_token_ids=constraint and constraint.allowed(),
+            prompt_logprobs=scoring,
+        )
+        if scoring is not None:
+            yield PromptLogprobs(
+                [
+                    TokenEvent(
+                        item.token_id,
+                        item.logprob,
+                        [(alt.token_id, alt.logprob) for alt in item.top_logprobs],
+                    )
+                    for item in result.prompt_logprobs
+                ]
+            )
         for produced in range(1, params.max_new_tokens + 1):
             event = TokenEvent(
                 token_id=result.token_id,

@@ -467,7 +467,7 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
     echo: bool = False
     # OpenAI's default is 16. 0 is allowed so that ``echo`` + ``logprobs`` can score a
-    # prompt without generating (lm-eval-harness does this); the app may refuse it.
+    # prompt without generating (lm-eval-harness does this); the app refuses it without ``echo``.
     max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)

@@ -16,6 +16,8 @@ Logprobs (``SampleResult.logprob`` and ``top_logprobs``) are ``log_softmax`` of 
 steps 1-3 (bias and penalties) and BEFORE the allowed-token mask, temperature and truncation: the
 model's view of the token, not the sampler's, like vLLM's default raw logprobs plus the request's
 own bias/penalties. A token outside a top-p cut still reports its real probability.
+``prompt_logprobs`` scores tokens that were given, not sampled (the prompt, for ``echo``): the same
+``log_softmax`` of the raw logits, without bias or penalties.
 
 Seeding: the draw for the token at absolute position ``p = len(history)`` uses a generator seeded
 from ``(seed, p)``. So the same seed gives the same tokens, and the draw does not depend on how many
@@ -35,6 +37,9 @@ from typing import Any
 import torch
 
 _MASK64 = (1 << 64) - 1
+#: The most alternatives a prompt-logprobs step may ask for per position (``Step.prompt_logprobs``),
+#: the gateway's bound on ``top_logprobs`` (OpenAI's): each prompt token carries this many.
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -226,6 +231,32 @@ def _top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
     values, ids = torch.topk(logprobs, min(k, logprobs.numel()))
     pairs = [(int(i), float(v)) for i, v in zip(ids, values, strict=True)]
     return sorted(pairs, key=lambda pair: (-pair[1], pair[0]))
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, next_token_ids: Sequence[int], k: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Score known next tokens: row i of ``logits`` ``[R, V]`` gives ``(logprob of next_token_ids[i],
+    its k best (token id, logprob), best first, ties by lower id)``.
+
+    ``log_softmax`` in fp32 over the full vocabulary of the raw logits, as ``Sampler.sample`` does
+    for a sampled token before bias and penalties (a prompt's tokens were not sampled). The
+    token's logprob and its top entries come from the same tensor, so a token that is the argmax
+    has exactly the top-1 value (lm-evaluation-harness compares them with ``==``).
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(next_token_ids):
+        raise ValueError(f"logits must be [{len(next_token_ids)}, V], got {tuple(logits.shape)}")
+    if not next_token_ids:
+        return []
+    logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    ids = torch.tensor(list(next_token_ids), dtype=torch.long, device=logprobs.device)
+    chosen = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1).cpu().tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+    if k > 0:
+        values, indices = torch.topk(logprobs, min(k, logprobs.shape[1]), dim=-1)
+        for row, (vals, idx) in enumerate(zip(values.cpu().tolist(), indices.cpu().tolist(), strict=True)):
+            tops[row] = sorted(zip(idx, vals, strict=True), key=lambda pair: (-pair[1], pair[0]))
+    return list(zip(chosen, tops, strict=True))
 
 
 def _mix(seed: int, position: int) -> int:

@@ -12,7 +12,9 @@ Concurrency contract
   is in flight. The KV budget, idle sessions and eviction live in `peer.memory.SessionTable`.
 * Chunked prefill: a pass holds at most `max_batch_tokens` tokens. Steps are packed shortest
   first, so every waiting decode step gets in; a long prompt fills what is left and its rest
-  waits for the next pass, interleaved with everyone's decoding instead of stalling it.
+  waits for the next pass, interleaved with everyone's decoding instead of stalling it. What a
+  step returns is built when its last chunk has run: the hidden rows of every chunk (`_Work.outputs`)
+  and, for `Step.prompt_logprobs`, the scores of every chunk's rows (`_Work.scored`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from peer.kv_cache import KVCache
 from peer.memory import BudgetExhausted, SessionTable
 from peer.metrics import attach_metrics, bind_request_id
 from peer.model import BlockSpan
-from peer.sampling import Sampler, SamplingParams
+from peer.sampling import MAX_TOP_LOGPROBS, Sampler, SamplingParams, prompt_logprobs
 from protos import swarm_pb2, swarm_pb2_grpc
 
 log = logging.getLogger("peer")
@@ -110,6 +112,10 @@ class _Work:
     future: asyncio.Future
     done: int = 0  # tokens already run (chunked prefill)
     outputs: list[torch.Tensor] = field(default_factory=list)  # hidden rows of earlier chunks
+    # last span, `Step.prompt_logprobs`: alternatives wanted per token, and (token, logprob, top)
+    # of every row scored so far (all chunks)
+    prompt_logprobs: int | None = None
+    scored: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
     @property
     def remaining(self) -> int:
@@ -257,17 +263,28 @@ class BatchScheduler:
         hidden = span(inputs, [work.session.cache for work, _ in pieces], lengths)
         # One LM-head matmul for every session that samples in this pass: the head is the
         # biggest weight of the last span, and reading it once per session made its cost grow
-        # linearly with the batch (8 sessions: ~3x the whole pass). Rows are the last token of each.
+        # linearly with the batch (8 sessions: ~3x the whole pass). Rows are the last token of
+        # each, plus every row of this chunk whose next token is known for steps that score
+        # their tokens (`Step.prompt_logprobs`: all rows but the step's last).
         logits_of: dict[int, torch.Tensor] = {}
+        scored_of: dict[int, torch.Tensor] = {}
         if span.is_last:
-            rows_at, offset = [], 0
+            head_rows: list[int] = []
+            sample_at, score_at = [], []
+            offset = 0
             for index, (work, length) in enumerate(pieces):
+                if work.prompt_logprobs is not None:
+                    known = min(length, work.remaining - 1)
+                    score_at.append((index, len(head_rows), known))
+                    head_rows.extend(range(offset, offset + known))
                 offset += length
                 if work.sample and work.remaining == length:
-                    rows_at.append((index, offset - 1))
-            if rows_at:
-                logits = span.logits(hidden[[row for _, row in rows_at]])
-                logits_of = {index: logits[i] for i, (index, _) in enumerate(rows_at)}
+                    sample_at.append((index, len(head_rows)))
+                    head_rows.append(offset - 1)
+            if head_rows:
+                logits = span.logits(hidden[head_rows])
+                logits_of = {index: logits[at] for index, at in sample_at}
+                scored_of = {index: logits[at : at + known] for index, at, known in score_at}
         results: list[swarm_pb2.StepResult | None] = []
         offset = 0
         for index, (work, length) in enumerate(pieces):
@@ -275,6 +292,13 @@ class BatchScheduler:
             session.history.extend(work.token_ids[work.done : work.done + length])
             rows = hidden[offset : offset + length]
             offset += length
+            if index in scored_of:
+                scores = scored_of[index]
+                following = work.token_ids[work.done + 1 : work.done + 1 + scores.shape[0]]
+                for token_id, (logprob, top) in zip(
+                    following, prompt_logprobs(scores, following, work.prompt_logprobs), strict=True
+                ):
+                    work.scored.append((token_id, logprob, top))
             work.done += length
             if work.remaining > 0:
                 if not span.is_last:
@@ -293,6 +317,10 @@ class BatchScheduler:
                 result.logprob = sample.logprob
                 for token_id, logprob in sample.top_logprobs:
                     result.top_logprobs.add(token_id=token_id, logprob=logprob)
+            for token_id, logprob, top in work.scored:
+                entry = result.prompt_logprobs.add(token_id=token_id, logprob=logprob)
+                for alt_id, alt_logprob in top:
+                    entry.top_logprobs.add(token_id=alt_id, logprob=alt_logprob)
             results.append(result)
         return results
 
@@ -413,6 +441,18 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be in [0, {vocab})")
         if step.sample and not span.is_last:
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, "only the last span samples")
+        scoring = None
+        if step.HasField("prompt_logprobs"):
+            if not span.is_last:
+                raise StepError(
+                    grpc.StatusCode.INVALID_ARGUMENT, "only the last span returns prompt logprobs"
+                )
+            if not 0 <= step.prompt_logprobs <= MAX_TOP_LOGPROBS:
+                raise StepError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {step.prompt_logprobs}",
+                )
+            scoring = step.prompt_logprobs
         if span.is_first:
             if step.HasField("hidden"):
                 raise StepError(grpc.StatusCode.INVALID_ARGUMENT, "the first span takes token ids, not hidden states")
@@ -443,6 +483,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             sample=step.sample,
             allowed=list(step.allowed_token_ids),
             future=asyncio.get_running_loop().create_future(),
+            prompt_logprobs=scoring,
         )
 
     # -- RPCs --------------------------------------------------------------------------------

@@ -173,7 +173,91 @@ def test_completion_logprobs_and_echo(client):
     assert all(len(top) <= 2 and lp.tokens[i] in top for i, top in enumerate(lp.top_logprobs))
     echoed = client.completions.create(echo=True, **kwargs).choices[0]
     assert echoed.text == "Bake it in" + choice.text
-    assert echoed.logprobs.text_offset[0] == len("Bake it in")
+    # the prompt's entries come first (see test_echo_with_max_tokens_zero_scores_the_prompt), then these
+    prompt = len(echoed.logprobs.tokens) - 6
+    assert "".join(echoed.logprobs.tokens[:prompt]) == "Bake it in"
+    assert echoed.logprobs.tokens[prompt:] == lp.tokens
+    assert echoed.logprobs.text_offset[prompt:] == [len("Bake it in") + offset for offset in lp.text_offset]
+    assert echoed.logprobs.token_logprobs[prompt:] == pytest.approx(lp.token_logprobs, abs=1e-5)
+
+
+def _check_prompt_entries(choice, prompt: str, top: int) -> int:
+    """The echoed prompt's entries at the head of `choice.logprobs`; returns how many there are."""
+    lp = choice.logprobs
+    count = next(i for i in range(len(lp.tokens) + 1) if "".join(lp.tokens[:i]) == prompt)
+    assert count >= 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes it
+    for i in range(1, count):
+        assert lp.token_logprobs[i] <= 0
+        assert len(lp.top_logprobs[i]) == top
+        best = max(lp.top_logprobs[i].values())
+        assert lp.token_logprobs[i] <= best + 1e-6
+        if lp.tokens[i] in lp.top_logprobs[i]:
+            assert lp.top_logprobs[i][lp.tokens[i]] == lp.token_logprobs[i]
+    for token, offset in zip(lp.tokens[:count], lp.text_offset[:count], strict=True):
+        assert choice.text[offset : offset + len(token)] == token
+    return count
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(client):
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs 1, no generation at all."""
+    prompt = "The swarm serves a model split across peers"
+    reply = client.completions.create(
+        model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=0, temperature=0
+    )
+    choice = reply.choices[0]
+    assert (choice.text, choice.finish_reason) == (prompt, "length")
+    assert reply.usage.completion_tokens == 0
+    assert (
+        _check_prompt_entries(choice, prompt, 1) == len(choice.logprobs.tokens) == reply.usage.prompt_tokens
+    )
+    # the scores do not depend on what follows: generating after the same prompt gives the same
+    longer = client.completions.create(
+        model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=2, temperature=0
+    )
+    count = reply.usage.prompt_tokens
+    assert longer.choices[0].logprobs.token_logprobs[1:count] == pytest.approx(
+        choice.logprobs.token_logprobs[1:], abs=1e-5
+    )
+    # echo alone: the prompt back, nothing generated
+    bare = client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=0)
+    assert (bare.choices[0].text, bare.choices[0].logprobs, bare.usage.completion_tokens) == (prompt, None, 0)
+    # ... and without echo there is nothing to return: a 400 naming the parameter
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt=prompt, logprobs=1, max_tokens=0)
+    assert refused.value.body["param"] == "max_tokens"
+    assert "echo" in refused.value.body["message"]
+
+
+def test_echo_with_logprobs_streams_the_prompt_entries_first(client):
+    prompt = "Bake the bread in the oven"
+    kwargs = dict(model=MODEL, prompt=prompt, echo=True, logprobs=3, max_tokens=6, temperature=0,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+    full = client.completions.create(**kwargs).choices[0]
+    count = _check_prompt_entries(full, prompt, 3)
+    lp = full.logprobs
+    assert len(lp.tokens) == count + 6
+    assert lp.text_offset[count] == len(prompt)
+    assert full.text.startswith(prompt)
+    chunks = [chunk.choices[0] for chunk in client.completions.create(stream=True, **kwargs)]
+    # the first chunk is the echoed prompt with the prompt's entries, before any generated one
+    assert chunks[0].text == prompt
+    assert chunks[0].logprobs.tokens == lp.tokens[:count]
+    assert chunks[0].logprobs.token_logprobs[0] is None
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in chunks:
+        if chunk.logprobs:
+            for name, values in streamed.items():
+                values.extend(getattr(chunk.logprobs, name))
+    assert "".join(chunk.text for chunk in chunks) == full.text
+    assert [chunk.finish_reason for chunk in chunks if chunk.finish_reason] == [full.finish_reason]
+    assert streamed["tokens"] == lp.tokens
+    assert streamed["text_offset"] == lp.text_offset
+    assert streamed["token_logprobs"][0] is None
+    assert streamed["token_logprobs"][1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert streamed["top_logprobs"][0] is None
+    for got, want in zip(streamed["top_logprobs"][1:], lp.top_logprobs[1:], strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
 
 
 def test_prompt_as_list_of_strings_and_token_ids(base_url, demo_model):

@@ -4,6 +4,8 @@ tokens, and the last span's log-probabilities agree with the reference logits to
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -85,3 +87,127 @@ async def test_greedy_tokens_and_logprobs_match_transformers(model_fixture, span
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
         assert top_ids == expected_logprobs[step].topk(TOP).indices.tolist()
         assert abs(event.logprob - expected_logprobs[step, event.token_id].item()) < 1e-4
+
+
+# -- prompt logprobs (completions' echo + logprobs) ------------------------------------------------
+CHUNK = 8  # --max-batch-tokens of the scoring swarm: longer prompts are prefilled in chunks
+
+
+@pytest.fixture(scope="module")
+def scoring_swarm(demo_model, tmp_path_factory):
+    """Two peers that prefill in chunks of CHUNK tokens, and a gateway."""
+    local = LocalSwarm(demo_model, workdir=tmp_path_factory.mktemp("scoring"), heartbeat=HEARTBEAT, ttl=TTL,
+                       model_name="m")  # fmt: skip
+    try:
+        local.start_dht()
+        local.start_peers([(0, 2), (2, 4)], "--threads", "1", "--max-batch-tokens", str(CHUNK))
+        local.start_gateway(None)
+        yield local
+    finally:
+        local.stop()
+
+
+def test_echoed_prompt_logprobs_match_transformers(scoring_swarm, demo_model):
+    """lm-evaluation-harness's scoring request (echo, logprobs 1, max_tokens 0) through the OpenAI
+    SDK: every prompt token's logprob is transformers' log_softmax of the same weights, and the
+    top-1 entry is its argmax, also for a prompt prefilled in several chunks."""
+    import openai
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gateway.text import TokenPieces
+
+    vocab = int(__import__("json").loads((demo_model / "config.json").read_text())["vocab_size"])
+    ids = torch.randint(10, vocab, (45,), generator=torch.Generator().manual_seed(5)).tolist()
+    prompts = [ids[:6], ids]  # one prefill within a chunk, one over 6 chunks (packed with the other)
+    client = openai.OpenAI(
+        base_url=f"{scoring_swarm.children[-1].address}/v1", api_key="unused", max_retries=0
+    )
+    reply = client.completions.create(
+        model="m", prompt=prompts, echo=True, logprobs=1, max_tokens=0, temperature=0
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    pieces = TokenPieces(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
+    assert reply.usage.completion_tokens == 0
+    assert reply.usage.prompt_tokens == sum(len(p) for p in prompts)
+    for choice, prompt in zip(reply.choices, prompts, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0]
+        expected = torch.log_softmax(logits.float(), dim=-1)  # row i predicts token i + 1
+        lp = choice.logprobs
+        assert (choice.text, choice.finish_reason) == (tokenizer.decode(prompt), "length")
+        assert lp.tokens == [pieces.text(token) for token in prompt]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        got = torch.tensor(lp.token_logprobs[1:])
+        want = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        for i in range(1, len(prompt)):
+            (best, best_logprob), *rest = lp.top_logprobs[i].items()
+            assert not rest
+            assert best == pieces.text(int(expected[i - 1].argmax()))
+            assert abs(best_logprob - expected[i - 1].max().item()) < 1e-4
+            # exactly the top-1 value when the prompt's token is the argmax (how lm-eval tests greedy)
+            assert (lp.token_logprobs[i] == best_logprob) == (prompt[i] == int(expected[i - 1].argmax()))
+
+
+def test_prompt_logprobs_only_on_the_last_span(scoring_swarm):
+    """Step.prompt_logprobs: INVALID_ARGUMENT on a span that is not last or past 20 alternatives;
+    the peer keeps serving; on the last span a step of n tokens scores its n - 1 later tokens."""
+    import grpc
+
+    from peer.client import PeerError, PeerSession
+
+    first, last = (child.address for child in scoring_swarm.children if child.name.startswith("peer"))
+    tokens = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]  # longer than a chunk
+
+    async def refused(
+        pool, address: str, start: int, end: int, step: swarm_pb2.Step
+    ) -> grpc.StatusCode | None:
+        session = PeerSession(pool, address)
+        await session.open(swarm_pb2.OpenSession(start_block=start, end_block=end, max_length=32))
+        try:
+            await session.step(step)
+        except PeerError as exc:  # the peer ended the stream
+            return exc.code
+        await session.close()
+        return None
+
+    async def scenario():
+        pool = ChannelPool()
+        try:
+            return await steps(pool)
+        finally:
+            await pool.close()
+
+    async def steps(pool):
+        codes = [
+            await refused(pool, first, 0, 2, swarm_pb2.Step(token_ids=tokens, position=0, prompt_logprobs=1)),
+            await refused(pool, first, 0, 2, swarm_pb2.Step(token_ids=tokens, position=0, prompt_logprobs=0)),
+        ]
+        one = PeerSession(pool, first)
+        await one.open(swarm_pb2.OpenSession(start_block=0, end_block=2, max_length=32))
+        hidden = (await one.step(swarm_pb2.Step(token_ids=tokens, position=0))).hidden  # still serving
+        await one.close()
+        codes.append(
+            await refused(
+                pool,
+                last,
+                2,
+                4,
+                swarm_pb2.Step(token_ids=tokens, position=0, hidden=hidden, prompt_logprobs=21),
+            )
+        )
+        two = PeerSession(pool, last)
+        await two.open(swarm_pb2.OpenSession(start_block=2, end_block=4, max_length=32))
+        scored = await two.step(
+            swarm_pb2.Step(token_ids=tokens, position=0, hidden=hidden, prompt_logprobs=2)
+        )
+        await two.close()
+        return codes, scored
+
+    codes, scored = asyncio.run(scenario())
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert [entry.token_id for entry in scored.prompt_logprobs] == tokens[1:]
+    assert all(len(entry.top_logprobs) == 2 for entry in scored.prompt_logprobs)
+    assert scored.cache_length == len(tokens)
