@@ -34,6 +34,7 @@ from gateway.generation import (
     Swarm,
     TokenEvent,
     generate,
+    read_ahead,
 )
 from gateway.metrics import install_telemetry, observe_generation, record_route_failure
 from gateway.models import ServedModel, load_model
@@ -262,7 +263,8 @@ async def run_choice(gw: Gateway, served: ServedModel, job: ChoiceJob, route: Ro
     runner = RouteRunner(gw.pool, route, gw.settings.step_timeout, failover=policy, wire_dtype=gw.settings.wire_dtype)
     finish = "length"
     try:
-        async with aclosing(generate(runner, params, len(job.prompt_ids) + job.max_new_tokens)) as events:
+        tokens = generate(runner, params, len(job.prompt_ids) + job.max_new_tokens)
+        async with aclosing(read_ahead(tokens)) as events:
             async for event in events:
                 if isinstance(event, PromptLogprobs):
                     yield Piece(job.index, "", [], prompt=event.tokens)
