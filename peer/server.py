@@ -68,7 +68,10 @@ class PeerConfig:
     cache_bytes: int = 0  # the same budget in bytes (used when cache_tokens is 0)
     open_wait: float = 5.0  # seconds an open waits for cache room before RESOURCE_EXHAUSTED
     idle_ttl: float = 300.0  # seconds a closed session's cache is kept for resumption (0: never)
-    max_batch_tokens: int = 512  # tokens per forward pass; longer prefills are chunked
+    # tokens per forward pass; longer prefills are chunked. Every decoding stream waits for a pass:
+    # 512 tokens of the bench model take ~0.5 s on one CPU core, 256 half that, for the same tokens/s
+    # at 16 streams (docs/benchmarks-batching.md)
+    max_batch_tokens: int = 256
     batch_wait_ms: float = 3.0  # how long a pass waits for steps of active sessions still in flight
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     prepack: bool = False  # a oneDNN-packed copy of fp32 CPU weights for batched passes (peer.gemm)

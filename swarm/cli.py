@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="seconds a new session waits for cache room before RESOURCE_EXHAUSTED")  # fmt: skip
     _flag(peer, "peer", "--idle-ttl", type=float, default=300.0,
           help="seconds a closed session's cache is kept so the next turn can resume it (0: never)")  # fmt: skip
-    _flag(peer, "peer", "--max-batch-tokens", type=int, default=512,
+    _flag(peer, "peer", "--max-batch-tokens", type=int, default=256,
           help="tokens per forward pass at most; longer prompts are prefilled in chunks of this size")  # fmt: skip
     _flag(peer, "peer", "--batch-wait-ms", type=float, default=3.0,
           help="ms a forward pass waits for steps of active sessions still in flight; the first span waits up to "
