@@ -289,6 +289,8 @@ class RouteRunner:
                 step.allowed_token_ids.extend(allowed_token_ids)
             if prompt_logprobs is not None and i == last:
                 step.prompt_logprobs = prompt_logprobs
+            if results:
+                step.pass_id = results[-1].pass_id  # the first span's grouping, for later spans
             if hidden is not None:
                 step.hidden.CopyFrom(
                     hidden if rebuild or i != upto + 1 else tail_rows(hidden, len(token_ids))

@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> dict:
         flags = ["--threads", str(args.threads), "--cache-tokens", str(args.cache_tokens)]
         if args.prepack:
             flags.append("--prepack")
+        flags += ["--pipeline-groups", str(args.pipeline_groups)]
         peers = swarm.start_peers(split, *flags)
         # Under a burst of 32 prefills a step queues behind several full passes on these shared
         # cores; the default 10 s step deadline would call that a dead peer (and ban it).
@@ -265,8 +266,9 @@ def markdown(results: dict, command: str) -> str:
         f"Reproduce: `{command}`",
         "",
         f'Model: random Llama "bench" preset (hidden {results["model"]["hidden"]}, {results["model"]["layers"]} layers, '
-        f"~156M params, fp32) over 2 local peers {results['model']['spans']}, each with `--threads {s['threads']}` "
-        f"and `--cache-tokens {s['cache_tokens']}`, gateway `--step-timeout {s['step_timeout']}`; reference `transformers` `generate()` with "
+        f"~156M params, fp32) over 2 local peers {results['model']['spans']}, each with `--threads {s['threads']}`, "
+        f"`--cache-tokens {s['cache_tokens']}`{' `--prepack`' if s.get('prepack') else ''} and "
+        f"`--pipeline-groups {s.get('pipeline_groups', 1)}`, gateway `--step-timeout {s['step_timeout']}`; reference `transformers` `generate()` with "
         f"{s['ref_threads']} torch threads in one process. Machine: {results['machine']['cpu_count']} CPU cores "
         f"(shared with other work, so figures are noisy). Requests: {s['input_len']} prompt tokens in, exactly "
         f"{s['output_len']} tokens out, greedy; 2×C requests per level. Finished {results.get('finished_at', '')}.",
@@ -330,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-tokens", type=int, default=16384, help="each peer's KV budget")
     parser.add_argument(
         "--prepack", action="store_true", help="peers keep oneDNN-packed weights too (swarm peer --prepack)"
+    )
+    parser.add_argument(
+        "--pipeline-groups", type=int, default=1, help="groups the first peer keeps (swarm peer --pipeline-groups)"
     )
     parser.add_argument("--step-timeout", type=float, default=300.0, help="the gateway's per-step deadline")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -75,6 +76,7 @@ class PeerConfig:
     batch_wait_ms: float = 3.0  # how long a pass waits for steps of active sessions still in flight
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     prepack: bool = False  # a oneDNN-packed copy of fp32 CPU weights for batched passes (peer.gemm)
+    pipeline_groups: int = 1  # first span: sessions take turns in this many groups (BatchScheduler._gather)
     heartbeat: float = 5.0
     ttl: float = 15.0
     drain_timeout: float = 30.0
@@ -119,6 +121,7 @@ class _Work:
     # of every row scored so far (all chunks)
     prompt_logprobs: int | None = None
     scored: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    pass_id: int = 0  # later spans: the route's first span's pass this step belongs to (0: unknown)
 
     @property
     def remaining(self) -> int:
@@ -128,17 +131,26 @@ class _Work:
 class BatchScheduler:
     """Packs the steps that are waiting into one forward pass, run in a single worker thread."""
 
-    def __init__(self, span: BlockSpan, max_batch_tokens: int, batch_wait_ms: float = 0.0):
+    def __init__(self, span: BlockSpan, max_batch_tokens: int, batch_wait_ms: float = 0.0, groups: int = 1):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if not 0 <= batch_wait_ms <= 1000:
             raise ValueError(f"batch_wait_ms must be in [0, 1000], got {batch_wait_ms}")
+        if not 1 <= groups <= 8:
+            raise ValueError(f"groups must be in [1, 8], got {groups}")
         self.span = span
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait = batch_wait_ms / 1000
         self._window = BatchWindow()
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
         self._carry: list[_Work] = []  # prefills with chunks still to run
+        # Pipeline groups (first span only, see `_gather`): session (by object id) -> its group,
+        # and the steps of other groups that wait for their own pass.
+        self.groups = groups if span.is_first else 1
+        self._group_of: dict[int, int] = {}
+        self._deferred: list[_Work] = []
+        # Pass ids sent on to later spans (`StepResult.pass_id`): unique to this peer's passes.
+        self._pass_ids = itertools.count(int.from_bytes(os.urandom(5), "big") << 20)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._task: asyncio.Task | None = None
         self.steps = 0  # forward passes
@@ -188,6 +200,17 @@ class BatchScheduler:
     def forget(self, session: Session) -> None:
         """The session's stream ended: stop expecting its steps (see `BatchWindow`)."""
         self._window.forget(session)
+        self._group_of.pop(id(session), None)
+
+    def _group(self, session: Session) -> int:
+        """The session's pipeline group; a new session joins the group with the fewest."""
+        key = id(session)
+        if key not in self._group_of:
+            sizes = [0] * self.groups
+            for group in self._group_of.values():
+                sizes[group] += 1
+            self._group_of[key] = sizes.index(min(sizes))
+        return self._group_of[key]
 
     async def _gather(self) -> list[_Work]:
         """The steps for the next pass: all that are queued, plus those of active sessions that
@@ -198,18 +221,25 @@ class BatchScheduler:
         (capped at MERGE_WAIT_MAX_S), so a group still on the later peers is merged once and then
         stays merged: a pass reads every weight once whatever its batch, so one pass of 8 costs
         far less than two of 4. A lone stream never waits (no other session is expected)."""
-        waiting, self._carry = self._carry, []
+        waiting, self._carry, self._deferred = [*self._carry, *self._deferred], [], []
         if not waiting:
             waiting.append(await self._queue.get())
         while not self._queue.empty():
             waiting.append(self._queue.get_nowait())
-        if self.batch_wait <= 0:
+        if self.batch_wait <= 0 and self.groups == 1:
             return waiting
         # Only the first span merges groups: if every peer of a route waited for sessions queued
         # at the others, they would all wait for each other. Later spans wait for the rest of the
         # pass the arrived steps came with, which the gateway sends on one after the other.
         expected = self._window.expected((work.session for work in waiting), same_pass=not self.span.is_first)
-        if expected:
+        group = None
+        if self.groups > 1:
+            # Pipelining (`--pipeline-groups`): the sessions are kept in groups that take turns,
+            # so that while one group's pass runs on a later peer this span computes the next
+            # group's instead of idling. This pass is the group of the oldest step here.
+            group = self._group(waiting[0].session)
+            expected = {key for key in expected if self._group_of.get(key) == group}
+        if expected and self.batch_wait > 0:
             due = self._window.due(expected, floor=self.batch_wait) - time.perf_counter()
             wait = max(self.batch_wait, min(due, MERGE_WAIT_MAX_S))
             with contextlib.suppress(TimeoutError):
@@ -220,6 +250,11 @@ class BatchScheduler:
                         expected.discard(id(work.session))
             while not self._queue.empty():
                 waiting.append(self._queue.get_nowait())
+        if group is not None:
+            waiting = [work for work in waiting if not work.future.done()]  # streams gone meanwhile
+            mine = [work for work in waiting if self._group(work.session) == group]
+            self._deferred = [work for work in waiting if self._group(work.session) != group]
+            return mine
         return waiting
 
     async def _run(self) -> None:
@@ -232,6 +267,7 @@ class BatchScheduler:
             begin = time.perf_counter()
             for work, _ in pieces:
                 work.session.in_forward = True
+            pass_id = next(self._pass_ids)
             try:
                 results = await loop.run_in_executor(self._executor, self._forward, pieces)
             except Exception as exc:  # a bug or OOM must fail these steps, not the peer
@@ -255,7 +291,10 @@ class BatchScheduler:
                     self._carry.append(work)
                 else:
                     self.session_steps += 1
-                    self._window.stepped(work.session, cohort=self.steps)
+                    # A later span groups sessions as the route's first span did, so that the
+                    # groups a pipeline keeps (`--pipeline-groups`) stay apart here too.
+                    result.pass_id = work.pass_id or pass_id
+                    self._window.stepped(work.session, cohort=result.pass_id)
                     work.future.set_result(result)
 
     @torch.inference_mode()
@@ -487,6 +526,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             allowed=list(step.allowed_token_ids),
             future=asyncio.get_running_loop().create_future(),
             prompt_logprobs=scoring,
+            pass_id=step.pass_id,
         )
 
     # -- RPCs --------------------------------------------------------------------------------
@@ -636,7 +676,7 @@ class PeerServer:
         if not (0 <= cfg.start < cfg.end <= span.config.num_hidden_layers):
             raise ValueError(f"blocks [{cfg.start}, {cfg.end}) are outside the model's {span.config.num_hidden_layers}")
         cache_tokens = cache_budget_tokens(span, cfg.cache_tokens, cfg.cache_bytes)
-        self.scheduler = BatchScheduler(span, cfg.max_batch_tokens, cfg.batch_wait_ms)
+        self.scheduler = BatchScheduler(span, cfg.max_batch_tokens, cfg.batch_wait_ms, cfg.pipeline_groups)
         self.scheduler.start()
         self.servicer = PeerServicer(cfg, span, self.scheduler, cache_tokens)
         self.servicer.throughput = await loop.run_in_executor(None, measure_throughput, span)

@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(up, "up", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype of every peer (auto: see `swarm peer --help`)")
     _flag(up, "up", "--threads", type=int, default=0, help="torch threads per peer (0: torch's default)")
     _flag(up, "up", "--prepack", action="store_true", help="peers keep oneDNN-packed weights too (see `swarm peer --help`)")
+    _flag(up, "up", "--pipeline-groups", type=int, default=1, help="groups the first peer keeps (see `swarm peer --help`)")
     _flag(up, "up", "--dry-run", action="store_true", help="print the commands that would run, start nothing")
 
     dht = commands.add_parser("dht", help="run a DHT bootstrap node", formatter_class=EnvDefaultsFormatter)
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="ms a forward pass waits for steps of active sessions still in flight; the first span waits up to "
                "1.5 round trips (max 250 ms) to merge out-of-phase groups (0: no waiting at all)")  # fmt: skip
     _flag(peer, "peer", "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    _flag(peer, "peer", "--pipeline-groups", type=int, default=1,
+          help="first span of a route: keep sessions in this many groups that take turns, so later peers "
+               "compute one group while this one computes the next (2 for a 2-peer route under load)")  # fmt: skip
     _flag(peer, "peer", "--prepack", action="store_true",
           help="fp32 on CPU: also keep a oneDNN-packed copy of each weight for batched passes where it is faster "
                "(2x weight memory; more tokens/s with many users, see peer/gemm.py)")  # fmt: skip
@@ -261,6 +265,8 @@ def cmd_peer(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     try:  # before any weight is read: a bad combination is a one-line error, not a traceback
         validate(args.quant, device, dtype)
+        if not 1 <= args.pipeline_groups <= 8:
+            raise ValueError(f"--pipeline-groups must be in [1, 8], got {args.pipeline_groups}")
     except ValueError as exc:
         print(f"swarm peer: error: {exc}", file=sys.stderr)
         return 2
@@ -286,6 +292,7 @@ def cmd_peer(args) -> int:
         batch_wait_ms=args.batch_wait_ms,
         threads=args.threads,
         prepack=args.prepack,
+        pipeline_groups=args.pipeline_groups,
         heartbeat=args.heartbeat,
         ttl=args.ttl,
         drain_timeout=args.drain_timeout,

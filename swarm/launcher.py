@@ -221,6 +221,8 @@ def run_local_swarm(args) -> int:
         peer_flags += ["--threads", str(args.threads)]
     if args.prepack:
         peer_flags.append("--prepack")
+    if args.pipeline_groups != 1:
+        peer_flags += ["--pipeline-groups", str(args.pipeline_groups)]
     gateway_flags = ["--redis-url", args.redis_url] if args.redis_url else []
     stop = False
 

@@ -148,6 +148,59 @@ def test_concurrent_sessions_stay_in_phase_across_the_pipeline(peers):
         assert steps / passes >= 3.2, f"{steps} steps in {passes} passes"
 
 
+def test_pipeline_groups_take_turns_and_stay_apart_on_the_later_peer(demo_model, tmp_path):
+    """--pipeline-groups 2: the first span runs its sessions in two groups that take turns (so the
+    second peer computes one group while the first computes the other), the second peer keeps the
+    groups apart (it batches by the first span's pass id), and every session's tokens are the
+    ones it gets alone."""
+    sessions, max_new = 6, 16
+    with LocalSwarm(demo_model, workdir=tmp_path, heartbeat=HEARTBEAT, ttl=TTL, model_name=MODEL) as local:
+        local.start_dht()
+        addresses = [p.address for p in local.start_peers([(0, 2), (2, 4)], "--threads", "1", "--pipeline-groups", "2")]
+        route = (Hop("p0", addresses[0], 0, 2), Hop("p1", addresses[1], 2, 4))
+        prompts = [[20 + i, 7, 9] for i in range(sessions)]
+
+        async def scenario():
+            pool = ChannelPool()
+            try:
+                alone = [await _generate(route, prompt, max_new, pool) for prompt in prompts]
+                before = [await peer_info(pool, address) for address in addresses]
+                together = await asyncio.gather(*(_generate(route, prompt, max_new, pool) for prompt in prompts))
+                after = [await peer_info(pool, address) for address in addresses]
+                # the gateway hands the first span's pass id on; the later span answers with it
+                runner = RouteRunner(pool, route, 30.0)
+                await runner.open(16, swarm_pb2.SamplingParams(temperature=0.0), "pass-ids")
+                try:
+                    hops = await runner._pass([20, 7, 9], sample=True)
+                finally:
+                    await runner.close()
+                return alone, together, before, after, [hop.pass_id for hop in hops]
+            finally:
+                await pool.close()
+
+        alone, together, before, after, pass_ids = asyncio.run(scenario())
+    assert together == alone
+    assert pass_ids[0] != 0 and pass_ids == [pass_ids[0]] * 2
+    per_pass = [(a.steps - b.steps) / (a.forward_passes - b.forward_passes) for b, a in zip(before, after, strict=True)]
+    assert all(a.steps - b.steps == sessions * max_new for b, a in zip(before, after, strict=True))
+    # the first span never mixes the groups (3 sessions each); merged, a pass would hold up to 6
+    assert per_pass[0] <= sessions / 2, per_pass
+    # the second peer batches what the first ran together (by pass id): about 3 a pass
+    assert per_pass[1] <= 4.0, per_pass
+    assert per_pass[0] >= 2.0, f"the groups fell apart into smaller passes: {per_pass}"
+
+
+def test_pipeline_groups_are_bounded():
+    from peer.server import BatchScheduler
+
+    class First:
+        is_first = True
+
+    for groups in (0, 9):
+        with pytest.raises(ValueError, match="groups"):
+            BatchScheduler(First(), 64, 3.0, groups)
+
+
 # -- cache reuse across turns -------------------------------------------------------------------
 def _turns(client, peers, headers: dict, pause: float = 0.0):
     first = [{"role": "user", "content": LONG_TEXT}]
