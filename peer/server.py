@@ -149,6 +149,7 @@ class BatchScheduler:
         self.groups = groups if span.is_first else 1
         self._group_of: dict[int, int] = {}
         self._deferred: list[_Work] = []
+        self._last_group = -1
         # Pass ids sent on to later spans (`StepResult.pass_id`): unique to this peer's passes.
         self._pass_ids = itertools.count(int.from_bytes(os.urandom(5), "big") << 20)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
@@ -236,8 +237,12 @@ class BatchScheduler:
         if self.groups > 1:
             # Pipelining (`--pipeline-groups`): the sessions are kept in groups that take turns,
             # so that while one group's pass runs on a later peer this span computes the next
-            # group's instead of idling. This pass is the group of the oldest step here.
-            group = self._group(waiting[0].session)
+            # group's instead of idling. Turns go round (a long prefill's chunks must not keep
+            # its group's turn while the other group's decode steps wait).
+            present = {self._group(work.session) for work in waiting if not work.future.done()}
+            order = [(self._last_group + step) % self.groups for step in range(1, self.groups + 1)]
+            group = next((g for g in order if g in present), self._last_group)
+            self._last_group = group
             expected = {key for key in expected if self._group_of.get(key) == group}
         if expected and self.batch_wait > 0:
             due = self._window.due(expected, floor=self.batch_wait) - time.perf_counter()
