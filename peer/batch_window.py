@@ -28,7 +28,7 @@ class BatchWindow:
     def __init__(self) -> None:
         self._answered: dict[int, float] = {}
         self._round_trip: dict[int, float] = {}  # smoothed seconds from our answer to the next step
-        self._cohort: dict[int, int] = {}  # number of the pass that answered the session last
+        self._cohort: dict[int, int] = {}  # the route's first-span pass its last step was in (pass_id)
 
     def arrived(self, session: object, now: float | None = None) -> None:
         """A step of `session` was submitted: it is no longer awaited; learn its round trip."""
@@ -39,7 +39,8 @@ class BatchWindow:
             self._round_trip[id(session)] = sample if previous is None else 0.5 * (sample + previous)
 
     def stepped(self, session: object, now: float | None = None, cohort: int = 0) -> None:
-        """This peer answered a step of `session` in pass number `cohort`: its next step is awaited."""
+        """This peer answered a step of `session` that belonged to the route's first-span pass
+        `cohort` (`StepResult.pass_id`): its next step is awaited."""
         self._answered[id(session)] = time.perf_counter() if now is None else now
         self._cohort[id(session)] = cohort
 
