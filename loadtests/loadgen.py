@@ -109,14 +109,12 @@ def make_text(rng: random.Random, words: int) -> str:
 async def prompt_tokens(client: httpx.AsyncClient, model: str, text: str) -> int:
     """The server's count of prompt tokens for one user message (one token generated)."""
     body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
-    for _ in range(PROBE_TRIES - 1):
+    for attempt in range(1, PROBE_TRIES + 1):
         response = await client.post("/v1/chat/completions", json=body)
-        if response.status_code not in (429, 503):
+        if response.status_code not in (429, 503) or attempt == PROBE_TRIES:
             break
         # a busy or just-started swarm: wait as told (briefly), the run itself has not begun
         await asyncio.sleep(min(2.0, float(response.headers.get("retry-after", 1))))
-    else:
-        response = await client.post("/v1/chat/completions", json=body)
     response.raise_for_status()
     return int(response.json()["usage"]["prompt_tokens"])
 

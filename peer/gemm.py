@@ -136,7 +136,9 @@ def calibrate(modules: Iterable[nn.Module], prepack: bool = False) -> dict[tuple
         if not _eligible(module):
             continue
         shape = tuple(module.weight.shape)
-        packed = torch.ops.mkldnn._reorder_linear_weight(module.weight, PACK_HINT) if prepack else None
+        # a packed copy is made to measure a new shape, and for later layers only if it is used
+        uses_packed = prepack and (shape not in found or "packed" in found[shape].values())
+        packed = torch.ops.mkldnn._reorder_linear_weight(module.weight, PACK_HINT) if uses_packed else None
         if shape not in found:
             found[shape] = measure_plan(module.weight, packed)
         module.matmul_plan = found[shape]

@@ -54,6 +54,32 @@ class StreamResult:
     ended_at: float = 0.0
 
 
+def stream_chat(address: str, body: dict, headers: dict | None = None, act=None) -> StreamResult:
+    """Stream a chat completion from the gateway at `address`; call `act(route)` once the first
+    text has arrived."""
+    with httpx.stream("POST", f"{address}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        result = StreamResult("", r.headers["x-swarm-route"].split(","))
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                result.done = True
+                break
+            payload = json.loads(data)
+            if "error" in payload:
+                result.errors.append(payload["error"])
+                continue
+            for choice in payload.get("choices", []):
+                result.text += choice["delta"].get("content") or ""
+            if act is not None and result.acted_at is None and result.text:
+                result.acted_at = time.monotonic()
+                act(result.route)
+    result.ended_at = time.monotonic()
+    return result
+
+
 @dataclass
 class Swarm:
     local: LocalSwarm
@@ -89,29 +115,7 @@ class Swarm:
 
     def stream(self, act=None, body: dict | None = None, headers: dict | None = None) -> StreamResult:
         """Stream a chat completion; call `act(route)` once the first text has arrived."""
-        with httpx.stream(
-            "POST", f"{self.gateway.address}/v1/chat/completions", json=body or BODY, headers=headers, timeout=60
-        ) as r:
-            assert r.status_code == 200, r.read()
-            result = StreamResult("", r.headers["x-swarm-route"].split(","))
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: ") :]
-                if data == "[DONE]":
-                    result.done = True
-                    break
-                payload = json.loads(data)
-                if "error" in payload:
-                    result.errors.append(payload["error"])
-                    continue
-                for choice in payload.get("choices", []):
-                    result.text += choice["delta"].get("content") or ""
-                if act is not None and result.acted_at is None and result.text:
-                    result.acted_at = time.monotonic()
-                    act(result.route)
-        result.ended_at = time.monotonic()
-        return result
+        return stream_chat(self.gateway.address, body or BODY, headers, act)
 
 
 @pytest.fixture(scope="module")

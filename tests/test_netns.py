@@ -18,14 +18,13 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 
 import httpx
 import pytest
 
 from swarm.launcher import Child, free_port
 from tests.conftest import wait_until
-from tests.test_failover import StreamResult
+from tests.test_failover import StreamResult, stream_chat
 
 STEP_TIMEOUT = 2.0
 BODY = {
@@ -72,30 +71,7 @@ def far_host():
 
 def _stream(gateway: Child, act=None) -> StreamResult:
     """Stream BODY in the pinned conversation; `act(route)` once the first text has arrived."""
-    import json
-
-    with httpx.stream(
-        "POST", f"{gateway.address}/v1/chat/completions", json=BODY, headers=SESSION, timeout=60
-    ) as response:
-        assert response.status_code == 200, response.read()
-        result = StreamResult("", response.headers["x-swarm-route"].split(","))
-        for line in response.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[len("data: ") :]
-            if data == "[DONE]":
-                result.done = True
-                break
-            payload = json.loads(data)
-            if "error" in payload:
-                result.errors.append(payload["error"])
-                continue
-            for choice in payload.get("choices", []):
-                result.text += choice["delta"].get("content") or ""
-            if act is not None and result.acted_at is None and result.text:
-                result.acted_at = time.monotonic()
-                act(result.route)
-    return result
+    return stream_chat(gateway.address, BODY, SESSION, act)
 
 
 def _peer_id(child: Child) -> str:
