@@ -43,9 +43,9 @@ from gateway.routing import Route
 from gateway.sessions import MemorySessionStore, Pin, RedisSessionStore, conversation_key, next_turn_key
 from gateway.swarm_map import install_swarm_map
 from gateway.text import IncrementalDetokenizer, StopMatcher, encode_continuing, encode_prompt, render_chat
-from peer.client import ChannelPool, PeerError
+from common.peer_client import ChannelPool, PeerError
 from protos import swarm_pb2
-from swarm.logging_setup import current_request_id
+from common.logs import current_request_id
 
 log = logging.getLogger("gateway")
 
@@ -84,7 +84,7 @@ class Gateway:
         self.failover_stats = FailoverStats()
 
     async def start(self) -> None:
-        from swarm.dht import SwarmDHT
+        from discovery.dht import SwarmDHT
 
         loop = asyncio.get_running_loop()
         for model_id, location in self.settings.models.items():

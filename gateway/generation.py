@@ -24,9 +24,9 @@ import grpc
 from gateway.failover import NOT_RETRYABLE, FailoverEvent, FailoverPolicy
 from gateway.metrics import record_failover
 from gateway.routing import BanList, Hop, Route, plan_route
-from peer.client import ChannelPool, PeerError, PeerSession
+from common.peer_client import ChannelPool, PeerError, PeerSession
 from protos import swarm_pb2
-from swarm.dht import PeerRecord
+from discovery.records import PeerRecord
 
 log = logging.getLogger("gateway.generation")
 

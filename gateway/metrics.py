@@ -41,7 +41,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from swarm.logging_setup import REQUEST_ID_HEADER, request_id_var, set_request_id
+from common.logs import REQUEST_ID_HEADER, request_id_var, set_request_id
 
 if TYPE_CHECKING:
     from gateway.routing import Route

@@ -71,7 +71,7 @@ def _eos_ids(path: Path, config: dict, tokenizer) -> set[int]:
 def load_model(model_id: str, location: str) -> ServedModel:
     from transformers import AutoTokenizer
 
-    from peer.weights import resolve_model_dir
+    from common.model_dir import resolve_model_dir
 
     path = resolve_model_dir(location)
     config = json.loads((path / "config.json").read_text())

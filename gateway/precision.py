@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from swarm.dht import PeerRecord
+from discovery.records import PeerRecord
 
 PRECISIONS = ("float32", "bfloat16", "float16", "int8", "nf4")
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "f32": "float32", "f16": "float16"}

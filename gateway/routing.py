@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
-from swarm.dht import PeerRecord
+from discovery.records import PeerRecord
 
 log = logging.getLogger("gateway.routing")
 

@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from peer.client import PeerError, peer_info
+from common.peer_client import PeerError, peer_info
 
 PAGE = Path(__file__).with_name("static") / "swarm.html"
 PROBE_TIMEOUT_S = 0.5

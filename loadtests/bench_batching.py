@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loadtests.loadgen import LoadConfig, run_load
-    from peer.client import ChannelPool
+    from common.peer_client import ChannelPool
     from peer.demo_model import ensure_demo_model
     from swarm.launcher import LocalSwarm, num_blocks_of, split_blocks
 
@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 async def _infos(pool, addresses: list[str]):  # noqa: ANN001
-    from peer.client import peer_info
+    from common.peer_client import peer_info
 
     try:
         return [await peer_info(pool, address) for address in addresses]
@@ -313,7 +313,7 @@ def markdown(results: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from swarm.cli import DEFAULT_CACHE
+    from swarm.launcher import DEFAULT_CACHE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(

@@ -14,7 +14,7 @@ them alike:
 ``reference``  ``AutoModelForCausalLM.from_pretrained(folder).generate(do_sample=False,
                max_new_tokens=N, min_new_tokens=N)`` in this process; a token's time is when
                ``generate`` hands it to a streamer.
-``grpc``       the same peers driven straight from this process with ``peer.client.PeerSession``
+``grpc``       the same peers driven straight from this process with ``common.peer_client.PeerSession``
                (the gateway's step loop without HTTP, FastAPI, SSE or detokenizing); also times
                each hop as the client sees it.
 ``spans``      both ``BlockSpan`` halves loaded in this process and run back to back, sampling
@@ -177,7 +177,7 @@ def run_http(client, base_url: str, model_id: str, prompt_ids: list[int], new_to
 # ---- the peers without the gateway ----------------------------------------------------------------
 async def run_grpc(pool, hops: list[tuple[str, int, int]], prompt_ids: list[int], new_tokens: int) -> Run:  # noqa: ANN001
     """The gateway's step loop (gateway/generation.py) written out, timing each hop."""
-    from peer.client import PeerSession
+    from common.peer_client import PeerSession
     from protos import swarm_pb2
 
     sessions = [PeerSession(pool, address) for address, _, _ in hops]
@@ -272,7 +272,7 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peer.client import ChannelPool, peer_info
+    from common.peer_client import ChannelPool, peer_info
     from peer.demo_model import ensure_demo_model
     from peer.model import BlockSpan
     from swarm.launcher import LocalSwarm, num_blocks_of, split_blocks
@@ -532,7 +532,7 @@ def machine_info(threads: int) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from swarm.cli import DEFAULT_CACHE
+    from swarm.launcher import DEFAULT_CACHE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="demo,bench", help="comma-separated demo-model presets")

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from swarm.logging_setup import REQUEST_ID_HEADER, set_request_id
+from common.logs import REQUEST_ID_HEADER, set_request_id
 
 if TYPE_CHECKING:
     import grpc

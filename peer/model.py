@@ -29,7 +29,8 @@ from peer import gemm
 from peer import quant as quantization
 from peer.gemm import linear
 from peer.kv_cache import KVCache
-from peer.weights import read_tensors, resolve_model_dir, span_tensor_names, tensor_index
+from common.model_dir import resolve_model_dir
+from peer.weights import read_tensors, span_tensor_names, tensor_index
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 # RoPE variants whose frequencies depend only on the config. "dynamic" and "longrope" rescale with

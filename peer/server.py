@@ -707,7 +707,7 @@ class PeerServer:
         return f"{host}:{self.port}"
 
     def record(self):
-        from swarm.dht import PeerRecord
+        from discovery.records import PeerRecord
 
         servicer = self.servicer
         return PeerRecord(
@@ -729,7 +729,8 @@ class PeerServer:
         )
 
     async def _join_dht(self) -> None:
-        from swarm.dht import Announcer, SwarmDHT
+        from discovery.announcer import Announcer
+        from discovery.dht import SwarmDHT
 
         self.dht = SwarmDHT()
         await self.dht.start(self.config.host, self.config.dht_port, self.config.dht_bootstrap)

@@ -1,1 +1,2 @@
-"""What the gateway and the peers share: the DHT (`swarm.dht`), the DHT node process and the CLI."""
+"""The top layer: the one CLI (`swarm.cli`), the local launcher (`swarm.launcher`) and
+`swarm status`. It starts peers, gateways and DHT nodes; nothing below imports it."""

@@ -15,9 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from swarm.logging_setup import configure_logging
+from common.logs import configure_logging
 
-DEFAULT_CACHE = Path(os.environ.get("SWARM_HOME", Path.home() / ".cache" / "swarm-serve"))
 
 
 class EnvDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,7 +62,7 @@ def _blocks(text: str) -> tuple[int, int]:
 
 
 def _addresses(values: list[str] | None) -> list[tuple[str, int]]:
-    from swarm.dht import parse_address
+    from discovery.records import parse_address
 
     result = []
     for value in values or []:
@@ -239,7 +238,7 @@ def resolve_device(name: str) -> str:
 
 
 def cmd_dht(args) -> int:
-    from swarm.dht_node import run_dht_node
+    from discovery.node import run_dht_node
 
     bootstrap = _addresses(args.bootstrap)
     if args.dry_run:
@@ -259,7 +258,7 @@ def cmd_peer(args) -> int:
         return 0
     from peer.quant import validate
     from peer.server import PeerConfig, run_peer
-    from peer.weights import resolve_model_dir
+    from common.model_dir import resolve_model_dir
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -344,6 +343,8 @@ def cmd_demo_model(args) -> int:
 
         print(create_demo_model(args.path, preset=args.preset, seed=args.seed))
     else:
+        from swarm.launcher import DEFAULT_CACHE
+
         print(ensure_demo_model(DEFAULT_CACHE, preset=args.preset, seed=args.seed))
     return 0
 
@@ -360,7 +361,7 @@ def cmd_status(args) -> int:
     from swarm.status import print_gateway_status, print_status
 
     if args.log_level != "DEBUG":  # the table is the output; the DHT node's start-up lines are noise
-        logging.getLogger("swarm.dht").setLevel(logging.WARNING)
+        logging.getLogger("discovery").setLevel(logging.WARNING)
 
     if args.gateway:
         return print_gateway_status(args.gateway, args.model)

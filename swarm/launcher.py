@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEMO_MODEL_ID = "swarm-demo"
+# where demo and benchmark model folders are made
+DEFAULT_CACHE = Path(os.environ.get("SWARM_HOME", Path.home() / ".cache" / "swarm-serve"))
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -197,8 +199,6 @@ def wait_http(child: Child, url: str, timeout: float) -> None:
 
 def run_local_swarm(args) -> int:
     """`swarm up`: everything on this machine, in the foreground, until Ctrl-C."""
-    from swarm.cli import DEFAULT_CACHE
-
     model_name = None
     if args.model:
         model_dir = Path(args.model)

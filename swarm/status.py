@@ -14,7 +14,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from swarm.dht import PeerRecord, SwarmDHT
+from discovery.dht import SwarmDHT
+from discovery.records import PeerRecord
 
 COLUMNS = (
     # title, width, right-aligned

@@ -1,4 +1,4 @@
-"""swarm.dht: records, the merging storage, and real kademlia nodes on 127.0.0.1."""
+"""discovery: records, the merging storage, and real kademlia nodes on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -20,21 +20,20 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.utils import digest
 
-from swarm.dht import (
+from discovery.announcer import Announcer
+from discovery.dht import SwarmDHT
+from discovery.entries import (
     MAX_STORE_BYTES,
     MAX_VALUE_BYTES,
     MODELS_KEY,
-    Announcer,
-    MergingStorage,
-    PeerRecord,
-    SwarmDHT,
     decode_entries,
     encode_entries,
     merge_entries,
     model_key,
-    parse_address,
     split_entries,
 )
+from discovery.records import PeerRecord, parse_address
+from discovery.storage import MergingStorage
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "demo/llama-156m"
@@ -407,12 +406,12 @@ async def test_isolated_node_rebootstraps_when_bootstrap_appears(make_nodes):
 
 @pytest.fixture
 def dht_process(tmp_path):
-    """A bootstrap node in its own process (`python -m swarm.dht_node`), always terminated."""
+    """A bootstrap node in its own process (`python -m discovery.node`), always terminated."""
     log_path = tmp_path / "dht_node.log"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "swarm.dht_node", "--host", "127.0.0.1", "--port", "0"],
+            [sys.executable, "-m", "discovery.node", "--host", "127.0.0.1", "--port", "0"],
             cwd=REPO,
             env=env,
             stdout=log_file,

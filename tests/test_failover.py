@@ -279,9 +279,9 @@ def test_a_dead_known_peer_is_skipped_before_any_dht_lookup(swarm):
     from gateway.generation import RouteRunner
     from gateway.generation import Swarm as SwarmView
     from gateway.routing import Hop
-    from peer.client import ChannelPool
+    from common.peer_client import ChannelPool
     from protos import swarm_pb2
-    from swarm.dht import PeerRecord
+    from discovery.records import PeerRecord
 
     swarm.settle()
     api = httpx.get(f"{swarm.gateway.address}/swarm/api", timeout=10).json()["models"][0]["peers"]

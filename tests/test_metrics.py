@@ -268,7 +268,7 @@ def test_record_failover_reaches_the_current_requests_metrics():
 
 
 def test_log_lines_are_one_line_and_carry_the_request_id():
-    from swarm.logging_setup import JsonFormatter, KeyValueFormatter, request_id_var
+    from common.logs import JsonFormatter, KeyValueFormatter, request_id_var
 
     stream = io.StringIO()
     logger = logging.getLogger("test.structured")

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from peer.client import ChannelPool, peer_info
+from common.peer_client import ChannelPool, peer_info
 from swarm.launcher import LocalSwarm
 from tests.conftest import HEARTBEAT, TTL
 

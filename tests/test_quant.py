@@ -23,10 +23,10 @@ import torch
 from gateway.precision import accepts, split_model_id
 from gateway.routing import plan_route
 from peer import tensor_codec
-from peer.client import ChannelPool, PeerError, PeerSession
+from common.peer_client import ChannelPool, PeerError, PeerSession
 from peer.model import BlockSpan
 from protos import swarm_pb2
-from swarm.dht import PeerRecord
+from discovery.records import PeerRecord
 from swarm.launcher import LocalSwarm
 from tests.conftest import HEARTBEAT, TTL
 
@@ -197,7 +197,7 @@ def _gateway(local: LocalSwarm) -> str:
 
 def _peer_id(address: str) -> str:
     async def ask() -> str:
-        from peer.client import peer_info
+        from common.peer_client import peer_info
 
         pool = ChannelPool()
         try:

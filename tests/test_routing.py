@@ -7,7 +7,7 @@ import time
 from collections import Counter
 
 from gateway.routing import plan_route
-from swarm.dht import PeerRecord
+from discovery.records import PeerRecord
 
 
 def record(peer_id: str, start: int, end: int, **fields) -> PeerRecord:

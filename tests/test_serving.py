@@ -16,7 +16,7 @@ import pytest
 from gateway.generation import GenerationParams, RouteRunner, generate
 from gateway.routing import Hop
 from gateway.text import TokenPieces, encode_prompt, render_chat
-from peer.client import ChannelPool, PeerError, PeerSession, peer_info
+from common.peer_client import ChannelPool, PeerError, PeerSession, peer_info
 from protos import swarm_pb2
 from swarm.launcher import LocalSwarm
 from tests.conftest import HEARTBEAT, TTL

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from gateway.generation import GenerationParams, RouteRunner, Swarm, generate
-from peer.client import ChannelPool
+from common.peer_client import ChannelPool
 from protos import swarm_pb2
-from swarm.dht import SwarmDHT, parse_address
+from discovery.dht import SwarmDHT
+from discovery.records import parse_address
 from swarm.launcher import LocalSwarm
 from tests.conftest import HEARTBEAT, TTL
 
@@ -156,7 +157,7 @@ def test_prompt_logprobs_only_on_the_last_span(scoring_swarm):
     the peer keeps serving; on the last span a step of n tokens scores its n - 1 later tokens."""
     import grpc
 
-    from peer.client import PeerError, PeerSession
+    from common.peer_client import PeerError, PeerSession
 
     first, last = (child.address for child in scoring_swarm.children if child.name.startswith("peer"))
     tokens = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]  # longer than a chunk

@@ -49,7 +49,7 @@ def peer_ids(swarm) -> dict[str, str]:
     """Child name -> peer id, asked of each peer itself over gRPC (not taken from the map)."""
     import asyncio
 
-    from peer.client import ChannelPool, peer_info
+    from common.peer_client import ChannelPool, peer_info
 
     async def ask():
         pool = ChannelPool()

@@ -46,7 +46,8 @@ def test_late_peer_becomes_routable_and_killed_peer_expires(demo_model, make_swa
 
 
 async def test_replicas_of_the_same_blocks_are_all_visible(demo_model, make_swarm):
-    from swarm.dht import SwarmDHT, parse_address
+    from discovery.dht import SwarmDHT
+    from discovery.records import parse_address
 
     swarm = make_swarm(demo_model, model_name=MODEL)
     swarm.start_dht()

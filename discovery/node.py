@@ -1,6 +1,6 @@
 """A standalone DHT node (a bootstrap node for the swarm) that runs until SIGTERM or SIGINT.
 
-    python -m swarm.dht_node --host 0.0.0.0 --port 8468 [--bootstrap host:port ...]
+    python -m discovery.node --host 0.0.0.0 --port 8468 [--bootstrap host:port ...]
 
 Every flag can also come from the environment: SWARM_DHT_HOST, SWARM_DHT_PORT,
 SWARM_DHT_BOOTSTRAP (comma- or space-separated host:port list), SWARM_LOG_LEVEL.
@@ -15,7 +15,8 @@ import os
 import signal
 from collections.abc import Callable, Sequence
 
-from swarm.dht import DEFAULT_DHT_PORT, SwarmDHT, parse_address
+from discovery.dht import DEFAULT_DHT_PORT, SwarmDHT
+from discovery.records import parse_address
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _split_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ
-    parser = argparse.ArgumentParser(prog="python -m swarm.dht_node", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m discovery.node", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--host", default=env.get("SWARM_DHT_HOST", "0.0.0.0"), help="UDP interface (env SWARM_DHT_HOST)"
     )

@@ -1,0 +1,470 @@
+"""The swarm's Kademlia node: kademlia's protocol and server with their faults fixed, and
+`SwarmDHT`, which announces, withdraws and looks up peer records (`discovery.records`) stored as
+merged entries (`discovery.entries`, `discovery.storage`).
+
+Concurrency: everything runs on one asyncio event loop; storage operations are synchronous, so
+they never interleave. Network input (store requests, find_value replies) is validated and
+malformed parts are dropped, never trusted and never allowed to raise into the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kademlia.crawling import NodeSpiderCrawl
+from kademlia.network import Server
+from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
+from kademlia.utils import digest
+
+from discovery.entries import (
+    MODELS_KEY,
+    Entries,
+    is_departed,
+    merge_entries,
+    model_key,
+    records_from_entries,
+    split_entries,
+)
+from discovery.records import PeerRecord, format_address, is_int
+from discovery.storage import MergingStorage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DHT_PORT = 8468
+TOMBSTONE_MARGIN_S = 0.001
+
+
+class _SwarmProtocol(KademliaProtocol):
+    """KademliaProtocol with a configurable RPC timeout, a size-safe hand-off, and no crashes on junk."""
+
+    # A node that missed a reply is skipped by lookups for this long (unless it talks to us again):
+    # other nodes keep it in their tables and hand it back in every crawl, and waiting out its
+    # timeout each time made lookups and announcements slower than a record's ttl.
+    UNRESPONSIVE_S = 30.0
+
+    def __init__(self, source_node: Node, storage: MergingStorage, ksize: int, wait_timeout: float):
+        super().__init__(source_node, storage, ksize)
+        self._wait_timeout = wait_timeout
+        self._background: set[asyncio.Future] = set()
+        self._unresponsive: dict[bytes, float] = {}
+
+    def handle_call_response(self, result: Any, node: Node) -> Any:
+        if result[0]:
+            self._unresponsive.pop(node.id, None)
+        else:
+            self._unresponsive[node.id] = time.monotonic()
+        return super().handle_call_response(result, node)
+
+    def is_unresponsive(self, node_id: bytes) -> bool:
+        since = self._unresponsive.get(node_id)
+        if since is None:
+            return False
+        if time.monotonic() - since > self.UNRESPONSIVE_S:
+            del self._unresponsive[node_id]
+            return False
+        return True
+
+    async def _solve_datagram(self, datagram: bytes, address: tuple) -> None:
+        try:
+            await super()._solve_datagram(datagram, address)
+        except Exception as exc:  # undecodable datagram from the network
+            log.warning("ignoring a malformed datagram from %s: %s", address, exc)
+
+    async def _accept_request(self, msg_id: bytes, data: object, address: tuple) -> None:
+        try:
+            await super()._accept_request(msg_id, data, address)
+        except Exception as exc:  # wrong arity or types in a request
+            log.warning("ignoring a malformed request from %s: %s", address, exc)
+
+    def welcome_if_new(self, node: Node) -> None:
+        """kademlia's hand-off (paper 2.5), with its bugs fixed.
+
+        Upstream hashes the already-hashed storage key again (so it hands off to the wrong nodes),
+        skips a new node farther than every known one even in a network smaller than k, sends each
+        merged value in one store (refused over 8 KB), and adds this very node to its own table when
+        it pings itself. Here: the stored key is the node id, a new node is "close" while fewer than
+        k are known, values are split under the store limit, self (and ids that are not 20 bytes)
+        are ignored.
+        """
+        if len(node.id) != 20 or node.id == self.source_node.id:
+            return
+        self._unresponsive.pop(node.id, None)  # it just talked to us
+        if not self.router.is_new_node(node):
+            return
+        log.debug("new DHT contact %s", node)
+        for key, entries in self.storage.snapshot():
+            if self._should_hand_off(node, key):
+                for chunk in split_entries(entries):
+                    self._spawn(self.call_store(node, key, chunk))
+        self.router.add_contact(node)
+
+    def _should_hand_off(self, new: Node, key: bytes) -> bool:
+        target = Node(key)
+        neighbors = self.router.find_neighbors(target)
+        if not neighbors:
+            return True
+        self_closest = self.source_node.distance_to(target) < neighbors[0].distance_to(target)
+        farthest = neighbors[-1].distance_to(target)
+        new_close = len(neighbors) < self.router.ksize or new.distance_to(target) < farthest
+        return self_closest and new_close
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("DHT background call failed: %s", task.exception())
+
+    def shutdown(self) -> None:
+        """Cancel background stores and fail pending RPCs now instead of at their timeout."""
+        for task in list(self._background):
+            task.cancel()
+        for future, timeout in list(self._outstanding.values()):
+            timeout.cancel()
+            if not future.done():
+                future.set_result((False, None))
+        self._outstanding.clear()
+
+
+def _valid_contact(item: object) -> bool:
+    return (
+        isinstance(item, list | tuple)
+        and len(item) == 3
+        and isinstance(item[0], bytes)
+        and len(item[0]) == 20
+        and isinstance(item[1], str)
+        and is_int(item[2])
+        and 0 < item[2] <= 65535
+    )
+
+
+class _SafeNodeCrawl(NodeSpiderCrawl):
+    """NodeSpiderCrawl that drops malformed contacts from replies instead of raising on them."""
+
+    async def _nodes_found(self, responses: dict) -> list[Node]:
+        cleaned = {}
+        for peer_id, response in responses.items():
+            ok, contacts = response if isinstance(response, tuple) and len(response) == 2 else (False, None)
+            if ok and not isinstance(contacts, list):
+                contacts = []
+            if ok:
+                contacts = [
+                    tuple(item)
+                    for item in contacts
+                    if _valid_contact(item) and not self.protocol.is_unresponsive(item[0])
+                ]
+            cleaned[peer_id] = (ok, contacts)
+        return await super()._nodes_found(cleaned)
+
+
+def _found_value(result: object) -> object | None:
+    """The value in a call_find_value result, or None (no reply, node list, junk)."""
+    if isinstance(result, tuple) and len(result) == 2 and result[0] is True and isinstance(result[1], dict):
+        return result[1].get("value")
+    return None
+
+
+class _SwarmServer(Server):
+    """kademlia Server that stores per-entry chunks and reads by merging the k nearest nodes."""
+
+    protocol_class = _SwarmProtocol
+    READ_CONCURRENCY = 8  # bounded so many ~48 KB replies do not overflow the UDP receive buffer
+
+    def __init__(
+        self, *, ksize: int, alpha: int, node_id: bytes | None, rpc_timeout: float, clock: Callable[[], float]
+    ):
+        super().__init__(ksize=ksize, alpha=alpha, node_id=node_id, storage=MergingStorage(clock=clock))
+        self.rpc_timeout = rpc_timeout
+
+    def _create_protocol(self) -> _SwarmProtocol:
+        return _SwarmProtocol(self.node, self.storage, self.ksize, self.rpc_timeout)
+
+    async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
+        ok, node_id = await self.protocol.ping(addr, self.node.id)
+        if not ok or not isinstance(node_id, bytes) or len(node_id) != 20 or node_id == self.node.id:
+            return None
+        return Node(node_id, addr[0], addr[1])
+
+    async def bootstrap(self, addrs: list[tuple[str, int]]) -> list[Node]:
+        nodes = [node for node in await asyncio.gather(*map(self.bootstrap_node, addrs)) if node is not None]
+        return await self._crawl(self.node, nodes)
+
+    async def _crawl(self, target: Node, start: list[Node]) -> list[Node]:
+        if not start:
+            return []
+        try:
+            return await _SafeNodeCrawl(self.protocol, target, start, self.ksize, self.alpha).find()
+        except Exception as exc:  # last resort: a lookup must not die on one odd reply
+            log.warning("DHT crawl failed (%s); using the nodes known so far", exc)
+            return start
+
+    def num_contacts(self) -> int:
+        return sum(len(bucket) for bucket in self.protocol.router.buckets) if self.protocol else 0
+
+    async def nearest_nodes(self, key: bytes) -> list[Node]:
+        target = Node(key)
+        return await self._crawl(target, self.protocol.router.find_neighbors(target))
+
+    async def store_entries(self, key: bytes, entries: Entries) -> int:
+        """Store on the k nearest nodes (and here when among them); returns how many hold it."""
+        chunks = split_entries(entries)
+        nodes = await self.nearest_nodes(key)
+        held = 0
+        if self._among_nearest(Node(key), nodes):
+            self.storage.merge(key, entries)
+            held += 1
+        calls = [self._store_all(node, key, chunks) for node in nodes]
+        held += sum(await asyncio.gather(*calls))
+        return held
+
+    def _among_nearest(self, target: Node, nearest: list[Node]) -> bool:
+        # Upstream stores locally only when closer than the farthest of the k found, so in a network
+        # smaller than k (or on a lone node) the announcer may keep nothing.
+        if len(nearest) < self.ksize:
+            return True
+        return self.node.distance_to(target) < max(node.distance_to(target) for node in nearest)
+
+    async def _store_all(self, node: Node, key: bytes, chunks: list[str]) -> bool:
+        results = await asyncio.gather(
+            *(self.protocol.call_store(node, key, c) for c in chunks), return_exceptions=True
+        )
+        return all(isinstance(r, tuple) and r[0] for r in results)
+
+    async def set_digest(self, dkey: bytes, value: object) -> bool:
+        """Used by kademlia's hourly republish; chunked like every other store."""
+        entries = decode_entries(value)
+        if not entries:
+            return False
+        return await self.store_entries(dkey, entries) > 0
+
+    async def get_entries(self, key: bytes) -> Entries:
+        """Merge of this node's entries and those of the k nodes nearest to `key`."""
+        merged = self.storage.entries(key)
+        nodes = await self.nearest_nodes(key)
+        target = Node(key)
+        gate = asyncio.Semaphore(self.READ_CONCURRENCY)
+
+        async def ask(node: Node) -> object:
+            async with gate:
+                return await self.protocol.call_find_value(node, target)
+
+        results = await asyncio.gather(*(ask(node) for node in nodes), return_exceptions=True)
+        now = self.storage.clock()
+        for node, result in zip(nodes, results, strict=True):
+            value = _found_value(result)
+            if value is None:
+                continue
+            entries = decode_entries(value)
+            if entries is None:
+                log.warning("ignoring a malformed DHT value from %s", node)
+                continue
+            merged = merge_entries(merged, entries, now)
+        return merged
+
+
+async def _resolve(host: str, port: int, family: int) -> tuple[str, int] | None:
+    """kademlia needs IP addresses for bootstrap; resolve names (docker service names) here."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, family=family, type=socket.SOCK_DGRAM
+        )
+    except OSError as exc:
+        log.warning("cannot resolve DHT bootstrap address %s:%d: %s", host, port, exc)
+        return None
+    return (infos[0][4][0], port) if infos else None
+
+
+class SwarmDHT:
+    """A kademlia node with merging storage; announce, withdraw and look up peer records.
+
+    Use from one event loop. Every `rebootstrap_interval` seconds a background task re-bootstraps
+    when the routing table is empty (bootstrap node not up yet, or every contact timed out), and
+    otherwise pings the bootstrap addresses (cheap: one datagram each) so that a bootstrap node
+    that restarted is rejoined (see `_bootstrap_is_new`).
+    """
+
+    def __init__(
+        self,
+        *,
+        ksize: int = 20,
+        alpha: int = 3,
+        rpc_timeout: float = 2.0,
+        node_id: bytes | None = None,
+        rebootstrap_interval: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        # `clock`: the unix time records' expiry is judged by (tests pass a fake to age records)
+        self.clock = clock
+        self._server = _SwarmServer(
+            ksize=ksize, alpha=alpha, node_id=node_id, rpc_timeout=rpc_timeout, clock=clock
+        )
+        self._bootstrap: list[tuple[str, int]] = []
+        self._family = socket.AF_INET
+        self._host: str | None = None
+        self._port: int | None = None
+        self._rebootstrap_interval = rebootstrap_interval
+        self._maintenance: asyncio.Task | None = None
+        self._last_expiry: dict[tuple[str, str], float] = {}  # (model, peer_id) -> last announced expiry
+
+    # ---- lifecycle
+
+    async def start(
+        self, host: str = "0.0.0.0", port: int = 0, bootstrap: Iterable[tuple[str, int]] = ()
+    ) -> None:
+        """Listen on UDP host:port (0 picks a free port, see `port`) and join via `bootstrap`."""
+        if self._port is not None:
+            raise RuntimeError("SwarmDHT already started")
+        await self._server.listen(port, host)
+        sock = self._server.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self._host, self._port = self._server.transport.get_extra_info("sockname")[:2]
+        self._family = sock.family
+        self._bootstrap = [(str(h), int(p)) for h, p in bootstrap]
+        log.info("DHT node %s listening on %s", self.node_id[:12], self.address)
+        if self._bootstrap:
+            await self.bootstrap()
+        self._maintenance = asyncio.ensure_future(self._maintain())
+
+    async def bootstrap(self) -> int:
+        """(Re)join through the bootstrap addresses; returns the number of nodes found.
+
+        Names are resolved on every attempt: kademlia takes only IPs, and a docker service name
+        may not resolve until its container is up.
+        """
+        resolved = await asyncio.gather(*(_resolve(h, p, self._family) for h, p in self._bootstrap))
+        found = await self._server.bootstrap([addr for addr in resolved if addr is not None])
+        if found:
+            log.info("DHT joined via %s: %d node(s) known", self._bootstrap, len(found))
+        else:
+            log.warning("DHT bootstrap via %s reached no node; will retry", self._bootstrap)
+        return len(found)
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self._rebootstrap_interval)
+            if not self._bootstrap:
+                continue
+            try:
+                if self._server.num_contacts() == 0 or await self._bootstrap_is_new():
+                    await self.bootstrap()
+            except Exception:
+                log.exception("DHT re-bootstrap failed")
+
+    async def _bootstrap_is_new(self) -> bool:
+        """Ping the bootstrap addresses (one datagram each way); True when one answers with a node
+        id this node does not know.
+
+        That is a bootstrap node that restarted: it comes back empty, with a new id, and nobody
+        would ever contact it again (nodes only re-bootstrap with no contacts left), so the peers
+        that join through it afterwards would form a network of their own that no gateway sees.
+        The ping already makes the restarted node know this one (kademlia welcomes the sender of
+        any request); the crawl that follows puts it into this node's table and teaches it the rest.
+        """
+        resolved = await asyncio.gather(*(_resolve(h, p, self._family) for h, p in self._bootstrap))
+        addrs = [addr for addr in resolved if addr is not None]
+        nodes = await asyncio.gather(*(self._server.bootstrap_node(addr) for addr in addrs))
+        router = self._server.protocol.router
+        fresh = [node for node in nodes if node is not None and router.is_new_node(node)]
+        if fresh:
+            log.info("DHT bootstrap node(s) %s answer with a new id; rejoining through them", fresh)
+        return bool(fresh)
+
+    def stop(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            self._maintenance = None
+        if self._server.protocol is not None:
+            self._server.protocol.shutdown()
+        self._server.stop()
+
+    # ---- introspection
+
+    @property
+    def port(self) -> int:
+        """The UDP port actually bound (useful after start(port=0))."""
+        if self._port is None:
+            raise RuntimeError("SwarmDHT not started")
+        return self._port
+
+    @property
+    def host(self) -> str:
+        if self._host is None:
+            raise RuntimeError("SwarmDHT not started")
+        return self._host
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+    @property
+    def node_id(self) -> str:
+        return self._server.node.id.hex()
+
+    @property
+    def num_contacts(self) -> int:
+        return self._server.num_contacts()
+
+    @property
+    def storage(self) -> MergingStorage:
+        return self._server.storage
+
+    # ---- records
+
+    async def announce(self, record: PeerRecord) -> int:
+        """Store `record` under its model and the model under `models`; returns how many nodes hold it."""
+        self._require_started()
+        if record.is_expired(self.clock()):
+            raise ValueError(f"record of {record.peer_id} has already expired; set expires_at in the future")
+        slot = (record.model, record.peer_id)
+        # Noted before sending: a withdrawal must outlive even an announce cancelled half-way.
+        self._last_expiry[slot] = max(self._last_expiry.get(slot, 0.0), record.expires_at)
+        model_entry = {"num_blocks": record.num_blocks, "expires_at": record.expires_at}
+        held, _ = await asyncio.gather(
+            self._server.store_entries(digest(model_key(record.model)), {record.peer_id: record.to_dict()}),
+            self._server.store_entries(digest(MODELS_KEY), {record.model: model_entry}),
+        )
+        log.debug("announced %s on %d node(s)", record.peer_id, held)
+        return held
+
+    async def withdraw(self, record: PeerRecord) -> int:
+        """Tombstone `record.peer_id` so it vanishes from lookups at once; returns how many nodes hold it."""
+        self._require_started()
+        slot = (record.model, record.peer_id)
+        until = max(record.expires_at, self._last_expiry.pop(slot, 0.0), self.clock()) + TOMBSTONE_MARGIN_S
+        tombstone = {record.peer_id: {"departed": True, "expires_at": until}}
+        held = await self._server.store_entries(digest(model_key(record.model)), tombstone)
+        log.info("withdrew %s from %s on %d node(s)", record.peer_id, record.model, held)
+        return held
+
+    async def peers(self, model: str) -> list[PeerRecord]:
+        """Live (unexpired, not withdrawn) records for `model`, both states, sorted by span."""
+        self._require_started()
+        entries = await self._server.get_entries(digest(model_key(model)))
+        return records_from_entries(entries, model, self.clock())
+
+    async def models(self) -> dict[str, int]:
+        """Announced model ids -> blocks in the model."""
+        self._require_started()
+        entries = await self._server.get_entries(digest(MODELS_KEY))
+        return {
+            model: entry["num_blocks"]
+            for model, entry in sorted(entries.items())
+            if not is_departed(entry) and is_int(entry.get("num_blocks")) and entry["num_blocks"] > 0
+        }
+
+    def _require_started(self) -> None:
+        if self._port is None or self._server.transport is None or self._server.transport.is_closing():
+            raise RuntimeError("SwarmDHT is not running")
+
+
