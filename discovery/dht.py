@@ -26,6 +26,7 @@ from kademlia.utils import digest
 from discovery.entries import (
     MODELS_KEY,
     Entries,
+    decode_entries,
     is_departed,
     merge_entries,
     model_key,
@@ -466,5 +467,3 @@ class SwarmDHT:
     def _require_started(self) -> None:
         if self._port is None or self._server.transport is None or self._server.transport.is_closing():
             raise RuntimeError("SwarmDHT is not running")
-
-

@@ -65,7 +65,6 @@ def model_key(model: str) -> str:
     return f"model:{model}"
 
 
-
 def _valid_entry(entry_id: object, entry: object) -> bool:
     return (
         isinstance(entry_id, str)
@@ -182,5 +181,3 @@ def records_from_entries(entries: Entries, model: str, now: float | None = None)
             continue
         records.append(record)
     return sorted(records, key=lambda r: (r.start, r.end, r.peer_id))
-
-

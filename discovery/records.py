@@ -34,8 +34,6 @@ def precision_name(dtype: str, quant: str) -> str:
     return quant if quant and quant != "none" else dtype
 
 
-
-
 def parse_address(address: str) -> tuple[str, int]:
     """``"host:port"`` (or ``"[v6]:port"``) -> ``(host, port)``; ValueError when malformed."""
     if not isinstance(address, str):
@@ -155,5 +153,3 @@ class PeerRecord:
     @property
     def precision(self) -> str:
         return precision_name(self.dtype, self.quant)
-
-

@@ -11,7 +11,15 @@ from typing import Any
 
 from kademlia.storage import ForgetfulStorage
 
-from discovery.entries import MAX_VALUE_BYTES, Entries, cap_entries, decode_entries, encode_entries, merge_entries, prune
+from discovery.entries import (
+    MAX_VALUE_BYTES,
+    Entries,
+    cap_entries,
+    decode_entries,
+    encode_entries,
+    merge_entries,
+    prune,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +34,10 @@ class MergingStorage(ForgetfulStorage):
     CAP_WARNING_INTERVAL_S = 60.0
 
     def __init__(
-        self, ttl: float = 24 * 3600, max_value_bytes: int = MAX_VALUE_BYTES, clock: Callable[[], float] = time.time
+        self,
+        ttl: float = 24 * 3600,
+        max_value_bytes: int = MAX_VALUE_BYTES,
+        clock: Callable[[], float] = time.time,
     ):
         super().__init__(ttl=ttl)
         self.clock = clock  # unix time, which entries' `expires_at` is measured in (tests pass a fake)
@@ -106,5 +117,3 @@ class MergingStorage(ForgetfulStorage):
         elif len(live) != len(entries):
             self.data[key] = (birthday, live)  # keeps its place in the age order
         return live
-
-

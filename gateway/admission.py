@@ -1,4 +1,5 @@
-"""Admission control: at most N generations in flight per gateway; the rest get 429 at once.
+"""Admission control: what may come in. At most N generations in flight per gateway (the rest get
+429 at once), and no body over the size limit (413).
 
 A swarm has finite cache and compute. Queueing without bound inside the gateway would only turn
 overload into timeouts, so past `max_concurrent` generations a request is answered with the
@@ -42,3 +43,30 @@ class AdmissionGuard:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+
+class BodyGuard:
+    """Pure ASGI middleware (no per-chunk wrapping of streamed responses, unlike `@app.middleware`):
+
+    * a body announced larger than `max_body_bytes` gets 413 before it is read;
+    * `curl -d '{...}'` labels a JSON body `application/x-www-form-urlencoded`; no OpenAI route takes
+      a form, so such a body on a `*completions` POST is read as the JSON it is (a body that is not
+      JSON still gets a 400).
+    """
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                await errors.error_response(errors.payload_too_large())(scope, receive, send)
+                return
+            form = headers.get(b"content-type", b"").startswith(b"application/x-www-form-urlencoded")
+            if form and scope["method"] == "POST" and scope["path"].endswith("completions"):
+                rest = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*rest, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

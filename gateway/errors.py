@@ -8,7 +8,7 @@ user as an opaque failure. The ``type`` follows the HTTP status (see ``_TYPE_BY_
 Raise :class:`OpenAIError` (or use a factory: :func:`invalid_request`,
 :func:`model_not_found`, :func:`unavailable`...) anywhere in a request handler;
 :func:`install_error_handlers` turns it into the response. Inside a stream, after the
-headers are sent, the status cannot change any more: send :func:`sse_error_event` and then
+headers are sent, the status cannot change any more: send :func:`sse_error_data` and then
 ``data: [DONE]`` instead, which the openai SDK raises as an ``APIError``.
 
 Retry-After matters: the openai SDK retries 429 and 5xx twice by default and honours
@@ -47,7 +47,6 @@ __all__ = [
     "error_payload",
     "error_response",
     "sse_error_data",
-    "sse_error_event",
     "validation_error",
     "install_error_handlers",
 ]
@@ -233,11 +232,6 @@ def error_response(exc: BaseException) -> JSONResponse:
 def sse_error_data(exc: BaseException) -> str:
     """The JSON text of an in-stream error, for sse-starlette (which adds ``data:``)."""
     return json.dumps(error_payload(exc), ensure_ascii=False)
-
-
-def sse_error_event(exc: BaseException) -> str:
-    """``data: {"error": {...}}\\n\\n`` for a raw StreamingResponse. Send ``[DONE]`` after."""
-    return f"data: {sse_error_data(exc)}\n\n"
 
 
 # --- validation errors --------------------------------------------------------------------

@@ -14,25 +14,16 @@ import itertools
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
-from gateway.failover import NOT_RETRYABLE, FailoverEvent, FailoverPolicy
-from gateway.metrics import record_failover
-from gateway.routing import BanList, Hop, Route, plan_route
 from common.peer_client import ChannelPool, PeerError, PeerSession
+from gateway.failure_policy import Failover, FailoverEvent, Verdict
+from gateway.routing import Hop, NoRouteError, Route, plan_route
 from protos import swarm_pb2
-from discovery.records import PeerRecord
 
 log = logging.getLogger("gateway.generation")
-
-
-class NoRouteError(Exception):
-    """No chain of live peers covers the model's blocks right now."""
 
 
 @dataclass
@@ -40,6 +31,8 @@ class TokenEvent:
     token_id: int
     logprob: float
     top_logprobs: list[tuple[int, float]]
+    # set on a choice's last token: "stop" (an end-of-sequence token that ends it) or "length"
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -70,6 +63,11 @@ class GenerationParams:
     # with the same request. With max_new_tokens == 0 nothing is sampled.
     prompt_logprobs: int | None = None
 
+    @property
+    def max_length(self) -> int:
+        """Tokens the route's caches may hold for this generation (the sessions' reservation)."""
+        return len(self.prompt_ids) + self.max_new_tokens
+
 
 class _HopFailure(Exception):
     """A step failed at hop `index` of the current route."""
@@ -94,7 +92,7 @@ def tail_rows(hidden: swarm_pb2.Tensor, rows: int) -> swarm_pb2.Tensor:
 class RouteRunner:
     """Open sessions on every hop of a route and push steps through them in order.
 
-    Failover (when a `FailoverPolicy` is given): the runner keeps every token id the whole route
+    Failover (when a `Failover` is given; the verdict on each failure is `gateway.failure_policy`'s): the runner keeps every token id the whole route
     has processed (`history`). When a hop fails (gRPC error, broken stream, or no answer within
     the step deadline), its peer is banned, a replacement for exactly that hop's blocks is planned
     from a fresh DHT lookup (possibly split over several peers) and opened, and the step is
@@ -117,7 +115,7 @@ class RouteRunner:
     at its own pace (the rebuild happens on the next step), and stays put if no replacement
     exists (the peer finishes the session within its drain timeout).
 
-    Bounded: a search for a replacement gives up after `FailoverPolicy.timeout` seconds and raises
+    Bounded: a search for a replacement gives up after `Failover.timeout` seconds and raises
     `NoRouteError`, so a stream without a replacement ends within step_timeout + that budget.
     """
 
@@ -126,7 +124,7 @@ class RouteRunner:
         pool: ChannelPool,
         route: Route,
         step_timeout: float,
-        failover: FailoverPolicy | None = None,
+        failover: Failover | None = None,
         wire_dtype: str = "",
     ):
         self.pool = pool
@@ -136,7 +134,6 @@ class RouteRunner:
         self.failover = failover
         self.sessions: list[PeerSession | None] = []
         self.history: list[int] = []  # token ids every hop of the route holds in cache
-        self.events: list[FailoverEvent] = []
         self._rebuild_upto = -1  # hops [0, this] replay the history on the next step
         self._unmeasured: list[FailoverEvent] = []  # pause known once the next step ends
         self._max_length = 0
@@ -147,10 +144,6 @@ class RouteRunner:
         self._next_migration = 0.0
         self._failed_peers: set[str] = set()  # peers that failed this runner: never retried
         self._closing: set[asyncio.Task] = set()
-
-    @property
-    def position(self) -> int:
-        return len(self.history)
 
     @property
     def tokens(self) -> list[int]:
@@ -312,13 +305,14 @@ class RouteRunner:
         """Replace hop `index` after `error`, waiting for a replacement until `deadline`."""
         policy = self.failover
         hop = self.route[index]
-        if policy is None or error.code in NOT_RETRYABLE:
+        if policy is None:
             raise error
-        full = error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        verdict = policy.peer_failed(hop.peer_id, error)
+        if verdict is Verdict.REQUEST_FAULT:
+            raise error
+        full = verdict is Verdict.PEER_BUSY
         log.warning("hop %d (peer %s, blocks [%d, %d)) failed: %s; failing over", index, hop.peer_id, hop.start,
                     hop.end, error)  # fmt: skip
-        if not full:  # a peer out of cache room is healthy: try another replica, but ban nobody
-            policy.swarm.bans.ban(hop.peer_id)
         self._failed_peers.add(hop.peer_id)
         self._discard(index)
         loop = asyncio.get_running_loop()
@@ -340,7 +334,7 @@ class RouteRunner:
                 if full:  # no other replica has room either: the client retries later (503)
                     raise error from exc
                 if loop.time() + policy.retry_interval >= deadline:
-                    policy.stats.exhausted += 1
+                    policy.gave_up()
                     raise NoRouteError(
                         f"peer {hop.peer_id} failed and no replacement for blocks [{hop.start}, {hop.end}) "
                         f"came within {policy.timeout:.1f} s ({exc})"
@@ -351,7 +345,7 @@ class RouteRunner:
     async def _migrate(self, index: int) -> None:
         """Move hop `index` off a draining peer if a replacement exists now; else stay."""
         hop = self.route[index]
-        self.failover.swarm.bans.ban(hop.peer_id)  # it is leaving: no new sessions there either
+        self.failover.peer_leaving(hop.peer_id)
         self._failed_peers.add(hop.peer_id)
         deadline = asyncio.get_running_loop().time() + self.step_timeout
         try:
@@ -374,23 +368,23 @@ class RouteRunner:
         loop = asyncio.get_running_loop()
         remaining = max(0.1, deadline - loop.time())
         if fresh:
-            records = await policy.swarm.peers(policy.model, fresh=True, timeout=remaining)
+            records = await policy.records(timeout=remaining)
             candidates = [records]
         else:
             # Known records may be past their expiry (a peer that died a minute ago): prefer
             # the unexpired ones, which are far more likely to be alive.
-            records = policy.swarm.known(policy.model)
+            records = policy.known()
             now = time.time()
             candidates = [[r for r in records if not r.is_expired(now)], records]
         part = None
         # Bans keep new sessions off flaky peers; a stream about to die rather retries a peer
         # that someone else banned (a slow step on a busy machine) than one that failed it.
         for exclude, pool in itertools.product(
-            (policy.swarm.bans.banned() | self._failed_peers, self._failed_peers), candidates
+            (policy.excluded() | self._failed_peers, self._failed_peers), candidates
         ):
             part = plan_route(
                 pool, policy.num_blocks, start=hop.start, end=hop.end, exclude=exclude,
-                min_free_tokens=self._max_length, local_load=policy.swarm.local_load,
+                min_free_tokens=self._max_length, local_load=policy.local_load,
             )  # fmt: skip
             if part is not None:
                 break
@@ -401,7 +395,7 @@ class RouteRunner:
                 if r.start < hop.end and r.end > hop.start
             ]
             log.info("no replacement for [%d, %d) among %s; excluded %s (fresh=%s)", hop.start, hop.end, seen,
-                     sorted(policy.swarm.bans.banned() | self._failed_peers), fresh)  # fmt: skip
+                     sorted(policy.excluded() | self._failed_peers), fresh)  # fmt: skip
             raise NoRouteError(f"no live peer covers blocks [{hop.start}, {hop.end})")
         timeout = min(self.step_timeout, max(0.1, deadline - loop.time()))
         results = await asyncio.gather(*(self._open_hop(h, timeout) for h in part), return_exceptions=True)
@@ -413,8 +407,7 @@ class RouteRunner:
             for failed_hop, error in errors:
                 if not isinstance(error, PeerError):
                     raise error
-                if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    policy.swarm.bans.ban(failed_hop.peer_id)
+                policy.peer_failed(failed_hop.peer_id, error)
                 self._failed_peers.add(failed_hop.peer_id)
             raise errors[0][1]
         return part, list(results)
@@ -427,8 +420,8 @@ class RouteRunner:
         self.route = (*self.route[:index], *part, *self.route[index + 1 :])
         self.sessions = [*self.sessions[:index], *sessions, *self.sessions[index + 1 :]]
         event.replacement = tuple(h.peer_id for h in part)
-        record_failover("peer_failed" if event.reason == "failed" else event.reason)
-        self.events.append(event)
+        if self.failover is not None:
+            self.failover.replaced(event)
         self._unmeasured.append(event)
         log.info("hop %d (peer %s) now served by %s", index, event.peer_id, ", ".join(event.replacement))
 
@@ -438,22 +431,19 @@ class RouteRunner:
         for event in events:
             event.pause_s = pause
             if self.failover is not None:
-                self.failover.stats.record(event)
+                self.failover.measured(event)
 
     def _count(self, session: PeerSession, hop: Hop) -> None:
         """Count an opened session in the gateway's own load view (see routing.edge_cost)."""
         if self.failover is not None:
-            self.failover.swarm.local_load[hop.peer_id] += 1
+            self.failover.opened(hop.peer_id)
             session.load_key = hop.peer_id
 
     def _uncount(self, session: PeerSession) -> None:
         key = getattr(session, "load_key", None)
         if key is not None and self.failover is not None:
             session.load_key = None
-            load = self.failover.swarm.local_load
-            load[key] -= 1
-            if load[key] <= 0:
-                del load[key]
+            self.failover.closed(key)
 
     def _discard(self, index: int) -> None:
         session = self.sessions[index]
@@ -497,118 +487,14 @@ class RouteRunner:
                 session.abort()
 
 
-class Swarm:
-    """What the gateway knows of the swarm: DHT lookups, bans, route planning.
-
-    Lookups are served stale-while-revalidate: a request never waits for the DHT when a snapshot
-    exists (a lookup can take a DHT timeout when nodes have just died); the snapshot is refreshed
-    in the background once older than `refresh`, and records past their own expiry are dropped
-    on every read, so a snapshot never outlives what it describes.
-    """
-
-    def __init__(self, dht, pool: ChannelPool, *, refresh: float = 1.0, ban_duration: float = 30.0):
-        self.dht = dht
-        self.pool = pool
-        self.refresh = refresh
-        self.bans = BanList(ban_duration)
-        self._cache: dict[str, tuple[float, list[PeerRecord]]] = {}
-        self._lookups: dict[str, asyncio.Future] = {}
-        self._seen: dict[str, dict[str, PeerRecord]] = {}  # model -> peer id -> latest record
-        self.local_load: Counter[str] = Counter()  # peer id -> sessions this gateway has open there
-
-    async def peers(self, model: str, fresh: bool = False, timeout: float | None = None) -> list[PeerRecord]:
-        """Records of `model`'s peers, from a DHT lookup at most `refresh` seconds old.
-
-        One lookup per model runs at a time, shared by every caller (many streams failing over at
-        once must not each crawl the DHT). A caller that cannot wait (`timeout`) gets the last
-        unexpired records seen: a lookup that meets a dead node (every killed peer runs one)
-        waits a whole RPC timeout for it.
-        """
-        loop = asyncio.get_running_loop()
-        cached = self._cache.get(model)
-        if cached is None or fresh:
-            lookup = self._lookup(model)
-            try:
-                return await asyncio.wait_for(asyncio.shield(lookup), timeout)
-            except TimeoutError:
-                log.warning("DHT lookup for %s is slow; using the last records seen", model)
-                return self._unexpired(cached)
-        if loop.time() - cached[0] >= self.refresh:
-            self._lookup(model)  # in the background; _fetch logs its own failures
-        return self._unexpired(cached)
-
-    @staticmethod
-    def _unexpired(cached: tuple[float, list[PeerRecord]] | None) -> list[PeerRecord]:
-        now = time.time()
-        return [record for record in (cached[1] if cached else []) if not record.is_expired(now)]
-
-    def _lookup(self, model: str) -> asyncio.Task:
-        """One lookup per model at a time, shared by every caller (many streams failing over at
-        once must not each crawl the DHT)."""
-        task = self._lookups.get(model)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch(model))
-            self._lookups[model] = task
-            task.add_done_callback(lambda _: self._lookups.pop(model, None))
-        return task
-
-    async def _fetch(self, model: str) -> list[PeerRecord]:
-        loop = asyncio.get_running_loop()
-        try:
-            records = await self.dht.peers(model) if self.dht is not None else []
-        except Exception:  # keep serving from the last snapshot
-            log.exception("DHT lookup for %s failed", model)
-            return self._unexpired(self._cache.get(model))
-        self._cache[model] = (loop.time(), records)
-        seen = self._seen.setdefault(model, {})
-        seen.update((record.peer_id, record) for record in records)
-        return records
-
-    def known(self, model: str, grace: float = 60.0) -> list[PeerRecord]:
-        """Every peer seen in a recent lookup (its latest record, up to `grace` seconds past its
-        expiry): candidates to try at once after a failure, before a fresh lookup. A dead one
-        fails to open fast and is excluded."""
-        now = time.time()
-        seen = self._seen.get(model, {})
-        for peer_id in [p for p, record in seen.items() if record.expires_at + grace < now]:
-            del seen[peer_id]
-        return list(seen.values())
-
-    async def plan(self, model: str, num_blocks: int, min_free_tokens: int = 0, accept=None) -> Route:
-        exclude = self.bans.banned()
-        records = await self.peers(model)
-        route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept,
-                           local_load=self.local_load)  # fmt: skip
-        if route is None:  # the cache may be stale: a peer may have joined since
-            records = await self.peers(model, fresh=True)
-            route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept,
-                               local_load=self.local_load)  # fmt: skip
-        if route is None:
-            raise NoRouteError(f"no live peers cover all {num_blocks} blocks of {model}")
-        return route
-
-    def peers_at(self, address: str) -> set[str]:
-        """Ids of the peers last seen at `address` (to ban the one that failed)."""
-        return {
-            record.peer_id
-            for _, records in self._cache.values()
-            for record in records
-            if record.address == address
-        }
-
-    def is_live(self, route: Route, records: list[PeerRecord]) -> bool:
-        banned = self.bans.banned()
-        live = {record.peer_id for record in records if record.state == "online"}
-        return all(hop.peer_id in live and hop.peer_id not in banned for hop in route)
-
-
 async def generate(
-    runner: RouteRunner, params: GenerationParams, max_length: int
+    runner: RouteRunner, params: GenerationParams
 ) -> AsyncIterator[TokenEvent | PromptLogprobs]:
     """Prefill the prompt, then decode until EOS or max_new_tokens (0: prefill only). With
-    `params.prompt_logprobs` the first event is a `PromptLogprobs`; every other is a `TokenEvent`.
-    The caller stops early by closing the generator (use `contextlib.aclosing`); the runner's
-    sessions close either way."""
+    `params.prompt_logprobs` the first event is a `PromptLogprobs`; every other is a `TokenEvent`,
+    the last of which says why the choice ended (`TokenEvent.finish_reason`). The caller stops
+    early by closing the generator (use `contextlib.aclosing`); the runner's sessions close either
+    way."""
     try:
         sampling = params.sampling
         if not sampling.penalty_start:
@@ -621,10 +507,12 @@ async def generate(
         # at least one token must run; scoring the prompt needs all of it to run
         resume = params.prompt_ids[:-1] if params.resume and scoring is None else None
         start = await runner.open(
-            max_length, sampling, params.request_id, session_id=params.session_id, resume_tokens=resume
+            params.max_length, sampling, params.request_id, session_id=params.session_id, resume_tokens=resume
         )
         if start:
-            log.debug("request %s resumes at token %d of %d", params.request_id, start, len(params.prompt_ids))
+            log.debug(
+                "request %s resumes at token %d of %d", params.request_id, start, len(params.prompt_ids)
+            )
         constraint = params.constraint
         result = await runner.step(
             params.prompt_ids[start:],
@@ -651,12 +539,18 @@ async def generate(
             )
             if constraint is not None:
                 constraint.advance(event.token_id)
-            yield event
+            # EOS ends a choice unless ignore_eos; constrained output always ends on it
             is_eos = event.token_id in params.eos_token_ids
-            finished = is_eos and (not params.ignore_eos or constraint is not None)
-            if finished or produced == params.max_new_tokens:
+            if is_eos and (not params.ignore_eos or constraint is not None):
+                event.finish_reason = "stop"
+            elif produced == params.max_new_tokens:
+                event.finish_reason = "length"
+            yield event
+            if event.finish_reason:
                 return
-            result = await runner.step([event.token_id], allowed_token_ids=constraint and constraint.allowed())
+            result = await runner.step(
+                [event.token_id], allowed_token_ids=constraint and constraint.allowed()
+            )
     finally:
         await runner.close()
 

@@ -325,7 +325,7 @@ async def observe_generation(
 ) -> AsyncIterator:
     """Yield `pieces` unchanged while measuring them (see the module docstring).
 
-    A piece is `gateway.app.Piece`: `.index` (choice), `.text`, `.tokens`. `prompt` is logged
+    A piece is `gateway.serving.choices.Piece`: `.index` (choice), `.text`, `.tokens`. `prompt` is logged
     only when the gateway runs with `--log-prompts`.
     """
     metrics: GatewayMetrics = request.app.state.metrics

@@ -48,6 +48,16 @@ class ServedModel:
         vocab = self.tokenizer.get_vocab()
         return all(token in vocab for token in FIM_TOKENS)
 
+    def new_token_budget(self, prompt_ids: list[int], requested: int | None, param: str) -> int:
+        """New tokens a request may generate, or a 400 when the context cannot hold it (a prompt
+        that fills the context is fine when nothing is to be generated: an echo that scores it)."""
+        room = self.max_context - len(prompt_ids)
+        if room < 0 or (room == 0 and requested != 0) or (requested is not None and requested > room):
+            from gateway import errors
+
+            raise errors.context_length_exceeded(self.max_context, len(prompt_ids), requested, param=param)
+        return room if requested is None else requested
+
     def fim_prompt(self, prefix: str, suffix: str) -> str:
         start, hole, middle = FIM_TOKENS
         return f"{start}{prefix}{hole}{suffix}{middle}"

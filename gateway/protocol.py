@@ -23,13 +23,12 @@ Responses
     null`` in a stream chunk, ``content`` in a message) are plain fields; fields OpenAI
     leaves out when empty (everything in a stream ``delta``, ``usage`` on ordinary chunks,
     ``tool_calls`` in a message) use ``exclude_if`` so that ``model_dump`` /
-    ``model_dump_json`` drop them when they are ``None``. Use :func:`dump` / :func:`dump_json`
-    (or FastAPI's own response serialisation) and the shape comes out right.
+    ``model_dump_json`` drop them when they are ``None`` (FastAPI's response serialisation
+    and ``model_dump_json`` both honour it).
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
@@ -43,12 +42,14 @@ from pydantic import (
     model_validator,
 )
 
+from gateway import errors
+from protos import swarm_pb2
+
 __all__ = [
     "MAX_N",
     "MAX_STOP_SEQUENCES",
     "MAX_TOP_LOGPROBS",
     "MAX_COMPLETION_LOGPROBS",
-    "SSE_DONE",
     "RequestModel",
     "ResponseModel",
     "TextContentPart",
@@ -85,17 +86,12 @@ __all__ = [
     "CompletionChunk",
     "ModelCard",
     "ModelList",
-    "ErrorDetail",
-    "ErrorResponse",
     "ChatChunkStream",
     "CompletionChunkStream",
     "new_chat_completion_id",
     "new_completion_id",
     "new_tool_call_id",
     "now",
-    "dump",
-    "dump_json",
-    "sse_frame",
 ]
 
 # Limits. OpenAI allows n up to 128; every choice costs a full generation through the
@@ -111,9 +107,6 @@ _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
-
-#: The last event of every stream, already framed for the wire.
-SSE_DONE = "data: [DONE]\n\n"
 
 
 def _omit_none() -> Any:
@@ -387,8 +380,38 @@ class SamplingRequest(RequestModel):
         return [s for s in stops if s]
 
     def logit_bias_ids(self) -> dict[int, float]:
-        """``logit_bias`` keyed by int token id. The app checks ids against the vocabulary."""
+        """``logit_bias`` keyed by int token id (checked against the vocabulary by
+        `to_sampling_params`)."""
         return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
+    def to_sampling_params(
+        self, vocab_size: int, *, logprobs: bool, top_logprobs: int
+    ) -> swarm_pb2.SamplingParams:
+        """The sampling parameters the last span applies (`swarm.proto`, `SamplingParams`).
+
+        Raises `OpenAIError` (400) for a ``logit_bias`` token outside the vocabulary."""
+        bias = self.logit_bias_ids()
+        for token in bias:
+            if token >= vocab_size:
+                raise errors.invalid_request(
+                    f"logit_bias token id {token} is outside the vocabulary", param="logit_bias"
+                )
+        message = swarm_pb2.SamplingParams(
+            # top_p == 0 keeps no token but the best: greedy (0 means "off" on the wire)
+            temperature=0.0 if self.top_p == 0 else self.temperature,
+            top_p=self.top_p,
+            top_k=max(0, self.top_k or 0),
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+        message.logit_bias.update(bias)
+        if self.seed is not None:
+            message.seed = self.seed % (1 << 64)
+        return message
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -494,6 +517,10 @@ class CompletionRequest(SamplingRequest):
         n = info.data.get("n")
         if value is not None and n is not None and value < n:
             raise ValueError(f"best_of must be greater than or equal to n ({n})")
+        # best_of > n means generating extra choices and returning those with the best total
+        # logprob: not implemented, so refused rather than silently ignored
+        if value is not None and value > (n or 1):
+            raise ValueError("best_of greater than n is not supported; use n")
         return value
 
     def prompts(self) -> list[str | list[int]]:
@@ -728,21 +755,6 @@ class ModelList(ResponseModel):
     data: list[ModelCard] = Field(default_factory=list)
 
 
-class ErrorDetail(ResponseModel):
-    """The OpenAI error object; all four keys are always present."""
-
-    message: str
-    type: str
-    param: str | None = None
-    code: str | int | None = None
-
-
-class ErrorResponse(ResponseModel):
-    """``{"error": {...}}``, the body of every non-2xx response."""
-
-    error: ErrorDetail
-
-
 # --------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------
@@ -768,38 +780,12 @@ def now() -> int:
     return int(time.time())
 
 
-def dump(model: BaseModel) -> dict[str, Any]:
-    """The JSON-ready dict of a response model, exactly as it goes on the wire."""
-    return model.model_dump(mode="json")
+class _ChunkStream:
+    """The header every chunk of one stream repeats (``id``, ``created``, ``model``,
+    ``system_fingerprint``, identical on every chunk as clients expect) and the usage chunk."""
 
-
-def dump_json(model: BaseModel) -> str:
-    """The compact JSON text of a response model, exactly as it goes on the wire."""
-    return model.model_dump_json()
-
-
-def sse_frame(data: str | BaseModel | dict[str, Any]) -> str:
-    """One server-sent event, ``data: <json>\\n\\n``, for a raw ``StreamingResponse``.
-
-    With sse-starlette's ``EventSourceResponse`` yield the bare JSON text instead (it adds
-    the ``data:`` framing itself), and ``"[DONE]"`` rather than :data:`SSE_DONE`.
-    """
-    if isinstance(data, BaseModel):
-        data = data.model_dump_json()
-    elif isinstance(data, dict):
-        data = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {data}\n\n"
-
-
-class ChatChunkStream:
-    """Builds the JSON text of every chunk of one streamed chat completion.
-
-    Keeps ``id``, ``created``, ``model`` and ``system_fingerprint`` identical on every chunk,
-    as clients expect, and produces OpenAI's sequence: :meth:`role` first for each choice,
-    :meth:`content` per piece of text, :meth:`finish` with the reason, then
-    :meth:`usage` when ``include_usage`` was asked for. Each method returns the JSON text
-    of one chunk (frame it with :func:`sse_frame` or hand it to sse-starlette).
-    """
+    chunk_type: ClassVar[type[ResponseModel]]
+    new_id: ClassVar[Any]  # a function giving the stream's ``id``
 
     def __init__(
         self,
@@ -810,17 +796,13 @@ class ChatChunkStream:
         system_fingerprint: str | None = None,
     ) -> None:
         self.model = model
-        self.id = id or new_chat_completion_id()
+        self.id = id or self.new_id()
         self.created = created if created is not None else now()
         self.system_fingerprint = system_fingerprint
 
-    def chunk(
-        self,
-        choices: list[ChunkChoice],
-        usage: Usage | None = None,
-    ) -> ChatCompletionChunk:
+    def chunk(self, choices: list, usage: Usage | None = None):
         """A chunk model with this stream's header fields."""
-        return ChatCompletionChunk(
+        return self.chunk_type(
             id=self.id,
             created=self.created,
             model=self.model,
@@ -828,6 +810,20 @@ class ChatChunkStream:
             choices=choices,
             usage=usage,
         )
+
+    def usage(self, usage: Usage) -> str:
+        """The usage chunk sent after all choices finish: ``choices: []``."""
+        return self.chunk([], usage=usage).model_dump_json()
+
+
+class ChatChunkStream(_ChunkStream):
+    """The JSON text of every chunk of one streamed chat completion, in OpenAI's order:
+    :meth:`role` first for each choice, :meth:`content` per piece of text, :meth:`finish` with the
+    reason, then :meth:`usage` when ``include_usage`` was asked for (sse-starlette adds the
+    ``data:`` framing)."""
+
+    chunk_type = ChatCompletionChunk
+    new_id = staticmethod(new_chat_completion_id)
 
     def delta(
         self,
@@ -853,41 +849,14 @@ class ChatChunkStream:
         """The last chunk of a choice: empty delta and its ``finish_reason``."""
         return self.delta(DeltaMessage(), index, finish_reason=finish_reason)
 
-    def usage(self, usage: Usage) -> str:
-        """The usage chunk sent after all choices finish: ``choices: []``."""
-        return self.chunk([], usage=usage).model_dump_json()
 
+class CompletionChunkStream(_ChunkStream):
+    """The JSON text of every chunk of one streamed text completion. OpenAI's completion streams
+    have no role chunk: each chunk carries ``text`` (possibly empty on the final one) and
+    ``finish_reason`` null until the last chunk of a choice."""
 
-class CompletionChunkStream:
-    """Builds the JSON text of every chunk of one streamed text completion.
-
-    OpenAI's completion streams have no role chunk: each chunk carries ``text`` (possibly
-    empty on the final one) and ``finish_reason`` null until the last chunk of a choice.
-    """
-
-    def __init__(
-        self,
-        model: str,
-        *,
-        id: str | None = None,
-        created: int | None = None,
-        system_fingerprint: str | None = None,
-    ) -> None:
-        self.model = model
-        self.id = id or new_completion_id()
-        self.created = created if created is not None else now()
-        self.system_fingerprint = system_fingerprint
-
-    def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionChunk:
-        """A chunk model with this stream's header fields."""
-        return CompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            system_fingerprint=self.system_fingerprint,
-            choices=choices,
-            usage=usage,
-        )
+    chunk_type = CompletionChunk
+    new_id = staticmethod(new_completion_id)
 
     def text(
         self,
@@ -904,7 +873,3 @@ class CompletionChunkStream:
     def finish(self, finish_reason: FinishReason, index: int = 0) -> str:
         """The last chunk of a choice: empty text and its ``finish_reason``."""
         return self.text("", index, finish_reason=finish_reason)
-
-    def usage(self, usage: Usage) -> str:
-        """The usage chunk sent after all choices finish: ``choices: []``."""
-        return self.chunk([], usage=usage).model_dump_json()

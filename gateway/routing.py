@@ -13,11 +13,10 @@ from __future__ import annotations
 import heapq
 import logging
 import random
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
-from discovery.records import PeerRecord
+from discovery.records import PeerRecord, PeerState
 
 log = logging.getLogger("gateway.routing")
 
@@ -42,6 +41,10 @@ class Hop:
 
 
 Route = tuple[Hop, ...]
+
+
+class NoRouteError(Exception):
+    """No chain of live peers covers the model's blocks right now."""
 
 
 def edge_cost(record: PeerRecord, rng: random.Random, local_sessions: int = 0) -> float:
@@ -74,7 +77,7 @@ def plan_route(
     rng = rng or random.Random()
     edges: dict[int, list[tuple[float, PeerRecord]]] = {}
     for record in records:
-        if record.state != "online" or record.peer_id in exclude:
+        if record.state != PeerState.ONLINE or record.peer_id in exclude:
             continue
         if record.free_cache_tokens < min_free_tokens:
             continue
@@ -112,20 +115,3 @@ def plan_route(
 
 def covered(records: list[PeerRecord], num_blocks: int) -> bool:
     return plan_route(records, num_blocks, rng=random.Random(0)) is not None
-
-
-class BanList:
-    """Peers that failed recently; they are skipped until their ban runs out."""
-
-    def __init__(self, duration: float = 30.0):
-        self.duration = duration
-        self._until: dict[str, float] = {}
-
-    def ban(self, peer_id: str) -> None:
-        log.warning("banning peer %s for %.0f s", peer_id, self.duration)
-        self._until[peer_id] = time.monotonic() + self.duration
-
-    def banned(self) -> set[str]:
-        now = time.monotonic()
-        self._until = {peer: until for peer, until in self._until.items() if until > now}
-        return set(self._until)

@@ -17,12 +17,14 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gateway.routing import Hop, Route
 
 log = logging.getLogger("gateway.sessions")
 
 PREFIX = "swarm:session:"
+SESSION_HEADER = "x-session-id"  # a client's explicit conversation key
 
 
 @dataclass
@@ -76,10 +78,29 @@ def _digest(model: str, messages: list[dict]) -> str:
     return "conv-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+class SessionStore(Protocol):
+    """Where pins live. `available` is False while the backend is down (pins are then skipped)."""
+
+    backend: str
+    errors: int
+
+    @property
+    def available(self) -> bool: ...
+
+    async def get(self, key: str) -> Pin | None: ...
+
+    async def put(self, key: str, pin: Pin) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class MemorySessionStore:
     """In-process pins with an expiry, bounded in size (least recently used goes first)."""
 
     backend = "memory"
+    errors = 0  # never fails
 
     def __init__(self, ttl: float = 3600.0, max_items: int = 100_000):
         self.ttl = ttl

@@ -91,7 +91,7 @@ async def swarm_snapshot(app: FastAPI) -> dict[str, Any]:
         if hasattr(app.state, "metrics")
         else {"active": [], "recent": []}
     )
-    banned = gw.swarm.bans.banned()
+    banned = gw.policy.excluded()
     now = time.time()
     models = []
     for served in gw.models.values():

@@ -41,6 +41,7 @@ class OutputPlan:
     mode: str  # "text", "json" (response_format), "tool_forced", "tool_auto"
     grammar: Grammar | None = None
     tool_names: tuple[str, ...] = ()
+    max_calls: int | None = None  # `parallel_tool_calls: false`: at most one call per message
 
 
 def plan_output(req: protocol.ChatCompletionRequest) -> OutputPlan:
@@ -49,7 +50,7 @@ def plan_output(req: protocol.ChatCompletionRequest) -> OutputPlan:
     if req.tools and choice != "none":
         names = tuple(tool.function.name for tool in req.tools)
         if choice == "auto":
-            return OutputPlan("tool_auto", tool_names=names)
+            return OutputPlan("tool_auto", tool_names=names, max_calls=None if req.parallel_tool_calls else 1)
         candidates = req.tools
         if isinstance(choice, protocol.NamedToolChoice):
             candidates = [tool for tool in req.tools if tool.function.name == choice.function.name]
@@ -97,12 +98,17 @@ def forced_calls(text: str) -> list[protocol.ToolCall]:
     return [protocol.ToolCall(function=protocol.FunctionCall(name=value["name"], arguments=arguments))]
 
 
-def auto_calls(text: str, names: tuple[str, ...]) -> tuple[str | None, list[protocol.ToolCall]]:
-    """``(content, tool calls)`` read from free text in the ``<tool_call>`` format."""
+def auto_calls(
+    text: str, names: tuple[str, ...], max_calls: int | None = None
+) -> tuple[str | None, list[protocol.ToolCall]]:
+    """``(content, tool calls)`` read from free text in the ``<tool_call>`` format; past
+    `max_calls` calls the rest of the text stays content."""
     calls: list[protocol.ToolCall] = []
     kept: list[str] = []
     last = 0
     for match in TOOL_CALL_RE.finditer(text):
+        if max_calls is not None and len(calls) >= max_calls:
+            break
         found = forced_calls(match.group(1))
         if found and found[0].function.name in names:
             calls.extend(found)

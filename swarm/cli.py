@@ -18,7 +18,6 @@ from pathlib import Path
 from common.logs import configure_logging
 
 
-
 class EnvDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     pass
 
@@ -72,7 +71,8 @@ def _addresses(values: list[str] | None) -> list[tuple[str, int]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="swarm", description="Serve a language model from a swarm of machines behind an OpenAI-compatible API."
+        prog="swarm",
+        description="Serve a language model from a swarm of machines behind an OpenAI-compatible API.",
     )
     parser.add_argument(
         "--log-level",
@@ -96,12 +96,39 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(up, "up", "--model", help="model folder (or hub id); default: the demo model, created on first use")
     _flag(up, "up", "--peers", type=int, default=2, help="block peers to split the model between")
     _flag(up, "up", "--host", default="127.0.0.1", help="address the gateway listens on")
-    _flag(up, "up", "--port", type=int, default=8000, help="HTTP port of the gateway (the OpenAI base URL is http://HOST:PORT/v1)")
+    _flag(
+        up,
+        "up",
+        "--port",
+        type=int,
+        default=8000,
+        help="HTTP port of the gateway (the OpenAI base URL is http://HOST:PORT/v1)",
+    )
     _flag(up, "up", "--redis-url", default=None, help="pin sessions in this Redis (default: in memory)")
-    _flag(up, "up", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype of every peer (auto: see `swarm peer --help`)")
+    _flag(
+        up,
+        "up",
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype of every peer (auto: see `swarm peer --help`)",
+    )
     _flag(up, "up", "--threads", type=int, default=0, help="torch threads per peer (0: torch's default)")
-    _flag(up, "up", "--prepack", action="store_true", help="peers keep oneDNN-packed weights too (see `swarm peer --help`)")
-    _flag(up, "up", "--pipeline-groups", type=int, default=1, help="groups the first peer keeps (see `swarm peer --help`)")
+    _flag(
+        up,
+        "up",
+        "--prepack",
+        action="store_true",
+        help="peers keep oneDNN-packed weights too (see `swarm peer --help`)",
+    )
+    _flag(
+        up,
+        "up",
+        "--pipeline-groups",
+        type=int,
+        default=1,
+        help="groups the first peer keeps (see `swarm peer --help`)",
+    )
     _flag(up, "up", "--dry-run", action="store_true", help="print the commands that would run, start nothing")
 
     dht = commands.add_parser("dht", help="run a DHT bootstrap node", formatter_class=EnvDefaultsFormatter)
@@ -112,12 +139,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     peer = commands.add_parser("peer", help="serve a range of blocks", formatter_class=EnvDefaultsFormatter)
     _flag(peer, "peer", "--model", required=True, help="model folder (or hub id where online)")
-    _flag(peer, "peer", "--model-name", default=None, help="model id announced in the DHT (default: folder name)")
-    _flag(peer, "peer", "--blocks", type=_blocks, required=True, help="blocks to serve, START:END (END excluded)")
+    _flag(
+        peer,
+        "peer",
+        "--model-name",
+        default=None,
+        help="model id announced in the DHT (default: folder name)",
+    )
+    _flag(
+        peer,
+        "peer",
+        "--blocks",
+        type=_blocks,
+        required=True,
+        help="blocks to serve, START:END (END excluded)",
+    )
     _flag(peer, "peer", "--dht", action="append", help="DHT node(s) to join, host:port (repeatable)")
-    _flag(peer, "peer", "--host", default="0.0.0.0", help="address the gRPC server (and --metrics-port) listens on")
+    _flag(
+        peer,
+        "peer",
+        "--host",
+        default="0.0.0.0",
+        help="address the gRPC server (and --metrics-port) listens on",
+    )
     _flag(peer, "peer", "--port", type=int, default=0, help="gRPC port (0: any free port)")
-    _flag(peer, "peer", "--announce-host", default=None, help="host others reach this peer at (default: --host)")
+    _flag(
+        peer, "peer", "--announce-host", default=None, help="host others reach this peer at (default: --host)"
+    )
     _flag(peer, "peer", "--dht-port", type=int, default=0, help="UDP port of this peer's own DHT node")
     _flag(peer, "peer", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
           help="compute dtype; auto: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on CPU")  # fmt: skip
@@ -126,7 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(peer, "peer", "--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
           help="dtype of the hidden states this peer sends unless the gateway asks otherwise; auto: compute dtype")  # fmt: skip
     _flag(peer, "peer", "--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    _flag(peer, "peer", "--cache-tokens", type=int, default=0, help="KV cache budget in tokens (0: half of free memory)")
+    _flag(
+        peer,
+        "peer",
+        "--cache-tokens",
+        type=int,
+        default=0,
+        help="KV cache budget in tokens (0: half of free memory)",
+    )
     _flag(peer, "peer", "--cache-bytes", type=int, default=0,
           help="KV cache budget in bytes, used when --cache-tokens is 0 (0: half of free memory)")  # fmt: skip
     _flag(peer, "peer", "--open-wait", type=float, default=5.0,
@@ -147,23 +202,60 @@ def build_parser() -> argparse.ArgumentParser:
                "(2x weight memory; more tokens/s with many users, see peer/gemm.py)")  # fmt: skip
     _flag(peer, "peer", "--heartbeat", type=float, default=5.0, help="seconds between DHT announcements")
     _flag(peer, "peer", "--ttl", type=float, default=15.0, help="seconds an announcement stays valid")
-    _flag(peer, "peer", "--drain-timeout", type=float, default=30.0, help="seconds to let live sessions finish on SIGTERM")
+    _flag(
+        peer,
+        "peer",
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let live sessions finish on SIGTERM",
+    )
     _flag(peer, "peer", "--metrics-port", type=int, default=None,
           help="serve Prometheus /metrics over HTTP on this port, on --host (0: any free port, announced "
                "in the DHT; default: no metrics server)")  # fmt: skip
     _flag(peer, "peer", "--dry-run", action="store_true", help="validate the flags and exit")
 
-    gateway = commands.add_parser("gateway", help="serve the OpenAI-compatible API", formatter_class=EnvDefaultsFormatter)
+    gateway = commands.add_parser(
+        "gateway", help="serve the OpenAI-compatible API", formatter_class=EnvDefaultsFormatter
+    )
     _flag(gateway, "gateway", "--model", action="append", required=True,
           help="model folder or hub id whose tokenizer and config to serve (repeatable)")  # fmt: skip
-    _flag(gateway, "gateway", "--model-name", action="append", help="model id for each --model (default: folder name)")
+    _flag(
+        gateway,
+        "gateway",
+        "--model-name",
+        action="append",
+        help="model id for each --model (default: folder name)",
+    )
     _flag(gateway, "gateway", "--dht", action="append", help="DHT node(s) to join, host:port (repeatable)")
-    _flag(gateway, "gateway", "--host", default="0.0.0.0", help="address the HTTP API (and /metrics, /swarm) listens on")
-    _flag(gateway, "gateway", "--port", type=int, default=8000, help="HTTP port of the API, /metrics and the /swarm map")
-    _flag(gateway, "gateway", "--dht-port", type=int, default=0, help="UDP port of the gateway's own DHT node")
+    _flag(
+        gateway,
+        "gateway",
+        "--host",
+        default="0.0.0.0",
+        help="address the HTTP API (and /metrics, /swarm) listens on",
+    )
+    _flag(
+        gateway,
+        "gateway",
+        "--port",
+        type=int,
+        default=8000,
+        help="HTTP port of the API, /metrics and the /swarm map",
+    )
+    _flag(
+        gateway, "gateway", "--dht-port", type=int, default=0, help="UDP port of the gateway's own DHT node"
+    )
     _flag(gateway, "gateway", "--redis-url", default=None, help="pin sessions in Redis (default: in memory)")
     _flag(gateway, "gateway", "--api-key", default=None, help="require this bearer token")
-    _flag(gateway, "gateway", "--step-timeout", type=float, default=10.0, help="seconds a peer may take per step")
+    _flag(
+        gateway,
+        "gateway",
+        "--step-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a peer may take per step",
+    )
     _flag(gateway, "gateway", "--failover-timeout", type=float, default=5.0,
           help="seconds to look for a replacement after a peer fails mid-stream; then the stream ends with an error")  # fmt: skip
     _flag(gateway, "gateway", "--session-ttl", type=float, default=3600.0, help="seconds a session pin lives")
@@ -175,9 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
           help="also log each request's prompt and completion text (off: logs never hold user text)")  # fmt: skip
     _flag(gateway, "gateway", "--dry-run", action="store_true", help="validate the flags and exit")
 
-    demo = commands.add_parser("demo-model", help="write a random-weight model folder", formatter_class=EnvDefaultsFormatter)
-    _flag(demo, "demo-model", "--path", type=Path, default=None, help="folder to write (default: in SWARM_HOME)")
-    _flag(demo, "demo-model", "--preset", default="demo", choices=["demo", "tiny", "bench"], help="demo: 4 blocks, hidden 256; tiny: 3 blocks with GQA; bench: ~156M params, hidden 1024, 8 blocks")
+    demo = commands.add_parser(
+        "demo-model", help="write a random-weight model folder", formatter_class=EnvDefaultsFormatter
+    )
+    _flag(
+        demo, "demo-model", "--path", type=Path, default=None, help="folder to write (default: in SWARM_HOME)"
+    )
+    _flag(
+        demo,
+        "demo-model",
+        "--preset",
+        default="demo",
+        choices=["demo", "tiny", "bench"],
+        help="demo: 4 blocks, hidden 256; tiny: 3 blocks with GQA; bench: ~156M params, hidden 1024, 8 blocks",
+    )
     _flag(demo, "demo-model", "--seed", type=int, default=0, help="random seed of the weights")
 
     status = commands.add_parser(
@@ -189,7 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=EnvDefaultsFormatter,
     )
     _flag(status, "status", "--dht", action="append", help="DHT node to ask, host:port (repeatable)")
-    _flag(status, "status", "--gateway", default=None, help="gateway base URL to ask instead, e.g. http://127.0.0.1:8000")
+    _flag(
+        status,
+        "status",
+        "--gateway",
+        default=None,
+        help="gateway base URL to ask instead, e.g. http://127.0.0.1:8000",
+    )
     _flag(status, "status", "--model", default=None, help="show only this model id (default: every model)")
     return parser
 
@@ -244,6 +353,7 @@ def cmd_dht(args) -> int:
     if args.dry_run:
         print(f"dht node on {args.host}:{args.port}, bootstrap {bootstrap}")
         return 0
+
     def announce_ready(dht) -> None:
         print(f"DHT_READY {dht.address}", flush=True)  # launchers and tests wait for this line
 
@@ -256,9 +366,9 @@ def cmd_peer(args) -> int:
     if args.dry_run:
         print(f"peer {args.model} blocks {args.blocks[0]}:{args.blocks[1]} dht {bootstrap}")
         return 0
+    from common.model_dir import resolve_model_dir
     from peer.quant import validate
     from peer.server import PeerConfig, run_peer
-    from common.model_dir import resolve_model_dir
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -314,7 +424,8 @@ def cmd_gateway(args) -> int:
     if args.dry_run:
         print(f"gateway on {args.host}:{args.port} serving {models}, dht {bootstrap}")
         return 0
-    from gateway.app import GatewaySettings, run_gateway
+    from gateway.app import run_gateway
+    from gateway.settings import GatewaySettings
 
     settings = GatewaySettings(
         models=models,

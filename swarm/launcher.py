@@ -77,7 +77,9 @@ class Child:
                 if line.startswith(prefix):
                     return line[len(prefix) :].strip()
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}:\n{self.log()[-3000:]}"
+                )
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log()[-3000:]}")
 
@@ -119,7 +121,9 @@ class LocalSwarm:
         return child.address
 
     def _model_flags(self) -> list[str]:
-        return ["--model", str(self.model_dir)] + (["--model-name", self.model_name] if self.model_name else [])
+        return ["--model", str(self.model_dir)] + (
+            ["--model-name", self.model_name] if self.model_name else []
+        )
 
     def spawn_peer(
         self, start: int, end: int, *extra: str, name: str | None = None, wrap: Sequence[str] = ()
@@ -134,7 +138,9 @@ class LocalSwarm:
         ]  # fmt: skip
         return self._spawn(name or f"peer-{start}-{end}-{len(self.children)}", args, wrap=wrap)
 
-    def start_peer(self, start: int, end: int, *extra: str, name: str | None = None, timeout: float = 120.0) -> Child:
+    def start_peer(
+        self, start: int, end: int, *extra: str, name: str | None = None, timeout: float = 120.0
+    ) -> Child:
         child = self.spawn_peer(start, end, *extra, name=name)
         child.address = child.wait_for_line("PEER_READY", timeout)
         return child
@@ -147,10 +153,25 @@ class LocalSwarm:
         return children
 
     def start_gateway(
-        self, port: int | None = None, *extra: str, host: str = "127.0.0.1", name: str = "gateway", timeout: float = 60.0
+        self,
+        port: int | None = None,
+        *extra: str,
+        host: str = "127.0.0.1",
+        name: str = "gateway",
+        timeout: float = 60.0,
     ) -> Child:
         port = port or free_port()
-        args = ["gateway", *self._model_flags(), "--dht", self.dht_address, "--host", host, "--port", str(port), *extra]
+        args = [
+            "gateway",
+            *self._model_flags(),
+            "--dht",
+            self.dht_address,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            *extra,
+        ]
         child = self._spawn(name, args)
         child.address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         wait_http(child, f"{child.address}/health", timeout)
@@ -242,8 +263,8 @@ def run_local_swarm(args) -> int:
         print(
             f"\nswarm is up. OpenAI base URL: {base}  (model: {model_id})\n\n"
             f"  curl -N {base}/chat/completions -H 'Content-Type: application/json' \\\n"
-            f"    -d '{{\"model\": \"{model_id}\", \"stream\": true, "
-            f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
+            f'    -d \'{{"model": "{model_id}", "stream": true, '
+            f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n\n'
             "Press Ctrl-C to stop.",
             flush=True,
         )

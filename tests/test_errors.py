@@ -203,9 +203,7 @@ def test_factories() -> None:
 
 
 def test_stream_error_event() -> None:
-    event = errors.sse_error_event(errors.unavailable("a peer failed", retry_after=1))
-    assert event.startswith("data: ") and event.endswith("\n\n")
-    payload = json.loads(event[len("data: ") :])
+    payload = json.loads(errors.sse_error_data(errors.unavailable("a peer failed", retry_after=1)))
     assert_error_object(payload, "unavailable_error")
     assert payload["error"]["message"] == "a peer failed"
     # Any other exception becomes the generic server error, revealing nothing.

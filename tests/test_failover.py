@@ -275,13 +275,13 @@ def test_a_dead_known_peer_is_skipped_before_any_dht_lookup(swarm):
     import asyncio
     import dataclasses
 
-    from gateway.failover import FailoverPolicy
-    from gateway.generation import RouteRunner
-    from gateway.generation import Swarm as SwarmView
-    from gateway.routing import Hop
     from common.peer_client import ChannelPool
-    from protos import swarm_pb2
     from discovery.records import PeerRecord
+    from gateway.failure_policy import FailurePolicy
+    from gateway.generation import RouteRunner
+    from gateway.routing import Hop
+    from gateway.swarm_view import SwarmView
+    from protos import swarm_pb2
 
     swarm.settle()
     api = httpx.get(f"{swarm.gateway.address}/swarm/api", timeout=10).json()["models"][0]["peers"]
@@ -307,10 +307,10 @@ def test_a_dead_known_peer_is_skipped_before_any_dht_lookup(swarm):
 
     async def run():
         pool = ChannelPool()
-        view = SwarmView(None, pool)
+        view = SwarmView(None)
         view._seen[MODEL] = {r.peer_id: r for r in (on_route, fastest, expired, *live)}
-        policy = FailoverPolicy(view, MODEL, 3, timeout=FAILOVER_TIMEOUT)
-        runner = RouteRunner(pool, route, STEP_TIMEOUT, failover=policy)
+        policy = FailurePolicy(replace_timeout=FAILOVER_TIMEOUT)
+        runner = RouteRunner(pool, route, STEP_TIMEOUT, failover=policy.bind(view, MODEL, 3))
         try:
             await runner.open(64, swarm_pb2.SamplingParams(), "regression-known-peers")
             result = await runner.step([1, 2, 3])

@@ -9,11 +9,12 @@ import asyncio
 import pytest
 import torch
 
-from gateway.generation import GenerationParams, RouteRunner, Swarm, generate
 from common.peer_client import ChannelPool
-from protos import swarm_pb2
 from discovery.dht import SwarmDHT
 from discovery.records import parse_address
+from gateway.generation import GenerationParams, RouteRunner, generate
+from gateway.swarm_view import SwarmView
+from protos import swarm_pb2
 from swarm.launcher import LocalSwarm
 from tests.conftest import HEARTBEAT, TTL
 
@@ -47,11 +48,11 @@ async def through_swarm(local: LocalSwarm, model_id: str, num_blocks: int, promp
     await dht.start("127.0.0.1", 0, [parse_address(local.dht_address)])
     pool = ChannelPool()
     try:
-        swarm = Swarm(dht, pool)
+        swarm = SwarmView(dht)
         route = await swarm.plan(model_id, num_blocks)
         sampling = swarm_pb2.SamplingParams(temperature=0.0, logprobs=True, top_logprobs=TOP)
         params = GenerationParams(prompt_ids=prompt, max_new_tokens=NEW_TOKENS, sampling=sampling, ignore_eos=True)
-        events = [event async for event in generate(RouteRunner(pool, route, 30.0), params, len(prompt) + NEW_TOKENS)]
+        events = [event async for event in generate(RouteRunner(pool, route, 30.0), params)]
         return route, events
     finally:
         await pool.close()

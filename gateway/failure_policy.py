@@ -1,0 +1,214 @@
+"""The one place that decides what a peer's failure means: retry elsewhere, ban, or tell the client.
+
+Every failure of a peer reaches the gateway as a `PeerError` (a gRPC status, a broken stream, or
+a missed step deadline). `FailurePolicy.judge` sorts it into one of three verdicts:
+
+* `Verdict.REQUEST_FAULT` (INVALID_ARGUMENT): the request itself is wrong; another peer would say
+  the same, so nothing is retried, nobody is banned, and the client gets a 400.
+* `Verdict.PEER_BUSY` (RESOURCE_EXHAUSTED): a healthy peer with no cache room. Another replica
+  is tried, nobody is banned; when none has room the client gets a 503 to retry shortly.
+* `Verdict.PEER_FAULT` (anything else): the peer is banned for `ban_duration` seconds (new
+  sessions avoid it) and the hop is replaced and replayed (`gateway.generation.RouteRunner`).
+
+`RouteRunner` talks to the swarm only through `Failover`, the policy bound to one model and the
+gateway's swarm view: what to exclude, which records are candidates, the gateway's own load on
+each peer, and the counters. `FailureStats` is shared by every runner of a gateway (`/health`, the
+chaos benchmark).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+
+from common.peer_client import PeerError
+from gateway import errors
+from gateway.metrics import record_failover
+from gateway.routing import NoRouteError
+
+if TYPE_CHECKING:
+    from discovery.records import PeerRecord
+    from gateway.swarm_view import SwarmView
+
+log = logging.getLogger("gateway.failure_policy")
+
+
+class Verdict(enum.Enum):
+    REQUEST_FAULT = "request_fault"
+    PEER_BUSY = "peer_busy"
+    PEER_FAULT = "peer_fault"
+
+
+class BanList:
+    """Peers that failed recently; they are skipped until their ban runs out."""
+
+    def __init__(self, duration: float = 30.0, clock=time.monotonic):
+        self.duration = duration
+        self._clock = clock
+        self._until: dict[str, float] = {}
+
+    def ban(self, peer_id: str) -> None:
+        log.warning("banning peer %s for %.0f s", peer_id, self.duration)
+        self._until[peer_id] = self._clock() + self.duration
+
+    def banned(self) -> set[str]:
+        now = self._clock()
+        self._until = {peer: until for peer, until in self._until.items() if until > now}
+        return set(self._until)
+
+
+@dataclass
+class FailoverEvent:
+    hop_index: int
+    peer_id: str
+    reason: str  # "failed" (error, broken stream, deadline) or "draining" (peer asked to move)
+    pause_s: float = 0.0  # extra time the step that hit the failure took, as the client saw it
+    replacement: tuple[str, ...] = ()  # peer ids now serving the hop's span
+
+
+@dataclass
+class FailureStats:
+    """Counters shared by all runners of one gateway (a single event loop: no locks needed)."""
+
+    failovers: int = 0  # hops replaced after a failure
+    migrations: int = 0  # hops moved away from a draining peer
+    exhausted: int = 0  # streams that ended because no replacement came within the budget
+    pauses_ms: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    started: float = field(default_factory=time.time)
+
+    def record(self, event: FailoverEvent) -> None:
+        if event.reason == "draining":
+            self.migrations += 1
+        else:
+            self.failovers += 1
+        self.pauses_ms.append(round(event.pause_s * 1000, 1))
+
+    def to_dict(self) -> dict:
+        pauses = list(self.pauses_ms)
+        return {
+            "failovers": self.failovers,
+            "migrations": self.migrations,
+            "exhausted": self.exhausted,
+            "pause_ms_p50": statistics.median(pauses) if pauses else None,
+            "pause_ms_max": max(pauses) if pauses else None,
+            "pauses_ms": pauses[-200:],
+        }
+
+
+class FailurePolicy:
+    """One per gateway: the verdict on a failure, the bans it leads to, what the client sees.
+
+    `replace_timeout` bounds the search for a replacement after a failure (a hung peer is first
+    detected by the step deadline, so a stream with no replacement ends within step_timeout +
+    replace_timeout); `retry_interval` spaces fresh DHT lookups during that search.
+    """
+
+    def __init__(
+        self, ban_duration: float = 30.0, replace_timeout: float = 5.0, retry_interval: float = 0.25
+    ):
+        self.bans = BanList(ban_duration)
+        self.replace_timeout = replace_timeout
+        self.retry_interval = retry_interval
+        self.stats = FailureStats()
+
+    @staticmethod
+    def judge(error: PeerError) -> Verdict:
+        if error.code == grpc.StatusCode.INVALID_ARGUMENT:
+            return Verdict.REQUEST_FAULT
+        if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return Verdict.PEER_BUSY
+        return Verdict.PEER_FAULT
+
+    def peer_failed(self, peer_id: str, error: PeerError) -> Verdict:
+        """Judge `error` from `peer_id` and ban the peer when it is at fault."""
+        verdict = self.judge(error)
+        if verdict is Verdict.PEER_FAULT:
+            self.bans.ban(peer_id)
+        return verdict
+
+    def peer_leaving(self, peer_id: str) -> None:
+        """A draining peer: no new sessions there either, though it did nothing wrong."""
+        self.bans.ban(peer_id)
+
+    def excluded(self) -> set[str]:
+        return self.bans.banned()
+
+    def client_error(self, error: PeerError | NoRouteError) -> errors.OpenAIError:
+        """What the client sees when a generation ends on `error` (after any failover)."""
+        if isinstance(error, NoRouteError):
+            return errors.unavailable(f"{error}; retry when peers join", retry_after=5)
+        verdict = self.judge(error)
+        if verdict is Verdict.REQUEST_FAULT:
+            return errors.invalid_request(error.message)
+        if verdict is Verdict.PEER_BUSY:
+            return errors.unavailable(
+                "the swarm has no free cache for this request; retry shortly", retry_after=2
+            )
+        return errors.unavailable("a peer of the route failed; retry", retry_after=1)
+
+    def bind(self, swarm: SwarmView, model: str, num_blocks: int) -> Failover:
+        return Failover(self, swarm, model, num_blocks)
+
+
+class Failover:
+    """The narrow view a `RouteRunner` has of the swarm: the policy bound to one model."""
+
+    def __init__(self, policy: FailurePolicy, swarm: SwarmView, model: str, num_blocks: int):
+        self.policy = policy
+        self.swarm = swarm
+        self.model = model
+        self.num_blocks = num_blocks
+
+    @property
+    def timeout(self) -> float:
+        return self.policy.replace_timeout
+
+    @property
+    def retry_interval(self) -> float:
+        return self.policy.retry_interval
+
+    def peer_failed(self, peer_id: str, error: PeerError) -> Verdict:
+        return self.policy.peer_failed(peer_id, error)
+
+    def peer_leaving(self, peer_id: str) -> None:
+        self.policy.peer_leaving(peer_id)
+
+    def excluded(self) -> set[str]:
+        return self.policy.excluded()
+
+    async def records(self, timeout: float) -> list[PeerRecord]:
+        """A fresh lookup of the model's peers (the last records seen if it takes too long)."""
+        return await self.swarm.peers(self.model, fresh=True, timeout=timeout)
+
+    def known(self) -> list[PeerRecord]:
+        """Every peer seen recently, without a lookup (see `SwarmView.known`)."""
+        return self.swarm.known(self.model)
+
+    @property
+    def local_load(self):
+        return self.swarm.local_load
+
+    def opened(self, peer_id: str) -> None:
+        self.swarm.local_load[peer_id] += 1
+
+    def closed(self, peer_id: str) -> None:
+        load = self.swarm.local_load
+        load[peer_id] -= 1
+        if load[peer_id] <= 0:
+            del load[peer_id]
+
+    def replaced(self, event: FailoverEvent) -> None:
+        record_failover("peer_failed" if event.reason == "failed" else event.reason)
+
+    def measured(self, event: FailoverEvent) -> None:
+        self.policy.stats.record(event)
+
+    def gave_up(self) -> None:
+        self.policy.stats.exhausted += 1

@@ -1,0 +1,23 @@
+"""What an operator configures on a gateway (`swarm gateway` flags and their environment variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GatewaySettings:
+    models: dict[str, str]  # model id -> folder (or hub id) holding its tokenizer and config
+    dht_bootstrap: list[tuple[str, int]] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dht_port: int = 0
+    redis_url: str | None = None
+    api_key: str | None = None
+    step_timeout: float = 10.0
+    failover_timeout: float = 5.0  # search for a replacement peer this long after a failure
+    session_ttl: float = 3600.0
+    wire_dtype: str = ""  # dtype hidden states travel in ("" = each sender's compute dtype)
+    max_body_bytes: int = 4 << 20
+    max_concurrent: int = 256  # generations in flight before new ones get 429 (0: no limit)
+    log_prompts: bool = False  # log prompt and completion text (off: logs never hold user text)

@@ -1,0 +1,114 @@
+"""The gateway's view of the swarm: peer records from the DHT, served stale-while-revalidate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from discovery.records import PeerRecord, PeerState
+from gateway.routing import NoRouteError, Route, plan_route
+
+log = logging.getLogger("gateway.swarm_view")
+
+
+class SwarmView:
+    """What the gateway knows of the swarm: DHT lookups, and the gateway's own load on each peer.
+
+    Lookups are served stale-while-revalidate: a request never waits for the DHT when a snapshot
+    exists (a lookup can take a DHT timeout when nodes have just died); the snapshot is refreshed
+    in the background once older than `refresh`, and records past their own expiry are dropped
+    on every read, so a snapshot never outlives what it describes.
+    """
+
+    def __init__(self, dht, *, refresh: float = 1.0):
+        self.dht = dht  # anything with `async peers(model) -> list[PeerRecord]` (`SwarmDHT`); None: no peers
+        self.refresh = refresh
+        self._cache: dict[str, tuple[float, list[PeerRecord]]] = {}
+        self._lookups: dict[str, asyncio.Future] = {}
+        self._seen: dict[str, dict[str, PeerRecord]] = {}  # model -> peer id -> latest record
+        self.local_load: Counter[str] = Counter()  # peer id -> sessions this gateway has open there
+
+    async def peers(self, model: str, fresh: bool = False, timeout: float | None = None) -> list[PeerRecord]:
+        """Records of `model`'s peers, from a DHT lookup at most `refresh` seconds old.
+
+        One lookup per model runs at a time, shared by every caller (many streams failing over at
+        once must not each crawl the DHT). A caller that cannot wait (`timeout`) gets the last
+        unexpired records seen: a lookup that meets a dead node (every killed peer runs one)
+        waits a whole RPC timeout for it.
+        """
+        loop = asyncio.get_running_loop()
+        cached = self._cache.get(model)
+        if cached is None or fresh:
+            lookup = self._lookup(model)
+            try:
+                return await asyncio.wait_for(asyncio.shield(lookup), timeout)
+            except TimeoutError:
+                log.warning("DHT lookup for %s is slow; using the last records seen", model)
+                return self._unexpired(cached)
+        if loop.time() - cached[0] >= self.refresh:
+            self._lookup(model)  # in the background; _fetch logs its own failures
+        return self._unexpired(cached)
+
+    @staticmethod
+    def _unexpired(cached: tuple[float, list[PeerRecord]] | None) -> list[PeerRecord]:
+        now = time.time()
+        return [record for record in (cached[1] if cached else []) if not record.is_expired(now)]
+
+    def _lookup(self, model: str) -> asyncio.Task:
+        """One lookup per model at a time, shared by every caller (many streams failing over at
+        once must not each crawl the DHT)."""
+        task = self._lookups.get(model)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch(model))
+            self._lookups[model] = task
+            task.add_done_callback(lambda _: self._lookups.pop(model, None))
+        return task
+
+    async def _fetch(self, model: str) -> list[PeerRecord]:
+        loop = asyncio.get_running_loop()
+        try:
+            records = await self.dht.peers(model) if self.dht is not None else []
+        except Exception:  # keep serving from the last snapshot
+            log.exception("DHT lookup for %s failed", model)
+            return self._unexpired(self._cache.get(model))
+        self._cache[model] = (loop.time(), records)
+        seen = self._seen.setdefault(model, {})
+        seen.update((record.peer_id, record) for record in records)
+        return records
+
+    def known(self, model: str, grace: float = 60.0) -> list[PeerRecord]:
+        """Every peer seen in a recent lookup (its latest record, up to `grace` seconds past its
+        expiry): candidates to try at once after a failure, before a fresh lookup. A dead one
+        fails to open fast and is excluded."""
+        now = time.time()
+        seen = self._seen.get(model, {})
+        for peer_id in [p for p, record in seen.items() if record.expires_at + grace < now]:
+            del seen[peer_id]
+        return list(seen.values())
+
+    async def plan(
+        self,
+        model: str,
+        num_blocks: int,
+        *,
+        exclude: set[str] = frozenset(),
+        min_free_tokens: int = 0,
+        accept: Callable[[PeerRecord], bool] | None = None,
+    ) -> Route:
+        """The cheapest route over the model's live peers, or `NoRouteError`."""
+        for fresh in (False, True):  # the snapshot may be stale: a peer may have joined since
+            records = await self.peers(model, fresh=fresh)
+            route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept,
+                               local_load=self.local_load)  # fmt: skip
+            if route is not None:
+                return route
+        raise NoRouteError(f"no live peers cover all {num_blocks} blocks of {model}")
+
+    @staticmethod
+    def is_live(route: Route, records: list[PeerRecord], exclude: set[str] = frozenset()) -> bool:
+        """Every hop of `route` is an online peer among `records` and not in `exclude`."""
+        live = {record.peer_id for record in records if record.state == PeerState.ONLINE}
+        return all(hop.peer_id in live and hop.peer_id not in exclude for hop in route)
