@@ -1,0 +1,217 @@
+"""The gateway's handlers in process: `create_app` with a fake swarm view (records handed in, no
+DHT) and a fake session store (a dict), in front of two real peers serving gRPC in this process.
+Exactness against `transformers` on the same weights; the multi-process tests cover the rest."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+import pytest_asyncio
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from discovery.records import PeerRecord
+from gateway.app import create_app
+from gateway.sessions import Pin
+from gateway.settings import GatewaySettings
+from gateway.swarm_view import SwarmView
+from peer.server import PeerConfig, PeerServer
+
+MODEL = "m"
+SPANS = [(0, 2), (2, 4)]
+
+
+class FakeSwarm(SwarmView):
+    """The swarm view with its records handed in instead of looked up in a DHT."""
+
+    def __init__(self, records: list[PeerRecord]):
+        super().__init__(dht=None)
+        self.records = records
+
+    async def peers(self, model: str, fresh: bool = False, timeout: float | None = None) -> list[PeerRecord]:
+        return [record for record in self.records if record.model == model]
+
+    def known(self, model: str) -> list[PeerRecord]:
+        return [record for record in self.records if record.model == model]
+
+
+class FakeSessions:
+    """The session store as a dict."""
+
+    backend = "fake"
+    errors = 0
+    available = True
+
+    def __init__(self):
+        self.pins: dict[str, Pin] = {}
+
+    async def get(self, key: str) -> Pin | None:
+        return self.pins.get(key)
+
+    async def put(self, key: str, pin: Pin) -> None:
+        self.pins[key] = pin
+
+    async def delete(self, key: str) -> None:
+        self.pins.pop(key, None)
+
+    async def close(self) -> None:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest_asyncio.fixture
+async def peers(demo_model):
+    servers = []
+    try:
+        for start, end in SPANS:
+            config = PeerConfig(
+                model_dir=demo_model, model_id=MODEL, start=start, end=end, port=free_port(),
+                dht_bootstrap=None, cache_tokens=4096, threads=1,
+            )  # fmt: skip
+            server = PeerServer(config)
+            await server.start()
+            servers.append(server)
+        yield servers
+    finally:
+        for server in servers:
+            server.config.drain_timeout = 0.0
+            await server.stop()
+
+
+@pytest_asyncio.fixture
+async def gateway(peers, demo_model):
+    """(client, fake swarm, fake sessions) of an app in this process."""
+    records = [server.record() for server in peers]
+    swarm, sessions = FakeSwarm(records), FakeSessions()
+    app = create_app(GatewaySettings(models={MODEL: str(demo_model)}), swarm=swarm, sessions=sessions)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield client, swarm, sessions
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model):
+    model = AutoModelForCausalLM.from_pretrained(demo_model, torch_dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def greedy_ids(reference, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = reference.generate(
+            torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def sse_data(text: str) -> list:
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+async def test_completion_is_exact_streamed_and_not(gateway, reference):
+    client, swarm, _ = gateway
+    prompt = [5, 17, 42, 99, 7]
+    expected = greedy_ids(reference, prompt, 8)
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": 0,
+    }
+    response = await client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+    served = response.headers["x-swarm-route"].split(",")
+    assert served == [record.peer_id for record in swarm.records]
+    tok = AutoTokenizer.from_pretrained(reference.name_or_path)
+    text = data["choices"][0]["text"]
+    whole = tok.decode(prompt + expected)
+    assert whole == tok.decode(prompt) + text
+    streamed = await client.post("/v1/completions", json={**body, "stream": True})
+    assert streamed.status_code == 200
+    chunks = sse_data(streamed.text)
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_chat_pins_the_conversation_and_streams_the_same_text(gateway):
+    client, swarm, sessions = gateway
+    body = {
+        "model": MODEL, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6,
+        "temperature": 0.8, "seed": 3,
+    }  # fmt: skip
+    response = await client.post("/v1/chat/completions", json=body, headers={"x-session-id": "conv-1"})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["object"] == "chat.completion" and data["choices"][0]["finish_reason"] in ("stop", "length")
+    pin = sessions.pins["conv-1"]
+    assert [hop.peer_id for hop in pin.route] == [record.peer_id for record in swarm.records]
+    assert len(pin.tokens) >= data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"] - 1
+    streamed = await client.post(
+        "/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    chunks = sse_data(streamed.text)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == data["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == data["usage"]
+
+
+async def test_errors_are_openai_objects(gateway):
+    client, swarm, _ = gateway
+    cases = [
+        ({"model": "nope", "prompt": "x"}, 404, "model"),
+        ({"model": MODEL, "prompt": "x", "temperature": 5}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "x", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 100_000}, 400, "max_tokens"),
+    ]
+    for body, status, param in cases:
+        response = await client.post("/v1/completions", json=body)
+        assert response.status_code == status, (body, response.text)
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    # no peers: 503 with Retry-After, streamed or not
+    records, swarm.records = swarm.records, []
+    try:
+        for stream in (False, True):
+            response = await client.post(
+                "/v1/chat/completions",
+                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream},
+            )
+            assert response.status_code == 503 and response.headers["retry-after"]
+            assert response.json()["error"]["type"] == "unavailable_error"
+    finally:
+        swarm.records = records
+    assert (
+        await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    ).status_code == 200
+
+
+async def test_a_peer_failing_mid_stream_reaches_the_client_as_an_error_event(gateway, peers):
+    """With no replacement, a dead hop ends the stream with an OpenAI error event and [DONE]."""
+    client, swarm, _ = gateway
+    await peers[1].server.stop(grace=0)
+    started = time.monotonic()
+    response = await client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4, "stream": True}
+    )
+    events = sse_data(response.text)
+    assert events[-1]["error"]["type"] == "unavailable_error"
+    assert time.monotonic() - started < 30
