@@ -3,7 +3,7 @@
 A client picks a precision with a model id suffix, ``<model>:<precision>`` (``swarm-demo:int8``).
 We chose the suffix over a request extension field because every OpenAI client, editor plugin and
 SDK can set ``model`` while few can add arbitrary body fields. A peer's precision is its weight
-quantization when it has one, else its compute dtype (``peer.quant.precision_name``):
+quantization when it has one, else its compute dtype (``discovery.records.precision_name``):
 ``float32``, ``bfloat16``, ``float16``, ``int8`` or ``nf4``; ``fp32``/``bf16``/``fp16`` are accepted
 as aliases. ``GET /v1/models`` lists the precisions live peers serve in each card's
 ``precisions`` field.
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from discovery.records import PeerRecord
+from discovery.records import PRECISIONS, PeerRecord, PeerState
 
-PRECISIONS = ("float32", "bfloat16", "float16", "int8", "nf4")
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "f32": "float32", "f16": "float16"}
 
 
 def record_precision(record: PeerRecord) -> str:
-    return record.quant if record.quant and record.quant != "none" else record.dtype
+    return record.precision
 
 
 def split_model_id(name: str, known: Iterable[str]) -> tuple[str, str | None]:
@@ -47,5 +46,5 @@ def accepts(precision: str | None) -> Callable[[PeerRecord], bool] | None:
 
 def precisions(records: Iterable[PeerRecord]) -> list[str]:
     """The precisions live peers of a model serve, in a stable order."""
-    live = {record_precision(record) for record in records if record.state == "online"}
+    live = {record_precision(record) for record in records if record.state == PeerState.ONLINE}
     return [name for name in PRECISIONS if name in live] + sorted(live - set(PRECISIONS))

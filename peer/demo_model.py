@@ -105,7 +105,7 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% if tools %}"
     "{{ '<|im_start|>system\\nYou can call these tools. To call one, answer with '"
-    " + '<tool_call>{\"name\": <name>, \"arguments\": <object>}</tool_call>\\n' }}"
+    ' + \'<tool_call>{"name": <name>, "arguments": <object>}</tool_call>\\n\' }}'
     "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
     "{{ '<|im_end|>\\n' }}"
     "{% endif %}"

@@ -1,9 +1,11 @@
-"""A peer's Prometheus metrics, served over HTTP on `--metrics-port`, and its request-id binding.
+"""A peer's Prometheus metrics, served over HTTP on `--metrics-port`.
 
 Live values (sessions, KV cache bytes and budget, free cache tokens) are read from the servicer at
 scrape time by a collector, so they are never stale and cost nothing between scrapes. What
 happens per forward pass (latency, batch size, tokens) is pushed by the `BatchScheduler` through
-its `observe` hook, called on the event loop after each pass.
+its `observe` hook, called on the event loop after each pass. The `swarm_peer_info` labels are the
+fields of the servicer's `describe()` (`PeerServer.record()`, built by `peer.identity.describe`),
+the record the peer announces.
 
 The registry is this peer's own (no global default registry): tests may run several peers' worth
 of servers in one process. The HTTP server is prometheus-client's threaded WSGI server, which
@@ -19,12 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from common.logs import REQUEST_ID_HEADER, set_request_id
-
 if TYPE_CHECKING:
-    import grpc
-
-    from peer.server import PeerServer
+    from peer.servicer import PeerServicer
 
 log = logging.getLogger("peer.metrics")
 
@@ -33,40 +31,30 @@ BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
-def bind_request_id(context: grpc.aio.ServicerContext) -> str:
-    """Bind the gateway's `x-request-id` (gRPC metadata) to this RPC's log lines."""
-    incoming = None
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER:
-            incoming = value if isinstance(value, str) else value.decode("latin-1")
-            break
-    return set_request_id(incoming)
-
-
 class _LiveCollector(Collector):
-    def __init__(self, server: PeerServer):
-        self.server = server
+    def __init__(self, servicer: PeerServicer):
+        self.servicer = servicer
 
     def collect(self):
-        servicer = self.server.servicer
-        if servicer is None:
-            return
-        cfg = self.server.config
+        servicer = self.servicer
+        record = servicer.describe()  # the peer's one description (peer.identity), as in the DHT
         info = GaugeMetricFamily(
             "swarm_peer_info", "what this peer serves (value is always 1)",
             labels=["peer_id", "model", "start", "end", "dtype", "quant", "state"],
         )  # fmt: skip
-        dtype = str(servicer.span.dtype).removeprefix("torch.")
-        state = "draining" if servicer.draining else "online"
         info.add_metric(
-            [cfg.peer_id, cfg.model_id, str(cfg.start), str(cfg.end), dtype, cfg.quant, state], 1.0
-        )
+            [record.peer_id, record.model, str(record.start), str(record.end), record.dtype, record.quant,
+             record.state.value],
+            1.0,
+        )  # fmt: skip
         yield info
         sessions = list(servicer.sessions.values())
         yield GaugeMetricFamily("swarm_peer_sessions", "live inference sessions", value=len(sessions))
         idle = list(servicer.table.idle.values())
         yield GaugeMetricFamily(
-            "swarm_peer_idle_sessions", "closed sessions whose cache is kept for the next turn", value=len(idle)
+            "swarm_peer_idle_sessions",
+            "closed sessions whose cache is kept for the next turn",
+            value=len(idle),
         )
         used = sum(session.cache.nbytes for session in sessions + idle)
         yield GaugeMetricFamily(
@@ -90,14 +78,14 @@ class _LiveCollector(Collector):
         )
         yield GaugeMetricFamily(
             "swarm_peer_throughput_tokens_per_second", "decode throughput measured at start-up (announced in the DHT)",
-            value=servicer.throughput,
+            value=record.throughput,
         )  # fmt: skip
 
 
 class PeerMetrics:
     """The peer's registry; `observe_batch` is installed as the scheduler's `observe` hook."""
 
-    def __init__(self, server: PeerServer):
+    def __init__(self, servicer: PeerServicer):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.step_seconds = Histogram(
@@ -122,7 +110,7 @@ class PeerMetrics:
             "swarm_peer_tokens_processed", "tokens run through this peer's blocks", registry=r
         )
         self.steps = Counter("swarm_peer_forward_passes", "forward passes run", registry=r)
-        self.registry.register(_LiveCollector(server))
+        self.registry.register(_LiveCollector(servicer))
         self._httpd = None
         self.port = 0
 
@@ -147,11 +135,11 @@ class PeerMetrics:
             self._httpd = None
 
 
-def attach_metrics(server: PeerServer) -> PeerMetrics:
-    """Create the peer's metrics, hook them to its scheduler, serve them if a port is configured."""
-    metrics = PeerMetrics(server)
-    server.scheduler.observe = metrics.observe_batch
-    port = server.config.metrics_port
+def attach_metrics(servicer: PeerServicer, host: str, port: int | None) -> PeerMetrics:
+    """Create the peer's metrics, hook them to its scheduler, serve them on `host:port` unless the
+    port is None (0: any free port)."""
+    metrics = PeerMetrics(servicer)
+    servicer.scheduler.observe = metrics.observe_batch
     if port is not None and port >= 0:
-        metrics.serve(server.config.host, port)
+        metrics.serve(host, port)
     return metrics

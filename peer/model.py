@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from common.model_dir import resolve_model_dir
 from peer import gemm
 from peer import quant as quantization
 from peer.gemm import linear
 from peer.kv_cache import KVCache
-from common.model_dir import resolve_model_dir
+from peer.tensor_codec import DTYPES
 from peer.weights import read_tensors, span_tensor_names, tensor_index
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -37,7 +38,6 @@ SUPPORTED_MODEL_TYPES = ("llama",)
 # the CURRENT sequence length in transformers, which changes the rotation of keys already in a
 # cache; a span cannot reproduce that consistently, so we refuse them instead of drifting silently.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
@@ -48,7 +48,7 @@ _ACTIVATIONS = {
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """Accept ``torch.bfloat16`` or ``"bfloat16"`` (CLI flags and wire names)."""
+    """Accept ``torch.bfloat16`` or ``"bfloat16"`` (CLI flags and wire names, ``peer.tensor_codec.DTYPES``)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"unsupported compute dtype {dtype}; use one of {sorted(DTYPES)}")
@@ -352,17 +352,23 @@ class BlockSpan(nn.Module):
             for i in range(end - start)
         ]
         # A bar on a terminal only: logs and tests get no carriage-return noise.
-        bar = tqdm(groups, desc=f"loading blocks [{start}, {end})", unit="part", disable=not sys.stderr.isatty())
+        bar = tqdm(
+            groups, desc=f"loading blocks [{start}, {end})", unit="part", disable=not sys.stderr.isatty()
+        )
         for prefix, names in bar:
             state = read_tensors(model_dir, index, names, dtype=dtype, device=read_device)
             if prefix is None:  # embedding / final norm / head, read first while no block is quantized
                 result = span.load_state_dict(state, strict=False, assign=True)
                 if result.unexpected_keys:
-                    raise ValueError(f"unexpected tensors for span [{start}, {end}): {result.unexpected_keys[:5]}")
+                    raise ValueError(
+                        f"unexpected tensors for span [{start}, {end}): {result.unexpected_keys[:5]}"
+                    )
                 continue
             block = span.layers[int(prefix.split(".")[1])]
             block.load_state_dict(
-                {name.removeprefix(prefix + "."): tensor for name, tensor in state.items()}, strict=True, assign=True
+                {name.removeprefix(prefix + "."): tensor for name, tensor in state.items()},
+                strict=True,
+                assign=True,
             )
             del state
             quantization.quantize_linears(block, quant, device, dtype)
@@ -457,7 +463,18 @@ class BlockSpan(nn.Module):
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
     def _check_step(self, inputs: torch.Tensor, caches: Sequence[KVCache], lengths: Sequence[int]) -> None:
-        """Reject malformed steps with ValueError (they come from the network)."""
+        """Refuse a pack that would corrupt a cache or read out of bounds (ValueError).
+
+        Steps from the network are validated once, by ``peer.servicer`` (token ids, positions,
+        hidden shapes, max_length), which answers INVALID_ARGUMENT for that session alone. What is
+        checked again here guards memory, so a caller's bug fails loudly instead of silently:
+        the pack's layout decides which rows each cache commits, so lengths that do not add up to
+        the rows, or a cache packed twice, would commit slots that were never written (and later
+        attend to them as keys); a cache of another span is written with the wrong geometry; and
+        a token id outside the vocabulary is an out-of-bounds gather in the embedding (a
+        device-side assert on CUDA, which poisons the process for every session). These cost a
+        few Python comparisons per session and one min/max over the step's token ids.
+        """
         if len(caches) != len(lengths) or not caches:
             raise ValueError(
                 f"need one length per cache, got {len(caches)} caches and {len(lengths)} lengths"
@@ -465,8 +482,6 @@ class BlockSpan(nn.Module):
         if any(int(n) < 0 for n in lengths):
             raise ValueError(f"lengths must be >= 0, got {list(lengths)}")
         total = sum(int(n) for n in lengths)
-        if total == 0:
-            raise ValueError("a step needs at least one token")
         if self.is_first:
             if inputs.dim() != 1 or inputs.dtype not in (torch.int64, torch.int32):
                 raise ValueError(
@@ -484,12 +499,10 @@ class BlockSpan(nn.Module):
             raise ValueError(f"inputs hold {inputs.shape[0]} tokens but lengths sum to {total}")
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("a cache appears twice in one step")
-        expected = (self.num_layers, self.config.num_key_value_heads, self.config.head_dim)
+        expected = (self.num_layers, self.config.num_key_value_heads, self.config.head_dim, self.dtype)
         for cache in caches:
-            if (cache.num_layers, cache.num_kv_heads, cache.head_dim) != expected:
+            if (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype) != expected:
                 raise ValueError(f"{cache!r} does not belong to span [{self.start}, {self.end})")
-            if cache.dtype != self.dtype:
-                raise ValueError(f"cache dtype {cache.dtype} != span dtype {self.dtype}")
 
 
 def last_token_rows(lengths: Sequence[int]) -> torch.Tensor:

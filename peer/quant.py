@@ -29,18 +29,14 @@ import warnings
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from discovery.records import QUANT_MODES
+from peer.tensor_codec import dtype_name
 
-QUANT_MODES = ("none", "int8", "nf4")
+log = logging.getLogger(__name__)
 
 
 class QuantUnavailable(ValueError):
     """The asked-for quantization cannot run here (device, dtype or missing package)."""
-
-
-def precision_name(dtype: str, quant: str) -> str:
-    """The label a peer serves under: the quant mode when quantized, else the compute dtype."""
-    return quant if quant and quant != "none" else dtype
 
 
 def validate(quant: str, device: str | torch.device, dtype: torch.dtype) -> None:
@@ -60,7 +56,7 @@ def validate(quant: str, device: str | torch.device, dtype: torch.dtype) -> None
             )
         if dtype != torch.float32:
             raise QuantUnavailable(
-                f"--quant int8 on CPU computes in float32 (dynamic int8 kernels); got --dtype {_name(dtype)}, "
+                f"--quant int8 on CPU computes in float32 (dynamic int8 kernels); got --dtype {dtype_name(dtype)}, "
                 "use --dtype float32 or auto"
             )
         if not set(torch.backends.quantized.supported_engines) - {"none"}:
@@ -74,10 +70,6 @@ def validate(quant: str, device: str | torch.device, dtype: torch.dtype) -> None
         _bitsandbytes()  # fail now, with the install hint, rather than at the first block
         return
     raise QuantUnavailable(f"--quant {quant} is not supported on device {device_type!r}")
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _bitsandbytes():

@@ -103,20 +103,25 @@ class SamplingParams:
         return self.temperature == 0
 
     @classmethod
-    def from_proto(cls, message: Any) -> SamplingParams:
-        """From a ``swarm.SamplingParams`` message, whose zeros mean "unset" (see swarm.proto).
+    def from_message(cls, message: Any, vocab_size: int) -> SamplingParams:
+        """From a ``swarm.SamplingParams`` message (network input), whose zeros mean "unset" (see
+        swarm.proto). ValueError for anything out of range, ``logit_bias`` ids past the vocabulary
+        included; the servicer answers it with INVALID_ARGUMENT.
 
         Duck-typed so this module does not import the generated protobuf code.
         """
+        bias = {int(token): float(value) for token, value in message.logit_bias.items()}
+        if any(not 0 <= token < vocab_size for token in bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
         return cls(
             temperature=message.temperature,
-            top_p=message.top_p if 0 < message.top_p <= 1 else 1.0,
-            top_k=max(message.top_k, 0),
+            top_p=message.top_p if message.top_p > 0 else 1.0,
+            top_k=message.top_k,
             min_p=message.min_p,
             repetition_penalty=message.repetition_penalty if message.repetition_penalty > 0 else 1.0,
             presence_penalty=message.presence_penalty,
             frequency_penalty=message.frequency_penalty,
-            logit_bias=dict(message.logit_bias),
+            logit_bias=bias,
             seed=message.seed if message.HasField("seed") else None,
             logprobs=message.logprobs,
             top_logprobs=message.top_logprobs,

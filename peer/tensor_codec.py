@@ -1,8 +1,12 @@
-"""torch.Tensor <-> `swarm.Tensor` (raw bytes + dtype + shape).
+"""torch.Tensor <-> `swarm.Tensor` (raw bytes + dtype + shape), and the peer's dtype names.
 
 Raw little-endian bytes keep a 1024-wide hidden state at 4 KB in fp32 and avoid pickle, which a
 peer must never unpickle from the network. bfloat16 has no numpy dtype, so tensors are viewed as
 int16 for the byte copy and viewed back on arrival.
+
+`DTYPES` is the peer's only table between torch dtypes and their names: the names are
+`discovery.records.DTYPE_NAMES`, the same for compute dtypes (flags, DHT records, `Info`,
+`/metrics`) and wire dtypes.
 """
 
 from __future__ import annotations
@@ -11,19 +15,23 @@ import math
 
 import torch
 
+from discovery import records
 from protos import swarm_pb2
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in records.DTYPE_NAMES}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_ELEMENTS = 1 << 28  # far above any real step; guards against a hostile shape
 
 
 class CodecError(ValueError):
     """A tensor from the network that cannot be decoded (bad dtype, shape or size)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"bfloat16"`` for ``torch.bfloat16``; ValueError for a dtype peers neither compute nor send in."""
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype {dtype}; use one of {list(DTYPES)}")
+    return DTYPE_NAMES[dtype]
 
 
 def encode(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> swarm_pb2.Tensor:
@@ -33,9 +41,7 @@ def encode(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> swarm_pb2.
         raise CodecError(f"unsupported tensor dtype {tensor.dtype}")
     cpu = tensor.detach().contiguous().cpu()
     raw = cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu
-    return swarm_pb2.Tensor(
-        data=raw.numpy().tobytes(), dtype=DTYPE_NAMES[cpu.dtype], shape=list(cpu.shape)
-    )
+    return swarm_pb2.Tensor(data=raw.numpy().tobytes(), dtype=DTYPE_NAMES[cpu.dtype], shape=list(cpu.shape))
 
 
 def decode(message: swarm_pb2.Tensor) -> torch.Tensor:

@@ -175,7 +175,7 @@ def test_invalid_token_ids_raise_value_error():
         sampler.sample(random_logits().view(5, 10))
 
 
-def test_from_proto_maps_zeros_to_off():
+def test_from_message_maps_zeros_to_off():
     message = SimpleNamespace(
         temperature=0.7,
         top_p=0.0,
@@ -190,8 +190,8 @@ def test_from_proto_maps_zeros_to_off():
         top_logprobs=2,
         HasField=lambda name: name == "seed",
     )
-    params = SamplingParams.from_proto(message)
+    params = SamplingParams.from_message(message, VOCAB)
     assert (params.top_p, params.top_k, params.repetition_penalty, params.seed) == (1.0, 0, 1.0, 42)
     assert params.logit_bias == {3: -2.0} and params.top_logprobs == 2
     message.HasField = lambda name: False
-    assert SamplingParams.from_proto(message).seed is None
+    assert SamplingParams.from_message(message, VOCAB).seed is None

@@ -13,10 +13,10 @@ import httpx
 import openai
 import pytest
 
+from common.peer_client import ChannelPool, PeerError, PeerSession, peer_info
 from gateway.generation import GenerationParams, RouteRunner, generate
 from gateway.routing import Hop
 from gateway.text import TokenPieces, encode_prompt, render_chat
-from common.peer_client import ChannelPool, PeerError, PeerSession, peer_info
 from protos import swarm_pb2
 from swarm.launcher import LocalSwarm
 from tests.conftest import HEARTBEAT, TTL
@@ -81,7 +81,7 @@ async def _generate(
         prompt_ids=prompt, max_new_tokens=max_new, sampling=swarm_pb2.SamplingParams(temperature=0.0)
     )
     tokens = []
-    async for event in generate(RouteRunner(pool, route, 30.0), params, len(prompt) + max_new):
+    async for event in generate(RouteRunner(pool, route, 30.0), params):
         tokens.append(event.token_id)
         if progress is not None and len(tokens) in progress:
             progress[len(tokens)].set()
@@ -156,7 +156,9 @@ def test_pipeline_groups_take_turns_and_stay_apart_on_the_later_peer(demo_model,
     sessions, max_new = 6, 16
     with LocalSwarm(demo_model, workdir=tmp_path, heartbeat=HEARTBEAT, ttl=TTL, model_name=MODEL) as local:
         local.start_dht()
-        addresses = [p.address for p in local.start_peers([(0, 2), (2, 4)], "--threads", "1", "--pipeline-groups", "2")]
+        addresses = [
+            p.address for p in local.start_peers([(0, 2), (2, 4)], "--threads", "1", "--pipeline-groups", "2")
+        ]
         route = (Hop("p0", addresses[0], 0, 2), Hop("p1", addresses[1], 2, 4))
         prompts = [[20 + i, 7, 9] for i in range(sessions)]
 
@@ -165,7 +167,9 @@ def test_pipeline_groups_take_turns_and_stay_apart_on_the_later_peer(demo_model,
             try:
                 alone = [await _generate(route, prompt, max_new, pool) for prompt in prompts]
                 before = [await peer_info(pool, address) for address in addresses]
-                together = await asyncio.gather(*(_generate(route, prompt, max_new, pool) for prompt in prompts))
+                together = await asyncio.gather(
+                    *(_generate(route, prompt, max_new, pool) for prompt in prompts)
+                )
                 after = [await peer_info(pool, address) for address in addresses]
                 # the gateway hands the first span's pass id on; the later span answers with it
                 runner = RouteRunner(pool, route, 30.0)
@@ -181,7 +185,10 @@ def test_pipeline_groups_take_turns_and_stay_apart_on_the_later_peer(demo_model,
         alone, together, before, after, pass_ids = asyncio.run(scenario())
     assert together == alone
     assert pass_ids[0] != 0 and pass_ids == [pass_ids[0]] * 2
-    per_pass = [(a.steps - b.steps) / (a.forward_passes - b.forward_passes) for b, a in zip(before, after, strict=True)]
+    per_pass = [
+        (a.steps - b.steps) / (a.forward_passes - b.forward_passes)
+        for b, a in zip(before, after, strict=True)
+    ]
     assert all(a.steps - b.steps == sessions * max_new for b, a in zip(before, after, strict=True))
     # the first span never mixes the groups (3 sessions each); merged, a pass would hold up to 6
     assert per_pass[0] <= sessions / 2, per_pass
@@ -191,7 +198,7 @@ def test_pipeline_groups_take_turns_and_stay_apart_on_the_later_peer(demo_model,
 
 
 def test_pipeline_groups_are_bounded():
-    from peer.server import BatchScheduler
+    from peer.scheduler import BatchScheduler
 
     class First:
         is_first = True
@@ -344,6 +351,8 @@ def test_open_waits_for_room_then_fails_with_resource_exhausted(peers):
             opening = asyncio.create_task(
                 waiter.open(swarm_pb2.OpenSession(start_block=0, end_block=2, max_length=200))
             )
+            # on purpose: time for the open to reach the peer and start waiting there (the peer shows
+            # no waiting open to wait for); far inside --open-wait, so it must still be pending
             await asyncio.sleep(0.1)
             assert not opening.done()
             await hog.close()

@@ -1,0 +1,48 @@
+"""What this peer is, stated once: the DHT record, `Info` and the `swarm_peer_info` metric all read it.
+
+`describe` builds the `discovery.records.PeerRecord` that `PeerServer.record()` announces; the
+servicer answers `Info` with its fields (plus counters the record does not carry), and `/metrics`
+labels `swarm_peer_info` with them. So the three never disagree on the spelling of a dtype or a
+state: the dtype name comes from `peer.tensor_codec`, the state from `discovery.records.PeerState`.
+"""
+
+from __future__ import annotations
+
+from discovery.records import PeerRecord, PeerState
+from peer.model import BlockSpan
+from peer.tensor_codec import dtype_name
+
+VERSION = "0.1.0"
+
+
+def describe(
+    span: BlockSpan,
+    *,
+    peer_id: str,
+    model: str,
+    address: str,
+    throughput: float,
+    free_cache_tokens: int,
+    live_sessions: int,
+    draining: bool,
+    expires_at: float = 0.0,
+    metrics_port: int = 0,
+) -> PeerRecord:
+    """The record of a peer serving `span` (its blocks, dtype and quantization) with this live state."""
+    return PeerRecord(
+        peer_id=peer_id,
+        address=address,
+        model=model,
+        start=span.start,
+        end=span.end,
+        num_blocks=span.config.num_hidden_layers,
+        dtype=dtype_name(span.dtype),
+        quant=span.quant,
+        throughput=throughput,
+        free_cache_tokens=free_cache_tokens,
+        live_sessions=live_sessions,
+        state=PeerState.DRAINING if draining else PeerState.ONLINE,
+        version=VERSION,
+        expires_at=expires_at,
+        metrics_port=metrics_port,
+    )

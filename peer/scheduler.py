@@ -1,0 +1,321 @@
+"""The batching scheduler: packs the steps of every session that is waiting into one forward pass.
+
+Concurrency contract
+--------------------
+* The scheduler owns the model and every KV cache while a forward pass runs: all torch work happens
+  in its single worker thread, so caches need no locks. Steps of different sessions that are
+  waiting at the same moment run as one packed forward pass (continuous batching); a session has
+  at most one step in flight because the gateway waits for each result.
+* Steps arrive validated (`peer.servicer` checks them at the edge and answers INVALID_ARGUMENT);
+  nothing here looks at network input again.
+* Chunked prefill: a pass holds at most `max_batch_tokens` tokens. Steps are packed shortest
+  first, so every waiting decode step gets in; a long prompt fills what is left and its rest
+  waits for the next pass, interleaved with everyone's decoding instead of stalling it. What a
+  step returns is built when its last chunk has run: the hidden rows of every chunk
+  (`StepWork.outputs`) and, for `Step.prompt_logprobs`, the scores of every chunk's rows
+  (`StepWork.scored`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from peer import tensor_codec
+from peer.batch_window import BatchWindow
+from peer.kv_cache import KVCache
+from peer.model import BlockSpan
+from peer.sampling import Sampler, prompt_logprobs
+from protos import swarm_pb2
+
+log = logging.getLogger("peer")
+
+MERGE_WAIT_MAX_S = 0.25  # the longest a pass waits for active sessions (see BatchScheduler._gather)
+
+
+class StepSession(Protocol):
+    """What the scheduler reads and writes of a session (`peer.servicer.Session`)."""
+
+    cache: KVCache
+    sampler: Sampler | None
+    wire_dtype: torch.dtype
+    history: list[int]
+    penalty_start: int
+    in_forward: bool
+
+
+class ForwardFailed(RuntimeError):
+    """The forward pass a step was in raised (a bug or OOM): that pass's steps fail, the peer goes on."""
+
+
+@dataclass
+class StepWork:
+    """One validated step of one session (`PeerServicer._prepare_step` builds it), possibly run in
+    several chunks; `future` gets its `StepResult` once the last chunk has run."""
+
+    session: StepSession
+    inputs: torch.Tensor  # [T] token ids or [T, hidden]
+    token_ids: list[int]
+    sample: bool
+    allowed: list[int]
+    future: asyncio.Future
+    done: int = 0  # tokens already run (chunked prefill)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # hidden rows of earlier chunks
+    # last span, `Step.prompt_logprobs`: alternatives wanted per token, and (token, logprob, top)
+    # of every row scored so far (all chunks)
+    prompt_logprobs: int | None = None
+    scored: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    pass_id: int = 0  # later spans: the route's first span's pass this step belongs to (0: unknown)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.token_ids) - self.done
+
+
+class BatchScheduler:
+    """Packs the steps that are waiting into one forward pass, run in a single worker thread."""
+
+    def __init__(self, span: BlockSpan, max_batch_tokens: int, batch_wait_ms: float = 0.0, groups: int = 1):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if not 0 <= batch_wait_ms <= 1000:
+            raise ValueError(f"batch_wait_ms must be in [0, 1000], got {batch_wait_ms}")
+        if not 1 <= groups <= 8:
+            raise ValueError(f"groups must be in [1, 8], got {groups}")
+        self.span = span
+        self.max_batch_tokens = max_batch_tokens
+        self.batch_wait = batch_wait_ms / 1000
+        self._window = BatchWindow()
+        self._queue: asyncio.Queue[StepWork] = asyncio.Queue()
+        self._carry: list[StepWork] = []  # prefills with chunks still to run
+        # Pipeline groups (first span only, see `_gather`): session (by object id) -> its group,
+        # and the steps of other groups that wait for their own pass.
+        self.groups = groups if span.is_first else 1
+        self._group_of: dict[int, int] = {}
+        self._deferred: list[StepWork] = []
+        self._last_group = -1
+        # Pass ids sent on to later spans (`StepResult.pass_id`): unique to this peer's passes.
+        self._pass_ids = itertools.count(int.from_bytes(os.urandom(5), "big") << 20)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._task: asyncio.Task | None = None
+        self.steps = 0  # forward passes
+        self.tokens = 0
+        self.observe = None  # called with (sessions, tokens, seconds) after each forward pass
+        self.session_steps = 0  # finished steps of sessions; > steps when passes were shared
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, work: StepWork) -> swarm_pb2.StepResult:
+        self._window.arrived(work.session)
+        self._queue.put_nowait(work)
+        return await work.future
+
+    def _pack(self, waiting: list[StepWork]) -> tuple[list[tuple[StepWork, int]], list[StepWork]]:
+        """Choose (work, tokens) pieces for one pass; the rest waits. Shortest first, so decode
+        steps never wait behind a long prompt; a prompt is cut to what the pass has room for."""
+        pieces: list[tuple[StepWork, int]] = []
+        rest: list[StepWork] = []
+        room = self.max_batch_tokens
+        for work in sorted(waiting, key=lambda w: w.remaining):
+            if work.future.done():
+                continue
+            if room <= 0:
+                rest.append(work)
+                continue
+            count = min(room, work.remaining)
+            pieces.append((work, count))
+            room -= count
+        return pieces, rest
+
+    def forget(self, session: StepSession) -> None:
+        """The session's stream ended: stop expecting its steps (see `BatchWindow`)."""
+        self._window.forget(session)
+        self._group_of.pop(id(session), None)
+
+    def _group(self, session: StepSession) -> int:
+        """The session's pipeline group; a new session joins the group with the fewest."""
+        key = id(session)
+        if key not in self._group_of:
+            sizes = [0] * self.groups
+            for group in self._group_of.values():
+                sizes[group] += 1
+            self._group_of[key] = sizes.index(min(sizes))
+        return self._group_of[key]
+
+    async def _gather(self) -> list[StepWork]:
+        """The steps for the next pass: all that are queued, plus those of active sessions that
+        arrive soon (in flight through the gateway or the other peers; without the wait, a
+        pipeline of peers splits the sessions into out-of-phase groups of small passes, see
+        `peer.batch_window`). Every span waits up to `--batch-wait-ms` (the gateway's jitter).
+        The first span also waits for each active session up to 1.5 of its usual round trip
+        (capped at MERGE_WAIT_MAX_S), so a group still on the later peers is merged once and then
+        stays merged: a pass reads every weight once whatever its batch, so one pass of 8 costs
+        far less than two of 4. A lone stream never waits (no other session is expected)."""
+        waiting, self._carry, self._deferred = [*self._carry, *self._deferred], [], []
+        if not waiting:
+            waiting.append(await self._queue.get())
+        while not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        if self.batch_wait <= 0 and self.groups == 1:
+            return waiting
+        # Only the first span merges groups: if every peer of a route waited for sessions queued
+        # at the others, they would all wait for each other. Later spans wait for the rest of the
+        # pass the arrived steps came with, which the gateway sends on one after the other.
+        expected = self._window.expected((work.session for work in waiting), same_pass=not self.span.is_first)
+        group = None
+        if self.groups > 1:
+            # Pipelining (`--pipeline-groups`): the sessions are kept in groups that take turns,
+            # so that while one group's pass runs on a later peer this span computes the next
+            # group's instead of idling. Turns go round (a long prefill's chunks must not keep
+            # its group's turn while the other group's decode steps wait).
+            present = {self._group(work.session) for work in waiting if not work.future.done()}
+            order = [(self._last_group + step) % self.groups for step in range(1, self.groups + 1)]
+            group = next((g for g in order if g in present), self._last_group)
+            self._last_group = group
+            expected = {key for key in expected if self._group_of.get(key) == group}
+        if expected and self.batch_wait > 0:
+            due = self._window.due(expected, floor=self.batch_wait) - time.perf_counter()
+            wait = max(self.batch_wait, min(due, MERGE_WAIT_MAX_S))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    while expected:
+                        work = await self._queue.get()
+                        waiting.append(work)
+                        expected.discard(id(work.session))
+            while not self._queue.empty():
+                waiting.append(self._queue.get_nowait())
+        if group is not None:
+            waiting = [work for work in waiting if not work.future.done()]  # streams gone meanwhile
+            mine = [work for work in waiting if self._group(work.session) == group]
+            self._deferred = [work for work in waiting if self._group(work.session) != group]
+            return mine
+        return waiting
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            waiting = await self._gather()
+            pieces, self._carry = self._pack(waiting)
+            if not pieces:
+                continue
+            begin = time.perf_counter()
+            for work, _ in pieces:
+                work.session.in_forward = True
+            pass_id = next(self._pass_ids)
+            try:
+                results = await loop.run_in_executor(self._executor, self._forward, pieces)
+            except Exception as exc:  # a bug or OOM must fail these steps, not the peer
+                log.exception("forward pass failed")
+                for work, _ in pieces:
+                    if not work.future.done():
+                        work.future.set_exception(ForwardFailed(str(exc)))
+                continue
+            finally:
+                for work, _ in pieces:
+                    work.session.in_forward = False
+            self.steps += 1
+            batch_tokens = sum(count for _, count in pieces)
+            self.tokens += batch_tokens
+            if self.observe is not None:
+                self.observe(len(pieces), batch_tokens, time.perf_counter() - begin)
+            for (work, _), result in zip(pieces, results, strict=True):
+                if work.future.done():
+                    continue
+                if result is None:  # more chunks to go
+                    self._carry.append(work)
+                else:
+                    self.session_steps += 1
+                    # A later span groups sessions as the route's first span did, so that the
+                    # groups a pipeline keeps (`--pipeline-groups`) stay apart here too.
+                    result.pass_id = work.pass_id or pass_id
+                    self._window.stepped(work.session, cohort=result.pass_id)
+                    work.future.set_result(result)
+
+    @torch.inference_mode()
+    def _forward(self, pieces: list[tuple[StepWork, int]]) -> list[swarm_pb2.StepResult | None]:
+        span = self.span
+        inputs = torch.cat([work.inputs[work.done : work.done + count] for work, count in pieces])
+        lengths = [count for _, count in pieces]
+        hidden = span(inputs, [work.session.cache for work, _ in pieces], lengths)
+        # One LM-head matmul for every session that samples in this pass: the head is the
+        # biggest weight of the last span, and reading it once per session would make its cost
+        # grow linearly with the batch (at 8 sessions, ~3x the whole pass). Rows are the last token of
+        # each, plus every row of this chunk whose next token is known for steps that score
+        # their tokens (`Step.prompt_logprobs`: all rows but the step's last).
+        logits_of: dict[int, torch.Tensor] = {}
+        scored_of: dict[int, torch.Tensor] = {}
+        if span.is_last:
+            head_rows: list[int] = []
+            sample_at, score_at = [], []
+            offset = 0
+            for index, (work, length) in enumerate(pieces):
+                if work.prompt_logprobs is not None:
+                    known = min(length, work.remaining - 1)
+                    score_at.append((index, len(head_rows), known))
+                    head_rows.extend(range(offset, offset + known))
+                offset += length
+                if work.sample and work.remaining == length:
+                    sample_at.append((index, len(head_rows)))
+                    head_rows.append(offset - 1)
+            if head_rows:
+                logits = span.logits(hidden[head_rows])
+                logits_of = {index: logits[at] for index, at in sample_at}
+                scored_of = {index: logits[at : at + known] for index, at, known in score_at}
+        results: list[swarm_pb2.StepResult | None] = []
+        offset = 0
+        for index, (work, length) in enumerate(pieces):
+            session = work.session
+            session.history.extend(work.token_ids[work.done : work.done + length])
+            rows = hidden[offset : offset + length]
+            offset += length
+            if index in scored_of:
+                scores = scored_of[index]
+                following = work.token_ids[work.done + 1 : work.done + 1 + scores.shape[0]]
+                for token_id, (logprob, top) in zip(
+                    following, prompt_logprobs(scores, following, work.prompt_logprobs), strict=True
+                ):
+                    work.scored.append((token_id, logprob, top))
+            work.done += length
+            if work.remaining > 0:
+                if not span.is_last:
+                    work.outputs.append(rows)
+                results.append(None)
+                continue
+            result = swarm_pb2.StepResult(cache_length=session.cache.length)
+            if not span.is_last:
+                rows = torch.cat([*work.outputs, rows]) if work.outputs else rows
+                result.hidden.CopyFrom(tensor_codec.encode(rows, session.wire_dtype))
+            elif work.sample:
+                sample = session.sampler.sample(
+                    logits_of[index],
+                    session.history,
+                    work.allowed or None,
+                    penalty_start=session.penalty_start,
+                )
+                result.token_id = sample.token_id
+                result.logprob = sample.logprob
+                for token_id, logprob in sample.top_logprobs:
+                    result.top_logprobs.add(token_id=token_id, logprob=logprob)
+            for token_id, logprob, top in work.scored:
+                entry = result.prompt_logprobs.add(token_id=token_id, logprob=logprob)
+                for alt_id, alt_logprob in top:
+                    entry.top_logprobs.add(token_id=alt_id, logprob=alt_logprob)
+            results.append(result)
+        return results

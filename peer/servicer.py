@@ -1,0 +1,329 @@
+"""The gRPC servicer: one `Inference` stream per session, and `Info`.
+
+Concurrency contract
+--------------------
+* Every `Inference` stream is one session. Its handler runs on the asyncio loop, validates each
+  message and hands the tensor work to the `BatchScheduler` (`peer.scheduler`), which owns the
+  model and the caches while a pass runs.
+* Validation happens here, once: whatever comes from the network (span, max_length, wire dtype,
+  sampling parameters, token ids, positions, hidden states) is checked before it reaches the
+  scheduler, and a bad value is answered with INVALID_ARGUMENT on this stream only. The scheduler
+  and the model trust what they get, so one session's bad step never fails another's pass.
+* Session bookkeeping (open, close, truncate) happens on the loop, never while that session's step
+  is in flight. The KV budget, idle sessions and eviction live in `peer.memory.SessionTable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from common.logs import REQUEST_ID_HEADER, set_request_id
+from discovery.records import PeerRecord
+from peer import tensor_codec
+from peer.kv_cache import KVCache
+from peer.memory import BudgetExhausted, SessionTable
+from peer.model import BlockSpan
+from peer.sampling import MAX_TOP_LOGPROBS, Sampler, SamplingParams
+from peer.scheduler import BatchScheduler, ForwardFailed, StepWork
+from protos import swarm_pb2, swarm_pb2_grpc
+
+log = logging.getLogger("peer")
+
+
+class StepError(Exception):
+    """A step the client got wrong; carries the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Session:
+    """One `Inference` stream's state; its cache outlives the stream while it is kept idle."""
+
+    session_id: str
+    cache: KVCache
+    sampler: Sampler | None
+    max_length: int
+    wire_dtype: torch.dtype
+    history: list[int] = field(default_factory=list)  # token ids the cache holds, for penalties
+    penalty_start: int = 0  # presence/frequency penalties count history[penalty_start:] (the prompt length)
+    reserved: int = 0  # cache tokens the budget holds for this session (see peer.memory)
+    idle_since: float = 0.0
+    in_forward: bool = False  # a forward pass on this cache is running in the worker thread
+
+
+class PeerServicer(swarm_pb2_grpc.PeerServicer):
+    """`describe` returns what this peer is (`peer.identity.describe`, given by `PeerServer`); `Info`
+    answers from it. `draining` and `throughput` are set by the server and read by `describe`."""
+
+    def __init__(
+        self,
+        span: BlockSpan,
+        scheduler: BatchScheduler,
+        *,
+        peer_id: str,
+        cache_tokens: int,
+        describe: Callable[[], PeerRecord],
+        wire_dtype: torch.dtype | None = None,
+        idle_ttl: float = 300.0,
+        open_wait: float = 5.0,
+    ):
+        self.span = span
+        self.scheduler = scheduler
+        self.peer_id = peer_id
+        self.cache_tokens = cache_tokens
+        self.describe = describe
+        self.wire_dtype = wire_dtype  # hidden states sent when the client names none; None = compute dtype
+        self.table = SessionTable(cache_tokens, idle_ttl=idle_ttl, open_wait=open_wait)
+        self.draining = False
+        self.throughput = 0.0
+        self.all_closed = asyncio.Event()
+        self.all_closed.set()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    @property
+    def sessions(self) -> dict[int, Session]:
+        """Live sessions (those with an open stream)."""
+        return self.table.live
+
+    @property
+    def free_cache_tokens(self) -> int:
+        return self.table.free_tokens
+
+    async def _open(self, request: swarm_pb2.OpenSession) -> tuple[Session, int]:
+        """Admit a session within the KV budget; returns it and the tokens its cache holds."""
+        span = self.span
+        if self.draining:
+            raise StepError(grpc.StatusCode.UNAVAILABLE, "peer is shutting down; open the session elsewhere")
+        if (request.start_block, request.end_block) != (span.start, span.end):
+            raise StepError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"this peer serves blocks [{span.start}, {span.end}), not [{request.start_block}, {request.end_block})",
+            )
+        max_positions = self.span.config.max_position_embeddings
+        if not 0 < request.max_length <= max_positions:
+            raise StepError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_length must be in [1, {max_positions}], got {request.max_length}",
+            )
+        # The client's choice wins; else this peer's --wire-dtype; else its compute dtype. Whatever
+        # arrives is converted to the compute dtype in _prepare_step, so mixed swarms just work.
+        wire_dtype = self.wire_dtype or self.span.dtype
+        if request.wire_dtype:
+            if request.wire_dtype not in tensor_codec.DTYPES:
+                raise StepError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"unknown wire_dtype {request.wire_dtype!r}"
+                )
+            wire_dtype = tensor_codec.DTYPES[request.wire_dtype]
+        sampler = None
+        if self.span.is_last:
+            try:
+                sampler = Sampler(SamplingParams.from_message(request.sampling, self.span.config.vocab_size))
+            except ValueError as exc:
+                raise StepError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        session_id = request.session_id or uuid.uuid4().hex
+
+        def make() -> Session:
+            return Session(
+                session_id=session_id,
+                cache=self.span.new_cache(max_capacity=request.max_length),
+                sampler=sampler,
+                max_length=request.max_length,
+                wire_dtype=wire_dtype,
+                penalty_start=max(0, request.sampling.penalty_start),
+            )
+
+        resume = request.resume and bool(request.session_id)
+        try:
+            session, resumed = await self.table.admit(request.max_length, session_id, resume, make)
+        except BudgetExhausted as exc:
+            raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        held = 0
+        if resumed:
+            # Keep only the prefix the caller's sequence shares with what the cache holds.
+            held = _common_prefix(session.history, request.resume_tokens)
+            held = min(held, session.cache.length, request.max_length - 1)
+            session.cache.truncate(held)
+            del session.history[held:]
+            session.cache.max_capacity = max(request.max_length, session.cache.capacity)
+            session.sampler = sampler
+            session.max_length = request.max_length
+            session.wire_dtype = wire_dtype
+            session.penalty_start = max(0, request.sampling.penalty_start)
+        self.all_closed.clear()
+        log.info(
+            "session opened",
+            extra={"session": session_id, "max_length": request.max_length, "resumed": resumed, "held": held},
+        )
+        return session, held
+
+    def _close(self, session: Session, keep: bool = True) -> None:
+        # The cache itself is freed when the last reference goes: a forward pass already running
+        # in the worker thread may still hold this session.
+        self.table.release(session, keep=keep and not self.draining)
+        self.scheduler.forget(session)
+        log.info("session closed", extra={"session": session.session_id, "tokens": session.cache.length})
+        if not self.table.live:
+            self.all_closed.set()
+
+    def _prepare_step(self, session: Session, step: swarm_pb2.Step) -> StepWork:
+        """Check a step against the session and the span (StepError: INVALID_ARGUMENT), rewind the
+        cache to its position, and build the scheduler's work item."""
+        span = self.span
+        token_ids = list(step.token_ids)
+        count = len(token_ids)
+        if count == 0:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, "a step needs at least one token id")
+        if not 0 <= step.position <= session.cache.length:
+            raise StepError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"position {step.position} is past the {session.cache.length} tokens in cache",
+            )
+        if step.position + count > session.max_length:
+            raise StepError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"step would hold {step.position + count} tokens, past the session's max_length {session.max_length}",
+            )
+        vocab = span.config.vocab_size
+        if any(not 0 <= token < vocab for token in token_ids):
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be in [0, {vocab})")
+        if step.sample and not span.is_last:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, "only the last span samples")
+        scoring = None
+        if step.HasField("prompt_logprobs"):
+            if not span.is_last:
+                raise StepError(
+                    grpc.StatusCode.INVALID_ARGUMENT, "only the last span returns prompt logprobs"
+                )
+            if not 0 <= step.prompt_logprobs <= MAX_TOP_LOGPROBS:
+                raise StepError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {step.prompt_logprobs}",
+                )
+            scoring = step.prompt_logprobs
+        if span.is_first:
+            if step.HasField("hidden"):
+                raise StepError(
+                    grpc.StatusCode.INVALID_ARGUMENT, "the first span takes token ids, not hidden states"
+                )
+            inputs = torch.tensor(token_ids, dtype=torch.long)
+        else:
+            if not step.HasField("hidden"):
+                raise StepError(grpc.StatusCode.INVALID_ARGUMENT, "this span needs hidden states")
+            try:
+                inputs = tensor_codec.decode(step.hidden)
+            except tensor_codec.CodecError as exc:
+                raise StepError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            expected = (count, span.config.hidden_size)
+            if tuple(inputs.shape) != expected:
+                raise StepError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"hidden states must have shape {list(expected)}, got {list(inputs.shape)}",
+                )
+            inputs = inputs.to(span.dtype)
+        if any(not 0 <= token < vocab for token in step.allowed_token_ids):
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"allowed token ids must be in [0, {vocab})")
+        if step.position < session.cache.length:
+            session.cache.truncate(step.position)
+            del session.history[step.position :]
+        return StepWork(
+            session=session,
+            inputs=inputs,
+            token_ids=token_ids,
+            sample=step.sample,
+            allowed=list(step.allowed_token_ids),
+            future=asyncio.get_running_loop().create_future(),
+            prompt_logprobs=scoring,
+            pass_id=step.pass_id,
+        )
+
+    # -- RPCs --------------------------------------------------------------------------------
+    async def Inference(self, request_iterator, context: grpc.aio.ServicerContext):
+        session: Session | None = None
+        bind_request_id(context)  # log lines of this stream carry the gateway's request id
+        try:
+            async for request in request_iterator:
+                kind = request.WhichOneof("kind")
+                try:
+                    if kind == "open":
+                        if session is not None:
+                            raise StepError(
+                                grpc.StatusCode.FAILED_PRECONDITION, "this stream already has a session"
+                            )
+                        session, held = await self._open(request.open)
+                        yield swarm_pb2.InferenceResponse(
+                            opened=swarm_pb2.Opened(peer_id=self.peer_id, cache_length=held)
+                        )
+                    elif kind == "step":
+                        if session is None:
+                            raise StepError(
+                                grpc.StatusCode.FAILED_PRECONDITION, "open a session before stepping"
+                            )
+                        result = await self.scheduler.submit(self._prepare_step(session, request.step))
+                        result.draining = self.draining  # asks the gateway to move this session
+                        yield swarm_pb2.InferenceResponse(result=result)
+                    elif kind == "close":
+                        break
+                    else:
+                        raise StepError(grpc.StatusCode.INVALID_ARGUMENT, "empty request")
+                except StepError as exc:
+                    await context.abort(exc.code, exc.message)
+                except ForwardFailed as exc:
+                    await context.abort(grpc.StatusCode.INTERNAL, f"forward failed: {exc}")
+        finally:
+            if session is not None:
+                # Kept idle whether the stream closed or broke: a resume compares token ids, so
+                # a cache the caller is unsure of is still safe to offer.
+                self._close(session)
+
+    async def Info(self, request, context):
+        record = self.describe()
+        return swarm_pb2.InfoResponse(
+            peer_id=record.peer_id,
+            model=record.model,
+            start_block=record.start,
+            end_block=record.end,
+            num_blocks=record.num_blocks,
+            dtype=record.dtype,
+            quant=record.quant,
+            live_sessions=record.live_sessions,
+            free_cache_tokens=record.free_cache_tokens,
+            throughput=record.throughput,
+            version=record.version,
+            state=record.state.value,
+            idle_sessions=len(self.table.idle),
+            cache_budget_tokens=self.cache_tokens,
+            tokens_processed=self.scheduler.tokens,
+            forward_passes=self.scheduler.steps,
+            steps=self.scheduler.session_steps,
+            evictions=self.table.evictions,
+        )
+
+
+def bind_request_id(context: grpc.aio.ServicerContext) -> str:
+    """Bind the gateway's `x-request-id` (gRPC metadata) to this RPC's log lines."""
+    incoming = None
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER:
+            incoming = value if isinstance(value, str) else value.decode("latin-1")
+            break
+    return set_request_id(incoming)
+
+
+def _common_prefix(a: list[int], b) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
