@@ -9,6 +9,8 @@ count covers a request from its first byte until its last streamed chunk has gon
 
 from __future__ import annotations
 
+from starlette.exceptions import HTTPException
+
 from gateway import errors
 
 
@@ -48,7 +50,9 @@ class AdmissionGuard:
 class BodyGuard:
     """Pure ASGI middleware (no per-chunk wrapping of streamed responses, unlike `@app.middleware`):
 
-    * a body announced larger than `max_body_bytes` gets 413 before it is read;
+    * a body announced larger than `max_body_bytes` gets 413 before it is read; one that is not
+      announced (`Transfer-Encoding: chunked`, or a Content-Length that lies) is counted as it
+      arrives, and reading stops with 413 at the first byte past the limit;
     * `curl -d '{...}'` labels a JSON body `application/x-www-form-urlencoded`; no OpenAI route takes
       a form, so such a body on a `*completions` POST is read as the JSON it is (a body that is not
       JSON still gets a 400).
@@ -69,4 +73,24 @@ class BodyGuard:
             if form and scope["method"] == "POST" and scope["path"].endswith("completions"):
                 rest = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
                 scope = {**scope, "headers": [*rest, (b"content-type", b"application/json")]}
+            receive = self._counted(receive)
         await self.app(scope, receive, send)
+
+    def _counted(self, receive):
+        """`receive` that raises 413 once the body grows past the limit. FastAPI re-raises an
+        HTTPException met while reading a body (any other error there becomes a 400), and the
+        error handlers turn it into the OpenAI error object."""
+        seen = 0
+        limit = self.max_body_bytes
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    too_large = errors.payload_too_large()
+                    raise HTTPException(too_large.status_code, too_large.message)
+            return message
+
+        return counted

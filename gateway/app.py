@@ -7,7 +7,8 @@ there are no module globals. `create_app` takes the swarm view and the session s
 dependencies, so tests can run the handlers in process with fakes of those two.
 
 Middleware, outermost first: telemetry (request id, access log, `/metrics`: every answer is
-counted, 413 and 429 included), admission (429 past `--max-concurrent`), the body guard (413),
+counted, 401, 413 and 429 included), the operator pages' key check (`gateway.auth`), admission
+(429 past `--max-concurrent`), the body guard (413),
 the catch-all that turns any escaped exception into the OpenAI 500 object, then the routes.
 """
 
@@ -20,6 +21,7 @@ from fastapi import FastAPI
 
 from gateway import errors
 from gateway.admission import AdmissionGuard, BodyGuard
+from gateway.auth import OpsGuard
 from gateway.core import Gateway
 from gateway.metrics import install_telemetry
 from gateway.routes import health, openai_routers
@@ -47,6 +49,7 @@ def create_app(
     errors.install_error_handlers(app)  # innermost: the catch-all sits right outside the routes
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(AdmissionGuard, max_concurrent=settings.max_concurrent)
+    app.add_middleware(OpsGuard, api_key=settings.api_key, open_ops=settings.open_ops)
     install_telemetry(app)  # outermost: request ids, access logs, /metrics
     install_swarm_map(app)  # /swarm and /swarm/api
     for router in openai_routers:

@@ -11,25 +11,36 @@ fakes, so handlers run in process without a DHT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from common.peer_client import ChannelPool, PeerError
-from discovery.records import PeerRecord
+from common.peer_client import ChannelPool, PeerError, peer_info
+from discovery.records import PeerRecord, PeerState
 from gateway import errors
 from gateway.failure_policy import FailurePolicy
 from gateway.generation import RouteRunner
 from gateway.metrics import record_route_failure
 from gateway.models import ServedModel, load_model
 from gateway.precision import accepts, split_model_id
+from gateway.prompt_work import PromptWork
 from gateway.routing import NoRouteError, Route
 from gateway.serving.choices import ChoiceSpec, Piece, merge_choices, run_choice
 from gateway.sessions import MemorySessionStore, Pin, RedisSessionStore, SessionStore
 from gateway.settings import GatewaySettings
 from gateway.swarm_view import SwarmView
+
+log = logging.getLogger("gateway")
+
+READMIT_INTERVAL_S = 1.0  # how often banned peers on probation are probed
+PROBE_TIMEOUT_S = 0.5
 
 
 class Gateway:
@@ -46,7 +57,10 @@ class Gateway:
         self.pool = ChannelPool()
         self.swarm = swarm
         self.sessions = sessions
-        self.policy = FailurePolicy(replace_timeout=settings.failover_timeout)
+        self.policy = FailurePolicy(replace_timeout=settings.failover_timeout, probe=self._answers)
+        self.prompt_work = PromptWork()
+        self._readmission: asyncio.Task | None = None
+        self._session_secret = (settings.session_secret or os.urandom(32).hex()).encode()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -65,13 +79,35 @@ class Gateway:
                 self.sessions = RedisSessionStore(self.settings.redis_url, ttl=self.settings.session_ttl)
             else:
                 self.sessions = MemorySessionStore(ttl=self.settings.session_ttl)
+        self._readmission = asyncio.get_running_loop().create_task(self._readmit_forever())
 
     async def stop(self) -> None:
+        if self._readmission is not None:
+            self._readmission.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readmission
+        self.prompt_work.close()
         if self.sessions is not None:
             await self.sessions.close()
         await self.pool.close()
         if self.dht is not None:
             self.dht.stop()
+
+    async def _answers(self, address: str) -> bool:
+        """The health probe that readmits a banned peer: `Info` answers, and the peer is online."""
+        try:
+            info = await peer_info(self.pool, address, timeout=PROBE_TIMEOUT_S)
+        except PeerError:
+            return False
+        return info.state == PeerState.ONLINE
+
+    async def _readmit_forever(self) -> None:
+        while True:
+            await asyncio.sleep(READMIT_INTERVAL_S)
+            try:
+                await self.policy.readmit()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("readmitting banned peers failed")
 
     # -- models --------------------------------------------------------------------------------
     def model(self, name: str | None) -> ServedModel:
@@ -126,7 +162,8 @@ class Gateway:
 
     async def plan(self, served: ServedModel, max_length: int, precision: str | None = None) -> Route:
         """A new route with room for `max_length` tokens, or a 503."""
-        try:
+
+        async def attempt() -> Route:
             return await self.swarm.plan(
                 served.id,
                 served.num_blocks,
@@ -134,6 +171,15 @@ class Gateway:
                 min_free_tokens=max_length,
                 accept=accepts(precision),
             )
+
+        try:
+            try:
+                return await attempt()
+            except NoRouteError:
+                # Never leave a model uncovered while a banned peer that answers could serve it.
+                if not await self.policy.readmit(everyone=True):
+                    raise
+                return await attempt()
         except NoRouteError as exc:
             record_route_failure(served.id)
             where = f" of precision {precision}" if precision else ""
@@ -145,12 +191,18 @@ class Gateway:
         served: ServedModel,
         route: Route,
         tokens: list[int] | None = None,
-        peer_session: str = "",
+        session_nonce: str = "",
     ) -> None:
         if key:
             await self.sessions.put(
-                key, Pin(model=served.id, route=route, tokens=tokens or [], peer_session=peer_session)
+                key, Pin(model=served.id, route=route, tokens=tokens or [], session_nonce=session_nonce)
             )
+
+    def peer_session_id(self, nonce: str) -> str:
+        """The session id the peers keep a conversation's caches under: a capability (whoever
+        holds it can resume and truncate those caches), so it is derived from the pin's nonce with
+        this gateway's secret and never stored or logged."""
+        return hmac.new(self._session_secret, nonce.encode(), hashlib.sha256).hexdigest()[:32]
 
     # -- choices -------------------------------------------------------------------------------
     def run_choices(
@@ -183,13 +235,3 @@ def get_gateway(request: Request) -> Gateway:
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
-
-
-async def check_auth(request: Request) -> None:
-    api_key = request.app.state.gateway.settings.api_key
-    if not api_key:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or token.strip() != api_key:
-        raise errors.authentication_error()

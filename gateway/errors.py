@@ -333,6 +333,8 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
         err = OpenAIError(404, f"Invalid URL ({target})", code="unknown_url", headers=headers)
     elif exc.status_code == 405:
         err = OpenAIError(405, f"Invalid method for URL ({target})", headers=headers)
+    elif exc.status_code == 413:
+        err = payload_too_large()
     else:
         detail = exc.detail if isinstance(exc.detail, str) else None
         err = OpenAIError(exc.status_code, detail, headers=headers)

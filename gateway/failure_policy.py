@@ -7,8 +7,11 @@ a missed step deadline). `FailurePolicy.judge` sorts it into one of three verdic
   the same, so nothing is retried, nobody is banned, and the client gets a 400.
 * `Verdict.PEER_BUSY` (RESOURCE_EXHAUSTED): a healthy peer with no cache room. Another replica
   is tried, nobody is banned; when none has room the client gets a 503 to retry shortly.
-* `Verdict.PEER_FAULT` (anything else): the peer is banned for `ban_duration` seconds (new
-  sessions avoid it) and the hop is replaced and replayed (`gateway.generation.RouteRunner`).
+* `Verdict.PEER_FAULT` (anything else: an error status, a broken stream, a missed step
+  deadline): the peer is banned (new sessions avoid it) and the hop is replaced and replayed
+  (`gateway.generation.RouteRunner`). A first ban is lifted as soon as the peer answers an `Info`
+  probe (`readmit`, every second, and at once when a model would otherwise have no route): a
+  peer that stalled for a moment is back when it answers, instead of 30 s later.
 
 `RouteRunner` talks to the swarm only through `Failover`, the policy bound to one model and the
 gateway's swarm view: what to exclude, which records are candidates, the gateway's own load on
@@ -18,11 +21,14 @@ chaos benchmark).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
+import math
 import statistics
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,22 +52,56 @@ class Verdict(enum.Enum):
     PEER_FAULT = "peer_fault"
 
 
+@dataclass
+class _Ban:
+    until: float
+    address: str
+    probation: bool  # lifted as soon as the peer answers an `Info` probe
+
+
 class BanList:
-    """Peers that failed recently; they are skipped until their ban runs out."""
+    """Peers that failed recently; they are skipped until their ban runs out or, on probation,
+    until they answer a health probe.
+
+    A peer that hung for a moment (a stalled process, a GC pause, a busy link) is healthy again
+    as soon as it answers, and a swarm with two replicas must not lose a span for the whole ban
+    because each stalled once. So a first failure is on probation: `FailurePolicy.readmit` lifts
+    it when `Info` answers. A peer that fails again within `duration` of being readmitted keeps its
+    whole ban (a peer that answers `Info` but fails its steps must not flap in and out).
+    """
 
     def __init__(self, duration: float = 30.0, clock=time.monotonic):
         self.duration = duration
         self._clock = clock
-        self._until: dict[str, float] = {}
+        self._bans: dict[str, _Ban] = {}
+        self._readmitted: dict[str, float] = {}  # peer id -> when it was last readmitted
 
-    def ban(self, peer_id: str) -> None:
-        log.warning("banning peer %s for %.0f s", peer_id, self.duration)
-        self._until[peer_id] = self._clock() + self.duration
+    def ban(self, peer_id: str, address: str = "") -> None:
+        now = self._clock()
+        repeat = now - self._readmitted.get(peer_id, -math.inf) < self.duration
+        log.warning(
+            "banning peer %s for %.0f s%s", peer_id, self.duration, "" if repeat else " or until it answers"
+        )
+        self._bans[peer_id] = _Ban(now + self.duration, address, probation=not repeat)
 
     def banned(self) -> set[str]:
         now = self._clock()
-        self._until = {peer: until for peer, until in self._until.items() if until > now}
-        return set(self._until)
+        self._bans = {peer: ban for peer, ban in self._bans.items() if ban.until > now}
+        return set(self._bans)
+
+    def probation(self, everyone: bool = False) -> dict[str, str]:
+        """Peer id -> address of the bans a probe may lift (`everyone`: all of them)."""
+        self.banned()
+        return {
+            peer: ban.address
+            for peer, ban in self._bans.items()
+            if ban.address and (everyone or ban.probation)
+        }
+
+    def lift(self, peer_id: str) -> None:
+        if self._bans.pop(peer_id, None) is not None:
+            log.info("peer %s answers again; readmitted", peer_id)
+            self._readmitted[peer_id] = self._clock()
 
 
 @dataclass
@@ -111,9 +151,14 @@ class FailurePolicy:
     """
 
     def __init__(
-        self, ban_duration: float = 30.0, replace_timeout: float = 5.0, retry_interval: float = 0.25
+        self,
+        ban_duration: float = 30.0,
+        replace_timeout: float = 5.0,
+        retry_interval: float = 0.25,
+        probe: Callable[[str], Awaitable[bool]] | None = None,
     ):
         self.bans = BanList(ban_duration)
+        self.probe = probe  # address -> whether the peer answers a health probe now
         self.replace_timeout = replace_timeout
         self.retry_interval = retry_interval
         self.stats = FailureStats()
@@ -130,8 +175,20 @@ class FailurePolicy:
         """Judge `error` from `peer_id` and ban the peer when it is at fault."""
         verdict = self.judge(error)
         if verdict is Verdict.PEER_FAULT:
-            self.bans.ban(peer_id)
+            self.bans.ban(peer_id, error.address)
         return verdict
+
+    async def readmit(self, everyone: bool = False) -> set[str]:
+        """Probe banned peers (those on probation; `everyone`: all) and lift the bans of those
+        that answer; returns their ids."""
+        candidates = self.bans.probation(everyone)
+        if not candidates or self.probe is None:
+            return set()
+        answers = await asyncio.gather(*(self.probe(address) for address in candidates.values()))
+        back = {peer for peer, answered in zip(candidates, answers, strict=True) if answered}
+        for peer in back:
+            self.bans.lift(peer)
+        return back
 
     def peer_leaving(self, peer_id: str) -> None:
         """A draining peer: no new sessions there either, though it did nothing wrong."""

@@ -100,8 +100,22 @@ __all__ = [
 # stop matcher's per-token cost grows with their number and length.
 MAX_N = 16
 MAX_STOP_SEQUENCES = 32
+MAX_STOP_CHARS = 1024  # per stop sequence; the matcher holds back up to this much text
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+# Bounds on every list of a request. Strings (message content, prompts) are bounded by the body
+# limit (`--max-body-bytes`, 4 MiB) and then by the model's context; lists here are bounded so that
+# the work per request (choices, tools, bias entries) cannot grow without limit inside that body.
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 256
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 128  # on one earlier assistant message
+MAX_LOGIT_BIAS = 1024  # entries
+MAX_PROMPTS = 64  # prompts of one completion request
+MAX_CHOICES = 64  # prompts x n
+MAX_NAME_CHARS = 256  # tool and function names, message names, `user`
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 0.01
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -205,8 +219,8 @@ class ChatMessageParam(RequestModel):
 
     role: Role
     content: str | list[TextContentPart] | None = Field(default=None, validate_default=True)
-    name: str | None = None
-    tool_calls: list[ToolCallParam] | None = None
+    name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    tool_calls: list[ToolCallParam] | None = Field(default=None, max_length=MAX_TOOL_CALLS)
     tool_call_id: str | None = None
 
     @field_validator("content", mode="before")
@@ -218,6 +232,8 @@ class ChatMessageParam(RequestModel):
                 raise ValueError(f"content is required for a message with role '{role}'")
             return value
         if isinstance(value, list):
+            if len(value) > MAX_CONTENT_PARTS:
+                raise ValueError(f"at most {MAX_CONTENT_PARTS} content parts are allowed")
             for part in value:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind is not None and kind != "text":
@@ -251,7 +267,7 @@ class ChatMessageParam(RequestModel):
 class FunctionDefinition(RequestModel):
     """A function the model may call: name, description and JSON-schema parameters."""
 
-    name: str
+    name: str = Field(max_length=MAX_NAME_CHARS)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -327,12 +343,13 @@ class SamplingRequest(RequestModel):
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, LogitBiasValue] | None = None
-    user: str | None = None
+    logit_bias: dict[str, LogitBiasValue] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    user: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     # vLLM extensions. top_k <= 0 and min_p == 0 mean "off"; repetition_penalty 1.0 is off.
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    # numerically safe range: logits are divided by it, and 1e-38 made them infinite
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=10.0)
     ignore_eos: bool = False
 
     @field_validator("stream_options")
@@ -349,8 +366,11 @@ class SamplingRequest(RequestModel):
     @field_validator("stop")
     @classmethod
     def _stop_limits(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long")
         return value
 
     @field_validator("logit_bias")
@@ -397,8 +417,11 @@ class SamplingRequest(RequestModel):
                     f"logit_bias token id {token} is outside the vocabulary", param="logit_bias"
                 )
         message = swarm_pb2.SamplingParams(
-            # top_p == 0 keeps no token but the best: greedy (0 means "off" on the wire)
-            temperature=0.0 if self.top_p == 0 else self.temperature,
+            # top_p == 0 keeps no token but the best: greedy (0 means "off" on the wire); so is a
+            # temperature too small to divide logits by (vLLM's rule: 1e-45 made them infinite)
+            temperature=0.0
+            if self.top_p == 0 or self.temperature < GREEDY_BELOW_TEMPERATURE
+            else self.temperature,
             top_p=self.top_p,
             top_k=max(0, self.top_k or 0),
             min_p=self.min_p or 0.0,
@@ -417,7 +440,7 @@ class SamplingRequest(RequestModel):
 class ChatCompletionRequest(SamplingRequest):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessageParam] = Field(min_length=1)
+    messages: list[ChatMessageParam] = Field(min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # ``max_tokens`` is deprecated by OpenAI in favour of ``max_completion_tokens``;
@@ -425,7 +448,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
-    tools: list[ChatCompletionTool] | None = None
+    tools: list[ChatCompletionTool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -501,6 +524,8 @@ class CompletionRequest(SamplingRequest):
         if isinstance(value, list):
             if not value:
                 raise ValueError("prompt must not be an empty list")
+            if isinstance(value[0], (str, list)) and len(value) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed in one request")
             for item in value:
                 if isinstance(item, list):
                     if not item:
@@ -522,6 +547,13 @@ class CompletionRequest(SamplingRequest):
         if value is not None and value > (n or 1):
             raise ValueError("best_of greater than n is not supported; use n")
         return value
+
+    @model_validator(mode="after")
+    def _choices_bounded(self) -> CompletionRequest:
+        # every choice is a generation through the swarm: n per prompt
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise ValueError(f"prompts x n must be at most {MAX_CHOICES}")
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list, each a string or a list of token ids.

@@ -33,8 +33,9 @@ class Pin:
     route: Route
     # tokens the route's peers already hold for this conversation (used for cache reuse)
     tokens: list[int] = field(default_factory=list)
-    # the session id the route's peers keep those tokens under (resumed by the next turn)
-    peer_session: str = ""
+    # what the peers' session id (the capability that resumes their caches) is derived from with
+    # the gateway's secret (`Gateway.peer_session_id`): the id itself is never stored
+    session_nonce: str = ""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -42,7 +43,7 @@ class Pin:
                 "model": self.model,
                 "route": [hop.to_dict() for hop in self.route],
                 "tokens": self.tokens,
-                "peer_session": self.peer_session,
+                "session_nonce": self.session_nonce,
             }
         )
 
@@ -53,8 +54,17 @@ class Pin:
             model=str(data["model"]),
             route=tuple(Hop.from_dict(hop) for hop in data["route"]),
             tokens=[int(token) for token in data.get("tokens", [])],
-            peer_session=str(data.get("peer_session", "")),
+            session_nonce=str(data.get("session_nonce", "")),
         )
+
+
+def scoped_key(authorization: str | None, key: str) -> str:
+    """The pin key of `key` for the client that sent `authorization`: a client with another key
+    (or none) cannot read or overwrite it. The token itself is not stored, only a hash of it."""
+    if not authorization:
+        return key
+    scope = hashlib.sha256(authorization.strip().encode()).hexdigest()[:16]
+    return f"{scope}:{key}"
 
 
 def conversation_key(model: str, messages: list[dict]) -> str:

@@ -14,6 +14,9 @@ class GatewaySettings:
     dht_port: int = 0
     redis_url: str | None = None
     api_key: str | None = None
+    open_ops: bool = False  # with api_key: /metrics, /swarm, /swarm/api, /docs, /openapi.json stay open
+    # derives the peers' session ids from pins (`Gateway.peer_session_id`); None: random per process
+    session_secret: str | None = None
     step_timeout: float = 10.0
     failover_timeout: float = 5.0  # search for a replacement peer this long after a failure
     session_ttl: float = 3600.0

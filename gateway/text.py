@@ -451,15 +451,16 @@ class StopMatcher:
     stop sequence and everything after it are never returned (OpenAI's behaviour). If
     several stops complete in the same chunk, the one that starts first wins.
 
-    Cost per call: a ``str.find`` per stop over the held tail plus the new text, and a
-    set lookup per held-back length (bounded by the longest stop).
+    Cost per call: a ``str.find`` per stop over the held tail plus the new text, and, per
+    stop, a ``startswith`` at each place in the tail where that stop's first character occurs.
+    Memory is the stops themselves and a tail shorter than the longest one: linear in their
+    length (a matcher that kept every prefix of every stop grew quadratically; a 1 MB stop
+    string took gigabytes).
     """
 
     def __init__(self, stops: Iterable[str] | None) -> None:
         self.stops: tuple[str, ...] = tuple(dict.fromkeys(s for s in (stops or ()) if s))
         self._max_len = max((len(s) for s in self.stops), default=0)
-        # Every proper prefix of every stop: the tails worth holding back.
-        self._prefixes = frozenset(s[:k] for s in self.stops for k in range(1, len(s)))
         self._held = ""
         self.stopped = False
         #: The stop sequence that ended the text, once ``stopped``.
@@ -486,16 +487,23 @@ class StopMatcher:
             self.stopped = True
             self._held = ""
             return buffer[:cut], True
-        hold = 0
-        for k in range(min(len(buffer), self._max_len - 1), 0, -1):
-            if buffer[-k:] in self._prefixes:
-                hold = k
-                break
+        hold = max((self._partial(buffer, stop) for stop in self.stops), default=0)
         if hold:
             self._held = buffer[-hold:]
             return buffer[:-hold], False
         self._held = ""
         return buffer, False
+
+    @staticmethod
+    def _partial(buffer: str, stop: str) -> int:
+        """Length of the longest end of `buffer` that begins `stop` (a stop still in the making)."""
+        begin = max(0, len(buffer) - len(stop) + 1)
+        at = buffer.find(stop[0], begin)
+        while at != -1:
+            if stop.startswith(buffer[at:]):
+                return len(buffer) - at
+            at = buffer.find(stop[0], at + 1)
+        return 0
 
     def flush(self) -> str:
         """Release the held-back tail at the end of generation (it is not a stop)."""

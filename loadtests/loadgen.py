@@ -17,6 +17,29 @@ as JSON.
 `--multi-turn N` makes each request a conversation of N turns: every turn resends the history
 plus a new user message, as plain chat clients do (no session header unless `--session-header`),
 so the gateway's cache reuse across turns shows in the TTFT of turns 2..N (reported apart).
+
+Why our own and not aiperf or guidellm: both drive an OpenAI endpoint and report TTFT / ITL
+percentiles, and on a local `swarm up` (4 streams, 32 tokens out, 30 s) they agree with this
+module. aiperf and this module sized prompts to the same 64 server-counted tokens; guidellm
+counted 64 too. But they cost far more and miss what the benchmarks use. Footprint:
+aiperf 0.13 is 142 packages and 1.2 GB (transformers, pandas, scipy, dash, kubernetes; Python
+3.11-3.13), and guidellm 0.8.1 is 6 GB because it requires unpinned torch (it pulled 2.14 with
+CUDA 13 wheels, which clashes with our CPU torch). This module needs only httpx. Client cost per
+run: 2.3 CPU-s and 39 MB RSS here, against 17 CPU-s and 270 MB for aiperf (41 s wall) and
+18 CPU-s and 1.1 GB for guidellm (53 s wall). A CPU swarm shares those cores, so aiperf measured
+8.4 req/s where this module measured 10.1 and guidellm 9.8. Missing features:
+`bench_batching` calls `run_load` and `stream_chat` in process (per level, while it samples peer
+RSS; the second-turn TTFT), and `tests/test_serving.py` runs this CLI. Both libraries are CLIs
+with worker processes that need a local tokenizer to size prompts, where this module asks the
+server. aiperf also counts output tokens by re-tokenizing the text by default, which read 64.5
+"tokens" per 32-token reply from this model, unless `--use-server-token-count` is given. Token-
+exact and failover checks stay in `chaos.py` / `bench_decode.py`; neither library records
+per-stream tokens. Names differ: their "ITL" is our TPOT, and our ITL (gaps between chunks, as
+in vLLM) is aiperf's `inter_chunk_latency`. Use aiperf only as an optional cross-check, from its
+own virtualenv and on other cores, never as a dependency:
+`aiperf profile --model swarm-demo --url URL --endpoint-type chat --streaming --concurrency 4
+--benchmark-duration 30 --prompt-input-tokens-mean 50 --prompt-output-tokens-mean 32
+--extra-inputs ignore_eos:true --use-server-token-count --tokenizer MODEL_DIR --ui none`.
 """
 
 from __future__ import annotations

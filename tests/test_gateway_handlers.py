@@ -4,6 +4,8 @@ Exactness against `transformers` on the same weights; the multi-process tests co
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -87,16 +89,25 @@ async def peers(demo_model):
             await server.stop()
 
 
-@pytest_asyncio.fixture
-async def gateway(peers, demo_model):
-    """(client, fake swarm, fake sessions) of an app in this process."""
+@contextlib.asynccontextmanager
+async def app_in_process(peers, demo_model, **settings):
+    """(client, fake swarm, fake sessions, the app) of a gateway app in this process."""
     records = [server.record() for server in peers]
     swarm, sessions = FakeSwarm(records), FakeSessions()
-    app = create_app(GatewaySettings(models={MODEL: str(demo_model)}), swarm=swarm, sessions=sessions)
+    app = create_app(
+        GatewaySettings(models={MODEL: str(demo_model)}, **settings), swarm=swarm, sessions=sessions
+    )
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client, swarm, sessions
+            yield client, swarm, sessions, app
+
+
+@pytest_asyncio.fixture
+async def gateway(peers, demo_model):
+    """(client, fake swarm, fake sessions) of an app in this process."""
+    async with app_in_process(peers, demo_model) as (client, swarm, sessions, _):
+        yield client, swarm, sessions
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +226,141 @@ async def test_a_peer_failing_mid_stream_reaches_the_client_as_an_error_event(ga
     events = sse_data(response.text)
     assert events[-1]["error"]["type"] == "unavailable_error"
     assert time.monotonic() - started < 30
+
+
+# -- hardening: no single request or client takes the service down ---------------------------
+
+
+async def test_poison_sampling_parameters_neither_fail_nor_ban(gateway):
+    """A temperature that underflows is greedy (it made the last span's logits infinite and failed
+    the whole batched pass); a repetition penalty below the safe floor is a 400; nobody is banned."""
+    client, _, _ = gateway
+    body = {"model": MODEL, "prompt": "Hello there my friend", "max_tokens": 6, "ignore_eos": True}
+    greedy = (await client.post("/v1/completions", json={**body, "temperature": 0})).json()
+    for temperature in (1e-45, 1e-40, 1e-7):
+        response = await client.post("/v1/completions", json={**body, "temperature": temperature})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+    response = await client.post("/v1/completions", json={**body, "repetition_penalty": 1e-38})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "repetition_penalty"
+    gw = client._transport.app.state.gateway
+    assert gw.policy.excluded() == set()
+
+
+async def test_a_huge_stop_string_is_refused_and_matching_memory_is_linear(gateway):
+    import tracemalloc
+
+    from gateway.text import StopMatcher
+
+    client, _, _ = gateway
+    response = await client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "x", "stop": ["x" * (1 << 20)]}
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stop"
+    # The matcher itself: a 20,000-character stop cost ~200 MB when every prefix was kept.
+    tracemalloc.start()
+    matcher = StopMatcher(["ab" * 10_000])
+    text, stopped = matcher.feed("zz" + "ab" * 9_000)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert (text, stopped) == ("zz", False) and peak < 1 << 20
+    assert matcher.feed("ab" * 1_000 + "tail") == ("", True)
+
+
+async def test_a_chunked_body_past_the_limit_gets_413_before_it_is_read(peers, demo_model):
+    async with app_in_process(peers, demo_model, max_body_bytes=64 * 1024) as (client, *_):
+        sent = 0
+
+        async def body():
+            nonlocal sent
+            yield b'{"model": "m", "prompt": "'
+            for _ in range(1024):  # 64 MiB if it were all read
+                sent += 1
+                yield b"x" * 65536
+
+        response = await client.post(
+            "/v1/completions", content=body(), headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+        assert sent < 16, "the body was read far past the limit"
+        small = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert small.status_code == 200
+
+
+async def test_big_prompts_do_not_stall_a_small_request(gateway):
+    """Tokenizing 2 MB prompts runs off the event loop, one big prompt at a time: a small request
+    sent after them finishes while they are still being worked on."""
+    client, _, _ = gateway
+    finished: list[str] = []
+
+    async def send(name: str, prompt: str, max_tokens: int):
+        response = await client.post(
+            "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens}
+        )
+        finished.append(name)
+        return response
+
+    big = [asyncio.create_task(send(f"big{i}", "word " * 400_000, 1)) for i in range(4)]
+    await asyncio.sleep(0)  # the big ones are in before the small one
+    small = await send("small", "Hello", 2)
+    assert small.status_code == 200
+    responses = await asyncio.gather(*big)
+    assert {r.status_code for r in responses} == {400}  # past the context, after tokenizing
+    assert finished.index("small") < 3, finished
+
+
+async def test_models_retrieve_with_the_openai_sdk(gateway):
+    from openai import AsyncOpenAI, NotFoundError
+
+    client, _, _ = gateway
+    sdk = AsyncOpenAI(base_url="http://gateway/v1", api_key="unused", http_client=client)
+    card = await sdk.models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model"
+    with pytest.raises(NotFoundError):
+        await sdk.models.retrieve("no-such-model")
+    assert (await client.get(f"/models/{MODEL}")).status_code == 200  # without /v1 too
+
+
+async def test_the_api_key_guards_the_operator_pages_unless_opened(peers, demo_model):
+    key = {"authorization": "Bearer sekret"}
+    async with app_in_process(peers, demo_model, api_key="sekret") as (client, *_):
+        for path in ("/metrics", "/swarm", "/swarm/api", "/openapi.json", "/docs", "/v1/models"):
+            denied = await client.get(path)
+            assert denied.status_code == 401 and denied.json()["error"]["type"] == "authentication_error", (
+                path
+            )
+            assert (await client.get(path, headers=key)).status_code == 200, path
+        assert (await client.get("/metrics", headers={"authorization": "Bearer wrong"})).status_code == 401
+        assert (await client.get("/health")).status_code == 200
+    async with app_in_process(peers, demo_model, api_key="sekret", open_ops=True) as (client, *_):
+        assert (await client.get("/metrics")).status_code == 200
+        assert (await client.get("/v1/models")).status_code == 401
+
+
+async def test_a_session_id_is_scoped_by_key_and_its_capability_is_not_stored(gateway):
+    client, _, sessions = gateway
+    gw = client._transport.app.state.gateway
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3, "seed": 1}
+    alice = {"x-session-id": "shared-id", "authorization": "Bearer alice"}
+    mallory = {"x-session-id": "shared-id", "authorization": "Bearer mallory"}
+    assert (await client.post("/v1/chat/completions", json=body, headers=alice)).status_code == 200
+    [(alice_key, alice_pin)] = sessions.pins.items()
+    other = {**body, "messages": [{"role": "user", "content": "something else entirely"}]}
+    assert (await client.post("/v1/chat/completions", json=other, headers=mallory)).status_code == 200
+    assert sessions.pins[alice_key] is alice_pin and len(sessions.pins) == 2  # untouched
+    capability = gw.peer_session_id(alice_pin.session_nonce)
+    assert capability not in alice_pin.to_json() and "alice" not in alice_key
+
+
+async def test_a_peer_banned_after_a_stall_is_readmitted_when_it_answers(gateway, peers):
+    """Never 503 while a banned peer that answers could serve the model."""
+    client, swarm, _ = gateway
+    gw = client._transport.app.state.gateway
+    from common.peer_client import PeerError
+
+    for record in swarm.records:  # as if each had missed a step deadline once
+        gw.policy.peer_failed(record.peer_id, PeerError(record.address, None, "no answer within 10.0 s"))
+    assert gw.policy.excluded() == {record.peer_id for record in swarm.records}
+    response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert response.status_code == 200, response.text
+    assert gw.policy.excluded() == set()

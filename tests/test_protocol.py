@@ -232,7 +232,7 @@ def test_completion_request_full_and_nulls() -> None:
             "presence_penalty": 0.1,
             "logprobs": 3,
             "n": 2,
-            "best_of": 3,
+            "best_of": 2,
             "stop": ["\n\n"],
             "unknown_knob": 1,
         }

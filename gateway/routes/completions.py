@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 
 from gateway import protocol
-from gateway.core import GatewayDep, check_auth
+from gateway.auth import check_auth
+from gateway.core import GatewayDep
 from gateway.routes.unknown import log_unknown_fields
 from gateway.serving.completion import serve_completion
 

@@ -1,29 +1,38 @@
-"""`GET /v1/models`: the models whose every block a live peer serves right now."""
+"""`GET /v1/models` (the models whose every block a live peer serves right now) and
+`GET /v1/models/{id}` (one model this gateway serves, covered or not)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from gateway import protocol
-from gateway.core import GatewayDep, check_auth
+from gateway import errors, protocol
+from gateway.auth import check_auth
+from gateway.core import Gateway, GatewayDep
+from gateway.models import ServedModel
 from gateway.precision import precisions
 from gateway.routing import covered
 
 router = APIRouter(dependencies=[Depends(check_auth)])
 
 
+async def _card(gw: Gateway, served: ServedModel) -> tuple[protocol.ModelCard, bool]:
+    records = await gw.swarm.peers(served.id)
+    card = protocol.ModelCard(
+        id=served.id, created=served.created, max_model_len=served.max_context, precisions=precisions(records)
+    )
+    return card, covered(records, served.num_blocks)
+
+
 @router.get("/models", response_model=protocol.ModelList)
 async def list_models(gw: GatewayDep) -> protocol.ModelList:
-    cards = []
-    for served in gw.models.values():
-        records = await gw.swarm.peers(served.id)
-        if covered(records, served.num_blocks):
-            cards.append(
-                protocol.ModelCard(
-                    id=served.id,
-                    created=served.created,
-                    max_model_len=served.max_context,
-                    precisions=precisions(records),
-                )
-            )
-    return protocol.ModelList(data=cards)
+    cards = [await _card(gw, served) for served in gw.models.values()]
+    return protocol.ModelList(data=[card for card, servable in cards if servable])
+
+
+@router.get("/models/{model_id:path}", response_model=protocol.ModelCard)
+async def retrieve_model(model_id: str, gw: GatewayDep) -> protocol.ModelCard:
+    served = gw.models.get(model_id)
+    if served is None:
+        raise errors.model_not_found(model_id)
+    card, _ = await _card(gw, served)
+    return card

@@ -21,37 +21,44 @@ from gateway.models import ServedModel
 from gateway.serving.choices import ChoiceOutcome, ChoiceSpec, Piece, collect, sampling_for_choice
 from gateway.serving.events import event_stream, route_headers
 from gateway.serving.logprobs import chat_logprobs
-from gateway.sessions import SESSION_HEADER, conversation_key, next_turn_key
+from gateway.sessions import SESSION_HEADER, conversation_key, next_turn_key, scoped_key
 from gateway.text import encode_continuing, encode_prompt, render_chat
 
 
 async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: Request, response: Response):
     served, precision = gw.model_and_precision(req.model)
     messages = req.template_messages()
-    try:
-        prompt = render_chat(
+    size = sum(len(message["content"]) for message in messages)
+
+    def render() -> str:
+        return render_chat(
             served.tokenizer,
             messages,
             tools=req.template_tools(),
             chat_template_kwargs=req.chat_template_kwargs,
         )
+
+    try:
+        prompt = await gw.prompt_work.run(size, render)
     except ValueError as exc:
         raise errors.invalid_request(str(exc), param="messages") from exc
+    authorization = request.headers.get("authorization")
     explicit_key = request.headers.get(SESSION_HEADER)
-    key = explicit_key or conversation_key(served.id, messages)
+    key = scoped_key(authorization, explicit_key or conversation_key(served.id, messages))
     pin = await gw.pinned(served, key, precision)
     # A conversation the route holds continues the exact ids the model produced (see
     # `encode_continuing`); a new one, or one whose pin expired, is tokenized from its text.
     if pin is not None and pin.tokens:
-        prompt_ids = encode_continuing(served.tokenizer, prompt, pin.tokens)
+        prompt_ids = await gw.prompt_work.run(size, encode_continuing, served.tokenizer, prompt, pin.tokens)
     else:
-        prompt_ids = encode_prompt(served.tokenizer, prompt)
+        prompt_ids = await gw.prompt_work.run(size, encode_prompt, served.tokenizer, prompt)
     max_new = served.new_token_budget(prompt_ids, req.effective_max_tokens(), "max_tokens")
     top = req.top_logprobs or 0
     sampling = req.to_sampling_params(len(served.tokenizer), logprobs=req.logprobs, top_logprobs=top)
     plan = tools.plan_output(req)
     route = pin.route if pin is not None else await gw.plan(served, len(prompt_ids) + max_new, precision)
-    peer_session = (pin.peer_session if pin is not None else "") or uuid.uuid4().hex
+    nonce = (pin.session_nonce if pin is not None else "") or uuid.uuid4().hex
+    peer_session = gw.peer_session_id(nonce)
     specs = [
         ChoiceSpec(
             index=i,
@@ -74,11 +81,11 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
         """Pin the conversation as it continues after `reply`, on the route that served choice 0
         (a failover may have replaced hops: the replacements replayed it under the same session)."""
         await gw.pin(
-            explicit_key or next_turn_key(served.id, messages, reply),
+            scoped_key(authorization, explicit_key or next_turn_key(served.id, messages, reply)),
             served,
             outcome.route if outcome else route,
             tokens=outcome.held_tokens if outcome else [],
-            peer_session=peer_session,
+            session_nonce=nonce,
         )
 
     if req.stream:

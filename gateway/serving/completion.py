@@ -22,7 +22,7 @@ from gateway.models import ServedModel
 from gateway.serving.choices import ChoiceSpec, Piece, collect, sampling_for_choice
 from gateway.serving.events import event_stream, route_headers
 from gateway.serving.logprobs import completion_logprobs, prompt_logprobs
-from gateway.sessions import SESSION_HEADER
+from gateway.sessions import SESSION_HEADER, scoped_key
 from gateway.text import encode_prompt
 
 
@@ -56,7 +56,8 @@ async def serve_completion(
     gw: Gateway, req: protocol.CompletionRequest, request: Request, response: Response
 ):
     served, precision = gw.model_and_precision(req.model)
-    prompts = tokenize_prompts(req, served)
+    size = sum(len(prompt) for prompt in req.prompts())
+    prompts = await gw.prompt_work.run(size, tokenize_prompts, req, served)
     max_tokens = req.effective_max_tokens()
     if max_tokens == 0 and not req.echo:
         raise errors.invalid_request(
@@ -86,6 +87,7 @@ async def serve_completion(
                 )
             )
     key = request.headers.get(SESSION_HEADER)
+    key = key and scoped_key(request.headers.get("authorization"), key)
     longest = max(len(spec.prompt_ids) + spec.max_new_tokens for spec in specs)
     route = await gw.route_for(served, key, longest, precision)
     await gw.pin(key, served, route)
