@@ -105,8 +105,8 @@ class PeerSession:
         try:
             await call.write(swarm_pb2.InferenceRequest(close=swarm_pb2.Close()))
             await call.done_writing()
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
-            pass
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.InvalidStateError):
+            pass  # the stream already ended (the peer closed it, or it broke)
         finally:
             # Also when the polite close above is cancelled (a client that disconnected
             # mid-stream cancels the whole request, and anyio re-cancels every await in it):

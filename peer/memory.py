@@ -20,12 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections import OrderedDict
 from typing import Protocol
 
 log = logging.getLogger("peer.memory")
+
+
+def session_tag(session_id: str) -> str:
+    """What logs show of a session id: the first 8 hex digits of its sha256. The id itself is a
+    capability (whoever knows it can resume the session's cache), so it is never logged."""
+    return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 class BudgetExhausted(Exception):
@@ -150,7 +157,7 @@ class SessionTable:
             session_id, session = self.idle.popitem(last=False)
             self.reserved_idle -= session.reserved
             self.evictions += 1
-            log.debug("evicted idle session %s (%d tokens)", session_id, session.cache.length)
+            log.debug("evicted idle session %s (%d tokens)", session_tag(session_id), session.cache.length)
 
     def expire(self) -> None:
         if not self.idle:

@@ -9,7 +9,8 @@ Processor order (as in HF ``generate`` / vLLM):
    presence * (count > 0)``, counting ``history[penalty_start:]``; pass the prompt length as
    ``penalty_start`` to count only generated tokens as OpenAI does.
 4. ``allowed_token_ids``: every other token gets ``-inf``.
-5. temperature (0 means greedy: argmax, ties to the lowest id, steps 6-8 skipped), then
+5. temperature (0, or below ``GREEDY_BELOW_TEMPERATURE``, means greedy: argmax, ties to the
+   lowest id, steps 6-8 skipped), then
 6. top-k, 7. top-p (nucleus), 8. min-p, and a draw from the remaining distribution.
 
 Logprobs (``SampleResult.logprob`` and ``top_logprobs``) are ``log_softmax`` of the logits after
@@ -41,6 +42,19 @@ _MASK64 = (1 << 64) - 1
 #: the gateway's bound on ``top_logprobs`` (OpenAI's): each prompt token carries this many.
 MAX_TOP_LOGPROBS = 20
 
+# Numerically safe ranges (network input; ``SamplingParams`` refuses anything outside them). A
+# peer must never divide logits into infinities: one session's NaN would fail the sampling of
+# every session in its forward pass. So a temperature below GREEDY_BELOW_TEMPERATURE is greedy
+# (vLLM's rule: 1e-45 made every logit infinite), a repetition penalty divides or multiplies by at
+# most 100, and biases and presence / frequency penalties stay within +-100 (OpenAI's own bounds
+# are +-100 and +-2): with finite logits, every processor and the smallest temperature together
+# stay many orders of magnitude inside fp32's range. `Sampler.sample` still refuses non-finite
+# logits and probabilities (ValueError), and the scheduler fails only that session's step.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+PENALTY_LIMIT = 100.0
+LOGIT_BIAS_LIMIT = 100.0
+
 
 @dataclass
 class SamplingParams:
@@ -65,9 +79,17 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number, got {value}")
             return value
 
+        def within(name: str, value: float, low: float, high: float) -> float:
+            value = finite(name, value)
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
+            return value
+
         self.temperature = finite("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:
+            self.temperature = 0.0  # dividing by it would overflow the logits: greedy, as vLLM does
         self.top_p = finite("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -79,16 +101,22 @@ class SamplingParams:
         self.min_p = finite("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        self.repetition_penalty = finite("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        self.presence_penalty = finite("presence_penalty", self.presence_penalty)
-        self.frequency_penalty = finite("frequency_penalty", self.frequency_penalty)
+        self.repetition_penalty = within(
+            "repetition_penalty", self.repetition_penalty, *REPETITION_PENALTY_RANGE
+        )
+        self.presence_penalty = within(
+            "presence_penalty", self.presence_penalty, -PENALTY_LIMIT, PENALTY_LIMIT
+        )
+        self.frequency_penalty = within(
+            "frequency_penalty", self.frequency_penalty, -PENALTY_LIMIT, PENALTY_LIMIT
+        )
         bias = {}
         for token_id, value in dict(self.logit_bias).items():
             if int(token_id) < 0:
                 raise ValueError(f"logit_bias token id must be >= 0, got {token_id}")
-            bias[int(token_id)] = finite(f"logit_bias[{token_id}]", value)
+            bias[int(token_id)] = within(
+                f"logit_bias[{token_id}]", value, -LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT
+            )
         self.logit_bias = bias
         if self.seed is not None:
             self.seed = int(self.seed)
@@ -105,20 +133,24 @@ class SamplingParams:
     @classmethod
     def from_message(cls, message: Any, vocab_size: int) -> SamplingParams:
         """From a ``swarm.SamplingParams`` message (network input), whose zeros mean "unset" (see
-        swarm.proto). ValueError for anything out of range, ``logit_bias`` ids past the vocabulary
-        included; the servicer answers it with INVALID_ARGUMENT.
+        swarm.proto). ValueError for anything out of range (a negative or NaN ``top_p`` or
+        ``repetition_penalty`` is refused, not taken for "unset"), ``logit_bias`` ids past the
+        vocabulary and ``top_logprobs`` past MAX_TOP_LOGPROBS included; the servicer answers it
+        with INVALID_ARGUMENT.
 
         Duck-typed so this module does not import the generated protobuf code.
         """
         bias = {int(token): float(value) for token, value in message.logit_bias.items()}
         if any(not 0 <= token < vocab_size for token in bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
+        if not 0 <= message.top_logprobs <= MAX_TOP_LOGPROBS:  # each answer carries this many
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {message.top_logprobs}")
         return cls(
             temperature=message.temperature,
-            top_p=message.top_p if message.top_p > 0 else 1.0,
+            top_p=message.top_p if message.top_p != 0 else 1.0,
             top_k=message.top_k,
             min_p=message.min_p,
-            repetition_penalty=message.repetition_penalty if message.repetition_penalty > 0 else 1.0,
+            repetition_penalty=message.repetition_penalty if message.repetition_penalty != 0 else 1.0,
             presence_penalty=message.presence_penalty,
             frequency_penalty=message.frequency_penalty,
             logit_bias=bias,
@@ -157,6 +189,8 @@ class Sampler:
             raise ValueError(f"logits must be a non-empty 1-D tensor, got shape {tuple(logits.shape)}")
         params, vocab = self.params, logits.numel()
         scores = logits.detach().to("cpu", torch.float32).clone()
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("the logits are not finite (NaN or infinity in the hidden states)")
         penalised = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
         # the history grows with the sequence: only turn it into a tensor when a penalty reads it
         history = _token_ids(history_token_ids if penalised else (), vocab, "history_token_ids")
@@ -216,8 +250,11 @@ class Sampler:
         return scores
 
     def _draw(self, scores: torch.Tensor, position: int) -> int:
+        probs = scores.softmax(-1)
+        if not bool(torch.isfinite(probs).all()):  # never with the parameters' ranges; checked anyway
+            raise ValueError("the sampling parameters made the probabilities non-finite")
         self.generator.manual_seed(_mix(self.seed, position))
-        return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+        return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
 def _token_ids(ids: Sequence[int] | torch.Tensor, vocab: int, name: str) -> torch.Tensor:

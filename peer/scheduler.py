@@ -8,6 +8,11 @@ Concurrency contract
   at most one step in flight because the gateway waits for each result.
 * Steps arrive validated (`peer.servicer` checks them at the edge and answers INVALID_ARGUMENT);
   nothing here looks at network input again.
+* One session cannot fail another's pass: what is per session after the shared matmuls (the
+  checks that its logits are finite, its sampling, its prompt logprobs, its result) runs in
+  isolation, and a failure there fails that step alone (`StepFailed`) while the rest of the pass
+  completes. Only a failure of the shared forward itself (a bug, OOM) fails every step of the pass
+  (`ForwardFailed`).
 * Chunked prefill: a pass holds at most `max_batch_tokens` tokens. Steps are packed shortest
   first, so every waiting decode step gets in; a long prompt fills what is left and its rest
   waits for the next pass, interleaved with everyone's decoding instead of stalling it. What a
@@ -55,6 +60,19 @@ class StepSession(Protocol):
 
 class ForwardFailed(RuntimeError):
     """The forward pass a step was in raised (a bug or OOM): that pass's steps fail, the peer goes on."""
+
+
+class StepFailed(RuntimeError):
+    """One session's step failed on its own; the other steps of its pass completed.
+
+    `bad_input`: the session's own input caused it (its hidden states or its cached history made
+    its logits non-finite, its sampling parameters were refused), answered with INVALID_ARGUMENT;
+    otherwise a bug on this peer, answered with INTERNAL. Either way the session's cache may hold
+    what the failed step wrote, so it must not be kept for a resume."""
+
+    def __init__(self, message: str, *, bad_input: bool):
+        super().__init__(message)
+        self.bad_input = bad_input
 
 
 @dataclass
@@ -238,7 +256,9 @@ class BatchScheduler:
             for (work, _), result in zip(pieces, results, strict=True):
                 if work.future.done():
                     continue
-                if result is None:  # more chunks to go
+                if isinstance(result, StepFailed):  # this session alone; see `_finish`
+                    work.future.set_exception(result)
+                elif result is None:  # more chunks to go
                     self._carry.append(work)
                 else:
                     self.session_steps += 1
@@ -249,7 +269,7 @@ class BatchScheduler:
                     work.future.set_result(result)
 
     @torch.inference_mode()
-    def _forward(self, pieces: list[tuple[StepWork, int]]) -> list[swarm_pb2.StepResult | None]:
+    def _forward(self, pieces: list[tuple[StepWork, int]]) -> list[swarm_pb2.StepResult | StepFailed | None]:
         span = self.span
         inputs = torch.cat([work.inputs[work.done : work.done + count] for work, count in pieces])
         lengths = [count for _, count in pieces]
@@ -258,7 +278,8 @@ class BatchScheduler:
         # biggest weight of the last span, and reading it once per session would make its cost
         # grow linearly with the batch (at 8 sessions, ~3x the whole pass). Rows are the last token of
         # each, plus every row of this chunk whose next token is known for steps that score
-        # their tokens (`Step.prompt_logprobs`: all rows but the step's last).
+        # their tokens (`Step.prompt_logprobs`: all rows but the step's last). A row's logits
+        # depend on that row alone, so one session's NaN stays in its own rows.
         logits_of: dict[int, torch.Tensor] = {}
         scored_of: dict[int, torch.Tensor] = {}
         if span.is_last:
@@ -278,44 +299,64 @@ class BatchScheduler:
                 logits = span.logits(hidden[head_rows])
                 logits_of = {index: logits[at] for index, at in sample_at}
                 scored_of = {index: logits[at : at + known] for index, at, known in score_at}
-        results: list[swarm_pb2.StepResult | None] = []
+        results: list[swarm_pb2.StepResult | StepFailed | None] = []
         offset = 0
         for index, (work, length) in enumerate(pieces):
-            session = work.session
-            session.history.extend(work.token_ids[work.done : work.done + length])
             rows = hidden[offset : offset + length]
             offset += length
-            if index in scored_of:
-                scores = scored_of[index]
-                following = work.token_ids[work.done + 1 : work.done + 1 + scores.shape[0]]
-                for token_id, (logprob, top) in zip(
-                    following, prompt_logprobs(scores, following, work.prompt_logprobs), strict=True
-                ):
-                    work.scored.append((token_id, logprob, top))
-            work.done += length
-            if work.remaining > 0:
-                if not span.is_last:
-                    work.outputs.append(rows)
-                results.append(None)
-                continue
-            result = swarm_pb2.StepResult(cache_length=session.cache.length)
-            if not span.is_last:
-                rows = torch.cat([*work.outputs, rows]) if work.outputs else rows
-                result.hidden.CopyFrom(tensor_codec.encode(rows, session.wire_dtype))
-            elif work.sample:
-                sample = session.sampler.sample(
-                    logits_of[index],
-                    session.history,
-                    work.allowed or None,
-                    penalty_start=session.penalty_start,
-                )
-                result.token_id = sample.token_id
-                result.logprob = sample.logprob
-                for token_id, logprob in sample.top_logprobs:
-                    result.top_logprobs.add(token_id=token_id, logprob=logprob)
-            for token_id, logprob, top in work.scored:
-                entry = result.prompt_logprobs.add(token_id=token_id, logprob=logprob)
-                for alt_id, alt_logprob in top:
-                    entry.top_logprobs.add(token_id=alt_id, logprob=alt_logprob)
+            work.session.history.extend(work.token_ids[work.done : work.done + length])
+            try:
+                result = self._finish(work, length, rows, logits_of.get(index), scored_of.get(index))
+            except StepFailed as exc:
+                result = exc
+            except ValueError as exc:  # the sampler refuses what it was given (see peer.sampling)
+                result = StepFailed(str(exc), bad_input=True)
+            except Exception as exc:  # noqa: BLE001 - a bug here fails this session's step, not the pass
+                log.exception("a session's step failed after its forward pass")
+                result = StepFailed(f"{type(exc).__name__}: {exc}", bad_input=False)
             results.append(result)
         return results
+
+    def _finish(
+        self,
+        work: StepWork,
+        length: int,
+        rows: torch.Tensor,
+        logits: torch.Tensor | None,
+        scored: torch.Tensor | None,
+    ) -> swarm_pb2.StepResult | None:
+        """One session's part of a pass, after the shared forward: its prompt scores, its sample
+        and its `StepResult` (None while chunks remain). Raises for this session alone."""
+        span, session = self.span, work.session
+        if scored is not None:
+            if not bool(torch.isfinite(scored).all()):
+                raise StepFailed(
+                    "the step's logits are not finite (NaN or infinity in its hidden states)", bad_input=True
+                )
+            following = work.token_ids[work.done + 1 : work.done + 1 + scored.shape[0]]
+            for token_id, (logprob, top) in zip(
+                following, prompt_logprobs(scored, following, work.prompt_logprobs), strict=True
+            ):
+                work.scored.append((token_id, logprob, top))
+        work.done += length
+        if work.remaining > 0:
+            if not span.is_last:
+                work.outputs.append(rows)
+            return None
+        result = swarm_pb2.StepResult(cache_length=session.cache.length)
+        if not span.is_last:
+            rows = torch.cat([*work.outputs, rows]) if work.outputs else rows
+            result.hidden.CopyFrom(tensor_codec.encode(rows, session.wire_dtype))
+        elif work.sample:
+            sample = session.sampler.sample(  # ValueError for non-finite logits
+                logits, session.history, work.allowed or None, penalty_start=session.penalty_start
+            )
+            result.token_id = sample.token_id
+            result.logprob = sample.logprob
+            for token_id, logprob in sample.top_logprobs:
+                result.top_logprobs.add(token_id=token_id, logprob=logprob)
+        for token_id, logprob, top in work.scored:
+            entry = result.prompt_logprobs.add(token_id=token_id, logprob=logprob)
+            for alt_id, alt_logprob in top:
+                entry.top_logprobs.add(token_id=alt_id, logprob=alt_logprob)
+        return result

@@ -53,6 +53,13 @@ class PeerConfig:
     cache_bytes: int = 0  # the same budget in bytes (used when cache_tokens is 0)
     open_wait: float = 5.0  # seconds an open waits for cache room before RESOURCE_EXHAUSTED
     idle_ttl: float = 300.0  # seconds a closed session's cache is kept for resumption (0: never)
+    # seconds an opened session may wait for its first step before it is closed (0: forever). A
+    # later hop of a route gets its first step only after the earlier hops' opens and prefills
+    # (the gateway allows --step-timeout, 10 s, for each), so this is well above 10 s.
+    first_step_timeout: float = 30.0
+    # live (or opening) sessions one client host may hold; a gateway opens one per choice of each
+    # request it serves, so the default is far above its load and still bounded
+    max_sessions_per_client: int = 1024
     # tokens per forward pass; longer prefills are chunked. Every decoding stream waits for a pass:
     # 512 tokens of the bench model take ~0.5 s on one CPU core, 256 half that, for the same tokens/s
     # at 16 streams (docs/benchmarks-batching.md)
@@ -142,6 +149,7 @@ class PeerServer:
         self.servicer = PeerServicer(
             span, self.scheduler, peer_id=cfg.peer_id, cache_tokens=cache_tokens, describe=self.record,
             wire_dtype=cfg.wire_dtype, idle_ttl=cfg.idle_ttl, open_wait=cfg.open_wait,
+            first_step_timeout=cfg.first_step_timeout, max_sessions_per_client=cfg.max_sessions_per_client,
         )  # fmt: skip
         self.servicer.throughput = await loop.run_in_executor(None, measure_throughput, span)
         self.server = grpc.aio.server(

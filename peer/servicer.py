@@ -11,12 +11,21 @@ Concurrency contract
   and the model trust what they get, so one session's bad step never fails another's pass.
 * Session bookkeeping (open, close, truncate) happens on the loop, never while that session's step
   is in flight. The KV budget, idle sessions and eviction live in `peer.memory.SessionTable`.
+* No client holds the budget for nothing: a session that is not stepped within
+  `first_step_timeout` seconds of its `opened` reply is closed (DEADLINE_EXCEEDED), and one client
+  host (`context.peer()`) holds at most `max_sessions_per_client` sessions, opening or live
+  (RESOURCE_EXHAUSTED past it).
+* A session id is a capability: whoever knows it can resume its cache. Logs show a tag
+  (`peer.memory.session_tag`), never the id; only a session whose client chose an id of at least
+  MIN_RESUMABLE_ID_CHARS characters (the gateway's are 32 hex digits) is kept for a resume, and a
+  resume reattaches only the idle cache under exactly that id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,13 +37,16 @@ from common.logs import REQUEST_ID_HEADER, set_request_id
 from discovery.records import PeerRecord
 from peer import tensor_codec
 from peer.kv_cache import KVCache
-from peer.memory import BudgetExhausted, SessionTable
+from peer.memory import BudgetExhausted, SessionTable, session_tag
 from peer.model import BlockSpan
 from peer.sampling import MAX_TOP_LOGPROBS, Sampler, SamplingParams
-from peer.scheduler import BatchScheduler, ForwardFailed, StepWork
+from peer.scheduler import BatchScheduler, ForwardFailed, StepFailed, StepWork
 from protos import swarm_pb2, swarm_pb2_grpc
 
 log = logging.getLogger("peer")
+
+MIN_RESUMABLE_ID_CHARS = 16  # a shorter session id could be guessed: such a session is never resumed
+MAX_SESSION_ID_CHARS = 128
 
 
 class StepError(Exception):
@@ -55,6 +67,8 @@ class Session:
     sampler: Sampler | None
     max_length: int
     wire_dtype: torch.dtype
+    resumable: bool = False  # the client chose an id long enough to resume by (kept idle on close)
+    client: str = ""  # host of the stream's client, for --max-sessions-per-client
     history: list[int] = field(default_factory=list)  # token ids the cache holds, for penalties
     penalty_start: int = 0  # presence/frequency penalties count history[penalty_start:] (the prompt length)
     reserved: int = 0  # cache tokens the budget holds for this session (see peer.memory)
@@ -77,7 +91,13 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         wire_dtype: torch.dtype | None = None,
         idle_ttl: float = 300.0,
         open_wait: float = 5.0,
+        first_step_timeout: float = 30.0,
+        max_sessions_per_client: int = 1024,
     ):
+        if first_step_timeout < 0:
+            raise ValueError(f"first_step_timeout must be >= 0 (0: off), got {first_step_timeout}")
+        if max_sessions_per_client < 1:
+            raise ValueError(f"max_sessions_per_client must be >= 1, got {max_sessions_per_client}")
         self.span = span
         self.scheduler = scheduler
         self.peer_id = peer_id
@@ -85,6 +105,9 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.describe = describe
         self.wire_dtype = wire_dtype  # hidden states sent when the client names none; None = compute dtype
         self.table = SessionTable(cache_tokens, idle_ttl=idle_ttl, open_wait=open_wait)
+        self.first_step_timeout = first_step_timeout
+        self.max_sessions_per_client = max_sessions_per_client
+        self.per_client: dict[str, int] = {}  # client host -> its sessions, opening or live
         self.draining = False
         self.throughput = 0.0
         self.all_closed = asyncio.Event()
@@ -100,11 +123,17 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
     def free_cache_tokens(self) -> int:
         return self.table.free_tokens
 
-    async def _open(self, request: swarm_pb2.OpenSession) -> tuple[Session, int]:
-        """Admit a session within the KV budget; returns it and the tokens its cache holds."""
+    async def _open(self, request: swarm_pb2.OpenSession, client: str) -> tuple[Session, int]:
+        """Admit a session within the KV budget and the client's share; returns it and the tokens
+        its cache holds."""
         span = self.span
         if self.draining:
             raise StepError(grpc.StatusCode.UNAVAILABLE, "peer is shutting down; open the session elsewhere")
+        if len(request.session_id) > MAX_SESSION_ID_CHARS:
+            raise StepError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"session_id must be at most {MAX_SESSION_ID_CHARS} characters",
+            )
         if (request.start_block, request.end_block) != (span.start, span.end):
             raise StepError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -131,7 +160,10 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                 sampler = Sampler(SamplingParams.from_message(request.sampling, self.span.config.vocab_size))
             except ValueError as exc:
                 raise StepError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        session_id = request.session_id or uuid.uuid4().hex
+        # Only an id the client chose, long enough not to be guessed, names a resumable cache;
+        # the others get an id of their own that nobody else knows, and are not kept when closed.
+        resumable = len(request.session_id) >= MIN_RESUMABLE_ID_CHARS
+        session_id = request.session_id if resumable else uuid.uuid4().hex
 
         def make() -> Session:
             return Session(
@@ -140,14 +172,29 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                 sampler=sampler,
                 max_length=request.max_length,
                 wire_dtype=wire_dtype,
+                resumable=resumable,
                 penalty_start=max(0, request.sampling.penalty_start),
             )
 
-        resume = request.resume and bool(request.session_id)
+        opened = self.per_client.get(client, 0)
+        if opened >= self.max_sessions_per_client:
+            raise StepError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this client already has {opened} sessions open on this peer, the most one client may hold "
+                "(--max-sessions-per-client); close some first",
+            )
+        self.per_client[client] = opened + 1  # an open that waits for room counts too
         try:
-            session, resumed = await self.table.admit(request.max_length, session_id, resume, make)
+            session, resumed = await self.table.admit(
+                request.max_length, session_id, request.resume and resumable, make
+            )
         except BudgetExhausted as exc:
+            self._uncount(client)
             raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except BaseException:  # the stream was cancelled while it waited for room
+            self._uncount(client)
+            raise
+        session.client = client
         held = 0
         if resumed:
             # Keep only the prefix the caller's sequence shares with what the cache holds.
@@ -163,18 +210,32 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.all_closed.clear()
         log.info(
             "session opened",
-            extra={"session": session_id, "max_length": request.max_length, "resumed": resumed, "held": held},
+            extra={
+                "session": session_tag(session_id),
+                "max_length": request.max_length,
+                "resumed": resumed,
+                "held": held,
+            },
         )
         return session, held
 
     def _close(self, session: Session, keep: bool = True) -> None:
         # The cache itself is freed when the last reference goes: a forward pass already running
         # in the worker thread may still hold this session.
-        self.table.release(session, keep=keep and not self.draining)
+        self.table.release(session, keep=keep and session.resumable and not self.draining)
         self.scheduler.forget(session)
-        log.info("session closed", extra={"session": session.session_id, "tokens": session.cache.length})
+        self._uncount(session.client)
+        log.info(
+            "session closed",
+            extra={"session": session_tag(session.session_id), "tokens": session.cache.length},
+        )
         if not self.table.live:
             self.all_closed.set()
+
+    def _uncount(self, client: str) -> None:
+        left = self.per_client.pop(client, 0) - 1
+        if left > 0:
+            self.per_client[client] = left
 
     def _prepare_step(self, session: Session, step: swarm_pb2.Step) -> StepWork:
         """Check a step against the session and the span (StepError: INVALID_ARGUMENT), rewind the
@@ -231,6 +292,12 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                     f"hidden states must have shape {list(expected)}, got {list(inputs.shape)}",
                 )
             inputs = inputs.to(span.dtype)
+            # In the compute dtype: fp32 values past fp16's range become infinite here. A NaN row
+            # would only poison this session (rows never mix), but it is the caller's error.
+            if not bool(torch.isfinite(inputs).all()):
+                raise StepError(
+                    grpc.StatusCode.INVALID_ARGUMENT, "hidden states must be finite (got NaN or infinity)"
+                )
         if any(not 0 <= token < vocab for token in step.allowed_token_ids):
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"allowed token ids must be in [0, {vocab})")
         if step.position < session.cache.length:
@@ -250,9 +317,28 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
     # -- RPCs --------------------------------------------------------------------------------
     async def Inference(self, request_iterator, context: grpc.aio.ServicerContext):
         session: Session | None = None
+        keep = True  # keep the cache for a resume when the stream ends
+        first_step_due: float | None = None  # loop time by which an opened session must step
         bind_request_id(context)  # log lines of this stream carry the gateway's request id
+        client = client_host(context.peer())
+        requests = aiter(request_iterator)
         try:
-            async for request in request_iterator:
+            while True:
+                try:
+                    async with asyncio.timeout_at(first_step_due):
+                        request = await anext(requests)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    # Opened and never stepped: its reservation would hold the budget for nothing.
+                    log.info(
+                        "session not stepped in time", extra={"session": session_tag(session.session_id)}
+                    )
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"no step within {self.first_step_timeout:g} s of the open "
+                        "(--first-step-timeout): the session was closed and its cache room released",
+                    )
                 kind = request.WhichOneof("kind")
                 try:
                     if kind == "open":
@@ -260,7 +346,9 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                             raise StepError(
                                 grpc.StatusCode.FAILED_PRECONDITION, "this stream already has a session"
                             )
-                        session, held = await self._open(request.open)
+                        session, held = await self._open(request.open, client)
+                        if self.first_step_timeout > 0:
+                            first_step_due = asyncio.get_running_loop().time() + self.first_step_timeout
                         yield swarm_pb2.InferenceResponse(
                             opened=swarm_pb2.Opened(peer_id=self.peer_id, cache_length=held)
                         )
@@ -269,6 +357,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                             raise StepError(
                                 grpc.StatusCode.FAILED_PRECONDITION, "open a session before stepping"
                             )
+                        first_step_due = None
                         result = await self.scheduler.submit(self._prepare_step(session, request.step))
                         result.draining = self.draining  # asks the gateway to move this session
                         yield swarm_pb2.InferenceResponse(result=result)
@@ -278,13 +367,17 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         raise StepError(grpc.StatusCode.INVALID_ARGUMENT, "empty request")
                 except StepError as exc:
                     await context.abort(exc.code, exc.message)
+                except StepFailed as exc:  # this session's step alone; its pass went on
+                    keep = False  # its cache may hold what the failed step wrote
+                    code = grpc.StatusCode.INVALID_ARGUMENT if exc.bad_input else grpc.StatusCode.INTERNAL
+                    await context.abort(code, f"step failed: {exc}")
                 except ForwardFailed as exc:
                     await context.abort(grpc.StatusCode.INTERNAL, f"forward failed: {exc}")
         finally:
             if session is not None:
                 # Kept idle whether the stream closed or broke: a resume compares token ids, so
                 # a cache the caller is unsure of is still safe to offer.
-                self._close(session)
+                self._close(session, keep=keep)
 
     async def Info(self, request, context):
         record = self.describe()
@@ -318,6 +411,16 @@ def bind_request_id(context: grpc.aio.ServicerContext) -> str:
             incoming = value if isinstance(value, str) else value.decode("latin-1")
             break
     return set_request_id(incoming)
+
+
+def client_host(peer: str) -> str:
+    """The host of a gRPC peer string (`context.peer()`: "ipv4:10.0.0.5:51234",
+    "ipv6:[::1]:51234", possibly percent-encoded), which --max-sessions-per-client counts by;
+    the whole string for other transports (unix sockets)."""
+    kind, _, rest = urllib.parse.unquote(peer or "").partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return rest.rpartition(":")[0].strip("[]")
+    return peer or "unknown"
 
 
 def _common_prefix(a: list[int], b) -> int:

@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
           help="seconds a new session waits for cache room before RESOURCE_EXHAUSTED")  # fmt: skip
     _flag(peer, "peer", "--idle-ttl", type=float, default=300.0,
           help="seconds a closed session's cache is kept so the next turn can resume it (0: never)")  # fmt: skip
+    _flag(peer, "peer", "--first-step-timeout", type=float, default=30.0,
+          help="seconds an opened session may wait for its first step; then it is closed (DEADLINE_EXCEEDED) and "
+               "its cache room released. Keep it above the gateway's open wait plus the earlier hops' prefills "
+               "(--step-timeout each) (0: wait forever)")  # fmt: skip
+    _flag(peer, "peer", "--max-sessions-per-client", type=int, default=1024,
+          help="sessions one client host (the gateway's address) may hold open at once; past it an open gets "
+               "RESOURCE_EXHAUSTED. A gateway opens one per choice of each request it serves")  # fmt: skip
     _flag(peer, "peer", "--max-batch-tokens", type=int, default=256,
           help="tokens per forward pass at most; longer prompts are prefilled in chunks of this size")  # fmt: skip
     _flag(peer, "peer", "--batch-wait-ms", type=float, default=3.0,
@@ -247,7 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
         gateway, "gateway", "--dht-port", type=int, default=0, help="UDP port of the gateway's own DHT node"
     )
     _flag(gateway, "gateway", "--redis-url", default=None, help="pin sessions in Redis (default: in memory)")
-    _flag(gateway, "gateway", "--api-key", default=None, help="require this bearer token")
+    _flag(gateway, "gateway", "--api-key", default=None,
+          help="require this bearer token on the API and on /metrics, /swarm, /swarm/api, /docs, /openapi.json")  # fmt: skip
+    _flag(gateway, "gateway", "--open-ops", action="store_true",
+          help="with --api-key: leave /metrics, /swarm, /swarm/api, /docs and /openapi.json open (/health always is)")  # fmt: skip
+    _flag(gateway, "gateway", "--session-secret", default=None,
+          help="key that derives the peers' session ids from the pins (give every replica sharing a Redis the "
+          "same one, so any replica resumes the peers' caches; default: random per process)")  # fmt: skip
     _flag(
         gateway,
         "gateway",
@@ -376,6 +389,10 @@ def cmd_peer(args) -> int:
         validate(args.quant, device, dtype)
         if not 1 <= args.pipeline_groups <= 8:
             raise ValueError(f"--pipeline-groups must be in [1, 8], got {args.pipeline_groups}")
+        if args.first_step_timeout < 0:
+            raise ValueError(f"--first-step-timeout must be >= 0 (0: off), got {args.first_step_timeout}")
+        if args.max_sessions_per_client < 1:
+            raise ValueError(f"--max-sessions-per-client must be >= 1, got {args.max_sessions_per_client}")
     except ValueError as exc:
         print(f"swarm peer: error: {exc}", file=sys.stderr)
         return 2
@@ -397,6 +414,8 @@ def cmd_peer(args) -> int:
         cache_bytes=args.cache_bytes,
         open_wait=args.open_wait,
         idle_ttl=args.idle_ttl,
+        first_step_timeout=args.first_step_timeout,
+        max_sessions_per_client=args.max_sessions_per_client,
         max_batch_tokens=args.max_batch_tokens,
         batch_wait_ms=args.batch_wait_ms,
         threads=args.threads,
@@ -435,6 +454,8 @@ def cmd_gateway(args) -> int:
         dht_port=args.dht_port,
         redis_url=args.redis_url,
         api_key=args.api_key,
+        open_ops=args.open_ops,
+        session_secret=args.session_secret,
         step_timeout=args.step_timeout,
         failover_timeout=args.failover_timeout,
         session_ttl=args.session_ttl,
