@@ -51,8 +51,9 @@ class GenerationParams:
     eos_token_ids: set[int] = field(default_factory=set)
     ignore_eos: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    # Constrained decoding (`gateway.constrained.JsonConstraint`): `allowed()` before each step goes
-    # to the last span as `Step.allowed_token_ids`, `advance(token)` after it. EOS then always ends.
+    # Constrained decoding (`gateway.constrained.Constraint`): `allowed()` before each step goes
+    # to the last span as `Step.allowed_token_ids`, `advance(token)` after it. EOS then always ends,
+    # and so does an output that is complete with nothing but EOS to follow (`finished`).
     constraint: Any = None
     # Cache reuse across turns: the peers' session id, and whether to resume what they kept.
     session_id: str = ""
@@ -543,8 +544,11 @@ async def generate(
             is_eos = event.token_id in params.eos_token_ids
             if is_eos and (not params.ignore_eos or constraint is not None):
                 event.finish_reason = "stop"
+            elif constraint is not None and constraint.finished:
+                event.finish_reason = "stop"  # complete: no step is spent sampling the EOS
             elif produced == params.max_new_tokens:
-                event.finish_reason = "length"
+                # a constrained output that is complete on its last allowed token has stopped
+                event.finish_reason = "stop" if constraint is not None and constraint.complete else "length"
             yield event
             if event.finish_reason:
                 return

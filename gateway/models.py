@@ -36,12 +36,12 @@ class ServedModel:
         return TokenPieces(self.tokenizer)
 
     @cached_property
-    def token_table(self):
-        """Every token's text in a trie, for constrained decoding (`gateway.constrained`)."""
-        from gateway.constrained import TokenTable
-        from gateway.text import _special_ids
+    def constraint_vocab(self):
+        """The tokenizer as constrained decoding sees it (`gateway.constrained.Vocabulary`; built on
+        first use, ~2 s for a 128k vocabulary: call it off the event loop)."""
+        from gateway.constrained import Vocabulary
 
-        return TokenTable(self.pieces, len(self.tokenizer), _special_ids(self.tokenizer))
+        return Vocabulary(self.tokenizer, self.eos_token_ids)
 
     @property
     def has_fim(self) -> bool:

@@ -62,6 +62,7 @@ __all__ = [
     "NamedToolChoice",
     "JsonSchemaSpec",
     "ResponseFormat",
+    "StructuredOutputs",
     "StreamOptions",
     "SamplingRequest",
     "ChatCompletionRequest",
@@ -315,6 +316,18 @@ class ResponseFormat(RequestModel):
         return self
 
 
+class StructuredOutputs(RequestModel):
+    """vLLM's ``structured_outputs``: exactly one of ``json`` (a JSON Schema, or its JSON text),
+    ``json_object``, ``regex``, ``choice`` or ``grammar`` (Lark or GBNF); see `gateway.tools`.
+    ``json`` is aliased: it shadows a BaseModel attribute."""
+
+    json_schema: dict[str, Any] | str | bool | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class StreamOptions(RequestModel):
     """``stream_options``; ``include_usage`` adds a last chunk with ``usage`` and no choices."""
 
@@ -351,6 +364,12 @@ class SamplingRequest(RequestModel):
     # numerically safe range: logits are divided by it, and 1e-38 made them infinite
     repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=10.0)
     ignore_eos: bool = False
+    # vLLM's structured outputs, and the older guided_* fields (gateway.tools.structured_grammar)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | bool | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stream_options")
     @classmethod
@@ -452,6 +471,10 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # Deprecated by OpenAI, still accepted there: mapped onto tools / tool_choice (answered with
+    # ``message.function_call`` and ``finish_reason: "function_call"``, as OpenAI does)
+    functions: list[FunctionDefinition] | None = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -473,6 +496,27 @@ class ChatCompletionRequest(SamplingRequest):
         elif value == "required" and not tools:
             raise ValueError("tool_choice 'required' needs at least one tool in tools")
         return value
+
+    @model_validator(mode="after")
+    def _functions_as_tools(self) -> ChatCompletionRequest:
+        if self.functions is None and self.function_call is None:
+            return self
+        if self.tools is not None or self.tool_choice is not None:
+            raise ValueError("give tools / tool_choice or the deprecated functions / function_call, not both")
+        names = {function.name for function in self.functions or []}
+        if isinstance(self.function_call, NamedFunction) and self.function_call.name not in names:
+            raise ValueError(f"function_call names '{self.function_call.name}', which is not in functions")
+        self.tools = [ChatCompletionTool(function=function) for function in self.functions or []] or None
+        if isinstance(self.function_call, NamedFunction):
+            self.tool_choice = NamedToolChoice(function=self.function_call)
+        else:
+            self.tool_choice = self.function_call
+        return self
+
+    @property
+    def legacy_functions(self) -> bool:
+        """The request used ``functions``: a call is answered as ``message.function_call``."""
+        return self.functions is not None
 
     def effective_max_tokens(self, default: int | None = None) -> int | None:
         """The requested completion length: ``max_completion_tokens``, else ``max_tokens``,
@@ -626,6 +670,7 @@ class ChatMessage(ResponseModel):
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = _omit_none()
+    function_call: FunctionCall | None = _omit_none()  # the deprecated `functions` request field's answer
 
 
 class TopLogprob(ResponseModel):
@@ -698,6 +743,7 @@ class DeltaMessage(ResponseModel):
     role: Literal["assistant"] | None = _omit_none()
     content: str | None = _omit_none()
     tool_calls: list[DeltaToolCall] | None = _omit_none()
+    function_call: DeltaFunctionCall | None = _omit_none()
 
 
 class ChunkChoice(ResponseModel):

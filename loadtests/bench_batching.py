@@ -140,8 +140,8 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loadtests.loadgen import LoadConfig, run_load
     from common.peer_client import ChannelPool
+    from loadtests.loadgen import LoadConfig, run_load
     from peer.demo_model import ensure_demo_model
     from swarm.launcher import LocalSwarm, num_blocks_of, split_blocks
 

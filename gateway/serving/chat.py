@@ -7,6 +7,7 @@ records, and the next turn resumes them and sends only its new tokens (docs/ARCH
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -55,8 +56,7 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
     max_new = served.new_token_budget(prompt_ids, req.effective_max_tokens(), "max_tokens")
     top = req.top_logprobs or 0
     sampling = req.to_sampling_params(len(served.tokenizer), logprobs=req.logprobs, top_logprobs=top)
-    plan = tools.plan_output(req)
-    route = pin.route if pin is not None else await gw.plan(served, len(prompt_ids) + max_new, precision)
+    plan = await asyncio.to_thread(tools.plan_output, req)  # a big schema compiles for milliseconds
     nonce = (pin.session_nonce if pin is not None else "") or uuid.uuid4().hex
     peer_session = gw.peer_session_id(nonce)
     specs = [
@@ -73,6 +73,7 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
         )
         for i in range(req.n)
     ]
+    route = pin.route if pin is not None else await gw.plan(served, specs[0].max_length, precision)
     request_id = current_request_id() or uuid.uuid4().hex
     pieces = gw.run_choices(served, specs, route, request_id)
     pieces = observe_generation(request, pieces, route, served.id, len(prompt_ids), prompt)
@@ -98,12 +99,16 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
     choices = []
     for i in range(req.n):
         content, calls = tool_output(plan, result.texts[i])
+        if calls and plan.legacy:
+            message = protocol.ChatMessage(content=content, function_call=calls[0].function)
+        else:
+            message = protocol.ChatMessage(content=content, tool_calls=calls or None)
         choices.append(
             protocol.ChatCompletionChoice(
                 index=i,
-                message=protocol.ChatMessage(content=content, tool_calls=calls or None),
+                message=message,
                 logprobs=chat_logprobs(served, result.tokens[i], top) if req.logprobs else None,
-                finish_reason="tool_calls" if calls else result.finishes[i],
+                finish_reason=_call_finish(plan) if calls else result.finishes[i],
             )
         )
     usage = protocol.Usage.of(len(prompt_ids), sum(len(t) for t in result.tokens))
@@ -111,13 +116,17 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
 
 
 def tool_output(plan: tools.OutputPlan, text: str) -> tuple[str | None, list[protocol.ToolCall]]:
-    """A choice's ``(content, tool_calls)`` under `plan` (see `gateway.tools`)."""
+    """A choice's ``(content, tool_calls)`` under `plan` (see `gateway.tools`). A forced call's
+    text is never content: cut off by ``max_tokens``, the choice has neither."""
     if plan.mode == "tool_forced":
-        calls = tools.forced_calls(text)
-        return (None, calls) if calls else (text, [])
+        return None, tools.forced_calls(text)
     if plan.mode == "tool_auto":
         return tools.auto_calls(text, plan.tool_names, plan.max_calls)
     return text, []
+
+
+def _call_finish(plan: tools.OutputPlan) -> protocol.FinishReason:
+    return "function_call" if plan.legacy else "tool_calls"
 
 
 async def _chat_events(
@@ -147,6 +156,12 @@ async def _chat_events(
                 if not piece.finish_reason:
                     continue
                 content, calls = tool_output(plan, held[piece.index])
+                if calls and plan.legacy:
+                    call = calls[0].function
+                    function = protocol.DeltaFunctionCall(name=call.name, arguments=call.arguments)
+                    yield stream.delta(protocol.DeltaMessage(function_call=function), piece.index)
+                    yield stream.finish("function_call", piece.index)
+                    continue
                 if calls:
                     deltas = [
                         protocol.DeltaToolCall(

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from gateway.constrained import Grammar, JsonConstraint
+from gateway import errors
+from gateway.constrained import Constraint, Grammar, SchemaError
 from gateway.generation import GenerationParams, PromptLogprobs, RouteRunner, TokenEvent, generate, read_ahead
 from gateway.routing import Route
 from gateway.text import IncrementalDetokenizer, StopMatcher
@@ -34,12 +35,17 @@ class ChoiceSpec:
     # Text completions decode with the prompt's last tokens as context, so a SentencePiece
     # leading space is kept ("The capital is" + "▁Paris" -> " Paris"); chat needs none.
     prompt_context: bool = False
-    grammar: Grammar | None = None  # constrain the output (response_format, forced tool calls)
+    grammar: Grammar | None = None  # constrain the output (structured outputs, forced tool calls)
     # cache reuse: the peers' session id, and whether to resume what they kept of it
     session_id: str = ""
     resume: bool = False
     # score the prompt with this many alternatives per token (completions' echo + logprobs)
     prompt_logprobs: int | None = None
+
+    @property
+    def max_length(self) -> int:
+        """Tokens the route's caches may hold for this choice (what a route must have room for)."""
+        return len(self.prompt_ids) + self.max_new_tokens
 
 
 def sampling_for_choice(base: swarm_pb2.SamplingParams, index: int) -> swarm_pb2.SamplingParams:
@@ -83,9 +89,12 @@ async def run_choice(spec: ChoiceSpec, runner: RouteRunner, served, request_id: 
     matcher = StopMatcher(spec.stops)
     constraint = None
     if spec.grammar is not None:
-        constraint = JsonConstraint(
-            spec.grammar, served.token_table, served.eos_token_ids, spec.max_new_tokens
-        )
+        # off the event loop: the first use of a model builds its vocabulary (~2 s for 128k tokens),
+        # and a matcher compiles its grammar (~1 ms, more for big schemas); both release the GIL
+        try:
+            constraint = await asyncio.to_thread(_constraint, spec, served)
+        except SchemaError as exc:
+            raise errors.invalid_request(f"cannot constrain the output to this: {exc}") from exc
     params = GenerationParams(
         constraint=constraint,
         prompt_ids=spec.prompt_ids,
@@ -105,14 +114,15 @@ async def run_choice(spec: ChoiceSpec, runner: RouteRunner, served, request_id: 
             if isinstance(event, PromptLogprobs):
                 yield Piece(spec.index, "", [], prompt=event.tokens)
                 continue
-            if event.finish_reason == "stop":  # an end-of-sequence token: counted, shows no text
-                finish = "stop"
+            if event.finish_reason == "stop" and event.token_id in served.eos_token_ids:
+                finish = "stop"  # an end-of-sequence token: counted, shows no text
                 yield Piece(spec.index, "", [event])
                 break
             text, stopped = matcher.feed(detokenizer.push(event.token_id))
             if stopped:
                 last = Piece(spec.index, text, [event], "stop")
                 break
+            finish = event.finish_reason or finish  # "stop": a constrained output completed
             yield Piece(spec.index, text, [event])
     # The generator is closed: the runner's caches hold their final tokens (read_ahead may have
     # run a step or two past a stop sequence; the caches hold those too).
@@ -123,6 +133,10 @@ async def run_choice(spec: ChoiceSpec, runner: RouteRunner, served, request_id: 
         last = Piece(spec.index, tail, [], "stop" if stopped else finish)
     last.outcome = outcome
     yield last
+
+
+def _constraint(spec: ChoiceSpec, served) -> Constraint:
+    return Constraint(spec.grammar, served.constraint_vocab, spec.max_new_tokens)
 
 
 async def merge_choices(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:

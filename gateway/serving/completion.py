@@ -8,6 +8,7 @@ the echoed prompt's chunk, once the prefill ran.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -15,7 +16,7 @@ from contextlib import aclosing
 from fastapi import Request, Response
 
 from common.logs import current_request_id
-from gateway import errors, protocol
+from gateway import errors, protocol, tools
 from gateway.core import Gateway
 from gateway.metrics import observe_generation
 from gateway.models import ServedModel
@@ -70,6 +71,8 @@ async def serve_completion(
     sampling = req.to_sampling_params(
         len(served.tokenizer), logprobs=req.logprobs is not None, top_logprobs=top
     )
+    # vLLM's structured outputs; compiling a big schema takes milliseconds: off the event loop
+    grammar = await asyncio.to_thread(tools.structured_grammar, req)
     specs: list[ChoiceSpec] = []
     for p, (_, ids) in enumerate(prompts):
         max_new = served.new_token_budget(ids, max_tokens, "max_tokens")
@@ -84,12 +87,12 @@ async def serve_completion(
                     ignore_eos=req.ignore_eos,
                     prompt_context=True,
                     prompt_logprobs=scoring,
+                    grammar=grammar,
                 )
             )
     key = request.headers.get(SESSION_HEADER)
     key = key and scoped_key(request.headers.get("authorization"), key)
-    longest = max(len(spec.prompt_ids) + spec.max_new_tokens for spec in specs)
-    route = await gw.route_for(served, key, longest, precision)
+    route = await gw.route_for(served, key, max(spec.max_length for spec in specs), precision)
     await gw.pin(key, served, route)
     request_id = current_request_id() or uuid.uuid4().hex
     pieces = gw.run_choices(served, specs, route, request_id)
