@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from swarm.launcher import LocalSwarm, free_port
+from swarm.launcher import Child, LocalSwarm, free_port
 
 # Short heartbeats so that joins and expiries show within a test's patience.
 HEARTBEAT = 1.0
@@ -26,6 +29,41 @@ def wait_until(predicate, timeout: float, interval: float = 0.1):
             return value
         time.sleep(interval)
     return predicate()
+
+
+async def wait_until_async(predicate, timeout: float, interval: float = 0.05):
+    """`wait_until` inside an event loop: `predicate` may be a plain or an async function."""
+
+    async def check():
+        value = predicate()
+        return await value if inspect.isawaitable(value) else value
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    return await check()
+
+
+class FakeClock:
+    """A unix-time clock that moves only when told: pass it as `clock=` to `MergingStorage` or
+    `SwarmDHT` and age records with `advance` instead of sleeping until they expire."""
+
+    def __init__(self, start: float | None = None):
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -75,6 +113,49 @@ def make_swarm(tmp_path):
         swarm.stop()
 
 
+DEMO_MODEL_NAME = "swarm-demo"
+
+
+@pytest.fixture(scope="session")
+def demo_swarm(demo_model, tmp_path_factory) -> Iterator[LocalSwarm]:
+    """A DHT node and two peers (blocks [0, 2) and [2, 4), one thread each) serving the demo model
+    as `swarm-demo`, started once and shared by the test files that only need a working swarm.
+
+    It has no gateway of its own: each file gets its own from `demo_gateway`, with its flags, so
+    nothing a file does to its gateway reaches another file. Tests must leave the peers as they
+    found them (no session left open, no peer stopped).
+    """
+    local = LocalSwarm(demo_model, workdir=tmp_path_factory.mktemp("demo-swarm"), heartbeat=HEARTBEAT, ttl=TTL,
+                       model_name=DEMO_MODEL_NAME)  # fmt: skip
+    try:
+        local.start_dht()
+        local.start_peers([(0, 2), (2, 4)], "--threads", "1")
+        yield local
+    finally:
+        local.stop()  # the gateways too
+
+
+@pytest.fixture(scope="session")
+def demo_gateway(demo_swarm):
+    """`demo_gateway(name, *flags)`: the gateway called `name` in front of `demo_swarm`, started
+    with `flags` on first use and kept until the session ends.
+
+    Kept, not stopped with its test file: a stopped gateway's DHT node stays in the routing tables
+    of the other nodes, and every gateway that joins after it would wait a DHT RPC timeout (2 s)
+    for it. So a test that needs a gateway with other flags asks for one more name here.
+    """
+    started: dict[str, tuple[tuple[str, ...], Child]] = {}
+
+    def factory(name: str, *flags: str) -> Child:
+        if name not in started:
+            started[name] = (flags, demo_swarm.start_gateway(None, *flags, name=f"gateway-{name}"))
+        known_flags, child = started[name]
+        assert known_flags == flags, f"gateway {name!r} was started with other flags: {known_flags}"
+        return child
+
+    return factory
+
+
 class RedisServer:
     def __init__(self, workdir: Path):
         self.port = free_port()
@@ -86,20 +167,18 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed (deploy/setup.sh test installs it)")
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],  # fmt: skip
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError("redis-server did not start")
+        command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", str(self.workdir)]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_until(self.accepts_connections, 10, interval=0.05):
+            raise TimeoutError("redis-server did not start")
+
+    def accepts_connections(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -34,6 +34,7 @@ from discovery.entries import (
 )
 from discovery.records import PeerRecord, parse_address
 from discovery.storage import MergingStorage
+from tests.conftest import wait_until, wait_until_async
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "demo/llama-156m"
@@ -58,15 +59,6 @@ def make_record(peer_id: str, *, start: int = 0, end: int = 4, ttl: float = 30.0
     }
     values.update(fields)
     return PeerRecord(**values)
-
-
-async def wait_for(predicate, timeout: float = 3.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await predicate()
-        if result or time.monotonic() > deadline:
-            return result
-        await asyncio.sleep(interval)
 
 
 @pytest_asyncio.fixture
@@ -132,10 +124,10 @@ def test_record_round_trip_and_validation():
     assert record.is_expired(record.expires_at) and not record.is_expired(record.expires_at - 1)
 
 
-def test_storage_merges_per_entry():
-    storage = MergingStorage()
+def test_storage_merges_per_entry(fake_clock):
+    storage = MergingStorage(clock=fake_clock)
     key = digest(model_key(MODEL))
-    now = time.time()
+    now = fake_clock()
     a, b = make_record("a"), make_record("b", start=4, end=8)
     storage[key] = encode_entries({"a": a.to_dict()})
     storage[key] = encode_entries({"b": b.to_dict()}).encode()  # bytes values are accepted too
@@ -167,15 +159,15 @@ def test_storage_merges_per_entry():
 
     storage[key] = encode_entries({"x": {"expires_at": now + 0.2}})
     assert "x" in decode_entries(storage.get(key))
-    time.sleep(0.25)
+    fake_clock.advance(0.25)
     assert "x" not in decode_entries(storage.get(key))
     assert dict(storage)[key] == storage[key]
 
 
-def test_storage_drops_key_when_every_entry_expired():
-    storage = MergingStorage()
-    storage[b"k" * 20] = encode_entries({"x": {"expires_at": time.time() + 0.1}})
-    time.sleep(0.15)
+def test_storage_drops_key_when_every_entry_expired(fake_clock):
+    storage = MergingStorage(clock=fake_clock)
+    storage[b"k" * 20] = encode_entries({"x": {"expires_at": fake_clock() + 0.1}})
+    fake_clock.advance(0.15)
     assert storage.get(b"k" * 20) is None and list(storage) == []
     with pytest.raises(KeyError):
         storage[b"k" * 20]
@@ -255,14 +247,17 @@ async def test_read_merges_values_that_differ_between_nodes(make_nodes):
 
 
 @pytest.mark.asyncio
-async def test_expired_record_disappears(make_nodes):
-    boot, n1, reader = await make_nodes(3)
+async def test_expired_record_disappears(make_nodes, fake_clock):
+    boot, n1, reader = await make_nodes(3, clock=fake_clock)  # records age only when the test says so
     announcer = Announcer(n1, lambda: make_record("short-lived"), heartbeat=0.3, ttl=1.0)
-    await announcer.start()
-    await asyncio.sleep(1.2)  # outlives one ttl thanks to the heartbeat
+    first = await announcer.start()
+    fake_clock.advance(0.9)
+    # the heartbeat (every 0.3 s of real time) re-announces with a later expiry...
+    assert await wait_until_async(lambda: announcer.last_record is not first, 5), "no heartbeat"
+    fake_clock.advance(0.9)  # ...so the record outlives one ttl past the first announce
     assert [r.peer_id for r in await reader.peers(MODEL)] == ["short-lived"]
     await announcer.stop(withdraw=False)  # e.g. the peer crashed
-    await asyncio.sleep(1.1)
+    fake_clock.advance(1.1)  # past the last announce's expiry
     assert await reader.peers(MODEL) == []
     for node in (boot, n1, reader):
         assert node.storage.get(digest(model_key(MODEL))) is None
@@ -345,7 +340,9 @@ async def test_malformed_network_input_is_ignored(make_nodes):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             for datagram in [b"\x00" * 5, b"\x00" + b"x" * 40, b"\x07" * 30]:
                 sock.sendto(datagram, ("127.0.0.1", target.port))
-        await asyncio.sleep(0.1)
+        # a reply to a ping sent after the junk: the target has handled everything that came before
+        ok, _ = await n1._server.protocol.call_ping(node)
+        assert ok
         assert [r.peer_id for r in await target.peers(MODEL)] == ["good"]
         assert set(decode_entries(target.storage[key])) == {"good"}
         # the reader crawls past the rogue's junk contacts and junk value
@@ -376,7 +373,7 @@ async def test_thirty_peers_stay_under_size_limits(make_nodes):
     async def handed_off():
         return len(late.storage.entries(key)) == 30
 
-    assert await wait_for(handed_off)
+    assert await wait_until_async(handed_off, 3.0)
     assert len(await late.peers(MODEL)) == 30
 
 
@@ -395,7 +392,7 @@ async def test_isolated_node_rebootstraps_when_bootstrap_appears(make_nodes):
         async def joined():
             return early.num_contacts > 0
 
-        assert await wait_for(joined, timeout=3.0)
+        assert await wait_until_async(joined, 3.0)
         assert [r.peer_id for r in await boot.peers(MODEL)] == ["early"]
     finally:
         boot.stop()
@@ -417,14 +414,15 @@ def dht_process(tmp_path):
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
+
+    def ready():  # the ready line, or True once the process has exited without one
+        found = re.search(r"DHT node ready on 127\.0\.0\.1:(\d+)", log_path.read_text(errors="replace"))
+        return found or proc.poll() is not None
+
     try:
-        deadline = time.monotonic() + 15
-        match = None
-        while match is None:
-            match = re.search(r"DHT node ready on 127\.0\.0\.1:(\d+)", log_path.read_text(errors="replace"))
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"dht_node did not start:\n{log_path.read_text(errors='replace')}")
-            time.sleep(0.05)
+        match = wait_until(ready, 15, interval=0.05)
+        if not isinstance(match, re.Match) or proc.poll() is not None:
+            raise RuntimeError(f"dht_node did not start:\n{log_path.read_text(errors='replace')}")
         yield proc, int(match.group(1))
     finally:
         if proc.poll() is None:

@@ -60,7 +60,9 @@ def test_bootstrap_node_restart_keeps_serving_and_rejoins(make_swarm, tiny_model
     for _ in range(3):  # no bootstrap node: the gateway and the peer still know each other
         response = _chat(gateway)
         assert response.status_code == 200, response.text
-        time.sleep(1.0)  # let the gateway's DHT snapshot refresh against the dead node
+        # on purpose, not a wait for an event: the gateway's snapshot must age past its 1 s refresh
+        # for the next request to start a lookup that meets the dead node
+        time.sleep(1.0)
 
     swarm.start_dht(port=port)  # a new node (new id, empty storage) on the same address
     second = swarm.start_peer(0, 3, *PEER_FLAGS)  # joins through the restarted node only

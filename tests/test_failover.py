@@ -228,6 +228,7 @@ def test_redis_outage_mid_load_fails_no_request(swarm, reference):
     url = f"{swarm.gateway.address}/v1/chat/completions"
     body = {**BODY, "stream": False, "max_tokens": 4}
     stop = threading.Event()
+    answered = [0, 0, 0]  # requests answered so far, per worker
 
     def client(worker: int) -> list[int]:
         statuses = []
@@ -237,13 +238,15 @@ def test_redis_outage_mid_load_fails_no_request(swarm, reference):
             messages = [{"role": "user", "content": f"turn {turn} of {worker}"}]
             response = httpx.post(url, json={**body, "messages": messages}, headers=headers, timeout=30)
             statuses.append(response.status_code)
+            answered[worker] += 1
             turn += 1
         return statuses
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(client, worker) for worker in range(3)]
         try:
-            time.sleep(1.0)
+            # the load is on: every worker has had a reply, and keeps sending
+            assert _wait(lambda: min(answered) >= 1, 30), "the load never got going"
             swarm.redis.process.kill()  # no goodbye
             swarm.redis.process.wait(5)
             assert _wait(lambda: swarm.health()["session_store_errors"] > 0, 30), "no request met the outage"

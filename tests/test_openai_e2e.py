@@ -9,33 +9,21 @@ import httpx
 import openai
 import pytest
 
-from swarm.launcher import LocalSwarm
-from tests.conftest import HEARTBEAT, TTL
+from tests.conftest import DEMO_MODEL_NAME
 
-MODEL = "swarm-demo"
+MODEL = DEMO_MODEL_NAME
 MESSAGES = [{"role": "user", "content": "Tell me about the swarm."}]
 
 
 @pytest.fixture(scope="module")
-def swarm(demo_model, tiny_model, tmp_path_factory):
-    """DHT + 2 peers for the demo model + a gateway that also knows a model nobody serves."""
-    local = LocalSwarm(demo_model, workdir=tmp_path_factory.mktemp("e2e"), heartbeat=HEARTBEAT, ttl=TTL,
-                       model_name=MODEL)  # fmt: skip
-    try:
-        local.start_dht()
-        local.start_peers([(0, 2), (2, 4)])
-        local.start_gateway(
-            None,
-            "--model", str(tiny_model), "--model-name", "unserved-model",
-        )  # fmt: skip
-        yield local
-    finally:
-        local.stop()
+def gateway(demo_gateway, tiny_model):
+    """A gateway in front of the shared demo swarm that also knows a model nobody serves."""
+    return demo_gateway("e2e", "--model", str(tiny_model), "--model-name", "unserved-model")
 
 
 @pytest.fixture(scope="module")
-def base_url(swarm) -> str:
-    return swarm.children[-1].address
+def base_url(gateway) -> str:
+    return gateway.address
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +51,20 @@ def test_sync_chat_non_stream(client):
 
 
 def test_sync_chat_stream_equals_non_stream(client):
-    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+    )
     full = client.chat.completions.create(**kwargs)
-    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    chunks = list(
+        client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
     assert len({chunk.id for chunk in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert text == full.choices[0].message.content
-    finishes = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    finishes = [
+        chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason
+    ]
     assert finishes == ["length"]
     assert chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == 16
@@ -88,7 +82,9 @@ def test_seeded_sampling_is_reproducible(client):
 
 async def test_async_chat_stream_and_not(base_url):
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
-    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
     full = await client.chat.completions.create(**kwargs)
     pieces = []
     async for chunk in await client.chat.completions.create(stream=True, **kwargs):
@@ -99,7 +95,9 @@ async def test_async_chat_stream_and_not(base_url):
 
 
 def test_completions_stream_and_not(client):
-    kwargs = dict(model=MODEL, prompt="The swarm", max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=MODEL, prompt="The swarm", max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
     full = client.completions.create(**kwargs)
     assert full.object == "text_completion"
     assert full.id.startswith("cmpl-")
@@ -135,7 +133,9 @@ def test_raw_sse_format(base_url):
 
 
 def test_routes_without_v1_prefix(base_url):
-    response = httpx.post(f"{base_url}/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2})
+    response = httpx.post(
+        f"{base_url}/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    )
     assert response.status_code == 200
     assert httpx.get(f"{base_url}/models").json()["data"][0]["id"] == MODEL
 
@@ -151,7 +151,9 @@ def _error(response: httpx.Response, status: int) -> dict:
 
 def test_malformed_json(base_url):
     response = httpx.post(
-        f"{base_url}/v1/chat/completions", content=b'{"model": "x", "messages": [', headers={"content-type": "application/json"}
+        f"{base_url}/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"content-type": "application/json"},
     )
     assert _error(response, 400)["type"] == "invalid_request_error"
 
@@ -163,7 +165,9 @@ def test_missing_field(base_url):
 
 
 def test_unknown_model(base_url, client):
-    error = _error(httpx.post(f"{base_url}/v1/chat/completions", json={"model": "nope", "messages": MESSAGES}), 404)
+    error = _error(
+        httpx.post(f"{base_url}/v1/chat/completions", json={"model": "nope", "messages": MESSAGES}), 404
+    )
     assert error["message"] == "The model `nope` does not exist."
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=MESSAGES)

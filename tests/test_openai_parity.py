@@ -1,7 +1,8 @@
 """OpenAI API parity against a live gateway (real peers, real DHT, real gRPC): the parameters real
 clients send, the shapes they read back, disconnects, auth and size limits.
 
-One module-scoped swarm serves every test; the gateway requires an API key, as a deployment would.
+The shared demo swarm (conftest `demo_swarm`) serves every test through this module's gateway, which
+requires an API key, as a deployment would.
 """
 
 from __future__ import annotations
@@ -10,17 +11,15 @@ import asyncio
 import json
 import shutil
 import socket
-import time
 
 import httpx
 import openai
 import pytest
 
 from common.peer_client import ChannelPool, peer_info
-from swarm.launcher import LocalSwarm
-from tests.conftest import HEARTBEAT, TTL
+from tests.conftest import DEMO_MODEL_NAME, wait_until
 
-MODEL = "swarm-demo"
+MODEL = DEMO_MODEL_NAME
 NO_FIM = "no-fim"
 API_KEY = "sk-parity-test"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
@@ -42,21 +41,13 @@ def no_fim_model(demo_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def swarm(demo_model, no_fim_model, tmp_path_factory):
-    local = LocalSwarm(demo_model, workdir=tmp_path_factory.mktemp("parity"), heartbeat=HEARTBEAT, ttl=TTL,
-                       model_name=MODEL)  # fmt: skip
-    try:
-        local.start_dht()
-        local.start_peers([(0, 2), (2, 4)], "--threads", "1")
-        local.start_gateway(None, "--api-key", API_KEY, "--model", str(no_fim_model), "--model-name", NO_FIM)
-        yield local
-    finally:
-        local.stop()
+def gateway(demo_gateway, no_fim_model):
+    return demo_gateway("parity", "--api-key", API_KEY, "--model", str(no_fim_model), "--model-name", NO_FIM)
 
 
 @pytest.fixture(scope="module")
-def base_url(swarm) -> str:
-    return swarm.children[-1].address
+def base_url(gateway) -> str:
+    return gateway.address
 
 
 @pytest.fixture(scope="module")
@@ -305,21 +296,19 @@ def test_include_usage_completions_stream(base_url):
     assert all("usage" not in p or p["usage"] is None for p in payloads[:-1])
 
 
-def test_unknown_fields_ignored_and_logged(base_url, swarm):
+def test_unknown_fields_ignored_and_logged(base_url, gateway):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "frobnicate_level": 3}
     assert _post(base_url, "/v1/chat/completions", body).status_code == 200
     assert (
         _post(base_url, "/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2}).status_code == 200
     )
-    deadline = time.monotonic() + 5
-    while "frobnicate_level" not in swarm.children[-1].log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "ignoring unknown request fields: frobnicate_level" in swarm.children[-1].log()
+    wait_until(lambda: "frobnicate_level" in gateway.log(), 5)
+    assert "ignoring unknown request fields: frobnicate_level" in gateway.log()
 
 
 # -- disconnects, auth, limits -------------------------------------------------------------------
-def test_client_disconnect_frees_every_peer(base_url, swarm):
-    peers = [child.address for child in swarm.children if child.name.startswith("peer")]
+def test_client_disconnect_frees_every_peer(base_url, demo_swarm):
+    peers = [child.address for child in demo_swarm.children if child.name.startswith("peer")]
     assert len(peers) == 2
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2000, "stream": True, "ignore_eos": True}
     host, port = base_url.removeprefix("http://").split(":")
@@ -347,11 +336,9 @@ def test_client_disconnect_frees_every_peer(base_url, swarm):
 
     assert asyncio.run(live_sessions()) != [0, 0], "the stream should hold a session on the peers"
     sock.close()
-    deadline = time.monotonic() + 30  # a bound for a loaded machine; it takes well under a second
+    # 30 s: a bound for a loaded machine; it takes well under a second
+    wait_until(lambda: asyncio.run(live_sessions()) == [0, 0], 30)
     sessions = asyncio.run(live_sessions())
-    while sessions != [0, 0] and time.monotonic() < deadline:
-        time.sleep(0.1)
-        sessions = asyncio.run(live_sessions())
     assert sessions == [0, 0]
 
 
@@ -382,32 +369,29 @@ def test_still_serving(client):
     )
 
 
-def test_over_the_concurrency_limit_is_429_with_retry_after(swarm):
+def test_over_the_concurrency_limit_is_429_with_retry_after(demo_gateway):
     """A gateway past --max-concurrent answers 429 at once (the SDK retries it), and recovers."""
-    limited = swarm.start_gateway(None, "--max-concurrent", "1", name="gateway-limited")
     # long enough that it cannot finish before the second request arrives (the client stops reading,
     # so the full socket buffers hold the stream back as well)
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1500, "stream": True, "ignore_eos": True}
-    try:
-        with httpx.stream("POST", f"{limited.address}/v1/chat/completions", json=body, timeout=60) as held:
-            assert held.status_code == 200
-            lines = held.iter_lines()  # kept: a dropped iterator would close the stream
-            next(lines)  # the first generation is now in flight
-            refused = httpx.post(
-                f"{limited.address}/v1/chat/completions",
-                json={**body, "stream": False, "max_tokens": 2},
-                timeout=30,
-            )
-            assert refused.status_code == 429, refused.text
-            assert refused.json()["error"]["type"] == "rate_limit_error"
-            assert int(refused.headers["retry-after"]) >= 1
-        small = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
-        deadline = time.monotonic() + 10
-        while (
-            status := httpx.post(f"{limited.address}/v1/chat/completions", json=small, timeout=30).status_code
-        ) == 429:
-            assert time.monotonic() < deadline, "the slot of the finished stream was never released"
-            time.sleep(0.1)
-        assert status == 200
-    finally:
-        limited.stop()
+    limited = demo_gateway("limited", "--max-concurrent", "1")  # its own gateway (conftest.demo_gateway)
+    with httpx.stream("POST", f"{limited.address}/v1/chat/completions", json=body, timeout=60) as held:
+        assert held.status_code == 200
+        lines = held.iter_lines()  # kept: a dropped iterator would close the stream
+        next(lines)  # the first generation is now in flight
+        refused = httpx.post(
+            f"{limited.address}/v1/chat/completions",
+            json={**body, "stream": False, "max_tokens": 2},
+            timeout=30,
+        )
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert int(refused.headers["retry-after"]) >= 1
+    small = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+
+    def small_status() -> int:
+        return httpx.post(f"{limited.address}/v1/chat/completions", json=small, timeout=30).status_code
+
+    status = wait_until(lambda: (code := small_status()) != 429 and code, 10)
+    assert status, "the slot of the finished stream was never released"
+    assert status == 200

@@ -20,15 +20,15 @@ import httpx
 import pytest
 import torch
 
+from common.peer_client import ChannelPool, PeerError, PeerSession
+from discovery.records import PeerRecord
 from gateway.precision import accepts, split_model_id
 from gateway.routing import plan_route
 from peer import tensor_codec
-from common.peer_client import ChannelPool, PeerError, PeerSession
 from peer.model import BlockSpan
 from protos import swarm_pb2
-from discovery.records import PeerRecord
 from swarm.launcher import LocalSwarm
-from tests.conftest import HEARTBEAT, TTL
+from tests.conftest import HEARTBEAT, TTL, wait_until
 
 STEPS = 256
 AGREEMENT_FLOOR = 0.6  # measured 0.70 (see module docstring)
@@ -257,9 +257,14 @@ def test_models_show_precisions(mixed):
 def test_precision_suffix_routes_only_through_that_precision(with_int8_head):
     local, peers = with_int8_head
     base = _gateway(local)
-    deadline = time.monotonic() + 30  # the gateway sees the new peer within a DHT refresh
-    while (response := _complete(base, f"{MODEL}:int8")).status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.3)
+    last = {}
+
+    def int8_route_served() -> bool:
+        last["response"] = _complete(base, f"{MODEL}:int8")
+        return last["response"].status_code == 200
+
+    wait_until(int8_route_served, 30, interval=0.3)  # the gateway sees the new peer within a DHT refresh
+    response = last["response"]
     assert response.status_code == 200, response.text
     route = response.headers["x-swarm-route"].split(",")
     assert route == [_peer_id(peers["int8-first"].address), _peer_id(peers["int8"].address)]

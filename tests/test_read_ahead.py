@@ -8,12 +8,13 @@ import contextlib
 import pytest
 
 from gateway.generation import read_ahead
+from tests.conftest import wait_until_async
 
 
 async def counting(produced: list[int], count: int, closed: list[bool], fail_at: int | None = None):
     try:
         for i in range(count):
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a turn of the event loop, as a real async source takes
             if i == fail_at:
                 raise ValueError(f"failed at {i}")
             produced.append(i)
@@ -38,7 +39,9 @@ async def test_the_source_runs_at_most_depth_items_ahead():
     produced, closed = [], []
     items = read_ahead(counting(produced, 100, closed), depth=3)
     assert await anext(items) == 0
-    await asyncio.sleep(0.05)
+    await wait_until_async(lambda: len(produced) >= 5, 5, interval=0.001)
+    for _ in range(20):  # on purpose: turns of the event loop for a pump that ignored the bound to run on
+        await asyncio.sleep(0)
     # 0 was handed over; 3 wait in the queue and the pump holds 1 more it cannot put yet
     assert len(produced) == 5
     await items.aclose()
@@ -58,11 +61,11 @@ async def test_cancelling_the_consumer_closes_the_source():
     produced, closed = [], []
     started = asyncio.Event()
 
-    async def consume():  # as gateway.app.run_choice does: a client that went away cancels it
+    async def consume():  # as gateway.serving.choices.run_choice does: a client that went away cancels it
         async with contextlib.aclosing(read_ahead(counting(produced, 10**6, closed))) as items:
             async for _ in items:
                 started.set()
-                await asyncio.sleep(10)
+                await asyncio.sleep(10)  # busy with the item until cancelled (never wakes on its own)
 
     task = asyncio.create_task(consume())
     await started.wait()

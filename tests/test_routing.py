@@ -6,8 +6,8 @@ import random
 import time
 from collections import Counter
 
-from gateway.routing import plan_route
 from discovery.records import PeerRecord
+from gateway.routing import plan_route
 
 
 def record(peer_id: str, start: int, end: int, **fields) -> PeerRecord:
