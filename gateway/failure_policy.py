@@ -98,6 +98,10 @@ class BanList:
             if ban.address and (everyone or ban.probation)
         }
 
+    def readmitted_since(self, peer_id: str, when: float) -> bool:
+        """Whether `peer_id` was readmitted after `when` (this list's clock) and is not banned again."""
+        return self._readmitted.get(peer_id, -math.inf) > when and peer_id not in self.banned()
+
     def lift(self, peer_id: str) -> None:
         if self._bans.pop(peer_id, None) is not None:
             log.info("peer %s answers again; readmitted", peer_id)
@@ -239,6 +243,9 @@ class Failover:
 
     def excluded(self) -> set[str]:
         return self.policy.excluded()
+
+    def readmitted_since(self, peer_id: str, when: float) -> bool:
+        return self.policy.bans.readmitted_since(peer_id, when)
 
     async def records(self, timeout: float) -> list[PeerRecord]:
         """A fresh lookup of the model's peers (the last records seen if it takes too long)."""

@@ -143,7 +143,8 @@ class RouteRunner:
         self._session_id = ""
         self._resume_tokens: list[int] = []
         self._next_migration = 0.0
-        self._failed_peers: set[str] = set()  # peers that failed this runner: never retried
+        # peers that failed this runner -> when: not retried unless readmitted since (they answer again)
+        self._failed: dict[str, float] = {}
         self._closing: set[asyncio.Task] = set()
 
     @property
@@ -314,7 +315,7 @@ class RouteRunner:
         full = verdict is Verdict.PEER_BUSY
         log.warning("hop %d (peer %s, blocks [%d, %d)) failed: %s; failing over", index, hop.peer_id, hop.start,
                     hop.end, error)  # fmt: skip
-        self._failed_peers.add(hop.peer_id)
+        self._failed[hop.peer_id] = time.monotonic()
         self._discard(index)
         loop = asyncio.get_running_loop()
         attempt = 0
@@ -347,7 +348,7 @@ class RouteRunner:
         """Move hop `index` off a draining peer if a replacement exists now; else stay."""
         hop = self.route[index]
         self.failover.peer_leaving(hop.peer_id)
-        self._failed_peers.add(hop.peer_id)
+        self._failed[hop.peer_id] = time.monotonic()
         deadline = asyncio.get_running_loop().time() + self.step_timeout
         try:
             try:
@@ -381,7 +382,7 @@ class RouteRunner:
         # Bans keep new sessions off flaky peers; a stream about to die rather retries a peer
         # that someone else banned (a slow step on a busy machine) than one that failed it.
         for exclude, pool in itertools.product(
-            (policy.excluded() | self._failed_peers, self._failed_peers), candidates
+            (policy.excluded() | self._failed_peers(), self._failed_peers()), candidates
         ):
             part = plan_route(
                 pool, policy.num_blocks, start=hop.start, end=hop.end, exclude=exclude,
@@ -396,7 +397,7 @@ class RouteRunner:
                 if r.start < hop.end and r.end > hop.start
             ]
             log.info("no replacement for [%d, %d) among %s; excluded %s (fresh=%s)", hop.start, hop.end, seen,
-                     sorted(policy.excluded() | self._failed_peers), fresh)  # fmt: skip
+                     sorted(policy.excluded() | self._failed_peers()), fresh)  # fmt: skip
             raise NoRouteError(f"no live peer covers blocks [{hop.start}, {hop.end})")
         timeout = min(self.step_timeout, max(0.1, deadline - loop.time()))
         results = await asyncio.gather(*(self._open_hop(h, timeout) for h in part), return_exceptions=True)
@@ -409,9 +410,19 @@ class RouteRunner:
                 if not isinstance(error, PeerError):
                     raise error
                 policy.peer_failed(failed_hop.peer_id, error)
-                self._failed_peers.add(failed_hop.peer_id)
+                self._failed[failed_hop.peer_id] = time.monotonic()
             raise errors[0][1]
         return part, list(results)
+
+    def _failed_peers(self) -> set[str]:
+        """Peers this runner must not retry: those that failed it and were not readmitted since (a
+        stalled peer that answers again is the only replacement left when its replica stalls next)."""
+        policy = self.failover
+        return {
+            peer
+            for peer, when in self._failed.items()
+            if policy is None or not policy.readmitted_since(peer, when)
+        }
 
     def _splice(self, index: int, part: Route, sessions: list[PeerSession], event: FailoverEvent) -> None:
         """Put `part` in place of hop `index`; it and every hop before it replay on the next step."""

@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser(
         "up", help="start a whole local swarm: DHT, peers and gateway", formatter_class=EnvDefaultsFormatter
     )
-    _flag(up, "up", "--model", help="model folder (or hub id); default: the demo model, created on first use")
+    _flag(up, "up", "--model",
+          help="model folder (or hub id); default: the demo code model that ships with the package (a 4M-parameter "
+               "Llama trained on the Python standard library, served as swarm-demo)")  # fmt: skip
     _flag(up, "up", "--peers", type=int, default=2, help="block peers to split the model between")
     _flag(up, "up", "--host", default="127.0.0.1", help="address the gateway listens on")
     _flag(
@@ -274,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "gateway", "--session-ttl", type=float, default=3600.0, help="seconds a session pin lives")
     _flag(gateway, "gateway", "--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
           help="dtype hidden states travel in between peers; auto: each sender's compute dtype")  # fmt: skip
+    _flag(gateway, "gateway", "--max-body-bytes", type=int, default=4 << 20,
+          help="largest request body (counted as it arrives, chunked or not); larger ones get 413")  # fmt: skip
     _flag(gateway, "gateway", "--max-concurrent", type=int, default=256,
           help="generations in flight before new requests get 429 with Retry-After (0: no limit)")  # fmt: skip
     _flag(gateway, "gateway", "--log-prompts", action="store_true",
@@ -281,20 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "gateway", "--dry-run", action="store_true", help="validate the flags and exit")
 
     demo = commands.add_parser(
-        "demo-model", help="write a random-weight model folder", formatter_class=EnvDefaultsFormatter
+        "demo-model",
+        help="write a demo model folder (random weights, or the trained code model)",
+        description="Write a random-weight model folder from a preset and a seed, or copy (--preset code) or "
+        "retrain (--train) the demo code model that `swarm up` serves. Prints the folder.",
+        formatter_class=EnvDefaultsFormatter,
     )
     _flag(
         demo, "demo-model", "--path", type=Path, default=None, help="folder to write (default: in SWARM_HOME)"
     )
-    _flag(
-        demo,
-        "demo-model",
-        "--preset",
-        default="demo",
-        choices=["demo", "tiny", "bench"],
-        help="demo: 4 blocks, hidden 256; tiny: 3 blocks with GQA; bench: ~156M params, hidden 1024, 8 blocks",
-    )
-    _flag(demo, "demo-model", "--seed", type=int, default=0, help="random seed of the weights")
+    _flag(demo, "demo-model", "--preset", default="demo", choices=["code", "demo", "tiny", "bench"],
+          help="code: the trained demo code model shipped with the package (copied to --path; printed without "
+               "it); random weights: demo: 4 blocks, hidden 256; tiny: 3 blocks with GQA; bench: ~156M params, "
+               "hidden 1024, 8 blocks")  # fmt: skip
+    _flag(demo, "demo-model", "--seed", type=int, default=0, help="random seed of the weights (and of the data order)")
+    _flag(demo, "demo-model", "--train", action="store_true",
+          help="train the demo code model anew on this Python's standard library (~25 min on 2 cores; the same "
+               "run as `python -m peer.train_demo`, whose --help has more knobs)")  # fmt: skip
 
     status = commands.add_parser(
         "status",
@@ -462,20 +469,35 @@ def cmd_gateway(args) -> int:
         wire_dtype="" if args.wire_dtype == "auto" else args.wire_dtype,
         log_prompts=args.log_prompts,
         max_concurrent=args.max_concurrent,
+        max_body_bytes=args.max_body_bytes,
     )
     run_gateway(settings)
     return 0
 
 
 def cmd_demo_model(args) -> int:
-    from peer.demo_model import ensure_demo_model
+    from swarm.launcher import DEFAULT_CACHE
 
-    if args.path:
+    if args.train:
+        from peer.train_demo import TrainConfig, train
+
+        path = args.path or DEFAULT_CACHE / f"swarm-demo-code-seed{args.seed}"
+        train(TrainConfig(seed=args.seed), path)
+        print(path)
+    elif args.preset == "code":
+        import shutil
+
+        from peer.demo_model import CODE_MODEL_DIR
+
+        if args.path:
+            shutil.copytree(CODE_MODEL_DIR, args.path, dirs_exist_ok=True)
+        print(args.path or CODE_MODEL_DIR)
+    elif args.path:
         from peer.demo_model import create_demo_model
 
         print(create_demo_model(args.path, preset=args.preset, seed=args.seed))
     else:
-        from swarm.launcher import DEFAULT_CACHE
+        from peer.demo_model import ensure_demo_model
 
         print(ensure_demo_model(DEFAULT_CACHE, preset=args.preset, seed=args.seed))
     return 0

@@ -287,26 +287,58 @@ async def test_a_chunked_body_past_the_limit_gets_413_before_it_is_read(peers, d
         assert small.status_code == 200
 
 
-async def test_big_prompts_do_not_stall_a_small_request(gateway):
-    """Tokenizing 2 MB prompts runs off the event loop, one big prompt at a time: a small request
-    sent after them finishes while they are still being worked on."""
+async def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(gateway, monkeypatch):
+    """4 MB of text cannot fit a 2048-token context whatever its tokens: 400 at once (tokenizing
+    it first cost seconds and ~1 GB of gateway memory per request)."""
+    import gateway.serving.chat as serving_chat
+    import gateway.serving.completion as serving_completion
+
     client, _, _ = gateway
+    calls = []
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(serving_chat, "render_chat", counted(serving_chat.render_chat))
+    monkeypatch.setattr(serving_completion, "tokenize_prompts", counted(serving_completion.tokenize_prompts))
+    for path, body in (
+        ("/v1/completions", {"model": MODEL, "prompt": "word " * 800_000, "max_tokens": 1}),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "word " * 800_000}]},
+        ),
+    ):
+        response = await client.post(path, json=body)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert calls == []
+    small = await client.post("/v1/completions", json={"model": MODEL, "prompt": "word", "max_tokens": 1})
+    assert small.status_code == 200 and calls == ["tokenize_prompts"]  # the counting works
+
+
+async def test_big_prompt_work_leaves_a_thread_for_small_prompts():
+    """At most one big prompt is worked on at a time: a small one sent after four big ones is
+    done while they still wait their turn."""
+    from gateway.prompt_work import LARGE_CHARS, PromptWork
+
+    work = PromptWork()
     finished: list[str] = []
 
-    async def send(name: str, prompt: str, max_tokens: int):
-        response = await client.post(
-            "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens}
-        )
+    def job(name: str, seconds: float) -> None:
+        time.sleep(seconds)
         finished.append(name)
-        return response
 
-    big = [asyncio.create_task(send(f"big{i}", "word " * 400_000, 1)) for i in range(4)]
-    await asyncio.sleep(0)  # the big ones are in before the small one
-    small = await send("small", "Hello", 2)
-    assert small.status_code == 200
-    responses = await asyncio.gather(*big)
-    assert {r.status_code for r in responses} == {400}  # past the context, after tokenizing
-    assert finished.index("small") < 3, finished
+    try:
+        big = [asyncio.create_task(work.run(LARGE_CHARS + 1, job, f"big{i}", 0.2)) for i in range(4)]
+        await asyncio.sleep(0)
+        await work.run(10, job, "small", 0.0)
+        await asyncio.gather(*big)
+    finally:
+        work.close()
+    assert finished.index("small") <= 1, finished
 
 
 async def test_models_retrieve_with_the_openai_sdk(gateway):

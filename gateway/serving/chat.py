@@ -30,6 +30,7 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
     served, precision = gw.model_and_precision(req.model)
     messages = req.template_messages()
     size = sum(len(message["content"]) for message in messages)
+    served.check_fits(size, "messages")
 
     def render() -> str:
         return render_chat(

@@ -57,6 +57,9 @@ async def serve_completion(
     gw: Gateway, req: protocol.CompletionRequest, request: Request, response: Response
 ):
     served, precision = gw.model_and_precision(req.model)
+    for prompt in req.prompts():
+        if isinstance(prompt, str):
+            served.check_fits(len(prompt), "prompt")
     size = sum(len(prompt) for prompt in req.prompts())
     prompts = await gw.prompt_work.run(size, tokenize_prompts, req, served)
     max_tokens = req.effective_max_tokens()
