@@ -51,8 +51,8 @@ class GenerationParams:
     eos_token_ids: set[int] = field(default_factory=set)
     ignore_eos: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    # Constrained decoding (`gateway.constrained.Constraint`): `allowed()` before each step goes
-    # to the last span as `Step.allowed_token_ids`, `advance(token)` after it. EOS then always ends,
+    # Constrained decoding (`gateway.constrained.Constraint`): `allowed_bits()` before each step goes
+    # to the last span as `Step.allowed_token_mask`, `advance(token)` after it. EOS then always ends,
     # and so does an output that is complete with nothing but EOS to follow (`finished`).
     constraint: Any = None
     # Cache reuse across turns: the peers' session id, and whether to resume what they kept.
@@ -233,7 +233,7 @@ class RouteRunner:
         self,
         token_ids: list[int],
         sample: bool = True,
-        allowed_token_ids: list[int] | None = None,
+        allowed_mask: bytes | None = None,
         prompt_logprobs: int | None = None,
     ) -> swarm_pb2.StepResult:
         """One step through the route; the last span's result. With `prompt_logprobs` the result's
@@ -243,7 +243,7 @@ class RouteRunner:
         deadline = None
         while True:
             try:
-                results = await self._pass(list(token_ids), sample, allowed_token_ids, prompt_logprobs)
+                results = await self._pass(list(token_ids), sample, allowed_mask, prompt_logprobs)
                 break
             except _HopFailure as failure:
                 if deadline is None:
@@ -263,7 +263,7 @@ class RouteRunner:
         self,
         token_ids: list[int],
         sample: bool,
-        allowed_token_ids: list[int] | None = None,
+        allowed_mask: bytes | None = None,
         prompt_logprobs: int | None = None,
     ) -> list[swarm_pb2.StepResult]:
         """One step through every hop; hops up to `_rebuild_upto` replay the whole history."""
@@ -280,8 +280,8 @@ class RouteRunner:
                 position=0 if rebuild else position,
                 sample=sample and i == last,
             )
-            if allowed_token_ids and i == last:
-                step.allowed_token_ids.extend(allowed_token_ids)
+            if allowed_mask and i == last:
+                step.allowed_token_mask = allowed_mask
             if prompt_logprobs is not None and i == last:
                 step.prompt_logprobs = prompt_logprobs
             if results:
@@ -529,7 +529,7 @@ async def generate(
         result = await runner.step(
             params.prompt_ids[start:],
             sample=params.max_new_tokens > 0,
-            allowed_token_ids=constraint and constraint.allowed(),
+            allowed_mask=constraint and constraint.allowed_bits(),
             prompt_logprobs=scoring,
         )
         if scoring is not None:
@@ -564,7 +564,7 @@ async def generate(
             if event.finish_reason:
                 return
             result = await runner.step(
-                [event.token_id], allowed_token_ids=constraint and constraint.allowed()
+                [event.token_id], allowed_mask=constraint and constraint.allowed_bits()
             )
     finally:
         await runner.close()

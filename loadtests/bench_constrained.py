@@ -8,8 +8,9 @@ real 128k-152k vocabularies (Llama 3, Qwen2; `loadtests.vocabs`).
     #   <python with xgrammar> -m loadtests.bench_constrained --engines xgrammar   (merged into the same JSON)
 
 What one step costs is what the gateway pays on its event loop between two steps of a choice: the
-allowed token ids for the next token (`Constraint.allowed()`: the mask, the closing plan, the ids
-as the list that goes into `Step.allowed_token_ids`), then taking the sampled token (`advance`).
+tokens allowed next (llguidance: `Constraint.allowed_bits()`, the mask and the closing plan packed
+as the bitmask `Step.allowed_token_mask` carries; the others: their id list), then taking the
+sampled token (`advance`).
 Each engine walks the same token ids: a compact JSON document of the schema, tokenized by the
 tokenizer itself (so every engine sees every kind of state: keys, long strings, numbers, arrays).
 The hand-written engine is loaded from git (commit `LEGACY_COMMIT`, before llguidance) and stops
@@ -124,10 +125,10 @@ def run_llguidance(tokenizer, eos: list[int], schema, tokens: list[int], vocab_c
         began = time.perf_counter()
         mask = constraint.allowed_mask()
         masked = time.perf_counter()
-        allowed = np.flatnonzero(mask).tolist()  # = constraint.allowed()
+        np.packbits(mask, bitorder="little").tobytes()  # = constraint.allowed_bits(), what goes on the wire
         times.append(time.perf_counter() - began)
         mask_times.append(masked - began)
-        refused += token not in set(allowed)
+        refused += not mask[token]
         constraint.advance(token)
     only_mask = {
         f"bool_mask_{key[5:]}": value for key, value in summary(mask_times).items() if key != "steps"

@@ -84,7 +84,7 @@ class StepWork:
     inputs: torch.Tensor  # [T] token ids or [T, hidden]
     token_ids: list[int]
     sample: bool
-    allowed: list[int]
+    allowed: torch.Tensor | None  # last span: the token ids it may sample (None: any)
     future: asyncio.Future
     done: int = 0  # tokens already run (chunked prefill)
     outputs: list[torch.Tensor] = field(default_factory=list)  # hidden rows of earlier chunks
@@ -349,7 +349,7 @@ class BatchScheduler:
             result.hidden.CopyFrom(tensor_codec.encode(rows, session.wire_dtype))
         elif work.sample:
             sample = session.sampler.sample(  # ValueError for non-finite logits
-                logits, session.history, work.allowed or None, penalty_start=session.penalty_start
+                logits, session.history, work.allowed, penalty_start=session.penalty_start
             )
             result.token_id = sample.token_id
             result.logprob = sample.logprob

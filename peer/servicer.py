@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 
 from common.logs import REQUEST_ID_HEADER, set_request_id
@@ -298,8 +299,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                 raise StepError(
                     grpc.StatusCode.INVALID_ARGUMENT, "hidden states must be finite (got NaN or infinity)"
                 )
-        if any(not 0 <= token < vocab for token in step.allowed_token_ids):
-            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"allowed token ids must be in [0, {vocab})")
+        allowed = _allowed_tokens(step, vocab)
         if step.position < session.cache.length:
             session.cache.truncate(step.position)
             del session.history[step.position :]
@@ -308,7 +308,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             inputs=inputs,
             token_ids=token_ids,
             sample=step.sample,
-            allowed=list(step.allowed_token_ids),
+            allowed=allowed,
             future=asyncio.get_running_loop().create_future(),
             prompt_logprobs=scoring,
             pass_id=step.pass_id,
@@ -430,3 +430,35 @@ def _common_prefix(a: list[int], b) -> int:
             break
         n += 1
     return n
+
+
+def _allowed_tokens(step: swarm_pb2.Step, vocab: int) -> torch.Tensor | None:
+    """The ids the last span may sample this step (`allowed_token_ids` or `allowed_token_mask`),
+    as an index tensor; None: any token."""
+    mask = step.allowed_token_mask
+    if mask and step.allowed_token_ids:
+        raise StepError(
+            grpc.StatusCode.INVALID_ARGUMENT, "set allowed_token_ids or allowed_token_mask, not both"
+        )
+    if mask:
+        if len(mask) != (vocab + 7) // 8:
+            raise StepError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"allowed_token_mask must be {(vocab + 7) // 8} bytes for a vocabulary of {vocab}, got {len(mask)}",
+            )
+        bits = np.unpackbits(np.frombuffer(mask, dtype=np.uint8), bitorder="little")
+        if bits[vocab:].any():
+            raise StepError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"allowed_token_mask sets bits past the vocabulary ({vocab})",
+            )
+        ids = np.flatnonzero(bits)
+        if ids.size == 0:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, "allowed_token_mask allows no token")
+        return torch.from_numpy(ids).long()
+    if not step.allowed_token_ids:
+        return None
+    ids = torch.tensor(list(step.allowed_token_ids), dtype=torch.long)
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"allowed token ids must be in [0, {vocab})")
+    return ids
