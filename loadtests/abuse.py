@@ -57,6 +57,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.swarm_bench import round1, wait_models
 from swarm.launcher import DEFAULT_CACHE, Child, LocalSwarm, free_port, num_blocks_of
 
 MODEL = "swarm-demo"
@@ -135,13 +136,6 @@ def vm_hwm_kib(pid: int, field: str = "VmHWM") -> int | None:
     return None
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def error_of(body: bytes | str) -> dict:
     try:
         data = json.loads(body)
@@ -190,15 +184,6 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str] | None:
         time.sleep(0.05)
     process.kill()
     raise TimeoutError("redis-server did not start")
-
-
-async def wait_models(client: httpx.AsyncClient, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (await client.get("/v1/models")).json().get("data"):
-            return
-        await asyncio.sleep(0.2)
-    raise TimeoutError("the gateway never saw a complete route")
 
 
 async def swarm_peers(client: httpx.AsyncClient) -> list[dict]:
@@ -482,7 +467,7 @@ async def case_stalled_peers(case: Case, client: httpx.AsyncClient, args, ctx) -
             "peer": peer.peer_id, "span": list(peer.span), "stall_s": args.stall,
             "requests_on_it_during_stall": len(caught),
             "their_statuses": dict(Counter(str(c.status) for c in caught)),
-            "their_latency_ms_max": _round(max((c.latency_s * 1000 for c in caught), default=None)),
+            "their_latency_ms_max": round1(max((c.latency_s * 1000 for c in caught), default=None)),
             "readmitted_s_after_sigcont": readmitted,
         })  # fmt: skip
     case.details["stalls"] = stalls
@@ -860,8 +845,8 @@ def summarize(args, cases, health, alive, logs, names, workdir, redis, started_s
             "bans_from_client_input_peers": input_bans,
             "bans_of_stalled_peers": len(stall_bans),
             "peers_seen_banned_on_swarm_api": sorted(case.seen_banned),
-            "normal_latency_ms_p50": _round(statistics.median(latencies) if latencies else None),
-            "normal_latency_ms_max": _round(max(latencies, default=None)),
+            "normal_latency_ms_p50": round1(statistics.median(latencies) if latencies else None),
+            "normal_latency_ms_max": round1(max(latencies, default=None)),
             "normal_failed": sum(1 for c in normal if c.status != 200 or c.detail),
             "normal_latencies_ms": [round(v) for v in latencies],
             "gateway_peak_rss_mib": _mib(case.peak_rss_kib.get("gateway")),
@@ -903,10 +888,6 @@ def summarize(args, cases, health, alive, logs, names, workdir, redis, started_s
         "workdir": str(workdir),
         "logs_tail": logs,
     }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
 
 
 def _mib(kib: int | None) -> float | None:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.swarm_bench import percentile, round1, wait_models
 from swarm.launcher import Child, LocalSwarm, free_port, num_blocks_of, split_blocks
 
 MODEL = "swarm-demo"
@@ -183,13 +184,6 @@ def choose_victim(swarm: LocalSwarm, spans: list[tuple[int, int]], turn: int,
     return None
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 async def run(args: argparse.Namespace) -> dict:
     from peer.demo_model import create_demo_model
 
@@ -284,15 +278,6 @@ async def run(args: argparse.Namespace) -> dict:
     return summarize(args, spans, references, records, kills, before, health, elapsed, workdir, logs)
 
 
-async def wait_models(client: httpx.AsyncClient, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (await client.get("/v1/models")).json().get("data"):
-            return
-        await asyncio.sleep(0.2)
-    raise TimeoutError("the gateway never saw a complete route")
-
-
 def summarize(args, spans, references, records, kills, before, health, elapsed, workdir, logs) -> dict:
     completed = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
@@ -347,19 +332,15 @@ def summarize(args, spans, references, records, kills, before, health, elapsed, 
             "pauses_ms": pauses,
         },
         "client_max_gap_ms": {
-            "chaos_p50": _round(statistics.median(chaos_gaps) if chaos_gaps else None),
-            "chaos_p99": _round(percentile(chaos_gaps, 0.99)),
-            "chaos_max": _round(max(chaos_gaps, default=None)),
-            "reference_p50": _round(statistics.median(reference_gaps) if reference_gaps else None),
-            "reference_max": _round(max(reference_gaps, default=None)),
+            "chaos_p50": round1(statistics.median(chaos_gaps) if chaos_gaps else None),
+            "chaos_p99": round1(percentile(chaos_gaps, 0.99)),
+            "chaos_max": round1(max(chaos_gaps, default=None)),
+            "reference_p50": round1(statistics.median(reference_gaps) if reference_gaps else None),
+            "reference_max": round1(max(reference_gaps, default=None)),
         },
         "workdir": str(workdir),
         "logs_tail": logs if failed else {},
     }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
 
 
 def markdown(result: dict) -> str:

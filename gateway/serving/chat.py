@@ -17,6 +17,7 @@ from fastapi import Request, Response
 from common.logs import current_request_id
 from gateway import errors, protocol, tools
 from gateway.core import Gateway
+from gateway.generation import GenerationParams
 from gateway.metrics import observe_generation
 from gateway.models import ServedModel
 from gateway.serving.choices import ChoiceOutcome, ChoiceSpec, Piece, collect, sampling_for_choice
@@ -63,14 +64,16 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
     specs = [
         ChoiceSpec(
             index=i,
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new,
-            sampling=sampling_for_choice(sampling, i),
+            generation=GenerationParams(
+                prompt_ids=prompt_ids,
+                max_new_tokens=max_new,
+                sampling=sampling_for_choice(sampling, i),
+                ignore_eos=req.ignore_eos,
+                session_id=peer_session if i == 0 else "",
+                resume=i == 0 and pin is not None,
+            ),
             stops=req.stop_sequences(),
-            ignore_eos=req.ignore_eos,
             grammar=plan.grammar,
-            session_id=peer_session if i == 0 else "",
-            resume=i == 0 and pin is not None,
         )
         for i in range(req.n)
     ]

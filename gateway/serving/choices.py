@@ -10,6 +10,7 @@ pieces of several choices; `collect` gathers them for a non-streamed response.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -24,28 +25,26 @@ from protos import swarm_pb2
 
 @dataclass(frozen=True)
 class ChoiceSpec:
-    """Everything one choice needs, fixed before it starts."""
+    """Everything one choice needs, fixed before it starts: the token-level generation
+    (`gateway.generation.GenerationParams`: prompt ids, budget, sampling, session) and the text
+    side around it."""
 
     index: int
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampling: swarm_pb2.SamplingParams
+    generation: GenerationParams
     stops: list[str]
-    ignore_eos: bool = False
     # Text completions decode with the prompt's last tokens as context, so a SentencePiece
     # leading space is kept ("The capital is" + "▁Paris" -> " Paris"); chat needs none.
     prompt_context: bool = False
     grammar: Grammar | None = None  # constrain the output (structured outputs, forced tool calls)
-    # cache reuse: the peers' session id, and whether to resume what they kept of it
-    session_id: str = ""
-    resume: bool = False
-    # score the prompt with this many alternatives per token (completions' echo + logprobs)
-    prompt_logprobs: int | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.generation.prompt_ids
 
     @property
     def max_length(self) -> int:
         """Tokens the route's caches may hold for this choice (what a route must have room for)."""
-        return len(self.prompt_ids) + self.max_new_tokens
+        return self.generation.max_length
 
 
 def sampling_for_choice(base: swarm_pb2.SamplingParams, index: int) -> swarm_pb2.SamplingParams:
@@ -95,17 +94,8 @@ async def run_choice(spec: ChoiceSpec, runner: RouteRunner, served, request_id: 
             constraint = await asyncio.to_thread(_constraint, spec, served)
         except SchemaError as exc:
             raise errors.invalid_request(f"cannot constrain the output to this: {exc}") from exc
-    params = GenerationParams(
-        constraint=constraint,
-        prompt_ids=spec.prompt_ids,
-        max_new_tokens=spec.max_new_tokens,
-        sampling=spec.sampling,
-        eos_token_ids=served.eos_token_ids,
-        ignore_eos=spec.ignore_eos,
-        request_id=request_id,
-        session_id=spec.session_id,
-        resume=spec.resume,
-        prompt_logprobs=spec.prompt_logprobs,
+    params = dataclasses.replace(
+        spec.generation, constraint=constraint, eos_token_ids=served.eos_token_ids, request_id=request_id
     )
     last: Piece | None = None  # the piece that ends the choice early (a stop sequence)
     finish = "length"
@@ -136,7 +126,7 @@ async def run_choice(spec: ChoiceSpec, runner: RouteRunner, served, request_id: 
 
 
 def _constraint(spec: ChoiceSpec, served) -> Constraint:
-    return Constraint(spec.grammar, served.constraint_vocab, spec.max_new_tokens)
+    return Constraint(spec.grammar, served.constraint_vocab, spec.generation.max_new_tokens)
 
 
 async def merge_choices(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:

@@ -18,6 +18,7 @@ from fastapi import Request, Response
 from common.logs import current_request_id
 from gateway import errors, protocol, tools
 from gateway.core import Gateway
+from gateway.generation import GenerationParams
 from gateway.metrics import observe_generation
 from gateway.models import ServedModel
 from gateway.serving.choices import ChoiceSpec, Piece, collect, sampling_for_choice
@@ -83,13 +84,15 @@ async def serve_completion(
             specs.append(
                 ChoiceSpec(
                     index=p * req.n + i,
-                    prompt_ids=ids,
-                    max_new_tokens=max_new,
-                    sampling=sampling_for_choice(sampling, i),
+                    generation=GenerationParams(
+                        prompt_ids=ids,
+                        max_new_tokens=max_new,
+                        sampling=sampling_for_choice(sampling, i),
+                        ignore_eos=req.ignore_eos,
+                        prompt_logprobs=scoring,
+                    ),
                     stops=req.stop_sequences(),
-                    ignore_eos=req.ignore_eos,
                     prompt_context=True,
-                    prompt_logprobs=scoring,
                     grammar=grammar,
                 )
             )

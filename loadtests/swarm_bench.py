@@ -1,0 +1,30 @@
+"""What the swarm benchmarks share: waiting for a route, and small summary helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+
+async def wait_models(client: httpx.AsyncClient, timeout: float = 60.0) -> None:
+    """Until the gateway lists a model (every block covered by a live peer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (await client.get("/v1/models")).json().get("data"):
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError("the gateway never saw a complete route")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank `q` quantile (0..1) of `values`; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def round1(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
