@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # lowest first; a package may import from its own layer's other packages only where listed
@@ -146,3 +148,16 @@ def test_torch_block_works():
     script = BLOCK_TORCH + "import torch\n"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_running_gateway_has_no_torch_loaded(demo_gateway):
+    """`swarm gateway` runs as if torch were absent, even where it is installed."""
+    from pathlib import Path
+
+    import httpx
+
+    gateway = demo_gateway("layers")
+    assert httpx.get(f"{gateway.address}/health", timeout=10).status_code == 200
+    maps = Path(f"/proc/{gateway.process.pid}/maps").read_text()
+    assert "libtorch" not in maps
