@@ -334,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         "--prepack", action="store_true", help="peers keep oneDNN-packed weights too (swarm peer --prepack)"
     )
     parser.add_argument(
-        "--pipeline-groups", type=int, default=1, help="groups the first peer keeps (swarm peer --pipeline-groups)"
+        "--pipeline-groups",
+        type=int,
+        default=1,
+        help="groups the first peer keeps (swarm peer --pipeline-groups)",
     )
     parser.add_argument("--step-timeout", type=float, default=300.0, help="the gateway's per-step deadline")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)

@@ -342,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--concurrency", type=int, default=None, help="streams in flight (default 1)")
     mode.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s")
-    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (first turn; chat template included)")
+    parser.add_argument(
+        "--input-len",
+        type=int,
+        default=128,
+        help="prompt tokens per request (first turn; chat template included)",
+    )
     parser.add_argument("--output-len", type=int, default=128, help="tokens per reply")
     parser.add_argument(
         "--num-requests", type=int, default=32, help="requests (conversations with --multi-turn)"

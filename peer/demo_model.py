@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ SPECIAL_TOKENS = (
 )
 UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID, FIM_PREFIX_ID, FIM_MIDDLE_ID, FIM_SUFFIX_ID, PAD_ID = range(9)
 MARKER = ".complete"
+# The trained demo model committed with the package (peer/train_demo.py wrote it): `swarm up` serves it.
+CODE_MODEL_DIR = Path(__file__).resolve().parent / "models" / "swarm-demo-code"
 
 _COMMON: dict[str, Any] = {
     "max_position_embeddings": 2048,
@@ -261,7 +264,13 @@ def ensure_demo_model(
 
 
 def _write_tokenizer(path: Path, vocab_size: int, max_length: int) -> None:
-    """Train the byte-level BPE, pad its vocabulary to ``vocab_size``, write both tokenizer files."""
+    """Train the byte-level BPE on the small corpus above and write both tokenizer files."""
+    write_tokenizer(path, train_tokenizer(CORPUS.split("\n\n"), vocab_size), max_length)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> dict[str, Any]:
+    """A byte-level BPE trained on ``texts`` with ``SPECIAL_TOKENS`` at ids 0-8, as the JSON of a
+    ``tokenizer.json``, its vocabulary padded to exactly ``vocab_size`` entries (``<extra_N>``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -273,7 +282,7 @@ def _write_tokenizer(path: Path, vocab_size: int, max_length: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS.split("\n\n"), trainer)
+    tokenizer.train_from_iterator(texts, trainer)
 
     data = json.loads(tokenizer.to_str())
     vocab: dict[str, int] = data["model"]["vocab"]
@@ -282,6 +291,11 @@ def _write_tokenizer(path: Path, vocab_size: int, max_length: int) -> None:
         vocab[f"<extra_{token_id}>"] = token_id
     if len(vocab) != vocab_size:
         raise RuntimeError(f"tokenizer has {len(vocab)} entries, expected {vocab_size}")
+    return data
+
+
+def write_tokenizer(path: Path, data: dict[str, Any], max_length: int) -> None:
+    """Write ``tokenizer.json`` (``data``) and a ``tokenizer_config.json`` with the chat template."""
     (path / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, indent=1))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

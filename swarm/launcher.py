@@ -224,14 +224,13 @@ def run_local_swarm(args) -> int:
     if args.model:
         model_dir = Path(args.model)
     else:
-        model_name = DEMO_MODEL_ID
-        if args.dry_run:
-            model_dir = DEFAULT_CACHE / "demo-seed0"
-        else:
-            from peer.demo_model import ensure_demo_model
+        from peer.demo_model import CODE_MODEL_DIR
 
-            print("preparing the demo model (random weights, made locally) ...", flush=True)
-            model_dir = ensure_demo_model(DEFAULT_CACHE, preset="demo")
+        model_name, model_dir = DEMO_MODEL_ID, CODE_MODEL_DIR
+        if not (model_dir / "model.safetensors").is_file():
+            print(f"swarm up: the demo model is missing from this installation ({model_dir}); reinstall the "
+                  "package, or pass --model", file=sys.stderr)  # fmt: skip
+            return 2
     if args.dry_run:
         print(f"would start: dht, {args.peers} peers over {model_dir}, gateway on {args.host}:{args.port}")
         return 0
@@ -260,12 +259,23 @@ def run_local_swarm(args) -> int:
         gateway = swarm.start_gateway(args.port, *gateway_flags, host=args.host)
         model_id = model_name or Path(model_dir).resolve().name
         base = f"{gateway.address}/v1"
+        if model_name == DEMO_MODEL_ID:  # a small Python code model: ask it for code
+            about = f"a small Python code model; its card: {Path(model_dir) / 'README.md'}"
+            example = (
+                f"  curl {base}/completions -H 'Content-Type: application/json' \\\n"
+                f'    -d \'{{"model": "{model_id}", "prompt": "def fibonacci(n):", "max_tokens": 64, '
+                '"temperature": 0}\''
+            )
+        else:
+            about = str(model_dir)
+            example = (
+                f"  curl -N {base}/chat/completions -H 'Content-Type: application/json' \\\n"
+                f'    -d \'{{"model": "{model_id}", "stream": true, '
+                f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\''
+            )
         print(
-            f"\nswarm is up. OpenAI base URL: {base}  (model: {model_id})\n\n"
-            f"  curl -N {base}/chat/completions -H 'Content-Type: application/json' \\\n"
-            f'    -d \'{{"model": "{model_id}", "stream": true, '
-            f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n\n'
-            "Press Ctrl-C to stop.",
+            f"\nswarm is up. OpenAI base URL: {base}  (model: {model_id}, {about})\n\n"
+            f"{example}\n\nPress Ctrl-C to stop.",
             flush=True,
         )
         while not stop:
