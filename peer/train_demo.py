@@ -599,6 +599,10 @@ def train(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    # Compiled code adds into the embedding's gradient with atomic adds, whose order varies from
+    # run to run; in deterministic mode inductor keeps aten's ordered kernel for that instead.
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
     bars_were_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     started = time.monotonic()
@@ -741,6 +745,7 @@ def train(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         torch.set_num_threads(threads_before)
+        torch.use_deterministic_algorithms(deterministic_before)
         if bars_were_enabled:
             hf_logging.enable_progress_bar()
 
