@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-timeout", type=float, default=300.0, help="the gateway's per-step deadline")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "batching.json")
-    parser.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks-batching.md")
+    parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks-batching.md"),
+                        help="write-up to (over)write ('' to leave every write-up alone)")  # fmt: skip
     args = parser.parse_args(argv)
     args.levels = [int(level) for level in args.levels.split(",") if level]
     if not args.levels or min(args.levels) < 1:
@@ -353,12 +354,22 @@ def main(argv: list[str] | None = None) -> int:
     results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     command = "python -m loadtests.bench_batching " + " ".join(argv if argv is not None else sys.argv[1:])
     results["command"] = command.strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    args.docs.parent.mkdir(parents=True, exist_ok=True)
-    args.docs.write_text(markdown(results, results["command"]))
-    print(f"wrote {args.out} and {args.docs} in {results['wall_s']} s", flush=True)
+    written = write_outputs(results, args.out, args.docs)
+    print(f"wrote {' and '.join(written)} in {results['wall_s']} s", flush=True)
     return 0
+
+
+def write_outputs(results: dict, out: Path, docs: str) -> list[str]:
+    """The JSON results, and the write-up unless `docs` is '' (as `bench_decode --docs ''`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    written = [str(out)]
+    if docs:
+        path = Path(docs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(markdown(results, results["command"]))
+        written.append(str(path))
+    return written
 
 
 if __name__ == "__main__":

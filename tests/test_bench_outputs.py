@@ -1,0 +1,20 @@
+"""The benchmarks' output options: `--docs ''` writes the JSON results and leaves every write-up alone."""
+
+from __future__ import annotations
+
+import json
+
+from loadtests import bench_batching, bench_decode
+
+
+def test_bench_batching_empty_docs_writes_json_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Path('') is the current directory: writing to it was the crash
+    out = tmp_path / "results" / "batching.json"
+    written = bench_batching.write_outputs({"command": "x", "wall_s": 1.0}, out, "")
+    assert written == [str(out)]
+    assert json.loads(out.read_text())["command"] == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]
+
+
+def test_bench_decode_accepts_empty_docs():
+    assert bench_decode.parse_args(["--docs", "", "--models", "bench"]).docs == ""
