@@ -10,6 +10,7 @@ import asyncio
 
 import grpc
 
+from common.grpc_security import INFERENCE_METHOD, INFO_METHOD, ClientSecurity
 from protos import swarm_pb2, swarm_pb2_grpc
 
 CHANNEL_OPTIONS = [
@@ -31,17 +32,30 @@ class PeerError(Exception):
 
 
 class ChannelPool:
-    """One channel per peer address, shared by every session of this process."""
+    """One channel per peer address, shared by every session of this process.
 
-    def __init__(self) -> None:
+    `security` (`common.grpc_security`): TLS channels and the swarm membership credential that
+    every call carries (`metadata`); the default is plaintext without credentials (an open swarm).
+    """
+
+    def __init__(self, security: ClientSecurity | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.security = security or ClientSecurity()
+        self._credentials = self.security.tls.channel_credentials() if self.security.tls else None
 
     def stub(self, address: str) -> swarm_pb2_grpc.PeerStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS)
             self._channels[address] = channel
         return swarm_pb2_grpc.PeerStub(channel)
+
+    def metadata(self, method: str, extra: tuple = ()) -> tuple | None:
+        """The call metadata: `extra` plus the membership credential when the swarm is private."""
+        return (*extra, *self.security.metadata(method)) or None
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
@@ -54,6 +68,7 @@ class PeerSession:
 
     def __init__(self, pool: ChannelPool, address: str):
         self.address = address
+        self._pool = pool
         self._stub = pool.stub(address)
         self._call = None
         self.peer_id = ""
@@ -61,7 +76,7 @@ class PeerSession:
         self.load_key: str | None = None  # peer id under which the gateway counts this session
 
     async def open(self, request: swarm_pb2.OpenSession, metadata: tuple = ()) -> swarm_pb2.Opened:
-        self._call = self._stub.Inference(metadata=metadata or None)
+        self._call = self._stub.Inference(metadata=self._pool.metadata(INFERENCE_METHOD, tuple(metadata)))
         response = await self._exchange(swarm_pb2.InferenceRequest(open=request))
         if response.WhichOneof("kind") != "opened":
             raise PeerError(self.address, None, "expected an `opened` reply")
@@ -116,6 +131,8 @@ class PeerSession:
 
 async def peer_info(pool: ChannelPool, address: str, timeout: float = 5.0) -> swarm_pb2.InfoResponse:
     try:
-        return await pool.stub(address).Info(swarm_pb2.InfoRequest(), timeout=timeout)
+        return await pool.stub(address).Info(
+            swarm_pb2.InfoRequest(), timeout=timeout, metadata=pool.metadata(INFO_METHOD)
+        )
     except grpc.aio.AioRpcError as exc:
         raise PeerError(address, exc.code(), exc.details() or "") from exc

@@ -1,6 +1,12 @@
 """The swarm's Kademlia node: kademlia's protocol and server with their faults fixed, and
 `SwarmDHT`, which announces, withdraws and looks up peer records (`discovery.records`) stored as
-merged entries (`discovery.entries`, `discovery.storage`).
+merged entries (`discovery.entries`, `discovery.storage`), each signed by the peer it describes
+(`discovery.signing`).
+
+In a private swarm (a swarm key, `common.swarm_key`) every datagram carries an HMAC-SHA256 tag
+under the swarm key, and datagrams without a valid tag are dropped before they are even decoded:
+a node without the key can neither read the swarm's records nor store any, nor take part in
+lookups. The tag covers the whole datagram (request or reply), so records need no MAC of their own.
 
 Concurrency: everything runs on one asyncio event loop; storage operations are synchronous, so
 they never interleave. Network input (store requests, find_value replies) is validated and
@@ -11,9 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +32,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.utils import digest
 
+from common.identity import Identity
 from discovery.entries import (
     MODELS_KEY,
     Entries,
@@ -34,12 +44,32 @@ from discovery.entries import (
     split_entries,
 )
 from discovery.records import PeerRecord, format_address, is_int
-from discovery.storage import MergingStorage
+from discovery.signing import accepted_entries, sign_entry
+from discovery.storage import MODELS_DIGEST, MergingStorage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DHT_PORT = 8468
 TOMBSTONE_MARGIN_S = 0.001
+TAG_BYTES = 32  # HMAC-SHA256 tag appended to every datagram in a private swarm
+
+
+def datagram_tag(swarm_key: bytes, datagram: bytes) -> bytes:
+    return hmac.new(swarm_key, datagram, hashlib.sha256).digest()
+
+
+class _TaggingTransport:
+    """The datagram transport, with the swarm key's tag appended to everything sent."""
+
+    def __init__(self, transport: asyncio.DatagramTransport, swarm_key: bytes):
+        self._transport = transport
+        self._swarm_key = swarm_key
+
+    def sendto(self, data: bytes, addr=None) -> None:
+        self._transport.sendto(data + datagram_tag(self._swarm_key, data), addr)
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
 
 
 class _SwarmProtocol(KademliaProtocol):
@@ -50,11 +80,34 @@ class _SwarmProtocol(KademliaProtocol):
     # timeout each time made lookups and announcements slower than a record's ttl.
     UNRESPONSIVE_S = 30.0
 
-    def __init__(self, source_node: Node, storage: MergingStorage, ksize: int, wait_timeout: float):
+    def __init__(
+        self,
+        source_node: Node,
+        storage: MergingStorage,
+        ksize: int,
+        wait_timeout: float,
+        swarm_key: bytes | None = None,
+    ):
         super().__init__(source_node, storage, ksize)
         self._wait_timeout = wait_timeout
+        self._swarm_key = swarm_key
         self._background: set[asyncio.Future] = set()
         self._unresponsive: dict[bytes, float] = {}
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(
+            transport if self._swarm_key is None else _TaggingTransport(transport, self._swarm_key)
+        )
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if self._swarm_key is not None:
+            body, tag = data[:-TAG_BYTES], data[-TAG_BYTES:]
+            if len(data) <= TAG_BYTES or not hmac.compare_digest(tag, datagram_tag(self._swarm_key, body)):
+                # a node outside the swarm, or a corrupted datagram: no answer, no routing-table entry
+                self.storage.rejected["datagram_not_member"] += 1
+                return
+            data = body
+        super().datagram_received(data, addr)
 
     def handle_call_response(self, result: Any, node: Node) -> Any:
         if result[0]:
@@ -182,13 +235,21 @@ class _SwarmServer(Server):
     READ_CONCURRENCY = 8  # bounded so many ~48 KB replies do not overflow the UDP receive buffer
 
     def __init__(
-        self, *, ksize: int, alpha: int, node_id: bytes | None, rpc_timeout: float, clock: Callable[[], float]
+        self,
+        *,
+        ksize: int,
+        alpha: int,
+        node_id: bytes | None,
+        rpc_timeout: float,
+        clock: Callable[[], float],
+        swarm_key: bytes | None = None,
     ):
         super().__init__(ksize=ksize, alpha=alpha, node_id=node_id, storage=MergingStorage(clock=clock))
         self.rpc_timeout = rpc_timeout
+        self.swarm_key = swarm_key
 
     def _create_protocol(self) -> _SwarmProtocol:
-        return _SwarmProtocol(self.node, self.storage, self.ksize, self.rpc_timeout)
+        return _SwarmProtocol(self.node, self.storage, self.ksize, self.rpc_timeout, self.swarm_key)
 
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
         ok, node_id = await self.protocol.ping(addr, self.node.id)
@@ -261,6 +322,7 @@ class _SwarmServer(Server):
 
         results = await asyncio.gather(*(ask(node) for node in nodes), return_exceptions=True)
         now = self.storage.clock()
+        rejected = self.storage.rejected
         for node, result in zip(nodes, results, strict=True):
             value = _found_value(result)
             if value is None:
@@ -268,7 +330,10 @@ class _SwarmServer(Server):
             entries = decode_entries(value)
             if entries is None:
                 log.warning("ignoring a malformed DHT value from %s", node)
+                rejected["malformed"] += 1
                 continue
+            # a node's answer is network input like a store: forged entries are dropped here too
+            entries = accepted_entries(entries, now, rejected, any_signer=key == MODELS_DIGEST)
             merged = merge_entries(merged, entries, now)
         return merged
 
@@ -303,11 +368,22 @@ class SwarmDHT:
         node_id: bytes | None = None,
         rebootstrap_interval: float = 5.0,
         clock: Callable[[], float] = time.time,
+        identity: Identity | None = None,
+        swarm_key: bytes | None = None,
     ):
         # `clock`: the unix time records' expiry is judged by (tests pass a fake to age records)
         self.clock = clock
+        # signs what this node announces; a node that only reads (a gateway, `swarm status`) may
+        # leave it out and gets a throw-away one
+        self.identity = identity or Identity.generate()
+        self.private = swarm_key is not None
         self._server = _SwarmServer(
-            ksize=ksize, alpha=alpha, node_id=node_id, rpc_timeout=rpc_timeout, clock=clock
+            ksize=ksize,
+            alpha=alpha,
+            node_id=node_id,
+            rpc_timeout=rpc_timeout,
+            clock=clock,
+            swarm_key=swarm_key,
         )
         self._bootstrap: list[tuple[str, int]] = []
         self._family = socket.AF_INET
@@ -420,20 +496,34 @@ class SwarmDHT:
     def storage(self) -> MergingStorage:
         return self._server.storage
 
+    @property
+    def rejected(self) -> Counter:
+        """reason -> DHT entries (and, in a private swarm, datagrams) dropped by this node."""
+        return self.storage.rejected
+
     # ---- records
 
     async def announce(self, record: PeerRecord) -> int:
         """Store `record` under its model and the model under `models`; returns how many nodes hold it."""
         self._require_started()
-        if record.is_expired(self.clock()):
+        now = self.clock()
+        if record.is_expired(now):
             raise ValueError(f"record of {record.peer_id} has already expired; set expires_at in the future")
+        if record.peer_id != self.identity.peer_id:
+            raise ValueError(
+                f"record's peer_id {record.peer_id} is not this node's identity ({self.identity.peer_id}): "
+                "a record can only be signed by the peer it names"
+            )
         slot = (record.model, record.peer_id)
         # Noted before sending: a withdrawal must outlive even an announce cancelled half-way.
         self._last_expiry[slot] = max(self._last_expiry.get(slot, 0.0), record.expires_at)
         model_entry = {"num_blocks": record.num_blocks, "expires_at": record.expires_at}
+        entry = sign_entry(self.identity, record.peer_id, record.to_dict(), now)
         held, _ = await asyncio.gather(
-            self._server.store_entries(digest(model_key(record.model)), {record.peer_id: record.to_dict()}),
-            self._server.store_entries(digest(MODELS_KEY), {record.model: model_entry}),
+            self._server.store_entries(digest(model_key(record.model)), {record.peer_id: entry}),
+            self._server.store_entries(
+                digest(MODELS_KEY), {record.model: sign_entry(self.identity, record.model, model_entry, now)}
+            ),
         )
         log.debug("announced %s on %d node(s)", record.peer_id, held)
         return held
@@ -442,8 +532,10 @@ class SwarmDHT:
         """Tombstone `record.peer_id` so it vanishes from lookups at once; returns how many nodes hold it."""
         self._require_started()
         slot = (record.model, record.peer_id)
-        until = max(record.expires_at, self._last_expiry.pop(slot, 0.0), self.clock()) + TOMBSTONE_MARGIN_S
-        tombstone = {record.peer_id: {"departed": True, "expires_at": until}}
+        now = self.clock()
+        until = max(record.expires_at, self._last_expiry.pop(slot, 0.0), now) + TOMBSTONE_MARGIN_S
+        entry = {"departed": True, "expires_at": until}
+        tombstone = {record.peer_id: sign_entry(self.identity, record.peer_id, entry, now)}
         held = await self._server.store_entries(digest(model_key(record.model)), tombstone)
         log.info("withdrew %s from %s on %d node(s)", record.peer_id, record.model, held)
         return held

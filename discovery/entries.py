@@ -8,6 +8,9 @@ Every DHT value is a JSON object of *entries*, ``{"<entry id>": {..., "expires_a
   model. A departed peer's entry is a tombstone ``{"departed": true, "expires_at": t}``.
 * ``models`` -> ``{model_id: {"num_blocks": n, "expires_at": t}}``, one entry per announced model.
 
+Every entry is also signed (``public_key``, ``signed_at``, ``sig``; see `discovery.signing`), and
+storage and readers drop entries whose signature does not hold.
+
 Values are JSON *strings* because kademlia only stores str / bytes / int / float / bool.
 
 Why merge per peer
@@ -50,6 +53,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from discovery.records import PeerRecord, is_finite_number
+from discovery.signing import signed_at
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +111,18 @@ def prune(entries: Entries, now: float) -> Entries:
 
 
 def _supersedes(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
+    # Signed entries (`discovery.signing`): the one signed last wins, so a peer's tombstone beats
+    # its earlier records and its next record (after a restart with the same key) beats the tombstone.
+    if signed_at(new) != signed_at(old):
+        return signed_at(new) > signed_at(old)
     if new["expires_at"] != old["expires_at"]:
         return new["expires_at"] > old["expires_at"]
     return is_departed(new) and not is_departed(old)
 
 
 def merge_entries(base: Entries, incoming: Entries, now: float) -> Entries:
-    """Per entry id the later expiry wins (a tombstone on a tie); expired entries are dropped."""
+    """Per entry id the later signature wins, then the later expiry (a tombstone on a tie);
+    expired entries are dropped."""
     merged = prune(base, now)
     for key, entry in incoming.items():
         if entry["expires_at"] <= now:

@@ -1,18 +1,21 @@
-"""kademlia storage that merges values entry by entry instead of overwriting them."""
+"""kademlia storage that merges values entry by entry instead of overwriting them, and keeps only
+entries whose signature holds (`discovery.signing`)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from kademlia.storage import ForgetfulStorage
+from kademlia.utils import digest
 
 from discovery.entries import (
     MAX_VALUE_BYTES,
+    MODELS_KEY,
     Entries,
     cap_entries,
     decode_entries,
@@ -20,6 +23,9 @@ from discovery.entries import (
     merge_entries,
     prune,
 )
+from discovery.signing import accepted_entries, signed_at
+
+MODELS_DIGEST = digest(MODELS_KEY)  # the one key whose entries any member may sign
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,9 @@ class MergingStorage(ForgetfulStorage):
 
     Stored internally as parsed `Entries`; `get` / iteration return JSON strings, as kademlia
     expects. Writes that are not JSON objects of entries are ignored (logged), never raised.
+    Entries stored from the network (`__setitem__`) are verified: unsigned, forged, oversize or
+    replayed ones (signed before the entry held for that id) are dropped and counted in
+    `rejected[reason]`; `merge` is for entries this node signed or already verified.
     """
 
     CAP_WARNING_INTERVAL_S = 60.0
@@ -38,8 +47,10 @@ class MergingStorage(ForgetfulStorage):
         ttl: float = 24 * 3600,
         max_value_bytes: int = MAX_VALUE_BYTES,
         clock: Callable[[], float] = time.time,
+        rejected: Counter | None = None,
     ):
         super().__init__(ttl=ttl)
+        self.rejected = Counter() if rejected is None else rejected  # reason -> entries dropped
         self.clock = clock  # unix time, which entries' `expires_at` is measured in (tests pass a fake)
         self.data: OrderedDict[bytes, tuple[float, Entries]] = OrderedDict()
         self.max_value_bytes = max_value_bytes
@@ -50,8 +61,19 @@ class MergingStorage(ForgetfulStorage):
         if not isinstance(key, bytes) or entries is None:
             shown = key.hex() if isinstance(key, bytes) else repr(key)[:40]
             log.warning("ignoring a malformed DHT value (%s) for key %s", type(value).__name__, shown)
+            self.rejected["malformed"] += 1
             return
-        self.merge(key, entries)
+        entries = accepted_entries(entries, self.clock(), self.rejected, any_signer=key == MODELS_DIGEST)
+        held = self.data[key][1] if key in self.data else {}
+        fresh = {}
+        for entry_id, entry in entries.items():
+            current = held.get(entry_id)
+            if current is not None and signed_at(entry) < signed_at(current):
+                self.rejected["replayed"] += 1  # an older copy: a replay, or a late hand-off
+            else:
+                fresh[entry_id] = entry
+        if fresh:
+            self.merge(key, fresh)
 
     def merge(self, key: bytes, entries: Entries) -> None:
         current = self.data.pop(key, (0.0, {}))[1]

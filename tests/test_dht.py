@@ -20,6 +20,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.utils import digest
 
+from common.identity import Identity
 from discovery.announcer import Announcer
 from discovery.dht import SwarmDHT
 from discovery.entries import (
@@ -33,6 +34,7 @@ from discovery.entries import (
     split_entries,
 )
 from discovery.records import PeerRecord, parse_address
+from discovery.signing import sign_entry
 from discovery.storage import MergingStorage
 from tests.conftest import wait_until, wait_until_async
 
@@ -40,9 +42,54 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "demo/llama-156m"
 
 
-def make_record(peer_id: str, *, start: int = 0, end: int = 4, ttl: float = 30.0, **fields) -> PeerRecord:
+class IdentityBook:
+    """Test peers by name: each name gets its own key, hence its own peer id (`common.identity`)."""
+
+    def __init__(self):
+        self._by_name: dict[str, Identity] = {}
+        self._names: dict[str, str] = {}
+
+    def identity(self, name: str) -> Identity:
+        if name not in self._by_name:
+            self._by_name[name] = identity = Identity.generate()
+            self._names[identity.peer_id] = name
+        return self._by_name[name]
+
+    def __getitem__(self, name: str) -> str:
+        return self.identity(name).peer_id
+
+    def name(self, peer_id: str) -> str:
+        return self._names.get(peer_id, peer_id)
+
+    def names(self, records) -> list[str]:
+        """Names of `records` (or of entry ids), sorted: derived ids do not sort like the names."""
+        return sorted(self.name(getattr(r, "peer_id", r)) for r in records)
+
+
+PEERS = IdentityBook()
+
+
+def signed(name: str, entry: dict, now: float | None = None) -> dict:
+    """`entry` signed by the peer called `name`, under its own peer id."""
+    return {
+        PEERS[name]: sign_entry(PEERS.identity(name), PEERS[name], entry, time.time() if now is None else now)
+    }
+
+
+def as_peer(node: SwarmDHT, name: str) -> SwarmDHT:
+    """`node`, now announcing as the peer called `name` (a node signs with one identity at a time)."""
+    node.identity = PEERS.identity(name)
+    return node
+
+
+async def announce(node: SwarmDHT, record: PeerRecord) -> int:
+    node.identity = PEERS.identity(PEERS.name(record.peer_id))
+    return await node.announce(record)
+
+
+def make_record(name: str, *, start: int = 0, end: int = 4, ttl: float = 30.0, **fields) -> PeerRecord:
     values = {
-        "peer_id": peer_id,
+        "peer_id": PEERS[name],
         "address": "127.0.0.1:50051",
         "model": MODEL,
         "start": start,
@@ -129,16 +176,16 @@ def test_storage_merges_per_entry(fake_clock):
     key = digest(model_key(MODEL))
     now = fake_clock()
     a, b = make_record("a"), make_record("b", start=4, end=8)
-    storage[key] = encode_entries({"a": a.to_dict()})
-    storage[key] = encode_entries({"b": b.to_dict()}).encode()  # bytes values are accepted too
-    assert set(decode_entries(storage[key])) == {"a", "b"}
+    storage[key] = encode_entries(signed("a", a.to_dict(), now))
+    storage[key] = encode_entries(signed("b", b.to_dict(), now)).encode()  # bytes values are accepted too
+    assert PEERS.names(decode_entries(storage[key])) == ["a", "b"]
 
     older = a.to_dict() | {"free_cache_tokens": 1, "expires_at": a.expires_at - 5}
-    storage[key] = encode_entries({"a": older})
-    assert decode_entries(storage[key])["a"]["free_cache_tokens"] == 4096  # older loses
+    storage[key] = encode_entries(signed("a", older, now - 1))
+    assert decode_entries(storage[key])[PEERS["a"]]["free_cache_tokens"] == 4096  # older loses
     newer = a.to_dict() | {"free_cache_tokens": 7, "expires_at": a.expires_at + 5}
-    storage[key] = encode_entries({"a": newer})
-    assert decode_entries(storage[key])["a"]["free_cache_tokens"] == 7
+    storage[key] = encode_entries(signed("a", newer, now + 1))
+    assert decode_entries(storage[key])[PEERS["a"]]["free_cache_tokens"] == 7
 
     for junk in [
         "not json",
@@ -150,23 +197,24 @@ def test_storage_merges_per_entry(fake_clock):
         '{"c": {}}',
     ]:
         storage[key] = junk  # ignored, never raised
-    assert set(decode_entries(storage[key])) == {"a", "b"}
+    assert PEERS.names(decode_entries(storage[key])) == ["a", "b"]
 
-    storage[key] = encode_entries({"b": {"departed": True, "expires_at": b.expires_at + 1}})
-    storage[key] = encode_entries({"b": b.to_dict()})  # a stale copy cannot resurrect it
+    tombstone = signed("b", {"departed": True, "expires_at": b.expires_at + 1}, now + 1)
+    storage[key] = encode_entries(tombstone)
+    storage[key] = encode_entries(signed("b", b.to_dict(), now))  # a stale copy cannot resurrect it
     entries = decode_entries(storage[key])
-    assert entries["b"] == {"departed": True, "expires_at": b.expires_at + 1}
+    assert entries[PEERS["b"]] == tombstone[PEERS["b"]]
 
-    storage[key] = encode_entries({"x": {"expires_at": now + 0.2}})
-    assert "x" in decode_entries(storage.get(key))
+    storage[key] = encode_entries(signed("x", {"expires_at": now + 0.2}, now))
+    assert PEERS["x"] in decode_entries(storage.get(key))
     fake_clock.advance(0.25)
-    assert "x" not in decode_entries(storage.get(key))
+    assert PEERS["x"] not in decode_entries(storage.get(key))
     assert dict(storage)[key] == storage[key]
 
 
 def test_storage_drops_key_when_every_entry_expired(fake_clock):
     storage = MergingStorage(clock=fake_clock)
-    storage[b"k" * 20] = encode_entries({"x": {"expires_at": fake_clock() + 0.1}})
+    storage[b"k" * 20] = encode_entries(signed("x", {"expires_at": fake_clock() + 0.1}, fake_clock()))
     fake_clock.advance(0.15)
     assert storage.get(b"k" * 20) is None and list(storage) == []
     with pytest.raises(KeyError):
@@ -184,19 +232,21 @@ def test_merge_tie_prefers_tombstone():
 def test_storage_caps_value_size_evicting_soonest_expiry():
     storage = MergingStorage()
     now = time.time()
-    for i in range(400):  # ~400 records of ~330 bytes is far over the cap
+    for i in range(400):  # ~400 records of ~500 bytes is far over the cap
         storage[b"m" * 20] = encode_entries(
-            {f"peer-{i:03d}": make_record(f"peer-{i:03d}", ttl=10 + i).to_dict()}
+            signed(f"peer-{i:03d}", make_record(f"peer-{i:03d}", ttl=10 + i).to_dict())
         )
     value = storage[b"m" * 20]
     assert len(value) <= MAX_VALUE_BYTES
     kept = decode_entries(value)
-    assert "peer-399" in kept and "peer-000" not in kept
+    assert PEERS["peer-399"] in kept and PEERS["peer-000"] not in kept
     assert min(e["expires_at"] for e in kept.values()) > now + 10 + 400 - len(kept) - 1
 
 
 def test_thirty_records_split_under_store_limit():
-    entries = {f"peer-{i:02d}": make_record(f"peer-{i:02d}").to_dict() for i in range(30)}
+    entries = {}
+    for i in range(30):
+        entries |= signed(f"peer-{i:02d}", make_record(f"peer-{i:02d}").to_dict())
     assert len(encode_entries(entries)) > MAX_STORE_BYTES  # too big for one store call...
     chunks = split_entries(entries)
     assert all(len(chunk) <= MAX_STORE_BYTES for chunk in chunks)  # ...so it is split
@@ -219,16 +269,16 @@ def test_announcer_rejects_ttl_not_above_heartbeat():
 async def test_port_zero_reports_bound_port(make_nodes):
     (dht,) = await make_nodes(1)
     assert dht.port > 0 and dht.address == f"127.0.0.1:{dht.port}"
-    assert await dht.announce(make_record("solo")) == 1  # a lone node keeps its own record
-    assert [r.peer_id for r in await dht.peers(MODEL)] == ["solo"]
+    assert await announce(dht, make_record("solo")) == 1  # a lone node keeps its own record
+    assert PEERS.names(await dht.peers(MODEL)) == ["solo"]
 
 
 @pytest.mark.asyncio
 async def test_two_peers_same_span_via_different_nodes_visible_from_third(make_nodes):
     boot, n1, n2, n3 = await make_nodes(4)
-    await asyncio.gather(n1.announce(make_record("peer-a")), n2.announce(make_record("peer-b")))
+    await asyncio.gather(announce(n1, make_record("peer-a")), announce(n2, make_record("peer-b")))
     records = await n3.peers(MODEL)
-    assert [r.peer_id for r in records] == ["peer-a", "peer-b"]
+    assert PEERS.names(records) == ["peer-a", "peer-b"]
     assert all((r.start, r.end) == (0, 4) for r in records)
     assert await boot.peers(MODEL) == records
 
@@ -238,24 +288,26 @@ async def test_read_merges_values_that_differ_between_nodes(make_nodes):
     boot, n1, n2, reader = await make_nodes(4)
     key = digest(model_key(MODEL))
     # As if each store reached only one node: kademlia's get would return one of the two.
-    n1.storage[key] = encode_entries({"peer-a": make_record("peer-a").to_dict()})
-    n2.storage[key] = encode_entries({"peer-b": make_record("peer-b", start=4, end=8).to_dict()})
-    assert [r.peer_id for r in await reader.peers(MODEL)] == ["peer-a", "peer-b"]
+    n1.storage[key] = encode_entries(signed("peer-a", make_record("peer-a").to_dict()))
+    n2.storage[key] = encode_entries(signed("peer-b", make_record("peer-b", start=4, end=8).to_dict()))
+    assert PEERS.names(await reader.peers(MODEL)) == ["peer-a", "peer-b"]
     # a tombstone held by one node hides the record held by another
-    n2.storage[key] = encode_entries({"peer-a": {"departed": True, "expires_at": time.time() + 60}})
-    assert [r.peer_id for r in await reader.peers(MODEL)] == ["peer-b"]
+    n2.storage[key] = encode_entries(signed("peer-a", {"departed": True, "expires_at": time.time() + 60}))
+    assert PEERS.names(await reader.peers(MODEL)) == ["peer-b"]
 
 
 @pytest.mark.asyncio
 async def test_expired_record_disappears(make_nodes, fake_clock):
     boot, n1, reader = await make_nodes(3, clock=fake_clock)  # records age only when the test says so
-    announcer = Announcer(n1, lambda: make_record("short-lived"), heartbeat=0.3, ttl=1.0)
+    announcer = Announcer(
+        as_peer(n1, "short-lived"), lambda: make_record("short-lived"), heartbeat=0.3, ttl=1.0
+    )
     first = await announcer.start()
     fake_clock.advance(0.9)
     # the heartbeat (every 0.3 s of real time) re-announces with a later expiry...
     assert await wait_until_async(lambda: announcer.last_record is not first, 5), "no heartbeat"
     fake_clock.advance(0.9)  # ...so the record outlives one ttl past the first announce
-    assert [r.peer_id for r in await reader.peers(MODEL)] == ["short-lived"]
+    assert PEERS.names(await reader.peers(MODEL)) == ["short-lived"]
     await announcer.stop(withdraw=False)  # e.g. the peer crashed
     fake_clock.advance(1.1)  # past the last announce's expiry
     assert await reader.peers(MODEL) == []
@@ -266,15 +318,16 @@ async def test_expired_record_disappears(make_nodes, fake_clock):
 @pytest.mark.asyncio
 async def test_withdrawn_record_disappears_at_once(make_nodes):
     boot, n1, n2, reader = await make_nodes(4)
-    announcer = Announcer(n1, lambda: make_record("leaving"), heartbeat=5.0)
+    announcer = Announcer(as_peer(n1, "leaving"), lambda: make_record("leaving"), heartbeat=5.0)
     await announcer.start()
-    await n2.announce(make_record("staying"))
-    stale = announcer.last_record
-    assert {r.peer_id for r in await reader.peers(MODEL)} == {"leaving", "staying"}
+    await announce(n2, make_record("staying"))
+    stale = n1.storage.entries(digest(model_key(MODEL)))[PEERS["leaving"]]
+    assert PEERS.names(await reader.peers(MODEL)) == ["leaving", "staying"]
     await announcer.stop(withdraw=True)
-    assert [r.peer_id for r in await reader.peers(MODEL)] == ["staying"]
-    await n2.announce(stale)  # a late copy of the old record does not bring it back
-    assert [r.peer_id for r in await reader.peers(MODEL)] == ["staying"]
+    assert PEERS.names(await reader.peers(MODEL)) == ["staying"]
+    # a late copy of the old signed record (a replay) does not bring it back
+    n2.storage[digest(model_key(MODEL))] = encode_entries({PEERS["leaving"]: stale})
+    assert PEERS.names(await reader.peers(MODEL)) == ["staying"]
     with pytest.raises(RuntimeError):
         await announcer.announce_now()
 
@@ -284,7 +337,9 @@ async def test_reannounce_updates_fields_without_duplicating(make_nodes):
     boot, n1, reader = await make_nodes(3)
     state = {"free": 4096, "state": "online"}
     announcer = Announcer(
-        n1, lambda: make_record("p", free_cache_tokens=state["free"], state=state["state"]), heartbeat=5.0
+        as_peer(n1, "p"),
+        lambda: make_record("p", free_cache_tokens=state["free"], state=state["state"]),
+        heartbeat=5.0,
     )
     await announcer.start()
     (record,) = await reader.peers(MODEL)
@@ -299,10 +354,10 @@ async def test_reannounce_updates_fields_without_duplicating(make_nodes):
 @pytest.mark.asyncio
 async def test_models_lists_model_with_num_blocks(make_nodes):
     boot, n1, n2 = await make_nodes(3)
-    await n1.announce(make_record("a"))
-    await n1.announce(make_record("b", model="other/model", num_blocks=32, start=0, end=16))
+    await announce(n1, make_record("a"))
+    await announce(n1, make_record("b", model="other/model", num_blocks=32, start=0, end=16))
     assert await n2.models() == {MODEL: 8, "other/model": 32}
-    assert [r.peer_id for r in await n2.peers("other/model")] == ["b"]
+    assert PEERS.names(await n2.peers("other/model")) == ["b"]
     assert await n2.peers("unknown/model") == []
 
 
@@ -330,7 +385,7 @@ async def test_malformed_network_input_is_ignored(make_nodes):
     try:
         rogue_port = rogue.transport.get_extra_info("sockname")[1]
         await rogue.bootstrap([("127.0.0.1", boot.port)])
-        await n1.announce(make_record("good"))
+        await announce(n1, make_record("good"))
         key = digest(model_key(MODEL))
         node = Node(target._server.node.id, "127.0.0.1", target.port)
         junk_values = ["not json", "[1,2]", '{"p": 5}', '{"p": {"expires_at": "x"}}', 7, b"\xff", ["list"]]
@@ -343,10 +398,10 @@ async def test_malformed_network_input_is_ignored(make_nodes):
         # a reply to a ping sent after the junk: the target has handled everything that came before
         ok, _ = await n1._server.protocol.call_ping(node)
         assert ok
-        assert [r.peer_id for r in await target.peers(MODEL)] == ["good"]
-        assert set(decode_entries(target.storage[key])) == {"good"}
+        assert PEERS.names(await target.peers(MODEL)) == ["good"]
+        assert PEERS.names(decode_entries(target.storage[key])) == ["good"]
         # the reader crawls past the rogue's junk contacts and junk value
-        assert [r.peer_id for r in await reader.peers(MODEL)] == ["good"]
+        assert PEERS.names(await reader.peers(MODEL)) == ["good"]
         assert await reader.models() == {MODEL: 8}
         fresh = SwarmDHT(rpc_timeout=1.0)
         try:
@@ -362,7 +417,8 @@ async def test_malformed_network_input_is_ignored(make_nodes):
 async def test_thirty_peers_stay_under_size_limits(make_nodes):
     nodes = await make_nodes(4)
     records = [make_record(f"peer-{i:02d}", start=(i % 4) * 2, end=(i % 4) * 2 + 2) for i in range(30)]
-    await asyncio.gather(*(nodes[i % 4].announce(r) for i, r in enumerate(records)))
+    for i, record in enumerate(records):  # one at a time: a node signs as one peer at a time
+        await announce(nodes[i % 4], record)
     assert len(await nodes[0].peers(MODEL)) == 30
     key = digest(model_key(MODEL))
     for node in nodes:
@@ -384,7 +440,7 @@ async def test_isolated_node_rebootstraps_when_bootstrap_appears(make_nodes):
         port = sock.getsockname()[1]
     (early,) = await make_nodes(1, bootstrap=[("127.0.0.1", port)], rebootstrap_interval=0.2)
     assert early.num_contacts == 0
-    await early.announce(make_record("early"))  # kept locally meanwhile
+    await announce(early, make_record("early"))  # kept locally meanwhile
     boot = SwarmDHT(rpc_timeout=1.0)
     await boot.start("127.0.0.1", port, [])
     try:
@@ -393,7 +449,7 @@ async def test_isolated_node_rebootstraps_when_bootstrap_appears(make_nodes):
             return early.num_contacts > 0
 
         assert await wait_until_async(joined, 3.0)
-        assert [r.peer_id for r in await boot.peers(MODEL)] == ["early"]
+        assert PEERS.names(await boot.peers(MODEL)) == ["early"]
     finally:
         boot.stop()
 
@@ -438,14 +494,14 @@ def dht_process(tmp_path):
 async def test_bootstrap_node_in_separate_process(dht_process, make_nodes):
     proc, port = dht_process
     announcer_node, reader = await make_nodes(2, bootstrap=[("localhost", port)])  # names are resolved
-    await announcer_node.announce(make_record("peer-a"))
-    await announcer_node.announce(make_record("peer-b", start=4, end=8))
-    assert [r.peer_id for r in await reader.peers(MODEL)] == ["peer-a", "peer-b"]
+    await announce(announcer_node, make_record("peer-a"))
+    await announce(announcer_node, make_record("peer-b", start=4, end=8))
+    assert PEERS.names(await reader.peers(MODEL)) == ["peer-a", "peer-b"]
     assert await reader.models() == {MODEL: 8}
     # the remote node holds the merged value itself
     protocol, me = reader._server.protocol, reader._server.node.id
     ok, reply = await protocol.find_value(("127.0.0.1", port), me, digest(model_key(MODEL)))
-    assert ok and set(decode_entries(reply["value"])) == {"peer-a", "peer-b"}
+    assert ok and PEERS.names(decode_entries(reply["value"])) == ["peer-a", "peer-b"]
     ok, reply = await protocol.find_value(("127.0.0.1", port), me, digest(MODELS_KEY))
     assert ok and MODEL in decode_entries(reply["value"])
     proc.send_signal(signal.SIGTERM)
