@@ -49,7 +49,8 @@ def create_app(
     errors.install_error_handlers(app)  # innermost: the catch-all sits right outside the routes
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(AdmissionGuard, max_concurrent=settings.max_concurrent)
-    app.add_middleware(OpsGuard, api_key=settings.api_key, open_ops=settings.open_ops)
+    guarded = bool(settings.api_key or settings.keys_file or settings.redis_keys) and not settings.open_ops
+    app.add_middleware(OpsGuard, api_key=settings.api_key, guarded=guarded)
     install_telemetry(app)  # outermost: request ids, access logs, /metrics
     install_swarm_map(app)  # /swarm and /swarm/api
     for router in openai_routers:

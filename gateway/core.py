@@ -27,6 +27,7 @@ from discovery.records import PeerRecord, PeerState
 from gateway import errors
 from gateway.failure_policy import FailurePolicy
 from gateway.generation import RouteRunner
+from gateway.keys import FileKeyStore, KeyStore, RedisKeyStore
 from gateway.metrics import record_route_failure
 from gateway.models import ServedModel, load_model
 from gateway.precision import accepts, split_model_id
@@ -57,6 +58,7 @@ class Gateway:
         self.pool = ChannelPool()
         self.swarm = swarm
         self.sessions = sessions
+        self.keys: KeyStore | None = None  # API keys with limits and usage (None: no key store)
         self.policy = FailurePolicy(replace_timeout=settings.failover_timeout, probe=self._answers)
         self.prompt_work = PromptWork()
         self._readmission: asyncio.Task | None = None
@@ -79,6 +81,12 @@ class Gateway:
                 self.sessions = RedisSessionStore(self.settings.redis_url, ttl=self.settings.session_ttl)
             else:
                 self.sessions = MemorySessionStore(ttl=self.settings.session_ttl)
+        if self.settings.redis_keys:
+            if not self.settings.redis_url:
+                raise ValueError("--redis-keys needs --redis-url")
+            self.keys = RedisKeyStore(self.settings.redis_url)
+        elif self.settings.keys_file:
+            self.keys = FileKeyStore(self.settings.keys_file)
         self._readmission = asyncio.get_running_loop().create_task(self._readmit_forever())
 
     async def stop(self) -> None:
@@ -89,6 +97,8 @@ class Gateway:
         self.prompt_work.close()
         if self.sessions is not None:
             await self.sessions.close()
+        if self.keys is not None:
+            await self.keys.close()
         await self.pool.close()
         if self.dht is not None:
             self.dht.stop()
@@ -198,11 +208,13 @@ class Gateway:
                 key, Pin(model=served.id, route=route, tokens=tokens or [], session_nonce=session_nonce)
             )
 
-    def peer_session_id(self, nonce: str) -> str:
+    def peer_session_id(self, nonce: str, scope: str | None = None) -> str:
         """The session id the peers keep a conversation's caches under: a capability (whoever
         holds it can resume and truncate those caches), so it is derived from the pin's nonce with
-        this gateway's secret and never stored or logged."""
-        return hmac.new(self._session_secret, nonce.encode(), hashlib.sha256).hexdigest()[:32]
+        this gateway's secret and never stored or logged. The caller's scope (`auth.pin_scope`)
+        goes in too: a nonce that reached another key would still not open these caches."""
+        message = f"{scope}\0{nonce}" if scope else nonce
+        return hmac.new(self._session_secret, message.encode(), hashlib.sha256).hexdigest()[:32]
 
     # -- choices -------------------------------------------------------------------------------
     def run_choices(

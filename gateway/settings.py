@@ -13,8 +13,11 @@ class GatewaySettings:
     port: int = 8000
     dht_port: int = 0
     redis_url: str | None = None
-    api_key: str | None = None
-    open_ops: bool = False  # with api_key: /metrics, /swarm, /swarm/api, /docs, /openapi.json stay open
+    api_key: str | None = None  # the admin key: every route, no limits (gateway.auth)
+    open_ops: bool = False  # /metrics, /swarm, /swarm/api, /docs, /openapi.json stay open to anyone
+    keys_file: str | None = None  # serve the API keys of this file (gateway.keys.FileKeyStore)
+    redis_keys: bool = False  # serve the API keys kept in redis_url, shared by replicas
+    key_check_interval: float = 1.0  # a stream re-reads its key this often (revoked: it ends)
     # derives the peers' session ids from pins (`Gateway.peer_session_id`); None: random per process
     session_secret: str | None = None
     step_timeout: float = 10.0

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from common.logs import configure_logging
+from swarm.keys_cli import add_keys_parser, cmd_keys
 
 
 class EnvDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -257,9 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _flag(gateway, "gateway", "--redis-url", default=None, help="pin sessions in Redis (default: in memory)")
     _flag(gateway, "gateway", "--api-key", default=None,
-          help="require this bearer token on the API and on /metrics, /swarm, /swarm/api, /docs, /openapi.json")  # fmt: skip
+          help="the admin key: a bearer token for every route, without limits; the only key /metrics, /swarm, "
+               "/swarm/api, /docs and /openapi.json accept (without a key store it is the API's one key)")  # fmt: skip
+    _flag(gateway, "gateway", "--keys-file", default=None,
+          help="serve the API keys of this file (made with `swarm keys create`): each request needs one, within "
+               "its limits, models and credit (docs/users.md)")  # fmt: skip
+    _flag(gateway, "gateway", "--redis-keys", action="store_true",
+          help="serve the API keys kept in --redis-url (`swarm keys create --redis-url`): replicas share keys, "
+               "limits, credit and usage")  # fmt: skip
     _flag(gateway, "gateway", "--open-ops", action="store_true",
-          help="with --api-key: leave /metrics, /swarm, /swarm/api, /docs and /openapi.json open (/health always is)")  # fmt: skip
+          help="leave /metrics, /swarm, /swarm/api, /docs and /openapi.json open to anyone even with --api-key or a "
+               "key store (/health always is)")  # fmt: skip
     _flag(gateway, "gateway", "--session-secret", default=None,
           help="key that derives the peers' session ids from the pins (give every replica sharing a Redis the "
           "same one, so any replica resumes the peers' caches; default: random per process)")  # fmt: skip
@@ -321,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="gateway base URL to ask instead, e.g. http://127.0.0.1:8000",
     )
     _flag(status, "status", "--model", default=None, help="show only this model id (default: every model)")
+    add_keys_parser(commands, _flag, EnvDefaultsFormatter)
     return parser
 
 
@@ -447,6 +457,10 @@ def cmd_gateway(args) -> int:
     if names and len(names) != len(args.model):
         raise SystemExit("give one --model-name per --model, or none")
     models = {model_id_for(model, names[i] if names else None): model for i, model in enumerate(args.model)}
+    if args.redis_keys and not args.redis_url:
+        raise SystemExit("swarm gateway: --redis-keys needs --redis-url (the Redis the keys are in)")
+    if args.redis_keys and args.keys_file:
+        raise SystemExit("swarm gateway: give --keys-file or --redis-keys, not both")
     bootstrap = _addresses(args.dht)
     if args.dry_run:
         print(f"gateway on {args.host}:{args.port} serving {models}, dht {bootstrap}")
@@ -467,6 +481,8 @@ def cmd_gateway(args) -> int:
         redis_url=args.redis_url,
         api_key=args.api_key,
         open_ops=args.open_ops,
+        keys_file=args.keys_file,
+        redis_keys=args.redis_keys,
         session_secret=args.session_secret,
         step_timeout=args.step_timeout,
         failover_timeout=args.failover_timeout,
@@ -536,6 +552,7 @@ COMMANDS = {
     "gateway": cmd_gateway,
     "demo-model": cmd_demo_model,
     "status": cmd_status,
+    "keys": cmd_keys,
 }
 
 

@@ -9,17 +9,28 @@ import pytest
 from swarm.cli import build_parser
 
 
-def _subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+def _subcommands(
+    parser: argparse.ArgumentParser | None = None, prefix: str = ""
+) -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)command by its name, `swarm keys create` as "keys create"."""
+    parser = parser or build_parser()
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[prefix + name] = sub
+                found.update(_subcommands(sub, f"{prefix}{name} "))
+    return found
 
 
 @pytest.mark.parametrize("name", sorted(_subcommands()))
 def test_every_flag_has_help_and_an_env_var(name):
     parser = _subcommands()[name]
     for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        if not action.option_strings:  # a positional (a key id) is no setting to take from the environment
+            assert len(action.help or "") >= 10, f"{name} {action.dest}: help says nothing"
             continue
         text = action.help or ""
         assert "[env: SWARM_" in text, f"{name} {action.option_strings}: no env var in help"

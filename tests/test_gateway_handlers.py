@@ -362,7 +362,7 @@ async def test_the_api_key_guards_the_operator_pages_unless_opened(peers, demo_m
                 path
             )
             assert (await client.get(path, headers=key)).status_code == 200, path
-        assert (await client.get("/metrics", headers={"authorization": "Bearer wrong"})).status_code == 401
+        assert (await client.get("/metrics", headers={"authorization": "Bearer wrong"})).status_code == 403
         assert (await client.get("/health")).status_code == 200
     async with app_in_process(peers, demo_model, api_key="sekret", open_ops=True) as (client, *_):
         assert (await client.get("/metrics")).status_code == 200

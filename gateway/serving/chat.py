@@ -16,8 +16,10 @@ from fastapi import Request, Response
 
 from common.logs import current_request_id
 from gateway import errors, protocol, tools
+from gateway.auth import check_model, pin_scope
 from gateway.core import Gateway
 from gateway.generation import GenerationParams
+from gateway.metering import admit
 from gateway.metrics import observe_generation
 from gateway.models import ServedModel
 from gateway.serving.choices import ChoiceOutcome, ChoiceSpec, Piece, collect, sampling_for_choice
@@ -29,6 +31,7 @@ from gateway.text import encode_continuing, encode_prompt, render_chat
 
 async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: Request, response: Response):
     served, precision = gw.model_and_precision(req.model)
+    check_model(request, served.id)
     messages = req.template_messages()
     size = sum(len(message["content"]) for message in messages)
     served.check_fits(size, "messages")
@@ -45,9 +48,9 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
         prompt = await gw.prompt_work.run(size, render)
     except ValueError as exc:
         raise errors.invalid_request(str(exc), param="messages") from exc
-    authorization = request.headers.get("authorization")
+    scope = pin_scope(request)
     explicit_key = request.headers.get(SESSION_HEADER)
-    key = scoped_key(authorization, explicit_key or conversation_key(served.id, messages))
+    key = scoped_key(scope, explicit_key or conversation_key(served.id, messages))
     pin = await gw.pinned(served, key, precision)
     # A conversation the route holds continues the exact ids the model produced (see
     # `encode_continuing`); a new one, or one whose pin expired, is tokenized from its text.
@@ -60,7 +63,7 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
     sampling = req.to_sampling_params(len(served.tokenizer), logprobs=req.logprobs, top_logprobs=top)
     plan = await asyncio.to_thread(tools.plan_output, req)  # a big schema compiles for milliseconds
     nonce = (pin.session_nonce if pin is not None else "") or uuid.uuid4().hex
-    peer_session = gw.peer_session_id(nonce)
+    peer_session = gw.peer_session_id(nonce, scope)
     specs = [
         ChoiceSpec(
             index=i,
@@ -78,15 +81,20 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
         for i in range(req.n)
     ]
     route = pin.route if pin is not None else await gw.plan(served, specs[0].max_length, precision)
+    meter = await admit(
+        gw, request, served.id, len(prompt_ids), sum(s.generation.max_new_tokens for s in specs)
+    )
     request_id = current_request_id() or uuid.uuid4().hex
     pieces = gw.run_choices(served, specs, route, request_id)
+    if meter is not None:
+        pieces = meter.wrap(pieces, partial=req.stream)
     pieces = observe_generation(request, pieces, route, served.id, len(prompt_ids), prompt)
 
     async def remember(reply: str, outcome: ChoiceOutcome | None) -> None:
         """Pin the conversation as it continues after `reply`, on the route that served choice 0
         (a failover may have replaced hops: the replacements replayed it under the same session)."""
         await gw.pin(
-            scoped_key(authorization, explicit_key or next_turn_key(served.id, messages, reply)),
+            scoped_key(scope, explicit_key or next_turn_key(served.id, messages, reply)),
             served,
             outcome.route if outcome else route,
             tokens=outcome.held_tokens if outcome else [],
@@ -95,10 +103,12 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
 
     if req.stream:
         events = _chat_events(pieces, req, served, len(prompt_ids), remember, plan)
-        return event_stream(events, route)
+        return event_stream(events, route, meter.headers if meter else None)
     result = await collect(pieces, [""] * req.n)
     first = result.outcomes[0]
     response.headers.update(route_headers(first.route if first else route))
+    if meter is not None:
+        response.headers.update(meter.headers)
     await remember(result.texts[0], first)
     choices = []
     for i in range(req.n):

@@ -17,8 +17,10 @@ from fastapi import Request, Response
 
 from common.logs import current_request_id
 from gateway import errors, protocol, tools
+from gateway.auth import check_model, pin_scope
 from gateway.core import Gateway
 from gateway.generation import GenerationParams
+from gateway.metering import admit
 from gateway.metrics import observe_generation
 from gateway.models import ServedModel
 from gateway.serving.choices import ChoiceSpec, Piece, collect, sampling_for_choice
@@ -58,6 +60,7 @@ async def serve_completion(
     gw: Gateway, req: protocol.CompletionRequest, request: Request, response: Response
 ):
     served, precision = gw.model_and_precision(req.model)
+    check_model(request, served.id)
     for prompt in req.prompts():
         if isinstance(prompt, str):
             served.check_fits(len(prompt), "prompt")
@@ -97,13 +100,17 @@ async def serve_completion(
                 )
             )
     key = request.headers.get(SESSION_HEADER)
-    key = key and scoped_key(request.headers.get("authorization"), key)
+    key = key and scoped_key(pin_scope(request), key)
     route = await gw.route_for(served, key, max(spec.max_length for spec in specs), precision)
     await gw.pin(key, served, route)
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    budget = sum(spec.generation.max_new_tokens for spec in specs)
+    meter = await admit(gw, request, served.id, prompt_tokens, budget)
     request_id = current_request_id() or uuid.uuid4().hex
     pieces = gw.run_choices(served, specs, route, request_id)
+    if meter is not None:
+        pieces = meter.wrap(pieces, partial=req.stream)
     echoes = [prompts[spec.index // req.n][0] if req.echo else "" for spec in specs]
-    prompt_tokens = sum(len(ids) for _, ids in prompts)
     pieces = observe_generation(
         request, pieces, route, served.id, prompt_tokens, "\n".join(p for p, _ in prompts)
     )
@@ -111,10 +118,12 @@ async def serve_completion(
         events = _completion_events(
             pieces, req, served, echoes, prompt_tokens, [spec.prompt_ids for spec in specs]
         )
-        return event_stream(events, route)
+        return event_stream(events, route, meter.headers if meter else None)
     result = await collect(pieces, echoes)
     first = result.outcomes[0]
     response.headers.update(route_headers(first.route if first else route))
+    if meter is not None:
+        response.headers.update(meter.headers)
     choices = []
     for i, spec in enumerate(specs):
         logprobs = None

@@ -33,5 +33,10 @@ async def ending_cleanly(events: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "[DONE]"
 
 
-def event_stream(events: AsyncIterator[str], route: Route) -> EventSourceResponse:
-    return EventSourceResponse(ending_cleanly(events), sep="\n", ping=15, headers=route_headers(route))
+def event_stream(
+    events: AsyncIterator[str], route: Route, headers: dict[str, str] | None = None
+) -> EventSourceResponse:
+    """`events` as SSE; `headers` (the key's rate-limit headers) go out with the route's."""
+    return EventSourceResponse(
+        ending_cleanly(events), sep="\n", ping=15, headers={**route_headers(route), **(headers or {})}
+    )
