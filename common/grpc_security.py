@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from common.swarm_key import MAX_SKEW_S, METADATA_KEY, check_member, member_metadata
+from common.swarm_key import MAX_SKEW_S, METADATA_KEY, check_member, key_fingerprint, member_metadata
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +144,19 @@ class MemberCheck(grpc.aio.ServerInterceptor):
             while len(self._seen) >= self.MAX_REMEMBERED:  # a flood of valid calls: forget the oldest
                 del self._seen[next(iter(self._seen))]
         self._seen[value] = now + 2 * MAX_SKEW_S
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def security_summary(swarm_key: bytes | None, tls: TlsFiles | None) -> str:
+    """How this process talks to the swarm, for its startup line."""
+    swarm = f"private swarm (key {key_fingerprint(swarm_key)})" if swarm_key else "open swarm (no swarm key)"
+    transport = "plaintext gRPC" if tls is None else "mutual TLS" if tls.ca else "TLS"
+    return f"{swarm}, {transport}"
+
+
+def listen_warning(host: str) -> str:
+    """The startup line's note for a listener that other machines can reach."""
+    return "" if is_loopback(host) else f"; LISTENING BEYOND LOOPBACK on {host or '0.0.0.0'}"

@@ -57,6 +57,21 @@ def verify_signature(public_key: str, signature: str, data: bytes) -> bool:
         return False
 
 
+def identity_in_use(path: str | os.PathLike[str]) -> bool:
+    """Whether another process holds the identity file `path` (see `Identity.load_or_create`)."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 class Identity:
     """An Ed25519 private key with its public key and peer id."""
 

@@ -77,7 +77,7 @@ def member_metadata(
     timestamp = f"{time.time() if now is None else now:.3f}"
     nonce = secrets.token_hex(8)
     mac = _mac(key, method, public_key, timestamp, nonce)
-    return ((METADATA_KEY, f"{public_key}.{timestamp}.{nonce}.{mac}"),)
+    return ((METADATA_KEY, f"{public_key},{timestamp},{nonce},{mac}"),)
 
 
 def check_member(
@@ -86,7 +86,7 @@ def check_member(
     """(caller's public key, "") when `value` is a valid credential for `method`; else (None, reason)."""
     if not value:
         return None, "missing"
-    parts = value.split(".")
+    parts = value.split(",")
     if len(parts) != 4:
         return None, "malformed"
     public_key, timestamp, nonce, mac = parts

@@ -28,18 +28,20 @@ async def run_dht_node(
     stop_event: asyncio.Event | None = None,
     *,
     on_ready: Callable[[SwarmDHT], None] | None = None,
+    swarm_key: bytes | None = None,
 ) -> None:
     """Serve a DHT node on UDP host:port until `stop_event` is set.
 
     Without `stop_event`, SIGTERM and SIGINT stop it (main thread only). `on_ready` gets the
-    started node, e.g. to learn the port picked for port 0.
+    started node, e.g. to learn the port picked for port 0. With `swarm_key` it serves a private
+    swarm (`discovery.dht`: datagrams without the key's tag are dropped).
     """
     if stop_event is None:
         stop_event = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_event.set)
-    dht = SwarmDHT()
+    dht = SwarmDHT(swarm_key=swarm_key)
     await dht.start(host, port, list(bootstrap))
     try:
         log.info("DHT node ready on %s (node id %s)", dht.address, dht.node_id[:12])

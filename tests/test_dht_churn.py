@@ -29,7 +29,7 @@ BODY = {
 
 
 def _peer_id(child: Child) -> str:
-    match = re.search(r"peer ([0-9a-f]{16}) serving", child.log())
+    match = re.search(r"peer ([0-9a-f]+) serving", child.log())
     assert match, child.log()[-2000:]
     return match.group(1)
 
