@@ -22,6 +22,12 @@ from typing import Any
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute and wire dtypes, as spelled everywhere
 QUANT_MODES = ("none", "int8", "nf4")
 PRECISIONS = (*DTYPE_NAMES, *QUANT_MODES[1:])
+# How far two honest peers of one precision may disagree on a step's hidden states: the largest
+# |a - b| over the largest |b| of the rows compared (`gateway.answer_checks.hidden_distance`).
+# fp32 replicas differ by batch composition only (~1e-6); half precisions round each block's
+# output (2^-8 for bfloat16); dynamic int8 quantizes activations per pass, so its outputs move
+# with the batch; a re-execution check bans a peer only past its record's tolerance.
+TOLERANCES = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2, "int8": 0.15, "nf4": 0.25}
 
 
 class PeerState(enum.StrEnum):
@@ -32,6 +38,10 @@ class PeerState(enum.StrEnum):
 def precision_name(dtype: str, quant: str) -> str:
     """The label a peer serves under: the quant mode when quantized, else the compute dtype."""
     return quant if quant and quant != "none" else dtype
+
+
+def default_tolerance(precision: str) -> float:
+    return TOLERANCES.get(precision, max(TOLERANCES.values()))
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -70,7 +80,7 @@ _STR_LIMITS = {
     "version": 64,
 }
 _INT_FIELDS = ("start", "end", "num_blocks", "free_cache_tokens", "live_sessions", "metrics_port")
-_FLOAT_FIELDS = ("throughput", "expires_at")
+_FLOAT_FIELDS = ("throughput", "expires_at", "tolerance")
 _MAY_BE_EMPTY = ("version",)
 
 
@@ -101,6 +111,9 @@ class PeerRecord:
     version: str = ""
     expires_at: float = 0.0  # unix time
     metrics_port: int = 0  # HTTP port of the peer's Prometheus /metrics on its host; 0 = not served
+    # hidden-state disagreement this peer expects from an honest replica (see TOLERANCES); 0: the
+    # default of its precision (records of older peers)
+    tolerance: float = 0.0
 
     def __post_init__(self) -> None:
         for name, limit in _STR_LIMITS.items():
@@ -121,6 +134,8 @@ class PeerRecord:
             raise ValueError(f"span [{self.start}, {self.end}) is not inside 0..{self.num_blocks}")
         if self.throughput < 0 or self.free_cache_tokens < 0 or self.live_sessions < 0:
             raise ValueError("throughput, free_cache_tokens and live_sessions must be >= 0")
+        if not 0 <= self.tolerance <= 1:
+            raise ValueError("tolerance must be in [0, 1]")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError("metrics_port must be in 0..65535")
         if self.state not in PeerState.__members__.values():
@@ -153,3 +168,8 @@ class PeerRecord:
     @property
     def precision(self) -> str:
         return precision_name(self.dtype, self.quant)
+
+    @property
+    def check_tolerance(self) -> float:
+        """The tolerance a re-execution check applies to this peer's hidden states."""
+        return self.tolerance or default_tolerance(self.precision)

@@ -37,6 +37,7 @@ from gateway.serving.choices import ChoiceSpec, Piece, merge_choices, run_choice
 from gateway.sessions import MemorySessionStore, Pin, RedisSessionStore, SessionStore
 from gateway.settings import GatewaySettings
 from gateway.swarm_view import SwarmView
+from gateway.verification import Verifier
 
 log = logging.getLogger("gateway")
 
@@ -59,7 +60,10 @@ class Gateway:
         self.swarm = swarm
         self.sessions = sessions
         self.keys: KeyStore | None = None  # API keys with limits and usage (None: no key store)
-        self.policy = FailurePolicy(replace_timeout=settings.failover_timeout, probe=self._answers)
+        self.policy = FailurePolicy(
+            replace_timeout=settings.failover_timeout, probe=self._answers, conviction_ban=settings.verify_ban
+        )
+        self.verifier = Verifier(settings.verify_fraction)
         self.prompt_work = PromptWork()
         self._readmission: asyncio.Task | None = None
         self._session_secret = (settings.session_secret or os.urandom(32).hex()).encode()
@@ -233,6 +237,8 @@ class Gateway:
             self.settings.step_timeout,
             failover=failover,
             wire_dtype=self.settings.wire_dtype,
+            verifier=self.verifier,
+            answer_shape=(served.hidden_size, served.vocab_size),
         )
         try:
             async with aclosing(run_choice(spec, runner, served, request_id)) as pieces:

@@ -8,10 +8,13 @@ a missed step deadline). `FailurePolicy.judge` sorts it into one of three verdic
 * `Verdict.PEER_BUSY` (RESOURCE_EXHAUSTED): a healthy peer with no cache room. Another replica
   is tried, nobody is banned; when none has room the client gets a 503 to retry shortly.
 * `Verdict.PEER_FAULT` (anything else: an error status, a broken stream, a missed step
-  deadline): the peer is banned (new sessions avoid it) and the hop is replaced and replayed
+  deadline, or a `BadAnswer`: an answer the gateway rejected): the peer is banned (new sessions avoid it) and the hop is replaced and replayed
   (`gateway.generation.RouteRunner`). A first ban is lifted as soon as the peer answers an `Info`
   probe (`readmit`, every second, and at once when a model would otherwise have no route): a
   peer that stalled for a moment is back when it answers, instead of 30 s later.
+  A `BadAnswer` (a malformed result, or one that failed a re-execution check,
+  `gateway.verification`) *convicts* the peer instead: banned for `conviction_ban` seconds with no
+  probation, since a peer that lies still answers `Info`.
 
 `RouteRunner` talks to the swarm only through `Failover`, the policy bound to one model and the
 gateway's swarm view: what to exclude, which records are candidates, the gateway's own load on
@@ -36,7 +39,7 @@ import grpc
 
 from common.peer_client import PeerError
 from gateway import errors
-from gateway.metrics import record_failover
+from gateway.metrics import record_conviction, record_failover
 from gateway.routing import NoRouteError
 
 if TYPE_CHECKING:
@@ -44,6 +47,16 @@ if TYPE_CHECKING:
     from gateway.swarm_view import SwarmView
 
 log = logging.getLogger("gateway.failure_policy")
+
+
+class BadAnswer(PeerError):
+    """A peer answered, but the gateway rejects the answer: `reason` is "malformed" (wrong shape,
+    NaN, a token outside the vocabulary: `gateway.answer_checks`) or "disagreed" (a re-execution on
+    a replica gave another answer and the referee sided with it: `gateway.verification`)."""
+
+    def __init__(self, address: str, reason: str, message: str):
+        super().__init__(address, None, f"{reason} answer: {message}")
+        self.reason = reason
 
 
 class Verdict(enum.Enum):
@@ -57,6 +70,7 @@ class _Ban:
     until: float
     address: str
     probation: bool  # lifted as soon as the peer answers an `Info` probe
+    convicted: str = ""  # BadAnswer.reason when the peer's answers were rejected: never on probation
 
 
 class BanList:
@@ -84,6 +98,18 @@ class BanList:
         )
         self._bans[peer_id] = _Ban(now + self.duration, address, probation=not repeat)
 
+    def convict(self, peer_id: str, address: str, reason: str, duration: float) -> None:
+        """Ban a peer whose answers were rejected (`BadAnswer`) for `duration` seconds, with no
+        probation: a peer that lies answers `Info` like an honest one."""
+        if self.convictions().get(peer_id) is None:
+            log.warning("peer %s convicted (%s answer); banned for %.0f s", peer_id, reason, duration)
+        self._bans[peer_id] = _Ban(self._clock() + duration, address, probation=False, convicted=reason)
+
+    def convictions(self) -> dict[str, str]:
+        """Peer id -> reason, for the convicted peers whose ban runs."""
+        self.banned()
+        return {peer: ban.convicted for peer, ban in self._bans.items() if ban.convicted}
+
     def banned(self) -> set[str]:
         now = self._clock()
         self._bans = {peer: ban for peer, ban in self._bans.items() if ban.until > now}
@@ -95,7 +121,7 @@ class BanList:
         return {
             peer: ban.address
             for peer, ban in self._bans.items()
-            if ban.address and (everyone or ban.probation)
+            if ban.address and not ban.convicted and (everyone or ban.probation)
         }
 
     def readmitted_since(self, peer_id: str, when: float) -> bool:
@@ -125,6 +151,8 @@ class FailureStats:
     migrations: int = 0  # hops moved away from a draining peer
     exhausted: int = 0  # streams that ended because no replacement came within the budget
     pauses_ms: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    convictions: dict[str, int] = field(default_factory=dict)  # BadAnswer.reason -> peers convicted
+    checks: dict[str, int] = field(default_factory=dict)  # re-execution check outcome -> count
     started: float = field(default_factory=time.time)
 
     def record(self, event: FailoverEvent) -> None:
@@ -143,6 +171,8 @@ class FailureStats:
             "pause_ms_p50": statistics.median(pauses) if pauses else None,
             "pause_ms_max": max(pauses) if pauses else None,
             "pauses_ms": pauses[-200:],
+            "convictions": dict(self.convictions),
+            "checks": dict(self.checks),
         }
 
 
@@ -160,8 +190,10 @@ class FailurePolicy:
         replace_timeout: float = 5.0,
         retry_interval: float = 0.25,
         probe: Callable[[str], Awaitable[bool]] | None = None,
+        conviction_ban: float = 3600.0,
     ):
         self.bans = BanList(ban_duration)
+        self.conviction_ban = conviction_ban
         self.probe = probe  # address -> whether the peer answers a health probe now
         self.replace_timeout = replace_timeout
         self.retry_interval = retry_interval
@@ -178,9 +210,18 @@ class FailurePolicy:
     def peer_failed(self, peer_id: str, error: PeerError) -> Verdict:
         """Judge `error` from `peer_id` and ban the peer when it is at fault."""
         verdict = self.judge(error)
-        if verdict is Verdict.PEER_FAULT:
+        if isinstance(error, BadAnswer):
+            self.convict(peer_id, error.address, error.reason)
+        elif verdict is Verdict.PEER_FAULT:
             self.bans.ban(peer_id, error.address)
         return verdict
+
+    def convict(self, peer_id: str, address: str, reason: str) -> None:
+        """Ban `peer_id` for its answers (see `BanList.convict`); counted once per conviction."""
+        if peer_id not in self.bans.convictions():
+            self.stats.convictions[reason] = self.stats.convictions.get(reason, 0) + 1
+            record_conviction(reason)
+        self.bans.convict(peer_id, address, reason, self.conviction_ban)
 
     async def readmit(self, everyone: bool = False) -> set[str]:
         """Probe banned peers (those on probation; `everyone`: all) and lift the bans of those
@@ -243,6 +284,10 @@ class Failover:
 
     def excluded(self) -> set[str]:
         return self.policy.excluded()
+
+    def convicted(self) -> dict[str, str]:
+        """Peers whose answers were rejected (id -> reason): runners move their hops off them."""
+        return self.policy.bans.convictions()
 
     def readmitted_since(self, peer_id: str, when: float) -> bool:
         return self.policy.bans.readmitted_since(peer_id, when)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.peer_client import ChannelPool, PeerError, PeerSession
-from gateway.failure_policy import Failover, FailoverEvent, Verdict
+from gateway.answer_checks import malformed
+from gateway.failure_policy import BadAnswer, Failover, FailoverEvent, Verdict
 from gateway.routing import Hop, NoRouteError, Route, plan_route
 from protos import swarm_pb2
 
@@ -118,6 +120,11 @@ class RouteRunner:
 
     Bounded: a search for a replacement gives up after `Failover.timeout` seconds and raises
     `NoRouteError`, so a stream without a replacement ends within step_timeout + that budget.
+
+    Answers are checked (`gateway.answer_checks`; `answer_shape` = the model's hidden size and
+    vocabulary, 0 = unchecked): a malformed one fails its hop over like an error, and convicts the
+    peer. With a `Verifier` some steps are also re-executed on replicas (`gateway.verification`),
+    and a hop whose peer is convicted, here or by another runner, fails over at its next step.
     """
 
     def __init__(
@@ -127,8 +134,12 @@ class RouteRunner:
         step_timeout: float,
         failover: Failover | None = None,
         wire_dtype: str = "",
+        verifier=None,  # gateway.verification.Verifier (imported there: it drives runners)
+        answer_shape: tuple[int, int] = (0, 0),
     ):
         self.pool = pool
+        self.verifier = verifier if failover is not None else None
+        self.hidden_size, self.vocab_size = answer_shape
         self.wire_dtype = wire_dtype  # "" = each peer sends in its compute dtype
         self.route = route
         self.step_timeout = step_timeout
@@ -155,6 +166,30 @@ class RouteRunner:
     @property
     def _end_block(self) -> int:
         return self.route[-1].end
+
+    @property
+    def sampling(self) -> swarm_pb2.SamplingParams:
+        """The last span's sampling parameters (a check re-executes with the same)."""
+        return self._sampling
+
+    @property
+    def request_id(self) -> str:
+        return self._request_id
+
+    def malformed(
+        self, result: swarm_pb2.StepResult, hop: Hop, rows: int, sample: bool, allowed_mask: bytes | None
+    ) -> str | None:
+        """Why `result` of `hop` for a step of `rows` tokens is not an answer (None: it is)."""
+        return malformed(
+            result,
+            rows=rows,
+            hidden_size=self.hidden_size,
+            vocab_size=self.vocab_size,
+            last=hop.end == self._end_block,
+            sampled=sample,
+            wire_dtype=self.wire_dtype,
+            allowed_mask=allowed_mask,
+        )
 
     async def open(
         self,
@@ -241,14 +276,35 @@ class RouteRunner:
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline = None
-        while True:
-            try:
-                results = await self._pass(list(token_ids), sample, allowed_mask, prompt_logprobs)
-                break
-            except _HopFailure as failure:
-                if deadline is None:
-                    deadline = loop.time() + (self.failover.timeout if self.failover else 0.0)
-                await self._recover(failure.index, failure.error, deadline)
+        check = None
+        if (
+            self.verifier is not None
+            and self._rebuild_upto < 0
+            and prompt_logprobs is None
+            and self.verifier.pick()
+        ):
+            check = self.verifier.start(self, list(token_ids), sample, allowed_mask)
+        try:
+            while True:
+                try:
+                    results = await self._pass(list(token_ids), sample, allowed_mask, prompt_logprobs)
+                    if check is not None:
+                        # The check ran beside the step on other sessions; its verdict comes before
+                        # the token is released: a checked step never hands on an answer that failed.
+                        check, guilty = None, await self.verifier.judge(self, check, results)
+                        if guilty is not None:
+                            raise _HopFailure(*guilty)
+                    break
+                except _HopFailure as failure:
+                    if check is not None:  # the route changes: a check of the old one proves nothing
+                        check.task.cancel()
+                        check = None
+                    if deadline is None:
+                        deadline = loop.time() + (self.failover.timeout if self.failover else 0.0)
+                    await self._recover(failure.index, failure.error, deadline)
+        finally:
+            if check is not None:
+                check.task.cancel()
         self.history.extend(token_ids)
         self._measured(loop.time() - began)
         if self.failover is not None:
@@ -273,7 +329,11 @@ class RouteRunner:
         last = len(self.route) - 1
         hidden = None
         results = []
+        convicted = self.failover.convicted() if self.failover is not None else {}
         for i, (hop, session) in enumerate(zip(self.route, self.sessions, strict=True)):
+            if hop.peer_id in convicted:
+                reason = convicted[hop.peer_id]
+                raise _HopFailure(i, BadAnswer(hop.address, reason, "the peer was convicted; moving off it"))
             rebuild = i <= upto
             step = swarm_pb2.Step(
                 token_ids=everything if rebuild else token_ids,
@@ -296,6 +356,9 @@ class RouteRunner:
                 result = await self._with_deadline(hop, session.step(step))
             except PeerError as exc:
                 raise _HopFailure(i, exc) from exc
+            problem = self.malformed(result, hop, len(step.token_ids), step.sample, allowed_mask)
+            if problem is not None:
+                raise _HopFailure(i, BadAnswer(hop.address, "malformed", problem))
             results.append(result)
             hidden = result.hidden
             if prompt_logprobs is not None and i == last and rebuild and position:
@@ -515,6 +578,11 @@ async def generate(
             sampling = swarm_pb2.SamplingParams()
             sampling.CopyFrom(params.sampling)
             sampling.penalty_start = len(params.prompt_ids)
+        if sampling.temperature > 0 and not sampling.HasField("seed"):
+            # A seed of the gateway's, drawn like the peer's own would be: a replay on a
+            # replacement (failover) or a replica (a check) then samples the very same tokens.
+            sampling = _copy(sampling)
+            sampling.seed = secrets.randbits(63)
         scoring = params.prompt_logprobs
         # at least one token must run; scoring the prompt needs all of it to run
         resume = params.prompt_ids[:-1] if params.resume and scoring is None else None
@@ -568,6 +636,12 @@ async def generate(
             )
     finally:
         await runner.close()
+
+
+def _copy(message: swarm_pb2.SamplingParams) -> swarm_pb2.SamplingParams:
+    copy = swarm_pb2.SamplingParams()
+    copy.CopyFrom(message)
+    return copy
 
 
 class _Raised:

@@ -77,6 +77,20 @@ def record_failover(reason: str = "peer_failed") -> None:
         ctx.metrics.failovers.labels(reason).inc()
 
 
+def record_conviction(reason: str) -> None:
+    """Count one peer convicted for its answers (`gateway.failure_policy.BadAnswer`)."""
+    ctx = _request.get()
+    if ctx is not None:
+        ctx.metrics.convictions.labels(reason).inc()
+
+
+def record_answer_check(outcome: str) -> None:
+    """Count one re-execution check of a step on a replica (`gateway.verification`) by outcome."""
+    ctx = _request.get()
+    if ctx is not None:
+        ctx.metrics.answer_checks.labels(outcome).inc()
+
+
 def record_route_failure(model: str) -> None:
     """Count one request that found no route over live peers (answered 503)."""
     ctx = _request.get()
@@ -161,6 +175,16 @@ class _StateCollector(Collector):
                     "1 while Redis answers; 0 while the gateway serves without session pins",
                     value=1.0 if sessions.available else 0.0,
                 )
+        policy = getattr(gw, "policy", None)
+        if policy is not None:
+            convicted = GaugeMetricFamily(
+                "swarm_gateway_convicted_peers",
+                "peers banned now for their answers, by peer and reason",
+                labels=["peer_id", "reason"],
+            )
+            for peer_id, reason in sorted(policy.bans.convictions().items()):
+                convicted.add_metric([peer_id, reason], 1.0)
+            yield convicted
         yield GaugeMetricFamily(
             "swarm_gateway_active_generations",
             "generations streaming through the swarm now",
@@ -210,6 +234,20 @@ class GatewayMetrics:
             "swarm_gateway_failovers",
             "hops replaced mid-generation after a peer failed",
             ["reason"],
+            registry=r,
+        )
+        self.convictions = Counter(
+            "swarm_gateway_peers_convicted",
+            "peers banned for their answers: malformed (shape, NaN, token outside the vocabulary) or "
+            "disagreed (a re-execution on replicas gave another answer)",
+            ["reason"],
+            registry=r,
+        )
+        self.answer_checks = Counter(
+            "swarm_gateway_answer_checks",
+            "steps re-executed on a replica (--verify-fraction) by outcome: agreed, convicted, "
+            "inconclusive, no_replica, failed",
+            ["outcome"],
             registry=r,
         )
         self.route_failures = Counter(

@@ -26,6 +26,9 @@ class ServedModel:
     num_blocks: int
     max_context: int
     eos_token_ids: set[int]
+    # what a peer's answer must fit (`gateway.answer_checks`); 0: not checked
+    hidden_size: int = 0
+    vocab_size: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 
     @cached_property
@@ -111,6 +114,8 @@ def load_model(model_id: str, location: str) -> ServedModel:
         num_blocks=int(config["num_hidden_layers"]),
         max_context=max_context,
         eos_token_ids=_eos_ids(path, config, tokenizer),
+        hidden_size=int(config.get("hidden_size") or 0),
+        vocab_size=int(config.get("vocab_size") or 0),
     )
     model.max_token_chars  # noqa: B018 - computed here, off the event loop (a 150k vocabulary takes ~0.1 s)
     log.info("serving %s from %s (%d blocks, context %d)", model_id, path, model.num_blocks, max_context)

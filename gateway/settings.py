@@ -26,4 +26,7 @@ class GatewaySettings:
     wire_dtype: str = ""  # dtype hidden states travel in ("" = each sender's compute dtype)
     max_body_bytes: int = 4 << 20
     max_concurrent: int = 256  # generations in flight before new ones get 429 (0: no limit)
+    # re-execute this fraction of steps on a replica and convict peers that lie (gateway.verification)
+    verify_fraction: float = 0.01
+    verify_ban: float = 3600.0  # seconds a convicted peer (lying or malformed answers) stays banned
     log_prompts: bool = False  # log prompt and completion text (off: logs never hold user text)

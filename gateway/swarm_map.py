@@ -55,8 +55,10 @@ class PeerProbe:
         return result
 
 
-def peer_view(record, info, banned: bool, now: float) -> dict[str, Any]:
+def peer_view(record, info, banned: bool, now: float, convicted: str = "") -> dict[str, Any]:
+    """`convicted`: why the gateway rejected the peer's answers ("malformed", "disagreed"), or ""."""
     view = record.to_dict()
+    view["convicted"] = convicted
     view["expires_in_s"] = round(max(0.0, record.expires_at - now), 1)
     view["banned"] = banned
     view["reachable"] = info is not None
@@ -64,7 +66,9 @@ def peer_view(record, info, banned: bool, now: float) -> dict[str, Any]:
         view["live_sessions"] = info.live_sessions
         view["free_cache_tokens"] = info.free_cache_tokens
         view["state"] = info.state or record.state
-    if banned:
+    if convicted:
+        view["health"] = "convicted"
+    elif banned:
         view["health"] = "banned"
     elif info is None:
         view["health"] = "unreachable"
@@ -92,6 +96,7 @@ async def swarm_snapshot(app: FastAPI) -> dict[str, Any]:
         else {"active": [], "recent": []}
     )
     banned = gw.policy.excluded()
+    convictions = gw.policy.bans.convictions()
     now = time.time()
     models = []
     for served in gw.models.values():
@@ -103,6 +108,7 @@ async def swarm_snapshot(app: FastAPI) -> dict[str, Any]:
                 info if info is None or info.peer_id == record.peer_id else None,
                 record.peer_id in banned,
                 now,
+                convictions.get(record.peer_id, ""),
             )
             for record, info in zip(records, infos, strict=True)
         ]

@@ -8,7 +8,7 @@ state: the dtype name comes from `peer.tensor_codec`, the state from `discovery.
 
 from __future__ import annotations
 
-from discovery.records import PeerRecord, PeerState
+from discovery.records import PeerRecord, PeerState, default_tolerance, precision_name
 from peer.model import BlockSpan
 from peer.tensor_codec import dtype_name
 
@@ -45,4 +45,5 @@ def describe(
         version=VERSION,
         expires_at=expires_at,
         metrics_port=metrics_port,
+        tolerance=default_tolerance(precision_name(dtype_name(span.dtype), span.quant)),
     )

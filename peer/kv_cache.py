@@ -17,19 +17,93 @@ Concurrency contract: a cache belongs to one session and is used by one forward 
 no lock. ``append`` writes the new tokens of one layer at ``[length, length + n)`` but does not
 move ``length``; ``commit(n)`` does, once every layer has appended. So a forward that fails half
 way leaves ``length`` where it was, and the next step simply overwrites the partial rows.
+
+Sliding-window layers (Mistral, Phi-3, Gemma 2/3 local layers, Qwen2 with windows): a query at
+position ``p`` of a layer with window ``W`` sees keys ``p - W + 1 .. p`` only, so the layers of one
+window size share a *trimmed* store, a tensor like the one above whose slot 0 holds position
+``base``. Before a step, ``prepare(n)`` drops the positions no future query can see, keeping
+``W - 1`` plus ``REWIND_SLACK`` (so a small rewind, or a resumed turn whose template re-renders
+the last reply, still finds its keys), by moving the kept rows to the front of the same tensor.
+The tensor stops doubling at twice that, so a window layer holds at most
+``2 * (W - 1 + REWIND_SLACK)`` tokens (plus one prefill chunk while it runs) however long the
+session is, and each move is amortised over ``W + REWIND_SLACK`` steps. Trimmed rather than a
+ring: keys stay in position order, so a prefill chunk longer than the window attends in the same
+SDPA call with a band mask and nothing wraps around. A rewind below what a window layer still
+holds is impossible (``can_truncate``); the caller replays the session from its start instead,
+which is exact, only slower.
 """
 
 from __future__ import annotations
 
 import torch
 
+REWIND_SLACK = 64  # positions a window layer keeps beyond its window, for rewinds
+
 
 class CacheFullError(ValueError):
     """Raised when a cache would grow past its ``max_capacity`` (the session's token limit)."""
 
 
+class CacheRewindError(ValueError):
+    """Raised when a rewind needs keys a sliding-window layer has already dropped."""
+
+
+class _Store:
+    """The layers of one window size (0 = full attention): ``[2, layers, heads, slots, dim]``,
+    slot ``i`` holding position ``base + i``."""
+
+    def __init__(self, layers: list[int], window: int, shape: tuple[int, int], capacity: int,
+                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+        self.layers, self.window, self.base = layers, window, 0
+        self.kv = _allocate((2, len(layers), shape[0], capacity, shape[1]), dtype, device)
+
+    @property
+    def keep(self) -> int:
+        """Positions kept behind the next query: the window, plus room for a rewind."""
+        return self.window - 1 + REWIND_SLACK
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[3]
+
+    def reserve(self, length: int, needed: int, max_capacity: int | None) -> None:
+        """Room for positions ``[.., needed)``; a window store first drops what nobody will see."""
+        if needed - self.base <= self.capacity:
+            return
+        if self.window:
+            drop = max(0, length - self.keep - self.base)
+            if drop:
+                with torch.inference_mode(False):
+                    moved = self.kv[:, :, :, drop:].clone()
+                    self.kv[:, :, :, : moved.shape[3]] = moved
+                self.base += drop
+            if needed - self.base <= self.capacity:
+                return
+            target = max(needed - self.base, min(2 * self.capacity, 2 * (self.keep + 1)))
+            if max_capacity is not None:  # a short session never needs the whole bound
+                target = min(target, max(max_capacity, needed - self.base))
+        else:
+            if max_capacity is not None and needed > max_capacity:
+                raise CacheFullError(f"session needs {needed} cached tokens, its limit is {max_capacity}")
+            target = max(needed, 2 * self.capacity)
+            if max_capacity is not None:
+                target = min(target, max_capacity)
+        grown = _allocate((*self.kv.shape[:3], target, self.kv.shape[4]), self.kv.dtype, self.kv.device)
+        # Copy every old slot, not only up to length: layers that already appended in the current
+        # (uncommitted) step must keep their rows.
+        with torch.inference_mode(False):
+            grown[:, :, :, : self.capacity] = self.kv
+        self.kv = grown
+
+    def can_truncate(self, n: int) -> bool:
+        return n == 0 or not self.window or self.base <= max(0, n - self.window + 1)
+
+
 class KVCache:
-    """Keys and values of one session for ``num_layers`` consecutive layers."""
+    """Keys and values of one session for ``num_layers`` consecutive layers.
+
+    ``windows[i]`` is layer ``i``'s sliding window (0 or absent: full attention).
+    """
 
     def __init__(
         self,
@@ -40,6 +114,7 @@ class KVCache:
         device: torch.device | str = "cpu",
         capacity: int = 16,
         max_capacity: int | None = None,
+        windows: tuple[int, ...] | None = None,
     ) -> None:
         sizes = {"num_layers": num_layers, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
         for name, value in sizes.items():
@@ -49,19 +124,36 @@ class KVCache:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if max_capacity is not None and max_capacity < 1:
             raise ValueError(f"max_capacity must be >= 1, got {max_capacity}")
+        windows = tuple(int(w or 0) for w in (windows or (0,) * num_layers))
+        if len(windows) != num_layers or any(w < 0 for w in windows):
+            raise ValueError(f"need one window >= 0 per layer, got {windows}")
         if max_capacity is not None:
             capacity = min(capacity, max_capacity)
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.windows = windows
         self.max_capacity = max_capacity
         self.length = 0
-        self._kv = _allocate((2, num_layers, num_kv_heads, capacity, head_dim), dtype, torch.device(device))
+        # A window no shorter than the session is full attention: no store of its own.
+        if max_capacity is not None:
+            windows = tuple(0 if w >= max_capacity else w for w in windows)
+        self._stores = [
+            _Store([i for i, w in enumerate(windows) if w == window], window, (num_kv_heads, head_dim),
+                   capacity, dtype, torch.device(device))  # fmt: skip
+            for window in sorted(set(windows))
+        ]
+        self._where = {layer: (store, j) for store in self._stores for j, layer in enumerate(store.layers)}
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
+    def _kv(self) -> torch.Tensor:
+        return self._stores[0].kv
+
+    @property
     def capacity(self) -> int:
-        return self._kv.shape[3]
+        """Tokens the cache can hold before it must grow (or trim a window layer)."""
+        return min(store.base + store.capacity for store in self._stores)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,37 +165,40 @@ class KVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one token costs across all layers, keys and values (for a memory budget)."""
+        """Bytes one token costs across all layers, keys and values (for a memory budget).
+
+        Counted as if no layer had a window: an upper bound, so the budget never over-admits."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self._kv.element_size()
 
     @property
     def nbytes(self) -> int:
         """Bytes allocated now (capacity, not length: that is what the process really holds)."""
-        return self._kv.numel() * self._kv.element_size()
+        return sum(store.kv.numel() for store in self._stores) * self._kv.element_size()
+
+    def store_of(self, layer_idx: int) -> tuple[int, int]:
+        """``(window, base)`` of a layer: which positions its keys start at (for masks)."""
+        store = self._where[layer_idx][0]
+        return store.window, store.base
 
     # ---- writes ------------------------------------------------------------------------------
     def reserve(self, needed: int) -> None:
         """Make room for ``needed`` tokens in total, doubling capacity so growth stays amortised."""
-        if needed <= self.capacity:
-            return
-        if self.max_capacity is not None and needed > self.max_capacity:
+        if needed > self.length and self.max_capacity is not None and needed > self.max_capacity:
             raise CacheFullError(f"session needs {needed} cached tokens, its limit is {self.max_capacity}")
-        new_capacity = max(needed, 2 * self.capacity)
-        if self.max_capacity is not None:
-            new_capacity = min(new_capacity, self.max_capacity)
-        grown = _allocate((*self._kv.shape[:3], new_capacity, self.head_dim), self.dtype, self.device)
-        # Copy every old slot, not only [:length]: layers that already appended in the current
-        # (uncommitted) step must keep their rows.
-        with torch.inference_mode(False):
-            grown[:, :, :, : self.capacity] = self._kv
-        self._kv = grown
+        for store in self._stores:
+            store.reserve(self.length, needed, self.max_capacity)
+
+    def prepare(self, n: int) -> None:
+        """Before a step of ``n`` tokens: grow, and trim window layers, so no layer moves mid-step."""
+        self.reserve(self.length + n)
 
     def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new ``k``/``v`` of one layer and return all keys/values of that layer.
 
         ``k`` and ``v`` are ``[num_kv_heads, n, head_dim]`` (or with a leading batch dim of 1);
-        they land at positions ``[length, length + n)``. Returns views ``[1, heads, length + n,
-        head_dim]`` ready for SDPA. ``length`` itself only moves in ``commit``.
+        they land at positions ``[length, length + n)``. Returns views ``[1, heads, kept + n,
+        head_dim]`` ready for SDPA, starting at position ``store_of(layer_idx)[1]`` (0 but on
+        window layers). ``length`` itself only moves in ``commit``.
         """
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {self.num_layers} layers")
@@ -114,9 +209,11 @@ class KVCache:
             raise ValueError(f"k/v must be {expected}, got {tuple(k.shape)} and {tuple(v.shape)}")
         end = self.length + k.shape[1]
         self.reserve(end)
-        self._kv[0, layer_idx, :, self.length : end] = k
-        self._kv[1, layer_idx, :, self.length : end] = v
-        return self._kv[0, layer_idx, :, :end].unsqueeze(0), self._kv[1, layer_idx, :, :end].unsqueeze(0)
+        store, j = self._where[layer_idx]
+        start, stop = self.length - store.base, end - store.base
+        store.kv[0, j, :, start:stop] = k
+        store.kv[1, j, :, start:stop] = v
+        return store.kv[0, j, :, :stop].unsqueeze(0), store.kv[1, j, :, :stop].unsqueeze(0)
 
     def commit(self, n: int) -> None:
         """Advance ``length`` by ``n`` once every layer has appended its ``n`` new tokens."""
@@ -124,18 +221,29 @@ class KVCache:
             raise ValueError(f"cannot commit {n} tokens: length {self.length}, capacity {self.capacity}")
         self.length += n
 
+    def can_truncate(self, n: int) -> bool:
+        """Whether ``truncate(n)`` keeps every key a later query at ``n`` may see."""
+        return 0 <= n <= self.length and all(store.can_truncate(n) for store in self._stores)
+
     def truncate(self, n: int) -> None:
         """Forget everything from position ``n`` on (rewind a session; memory is kept for reuse)."""
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+        if not self.can_truncate(n):
+            raise CacheRewindError(
+                f"cannot rewind to {n}: sliding-window layers keep positions from "
+                f"{max(s.base for s in self._stores)} on; replay the session instead"
+            )
         self.length = n
+        if n == 0:
+            for store in self._stores:
+                store.base = 0
 
     def layer_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The committed keys and values of one layer, ``[1, heads, length, head_dim]`` views."""
-        return (
-            self._kv[0, layer_idx, :, : self.length].unsqueeze(0),
-            self._kv[1, layer_idx, :, : self.length].unsqueeze(0),
-        )
+        """The committed keys and values of one layer, ``[1, heads, kept, head_dim]`` views."""
+        store, j = self._where[layer_idx]
+        stop = self.length - store.base
+        return store.kv[0, j, :, :stop].unsqueeze(0), store.kv[1, j, :, :stop].unsqueeze(0)
 
     def __repr__(self) -> str:
         return (

@@ -28,23 +28,40 @@ from tqdm import tqdm
 from common.model_dir import resolve_model_dir
 from peer import gemm
 from peer import quant as quantization
+from peer.families import (  # noqa: F401 - SUPPORTED_MODEL_TYPES is re-exported
+    SUPPORTED_MODEL_TYPES,
+    Family,
+    alibi_slopes,
+    check_supported,
+    family_of,
+    fused_qkv_order,
+)
 from peer.gemm import linear
 from peer.kv_cache import KVCache
 from peer.tensor_codec import DTYPES
 from peer.weights import read_tensors, span_tensor_names, tensor_index
 
-SUPPORTED_MODEL_TYPES = ("llama",)
 # RoPE variants whose frequencies depend only on the config. "dynamic" and "longrope" rescale with
 # the CURRENT sequence length in transformers, which changes the rotation of keys already in a
 # cache; a span cannot reproduce that consistently, so we refuse them instead of drifting silently.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+
+
+def _bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    """BLOOM's tanh GELU, with its own rounded constants (not quite ``gelu(approximate="tanh")``)."""
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
 _ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "bloom_gelu": _bloom_gelu,
 }
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -61,11 +78,13 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 @dataclass(frozen=True)
 class SpanConfig:
-    """The part of a model's ``config.json`` a span needs, with RoPE frequencies resolved.
+    """The part of a model's ``config.json`` a span needs: shapes, RoPE frequencies resolved, and
+    the family switches of ``peer.families`` flattened (so the block reads plain fields).
 
     ``inv_freq`` and ``attention_scaling`` come from ``transformers``' own RoPE init functions
     (so linear / llama3 / yarn scaling match it exactly); keeping them as plain numbers makes the
-    config self-contained and cheap to log or compare.
+    config self-contained and cheap to log or compare. ``local_inv_freq`` is the second table of
+    models whose sliding layers rotate with another base (Gemma 3); ``layer_rope[i]`` picks one.
     """
 
     model_type: str
@@ -85,6 +104,30 @@ class SpanConfig:
     rope_type: str
     inv_freq: tuple[float, ...]
     attention_scaling: float
+    # ---- family switches (peer.families); the defaults are Llama ----
+    norm: str = "rms"
+    sandwich_norms: bool = False
+    parallel: str = ""  # "" sequential | one_norm | two_norms (Falcon)
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qkv_layout: str = "separate"
+    mlp: str = "gated"
+    position: str = "rope"
+    layer_windows: tuple[int, ...] = ()  # per model layer, 0 = full attention
+    layer_rope: tuple[int, ...] = ()  # per model layer: 0 = inv_freq, 1 = local_inv_freq
+    local_inv_freq: tuple[float, ...] = ()
+    local_attention_scaling: float = 1.0
+    attn_scale: float = 0.0  # 0: head_dim ** -0.5
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    embed_scale: float = 0.0
+    embed_norm: bool = False
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: tuple[bool, ...] = ()  # per model layer: MoE or dense MLP
 
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike[str]) -> SpanConfig:
@@ -94,63 +137,133 @@ class SpanConfig:
         config_path = Path(model_dir) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"no config.json in {model_dir}")
-        model_type = json.loads(config_path.read_text()).get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
-            )
+        family_of(json.loads(config_path.read_text()).get("model_type"))  # refuse before parsing
         return cls.from_hf(AutoConfig.from_pretrained(str(model_dir)))
 
     @classmethod
     def from_hf(cls, hf_config) -> SpanConfig:  # noqa: ANN001 - a transformers PreTrainedConfig
-        """Build from a ``transformers`` Llama config object."""
+        """Map a ``transformers`` config of any family in ``peer.families`` onto the switches."""
+        family = family_of(hf_config.model_type)
+        check_supported(family, hf_config)
+        derived = family.derive(hf_config) if family.derive else {}
         heads = hf_config.num_attention_heads
-        kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+        kv_heads = derived.get("num_key_value_heads") or getattr(hf_config, "num_key_value_heads", None) or heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
         if heads % kv_heads:
             raise ValueError(
                 f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )
-        if hf_config.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported: {sorted(_ACTIVATIONS)}")
-        rope_type, inv_freq, scaling = _rope_frequencies(hf_config, head_dim)
-        return cls(
+        act = family.act or getattr(hf_config, family.act_field)
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"config field {family.act_field}={act!r} is not supported: {sorted(_ACTIVATIONS)}")
+        layers = hf_config.num_hidden_layers
+        windows = _layer_windows(family, hf_config, layers)
+        types = list(getattr(hf_config, "layer_types", None) or ["full_attention"] * layers)
+        inv_freq, scaling, local_inv, local_scaling = (), 1.0, (), 1.0
+        rope_type, layer_rope = "none", (0,) * layers
+        if family.position == "rope":
+            params = dict(getattr(hf_config, "rope_parameters", None) or {})
+            if set(params) & set(_LAYER_TYPES):  # one RoPE per layer type (Gemma 3)
+                rope_type, inv, scaling = _rope_frequencies(hf_config, head_dim, "full_attention")
+                _, local, local_scaling = _rope_frequencies(hf_config, head_dim, "sliding_attention")
+                inv_freq, local_inv = tuple(float(x) for x in inv), tuple(float(x) for x in local)
+                layer_rope = tuple(int(t == "sliding_attention") for t in types)
+            else:
+                rope_type, inv, scaling = _rope_frequencies(hf_config, head_dim)
+                inv_freq = tuple(float(x) for x in inv)
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        num_experts = int(getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", 0) or 0)
+        moe_layers: tuple[bool, ...] = ()
+        if family.mlp == "moe":
+            only_dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
+            step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
+            moe_layers = tuple(i not in only_dense and (i + 1) % step == 0 for i in range(layers))
+        query_scalar = getattr(hf_config, "query_pre_attn_scalar", None)
+        fields = dict(
             model_type=hf_config.model_type,
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.hidden_size,
-            intermediate_size=hf_config.intermediate_size,
-            num_hidden_layers=hf_config.num_hidden_layers,
+            intermediate_size=getattr(hf_config, "intermediate_size", 0) or 0,
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(hf_config.rms_norm_eps),
-            hidden_act=hf_config.hidden_act,
-            max_position_embeddings=hf_config.max_position_embeddings,
-            attention_bias=bool(getattr(hf_config, "attention_bias", False)),
+            rms_norm_eps=float(getattr(hf_config, family.eps_field)),
+            hidden_act=act,
+            max_position_embeddings=getattr(hf_config, "max_position_embeddings", None) or 2048,
+            attention_bias=attention_bias,
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             rope_type=rope_type,
-            inv_freq=tuple(float(x) for x in inv_freq),
+            inv_freq=inv_freq,
             attention_scaling=float(scaling),
+            norm=family.norm,
+            sandwich_norms=family.sandwich_norms,
+            parallel="",
+            qk_norm=family.qk_norm,
+            qkv_bias=attention_bias if family.qkv_bias is None else family.qkv_bias,
+            o_bias=attention_bias if family.o_bias is None else family.o_bias,
+            qkv_layout=family.qkv_layout,
+            mlp=family.mlp,
+            position=family.position,
+            layer_windows=windows,
+            layer_rope=layer_rope,
+            local_inv_freq=local_inv,
+            local_attention_scaling=float(local_scaling),
+            attn_scale=float(query_scalar) ** -0.5 if query_scalar else 0.0,
+            attn_softcap=float(getattr(hf_config, "attn_logit_softcapping", None) or 0.0),
+            final_softcap=float(getattr(hf_config, "final_logit_softcapping", None) or 0.0),
+            embed_scale=float(hf_config.hidden_size**0.5) if family.embed_scale else 0.0,
+            embed_norm=family.embed_norm,
+            num_experts=num_experts if family.mlp == "moe" else 0,
+            experts_per_tok=int(getattr(hf_config, "num_experts_per_tok", 0) or 0),
+            moe_intermediate_size=int(
+                getattr(hf_config, "moe_intermediate_size", None) or getattr(hf_config, "intermediate_size", 0)
+            ),
+            norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", True)),
+            moe_layers=moe_layers,
         )
+        fields.update({k: v for k, v in derived.items() if k in fields})
+        return cls(**fields)
+
+    def window(self, layer: int) -> int:
+        """Sliding window of model layer ``layer`` (0: full attention)."""
+        return self.layer_windows[layer] if self.layer_windows else 0
 
 
-def _rope_frequencies(hf_config, head_dim: int) -> tuple[str, torch.Tensor, float]:  # noqa: ANN001
+def _layer_windows(family: Family, hf_config, layers: int) -> tuple[int, ...]:  # noqa: ANN001
+    """Per-layer sliding window from ``layer_types`` (Gemma, Qwen2/3) or one for all (Mistral)."""
+    window = int(getattr(hf_config, "sliding_window", None) or 0)
+    types = getattr(hf_config, "layer_types", None)
+    if types:
+        unknown = sorted(set(types) - set(_LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"config field layer_types holds {unknown}, not supported: {list(_LAYER_TYPES)}")
+        return tuple(window if t == "sliding_attention" else 0 for t in types)
+    if window and not family.window_all_layers:
+        raise ValueError(f"config field sliding_window={window} is not supported for {hf_config.model_type}")
+    return (window,) * layers
+
+
+def _rope_frequencies(hf_config, head_dim: int, layer_type: str | None = None) -> tuple[str, torch.Tensor, float]:  # noqa: ANN001
     """RoPE inverse frequencies and cos/sin scaling, via transformers' init functions when scaled."""
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    if layer_type is not None:
+        params = dict(params[layer_type])
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in STATIC_ROPE_TYPES:
         raise ValueError(f"rope_type {rope_type!r} is not supported by spans; supported: {STATIC_ROPE_TYPES}")
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported")
+    factor = float(params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0) or 1.0))
     if rope_type == "default":
         # transformers' default formula, written out: it lives on the model class, not in the table.
+        dim = int(head_dim * factor)
         base = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         return rope_type, inv_freq, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    kwargs = {"layer_type": layer_type} if layer_type is not None else {}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
     return rope_type, inv_freq.float(), float(scaling)
 
 
@@ -169,21 +282,59 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's: the weight is an offset from 1, and the product is taken in fp32 before the cast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_norm(config: SpanConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.hidden_size
+    if config.norm == "layer":
+        return nn.LayerNorm(dim, eps=config.rms_norm_eps)
+    return (GemmaRMSNorm if config.norm == "rms_gemma" else RMSNorm)(dim, config.rms_norm_eps)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """HF's (non-interleaved) rotary layout: the two halves of each head are the pair."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[T, heads, dim]``; with partial RoPE (Phi) only the first ``cos``-width dims."""
+    width = cos.shape[-1]
+    if width == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    head, rest = x[..., :width], x[..., width:]
+    return torch.cat((head * cos + rotate_half(head) * sin, rest), dim=-1)
+
+
 @dataclass
 class _SessionSlice:
-    """Where one session's tokens sit in the pack, and how its queries may look at its keys."""
+    """Where one session's tokens sit in the pack, and how its queries may look at its keys.
+
+    ``views[window]`` is ``(base, mask, is_causal)`` for the layers of that window size: keys
+    start at position ``base``; ``mask`` is bool ``[length, keys]`` (True = may attend) or None.
+    """
 
     cache: KVCache
     offset: int
     length: int
-    mask: torch.Tensor | None  # bool [length, past + length], True = may attend
-    is_causal: bool
+    views: dict[int, tuple[int, torch.Tensor | None, bool]]
+
+
+def _band_mask(past: int, n: int, base: int, window: int, device: torch.device) -> torch.Tensor:
+    """Query ``past + i`` may see key ``base + j`` when it is not in its future nor past its window."""
+    queries = torch.arange(past, past + n, device=device)[:, None]
+    keys = torch.arange(base, past + n, device=device)[None, :]
+    allowed = keys <= queries
+    if window:
+        allowed &= keys > queries - window
+    return allowed
 
 
 def _plan_attention(
@@ -193,90 +344,237 @@ def _plan_attention(
 
     A prefill into an empty cache is plain causal. One new token sees the whole cache: no mask.
     A chunk of ``n > 1`` tokens after ``past`` cached ones needs the causal mask shifted right by
-    ``past`` (SDPA's ``is_causal`` aligns top-left, which would hide most of the cache).
+    ``past`` (SDPA's ``is_causal`` aligns top-left, which would hide most of the cache). Window
+    layers add a band (``_band_mask``) when their keys reach past the window. Each cache is made
+    room for (and its window layers trimmed) here, before any layer appends.
     """
     plan, offset = [], 0
     for cache, n in zip(caches, lengths, strict=True):
-        past, mask = cache.length, None
-        if n > 1 and past > 0:
-            mask = torch.ones(n, past + n, dtype=torch.bool, device=device).tril(diagonal=past)
-        plan.append(_SessionSlice(cache, offset, n, mask, is_causal=(n > 1 and past == 0)))
+        past, views = cache.length, {}
+        if n:
+            cache.prepare(n)
+        for layer in range(cache.num_layers):
+            window, base = cache.store_of(layer)
+            if window in views:
+                continue
+            mask, causal = None, False
+            if n > 1 and past == 0 and base == 0 and (not window or n <= window):
+                causal = True
+            elif n > 1 or (window and past + 1 - base > window):
+                mask = _band_mask(past, n, base, window, device)
+            views[window] = (base, mask, causal)
+        plan.append(_SessionSlice(cache, offset, n, views))
         offset += n
     return plan
 
 
+def _eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    softcap: float, bias: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    """Attention written out, for what SDPA cannot add: soft-capping (Gemma 2), ALiBi (BLOOM).
+
+    ``q`` ``[heads, n, dim]``, ``k``/``v`` ``[kv_heads, keys, dim]``; fp32 softmax like HF's eager.
+    """
+    if k.shape[0] != q.shape[0]:
+        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+        v = v.repeat_interleave(q.shape[0] // v.shape[0], dim=0)
+    scores = torch.matmul(q, k.transpose(1, 2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: SpanConfig, layer_idx: int) -> None:
+    def __init__(self, config: SpanConfig, layer_idx: int, model_layer: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx  # index inside the span = index inside its KVCache
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.scaling = config.head_dim**-0.5
-        hidden, bias = config.hidden_size, config.attention_bias
+        self.scaling = config.attn_scale or config.head_dim**-0.5
+        self.window = config.window(model_layer)
+        self.softcap = config.attn_softcap
+        self.rope_table = config.layer_rope[model_layer] if config.position == "rope" else -1
+        hidden, bias = config.hidden_size, config.qkv_bias
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, q_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=bias)
-        self.o_proj = nn.Linear(q_dim, hidden, bias=bias)
+        self.split = (q_dim, kv_dim, kv_dim)
+        if config.qkv_layout == "separate":
+            self.q_proj = nn.Linear(hidden, q_dim, bias=bias)
+            self.k_proj = nn.Linear(hidden, kv_dim, bias=bias)
+            self.v_proj = nn.Linear(hidden, kv_dim, bias=bias)
+        else:  # one matmul; stored layouts are permuted to [q | k | v] rows at load (peer.families)
+            self.qkv_proj = nn.Linear(hidden, q_dim + 2 * kv_dim, bias=bias)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = make_norm(config, self.head_dim)
+            self.k_norm = make_norm(config, self.head_dim)
+        self.alibi = config.position == "alibi"
+        if self.alibi:
+            self.register_buffer("slopes", alibi_slopes(self.num_heads), persistent=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: list[_SessionSlice]
+        self, x: torch.Tensor, rope: list[tuple[torch.Tensor, torch.Tensor]], plan: list[_SessionSlice]
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q = linear(self.q_proj, x).view(tokens, self.num_heads, self.head_dim)
-        k = linear(self.k_proj, x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = linear(self.v_proj, x).view(tokens, self.num_kv_heads, self.head_dim)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if hasattr(self, "qkv_proj"):
+            q, k, v = linear(self.qkv_proj, x).split(self.split, dim=-1)
+        else:
+            q, k, v = linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)
+        q = q.reshape(tokens, self.num_heads, self.head_dim)
+        k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_table >= 0:
+            cos, sin = rope[self.rope_table]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
+        eager = self.alibi or bool(self.softcap)
         out = torch.empty(tokens, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
         for s in plan:
             if s.length == 0:
                 continue
             rows = slice(s.offset, s.offset + s.length)
             k_all, v_all = s.cache.append(self.layer_idx, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
-            attn = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1).unsqueeze(0),  # [1, heads, n, head_dim]
-                k_all,
-                v_all,
-                attn_mask=s.mask,
-                is_causal=s.is_causal,
-                scale=self.scaling,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )
+            base, mask, causal = s.views[self.window]
+            if eager:
+                past = s.cache.length
+                if mask is None:
+                    mask = _band_mask(past, s.length, base, self.window, x.device)
+                bias = None
+                if self.alibi:
+                    positions = torch.arange(base, past + s.length, device=x.device, dtype=torch.float32)
+                    bias = (self.slopes[:, None, None] * positions[None, None, :]).to(x.dtype)
+                attn = _eager_attention(
+                    q[rows].transpose(0, 1), k_all[0], v_all[0], mask, self.scaling, self.softcap, bias
+                ).unsqueeze(0)
+            else:
+                attn = F.scaled_dot_product_attention(
+                    q[rows].transpose(0, 1).unsqueeze(0),  # [1, heads, n, head_dim]
+                    k_all,
+                    v_all,
+                    attn_mask=mask,
+                    is_causal=causal,
+                    scale=self.scaling,
+                    enable_gqa=self.num_heads != self.num_kv_heads,
+                )
             out[rows] = attn[0].transpose(0, 1)
         return linear(self.o_proj, out.view(tokens, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: SpanConfig) -> None:
+    """Gated (``act(gate) * up``, Llama and most), fused gated (Phi-3) or plain (BLOOM, Falcon)."""
+
+    def __init__(self, config: SpanConfig, inner: int | None = None, kind: str | None = None) -> None:
         super().__init__()
-        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
-        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        hidden, inner, bias = config.hidden_size, inner or config.intermediate_size, config.mlp_bias
+        self.kind = kind or config.mlp
+        if self.kind == "gated":
+            self.gate_proj = nn.Linear(hidden, inner, bias=bias)
+            self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        elif self.kind == "gated_fused":
+            self.gate_up_proj = nn.Linear(hidden, 2 * inner, bias=bias)
+        else:
+            self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.down_proj, self.act(linear(self.gate_proj, x)) * linear(self.up_proj, x))
+        if self.kind == "gated":
+            inner = self.act(linear(self.gate_proj, x)) * linear(self.up_proj, x)
+        elif self.kind == "gated_fused":
+            gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
+            inner = up * self.act(gate)
+        else:
+            inner = self.act(linear(self.up_proj, x))
+        return linear(self.down_proj, inner)
+
+
+class Router(nn.Module):
+    """Expert scores; a plain parameter, not an ``nn.Linear``, so quantization leaves routing exact."""
+
+    def __init__(self, hidden: int, experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class MoE(nn.Module):
+    """Top-k mixture of experts (Mixtral, Qwen3-MoE) that batches: the pack's rows are grouped by
+    expert, so each expert chosen by any row multiplies all its rows in one matmul per pass.
+
+    Routing follows transformers: softmax over all experts in fp32, top-k, renormalised when
+    ``norm_topk_prob``. Experts are plain gated ``MLP``s, so they quantize like any Linear.
+    """
+
+    def __init__(self, config: SpanConfig) -> None:
+        super().__init__()
+        self.top_k = config.experts_per_tok
+        self.normalize = config.norm_topk_prob
+        self.router = Router(config.hidden_size, config.num_experts)
+        self.experts = nn.ModuleList(
+            MLP(config, config.moe_intermediate_size, "gated") for _ in range(config.num_experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.router(x).float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()  # one sync per layer
+        rows = order // self.top_k  # token of each (token, slot) pair, grouped by expert
+        scale = weights.reshape(-1)[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in zip(self.experts, counts, strict=True):
+            if count:
+                picked = rows[start : start + count]
+                y = expert(x[picked]) * scale[start : start + count, None]
+                out.index_add_(0, picked, y.to(x.dtype))
+                start += count
+        return out
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer."""
+    """One decoder layer: pre-norm (Llama), sandwich norms (Gemma) or parallel (Falcon)."""
 
-    def __init__(self, config: SpanConfig, layer_idx: int) -> None:
+    def __init__(self, config: SpanConfig, layer_idx: int, model_layer: int | None = None) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        model_layer = layer_idx if model_layer is None else model_layer
+        self.parallel, self.sandwich = config.parallel, config.sandwich_norms
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config, layer_idx, model_layer)
+        if self.parallel == "two_norms":
+            self.mlp_layernorm = make_norm(config)
+        elif not self.parallel:
+            self.post_attention_layernorm = make_norm(config)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = make_norm(config)
+            self.post_feedforward_layernorm = make_norm(config)
+        moe = config.mlp == "moe" and config.moe_layers[model_layer]
+        self.mlp = MoE(config) if moe else MLP(config, kind="gated" if config.mlp == "moe" else None)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: list[_SessionSlice]
+        self, x: torch.Tensor, rope: list[tuple[torch.Tensor, torch.Tensor]], plan: list[_SessionSlice]
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan)
+        if self.parallel:
+            normed = self.input_layernorm(x)
+            mlp_in = self.mlp_layernorm(x) if self.parallel == "two_norms" else normed
+            return x + (self.mlp(mlp_in) + self.self_attn(normed, rope, plan))
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, plan))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), rope, plan)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -298,11 +596,16 @@ class BlockSpan(nn.Module):
         self.is_first, self.is_last = start == 0, end == config.num_hidden_layers
         if self.is_first:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(end - start))
+            if config.embed_norm:
+                self.embed_norm = make_norm(config)
+        self.layers = nn.ModuleList(Block(config, i, start + i) for i in range(end - start))
         if self.is_last:
-            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.norm = make_norm(config)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.tensor(config.inv_freq, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "local_inv_freq", torch.tensor(config.local_inv_freq, dtype=torch.float32), persistent=False
+        )
         self.quant = "none"  # set by load(); see peer.quant
 
     @classmethod
@@ -316,6 +619,7 @@ class BlockSpan(nn.Module):
         device: torch.device | str = "cpu",
         quant: str = "none",
         prepack: bool = False,
+        calibrate: bool = True,
     ) -> BlockSpan:
         """Load only this span's tensors from ``model_dir`` (a folder, or a hub id when online).
 
@@ -323,7 +627,8 @@ class BlockSpan(nn.Module):
         each block right after that block is read, so peak memory holds one block in full
         precision, never the whole span. Unsupported combinations raise ``ValueError`` before any
         tensor is read. ``prepack`` keeps a oneDNN-packed second copy of fp32 CPU weights for
-        batched passes where it is faster (see ``peer.gemm``).
+        batched passes where it is faster (see ``peer.gemm``). ``calibrate=False`` leaves the
+        matmul plans to the caller (``gemm.calibrate``; the peer first decides whether to pack).
         """
         dtype, device = parse_dtype(dtype), torch.device(device)
         quantization.validate(quant, device, dtype)
@@ -335,8 +640,13 @@ class BlockSpan(nn.Module):
                 f"span [{start}, {end}) is not inside a model of {config.num_hidden_layers} blocks"
             )
         index = tensor_index(model_dir)
+        names = family_of(config.model_type).names
         wanted = span_tensor_names(
-            index, config.num_hidden_layers, start, end, tie_word_embeddings=config.tie_word_embeddings
+            index, config.num_hidden_layers, start, end, tie_word_embeddings=config.tie_word_embeddings,
+            names=names,
+        )  # fmt: skip
+        qkv_order = fused_qkv_order(
+            config.qkv_layout, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         )
         # Build on the meta device so no throwaway random weights are allocated, then adopt the
         # loaded tensors as the parameters (assign=True) instead of copying into them.
@@ -365,8 +675,13 @@ class BlockSpan(nn.Module):
                     )
                 continue
             block = span.layers[int(prefix.split(".")[1])]
+            state = {name.removeprefix(prefix + "."): tensor for name, tensor in state.items()}
+            if qkv_order is not None:  # BLOOM / Falcon per-head layouts -> [q | k | v] rows
+                for part in ("weight", "bias"):
+                    if f"self_attn.qkv_proj.{part}" in state:
+                        state[f"self_attn.qkv_proj.{part}"] = state[f"self_attn.qkv_proj.{part}"][qkv_order]
             block.load_state_dict(
-                {name.removeprefix(prefix + "."): tensor for name, tensor in state.items()},
+                state,
                 strict=True,
                 assign=True,
             )
@@ -376,13 +691,18 @@ class BlockSpan(nn.Module):
         if span.is_last:
             span.lm_head = quantization.quantize_linears(span.lm_head, quant, device, dtype)
         span.inv_freq = torch.tensor(config.inv_freq, dtype=torch.float32, device=device)
+        span.local_inv_freq = torch.tensor(config.local_inv_freq, dtype=torch.float32, device=device)
+        for layer in span.layers:
+            if layer.self_attn.alibi:
+                layer.self_attn.slopes = alibi_slopes(config.num_attention_heads).to(device)
         missing = [name for name, tensor in span.state_dict().items() if getattr(tensor, "is_meta", False)]
         if missing:
             raise ValueError(f"checkpoint left tensors of span [{start}, {end}) unloaded: {missing[:5]}")
         span.to(device)
         span.quant = quant
         span = span.eval().requires_grad_(False)
-        gemm.calibrate(span.modules(), prepack=prepack)  # how to multiply small batches (peer.gemm)
+        if calibrate:
+            gemm.calibrate(span.modules(), prepack=prepack)  # how to multiply small batches (peer.gemm)
         return span
 
     def weight_bytes(self) -> dict[str, int]:
@@ -414,7 +734,8 @@ class BlockSpan(nn.Module):
     def new_cache(self, capacity: int = 16, max_capacity: int | None = None) -> KVCache:
         """An empty cache for one session, in the span's dtype and device."""
         heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
-        return KVCache(self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity)
+        windows = tuple(self.config.window(layer) for layer in range(self.start, self.end))
+        return KVCache(self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity, windows)
 
     # ---- compute ----
     @torch.no_grad()
@@ -433,15 +754,24 @@ class BlockSpan(nn.Module):
         device = self.device
         if self.is_first:
             x = self.embed_tokens(inputs.to(device=device, dtype=torch.long))
+            if self.config.embed_scale:  # Gemma: the scale is cast to the weights' dtype first
+                x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype, device=device)
+            if self.config.embed_norm:
+                x = self.embed_norm(x)
         else:
             x = inputs.to(device=device, dtype=self.dtype)
         positions = torch.cat(
             [torch.arange(c.length, c.length + n) for c, n in zip(caches, lengths, strict=True)]
         ).to(device)
-        cos, sin = self._rotary(positions, x.dtype)
+        rope = []
+        if self.config.position == "rope":
+            rope.append(self._rotary(positions, x.dtype, self.inv_freq, self.config.attention_scaling))
+            if self.config.local_inv_freq:
+                scale = self.config.local_attention_scaling
+                rope.append(self._rotary(positions, x.dtype, self.local_inv_freq, scale))
         plan = _plan_attention(caches, lengths, device)
         for layer in self.layers:
-            x = layer(x, cos, sin, plan)
+            x = layer(x, rope, plan)
         for cache, n in zip(caches, lengths, strict=True):
             cache.commit(n)
         if self.is_last:
@@ -453,13 +783,19 @@ class BlockSpan(nn.Module):
         if not self.is_last:
             raise ValueError(f"span [{self.start}, {self.end}) does not own the LM head")
         with torch.no_grad():
-            return linear(self.lm_head, hidden.to(device=self.device, dtype=self.dtype)).float()
+            logits = linear(self.lm_head, hidden.to(device=self.device, dtype=self.dtype))
+            if self.config.final_softcap:  # Gemma 2, in the compute dtype as transformers does
+                cap = self.config.final_softcap
+                logits = torch.tanh(logits / cap) * cap
+            return logits.float()
 
-    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _rotary(
+        positions: torch.Tensor, dtype: torch.dtype, inv_freq: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin per token, computed in fp32 exactly as HF does, then cast to the compute dtype."""
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        freqs = positions[:, None].float() * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        scale = self.config.attention_scaling
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
     def _check_step(self, inputs: torch.Tensor, caches: Sequence[KVCache], lengths: Sequence[int]) -> None:

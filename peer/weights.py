@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from peer.families import LLAMA_NAMES, CheckpointNames
+
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Old checkpoints stored the rotary frequencies; we recompute them from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 def tensor_index(model_dir: Path) -> dict[str, str]:
@@ -55,30 +56,45 @@ def tensor_index(model_dir: Path) -> dict[str, str]:
 
 
 def span_tensor_names(
-    index: dict[str, str], num_layers: int, start: int, end: int, *, tie_word_embeddings: bool
+    index: dict[str, str],
+    num_layers: int,
+    start: int,
+    end: int,
+    *,
+    tie_word_embeddings: bool,
+    names: CheckpointNames = LLAMA_NAMES,
 ) -> dict[str, str]:
     """Pick the checkpoint tensors a span needs: ``{module name: checkpoint name}``.
 
     Blocks ``[start, end)``; the embedding when ``start == 0``; the final norm and the LM head when
     ``end == num_layers`` (the embedding matrix stands in for the head when the weights are tied or
     the checkpoint has no ``lm_head.weight``, which is how ``save_pretrained`` writes tied models).
+    ``names`` says where the family keeps them (``peer.families``): ``transformer.h.N.`` for BLOOM
+    and Falcon, and how each part is renamed to the block's module names.
     """
     if not 0 <= start < end <= num_layers:
         raise ValueError(f"span [{start}, {end}) is not inside a model of {num_layers} blocks")
     # LlamaForCausalLM checkpoints prefix the base model with "model."; a bare LlamaModel does not.
-    prefix = "model." if any(name.startswith("model.") for name in index) else ""
+    prefix = names.prefix if any(name.startswith(names.prefix) for name in index) else ""
+    layer_re = re.compile(rf"^{re.escape(names.layers)}\.(\d+)\.(.+)$")
     wanted: dict[str, str] = {}
     for name in index:
         if not name.startswith(prefix) or name.endswith(_IGNORED_SUFFIXES):
             continue
-        match = _LAYER_RE.match(name[len(prefix) :])
+        match = layer_re.match(name[len(prefix) :])
         if match and start <= int(match.group(1)) < end:
-            wanted[f"layers.{int(match.group(1)) - start}.{match.group(2)}"] = name
-    embed = f"{prefix}embed_tokens.weight"
+            wanted[f"layers.{int(match.group(1)) - start}.{names.rename(match.group(2))}"] = name
+    embed = f"{prefix}{names.embed}.weight"
     if start == 0:
         wanted["embed_tokens.weight"] = embed
+        if names.embed_norm:
+            for part in ("weight", "bias"):
+                if f"{prefix}{names.embed_norm}.{part}" in index:
+                    wanted[f"embed_norm.{part}"] = f"{prefix}{names.embed_norm}.{part}"
     if end == num_layers:
-        wanted["norm.weight"] = f"{prefix}norm.weight"
+        wanted["norm.weight"] = f"{prefix}{names.norm}.weight"
+        if f"{prefix}{names.norm}.bias" in index:  # LayerNorm families
+            wanted["norm.bias"] = f"{prefix}{names.norm}.bias"
         has_head = "lm_head.weight" in index
         wanted["lm_head.weight"] = "lm_head.weight" if has_head and not tie_word_embeddings else embed
     missing = sorted({source for source in wanted.values() if source not in index})

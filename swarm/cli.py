@@ -289,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
           help="largest request body (counted as it arrives, chunked or not); larger ones get 413")  # fmt: skip
     _flag(gateway, "gateway", "--max-concurrent", type=int, default=256,
           help="generations in flight before new requests get 429 with Retry-After (0: no limit)")  # fmt: skip
+    _flag(gateway, "gateway", "--verify-fraction", type=float, default=0.01,
+          help="re-execute this fraction of steps on a replica of the same blocks and ban peers whose answers "
+          "disagree (0: off; checks need a second peer per span, a third to tell which one lies)")  # fmt: skip
+    _flag(gateway, "gateway", "--verify-ban", type=float, default=3600.0,
+          help="seconds a peer convicted of a lying or malformed answer stays banned")  # fmt: skip
     _flag(gateway, "gateway", "--log-prompts", action="store_true",
           help="also log each request's prompt and completion text (off: logs never hold user text)")  # fmt: skip
     _flag(gateway, "gateway", "--dry-run", action="store_true", help="validate the flags and exit")
@@ -462,6 +467,10 @@ def cmd_gateway(args) -> int:
     if args.redis_keys and args.keys_file:
         raise SystemExit("swarm gateway: give --keys-file or --redis-keys, not both")
     bootstrap = _addresses(args.dht)
+    if not 0.0 <= args.verify_fraction <= 1.0:
+        raise SystemExit(f"--verify-fraction must be in [0, 1], got {args.verify_fraction}")
+    if args.verify_ban <= 0:
+        raise SystemExit(f"--verify-ban must be > 0, got {args.verify_ban}")
     if args.dry_run:
         print(f"gateway on {args.host}:{args.port} serving {models}, dht {bootstrap}")
         return 0
@@ -489,6 +498,8 @@ def cmd_gateway(args) -> int:
         session_ttl=args.session_ttl,
         wire_dtype="" if args.wire_dtype == "auto" else args.wire_dtype,
         log_prompts=args.log_prompts,
+        verify_fraction=args.verify_fraction,
+        verify_ban=args.verify_ban,
         max_concurrent=args.max_concurrent,
         max_body_bytes=args.max_body_bytes,
     )
