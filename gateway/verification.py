@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from common.peer_client import ChannelPool, PeerError, PeerSession
 from discovery.records import PeerRecord, PeerState
-from gateway.answer_checks import hidden_distance, malformed, tokens_agree
+from gateway.answer_checks import hidden_distance, tokens_agree
 from gateway.failure_policy import BadAnswer, Failover
 from gateway.metrics import record_answer_check
 from gateway.routing import Hop, Route
@@ -267,7 +267,7 @@ async def run_chain(
     sampling.top_logprobs = max(sampling.top_logprobs, CHECK_TOP_LOGPROBS)
     try:
         results = []
-        for i, hop in enumerate(chain):
+        for hop in chain:
             session = PeerSession(pool, hop.address)
             sessions.append(session)
             last = hop.end == failover.num_blocks
