@@ -302,16 +302,13 @@ class Failover:
 
     @property
     def local_load(self):
-        return self.swarm.local_load
+        return self.swarm.load()
 
     def opened(self, peer_id: str) -> None:
-        self.swarm.local_load[peer_id] += 1
+        self.swarm.opened(peer_id)
 
     def closed(self, peer_id: str) -> None:
-        load = self.swarm.local_load
-        load[peer_id] -= 1
-        if load[peer_id] <= 0:
-            del load[peer_id]
+        self.swarm.closed(peer_id)
 
     def replaced(self, event: FailoverEvent) -> None:
         record_failover("peer_failed" if event.reason == "failed" else event.reason)

@@ -13,6 +13,8 @@ from gateway.routing import NoRouteError, Route, plan_route
 
 log = logging.getLogger("gateway.swarm_view")
 
+RESERVATION_S = 10.0  # a planned route counts as load this long at most, unless its sessions open
+
 
 class SwarmView:
     """What the gateway knows of the swarm: DHT lookups, and the gateway's own load on each peer.
@@ -30,6 +32,9 @@ class SwarmView:
         self._lookups: dict[str, asyncio.Future] = {}
         self._seen: dict[str, dict[str, PeerRecord]] = {}  # model -> peer id -> latest record
         self.local_load: Counter[str] = Counter()  # peer id -> sessions this gateway has open there
+        # Routes planned but whose sessions are not open yet: a burst of requests plans before any
+        # of them opens, and without these every one of them would pick the same replica.
+        self._reserved: dict[str, list[float]] = {}  # peer id -> monotonic times of reservations
 
     async def peers(self, model: str, fresh: bool = False, timeout: float | None = None) -> list[PeerRecord]:
         """Records of `model`'s peers, from a DHT lookup at most `refresh` seconds old.
@@ -89,6 +94,35 @@ class SwarmView:
             del seen[peer_id]
         return list(seen.values())
 
+    def load(self) -> Counter[str]:
+        """This gateway's sessions per peer, open or planned in the last `RESERVATION_S` seconds."""
+        cutoff = time.monotonic() - RESERVATION_S
+        load = Counter(self.local_load)
+        for peer_id, times in list(self._reserved.items()):
+            times[:] = [t for t in times if t > cutoff]
+            if times:
+                load[peer_id] += len(times)
+            else:
+                del self._reserved[peer_id]
+        return load
+
+    def reserve(self, route: Route) -> None:
+        now = time.monotonic()
+        for hop in route:
+            self._reserved.setdefault(hop.peer_id, []).append(now)
+
+    def opened(self, peer_id: str) -> None:
+        """A session opened on `peer_id`: it counts as open now instead of as planned."""
+        self.local_load[peer_id] += 1
+        times = self._reserved.get(peer_id)
+        if times:
+            times.pop(0)
+
+    def closed(self, peer_id: str) -> None:
+        self.local_load[peer_id] -= 1
+        if self.local_load[peer_id] <= 0:
+            del self.local_load[peer_id]
+
     async def plan(
         self,
         model: str,
@@ -102,8 +136,9 @@ class SwarmView:
         for fresh in (False, True):  # the snapshot may be stale: a peer may have joined since
             records = await self.peers(model, fresh=fresh)
             route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept,
-                               local_load=self.local_load)  # fmt: skip
+                               local_load=self.load())  # fmt: skip
             if route is not None:
+                self.reserve(route)
                 return route
         raise NoRouteError(f"no live peers cover all {num_blocks} blocks of {model}")
 

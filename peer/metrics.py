@@ -77,7 +77,7 @@ class _LiveCollector(Collector):
             value=servicer.free_cache_tokens,
         )
         yield GaugeMetricFamily(
-            "swarm_peer_throughput_tokens_per_second", "decode throughput measured at start-up (announced in the DHT)",
+            "swarm_peer_throughput_tokens_per_second", "batch-1 decode tokens/s fitted to recent forward passes (announced in the DHT, peer.throughput)",
             value=record.throughput,
         )  # fmt: skip
 

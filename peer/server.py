@@ -27,6 +27,7 @@ from peer.metrics import attach_metrics
 from peer.model import BlockSpan
 from peer.scheduler import BatchScheduler
 from peer.servicer import PeerServicer
+from peer.throughput import ThroughputMeter, measure_pass_profile
 from protos import swarm_pb2_grpc
 
 log = logging.getLogger("peer")
@@ -94,25 +95,6 @@ def default_cache_tokens(span: BlockSpan) -> int:
     return max(4096, pages // 2 // max(1, bytes_per_token))
 
 
-@torch.inference_mode()
-def measure_throughput(span: BlockSpan, steps: int = 8) -> float:
-    """Decode tokens/s of this span at batch 1, as announced in the DHT for route planning."""
-    cache = span.new_cache()
-    hidden = span.config.hidden_size
-    make_input = (
-        (lambda: torch.zeros(1, dtype=torch.long))
-        if span.is_first
-        else (lambda: torch.zeros(1, hidden, dtype=span.dtype))
-    )
-    span(make_input(), [cache], [1])  # warm-up
-    begin = time.perf_counter()
-    for _ in range(steps):
-        out = span(make_input(), [cache], [1])
-        if span.is_last:
-            span.logits(out)
-    return steps / max(1e-9, time.perf_counter() - begin)
-
-
 class PeerServer:
     """Loads the span, serves gRPC, announces in the DHT; `stop()` drains and withdraws."""
 
@@ -124,6 +106,7 @@ class PeerServer:
         self.dht = None
         self.announcer = None
         self.metrics = None
+        self.meter: ThroughputMeter | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -151,7 +134,9 @@ class PeerServer:
             wire_dtype=cfg.wire_dtype, idle_ttl=cfg.idle_ttl, open_wait=cfg.open_wait,
             first_step_timeout=cfg.first_step_timeout, max_sessions_per_client=cfg.max_sessions_per_client,
         )  # fmt: skip
-        self.servicer.throughput = await loop.run_in_executor(None, measure_throughput, span)
+        profile = await loop.run_in_executor(None, measure_pass_profile, span)
+        self.meter = ThroughputMeter(profile)
+        self.servicer.throughput = self.meter.tokens_per_second
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", 64 << 20),
@@ -163,6 +148,7 @@ class PeerServer:
         # /metrics on --metrics-port, and the scheduler's hook; once the port is bound, because its
         # swarm_peer_info labels come from `record()`, which holds the address
         self.metrics = attach_metrics(self.servicer, cfg.host, cfg.metrics_port)
+        self.scheduler.observe = self._observe_pass
         await self.server.start()
         me = self.record()
         log.info(
@@ -173,6 +159,12 @@ class PeerServer:
         )  # fmt: skip
         if cfg.dht_bootstrap is not None:
             await self._join_dht()
+
+    def _observe_pass(self, sessions: int, tokens: int, seconds: float) -> None:
+        """The scheduler's hook after each forward pass: metrics, and the announced throughput."""
+        self.metrics.observe_batch(sessions, tokens, seconds)
+        self.meter.observe(sessions, tokens, seconds)
+        self.servicer.throughput = self.meter.tokens_per_second
 
     @property
     def address(self) -> str:
