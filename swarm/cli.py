@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "gateway", "--redis-keys", action="store_true",
           help="serve the API keys kept in --redis-url (`swarm keys create --redis-url`): replicas share keys, "
                "limits, credit and usage")  # fmt: skip
+    _flag(gateway, "gateway", "--key-check-interval", type=float, default=1.0,
+          help="seconds between a stream's re-reads of its key: a key revoked or expired mid-stream ends it "
+               "with an error event within this time")  # fmt: skip
     _flag(gateway, "gateway", "--open-ops", action="store_true",
           help="leave /metrics, /swarm, /swarm/api, /docs and /openapi.json open to anyone even with --api-key or a "
                "key store (/health always is)")  # fmt: skip
@@ -492,6 +495,7 @@ def cmd_gateway(args) -> int:
         open_ops=args.open_ops,
         keys_file=args.keys_file,
         redis_keys=args.redis_keys,
+        key_check_interval=args.key_check_interval,
         session_secret=args.session_secret,
         step_timeout=args.step_timeout,
         failover_timeout=args.failover_timeout,
