@@ -316,6 +316,17 @@ def test_compose_wiring():
     assert service_environment(gateway)["SWARM_GATEWAY_REDIS_URL"].startswith("redis://redis:")
 
 
+@pytest.mark.parametrize(("path", "env"), [(COMPOSE, {}), (JOIN, JOIN_ENV)], ids=["swarm", "join"])
+def test_every_server_listens_beyond_the_container(path, env):
+    """The CLI listens on 127.0.0.1 by default: in a container, reachable from nothing outside it."""
+    for service, args, service_env in service_commands(path, env):
+        command = args[0]
+        if command in {"dht", "peer", "gateway", "up"}:
+            variable = f"SWARM_{command.upper()}_HOST"
+            host = args[args.index("--host") + 1] if "--host" in args else service_env.get(variable)
+            assert host == "0.0.0.0", f"{path.name}: {service} listens on {host or '127.0.0.1'}"
+
+
 # --- docker-compose config ----------------------------------------------------------------------------
 def compose_variables() -> set[str]:
     text = COMPOSE.read_text() + JOIN.read_text()
@@ -502,7 +513,8 @@ def test_healthcheck_dht(healthcheck):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:
-        assert node.stdout.readline().startswith("DHT_READY"), "the DHT node did not start"
+        lines = iter(node.stdout.readline, "")  # a line about the node may come first
+        assert any(line.startswith("DHT_READY") for line in lines), "the DHT node did not start"
         explicit = healthcheck("dht", str(port))
         assert explicit.returncode == 0, explicit.stdout
         # Without arguments: the role and the port come from the process's own command line.
