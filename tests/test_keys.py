@@ -145,3 +145,59 @@ def test_the_cli_writes_and_reads_the_file_store(tmp_path, capsys):
     assert asyncio.run(FileKeyStore(path).get(key.id)).revoked
     assert main(["keys", "revoke", "--keys-file", path, "key_missing"]) == 1
     assert main(["keys", "create", "--keys-file", path, "--rpm", "-1"]) == 2
+
+
+# -- the file store behind a gateway app in this process (real peers in process, see
+#    tests/test_gateway_handlers.py); the Redis store behind real processes is tests/test_users.py
+from tests.test_gateway_handlers import MODEL, app_in_process, peers, sse_data  # noqa: E402, F401
+
+
+async def test_a_gateway_on_the_file_store_limits_meters_and_reports(peers, demo_model, tmp_path):  # noqa: F811
+    path = tmp_path / "keys.json"
+    store = FileKeyStore(path)
+    key, secret = new_key("file-user", rpm=3, tpm=1000, credits=500)
+    other, other_secret = new_key("elsewhere", models=["not-this-one"])
+    await store.add(key)
+    await store.add(other)
+    auth = {"authorization": f"Bearer {secret}"}
+    body = {
+        "model": MODEL,
+        "prompt": [5, 17, 42, 99, 7],
+        "max_tokens": 4,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    async with app_in_process(peers, demo_model, keys_file=str(path), api_key="admin") as (client, *_):
+        first = await client.post("/v1/completions", json=body, headers=auth)
+        assert first.status_code == 200, first.text
+        assert first.headers["x-ratelimit-remaining-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-tokens"] == str(1000 - 9)
+        streamed = await client.post(
+            "/v1/completions",
+            json={**body, "stream": True, "stream_options": {"include_usage": True}},
+            headers=auth,
+        )
+        assert streamed.headers["x-ratelimit-limit-tokens"] == "1000"
+        usages = [first.json()["usage"], sse_data(streamed.text)[-1]["usage"]]
+        third = await client.post("/v1/completions", json={**body, "max_tokens": 2}, headers=auth)
+        usages.append(third.json()["usage"])
+        refused = await client.post("/v1/completions", json=body, headers=auth)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0" and "retry-after" in refused.headers
+        page = (await client.get("/v1/usage", headers=auth)).json()
+        spent = sum(usage["total_tokens"] for usage in usages)
+        assert page["key"]["usage"] == {
+            "num_model_requests": 3,
+            "input_tokens": sum(usage["prompt_tokens"] for usage in usages),
+            "output_tokens": sum(usage["completion_tokens"] for usage in usages),
+        }
+        assert page["key"]["credits_remaining"] == 500 - spent
+        denied = await client.post(
+            "/v1/completions", json=body, headers={"authorization": f"Bearer {other_secret}"}
+        )
+        assert denied.status_code == 404 and denied.json()["error"]["code"] == "model_not_found"
+        assert (await client.get("/metrics", headers=auth)).status_code == 403
+        assert (await client.get("/metrics", headers={"authorization": "Bearer admin"})).status_code == 200
+        admin = await client.post("/v1/completions", json=body, headers={"authorization": "Bearer admin"})
+        assert admin.status_code == 200 and "x-ratelimit-limit-requests" not in admin.headers
+    assert (await FileKeyStore(path).get(key.id)).usage["requests"] == 3  # it is in the file
