@@ -66,7 +66,14 @@ def run_gateway(settings: GatewaySettings) -> None:
     app = create_app(settings)
     # log_config=None: uvicorn's own lines go through our structured root handler too
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="warning", lifespan="on", log_config=None
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        lifespan="on",
+        log_config=None,
+        ssl_certfile=settings.https_cert,  # HTTPS when given (both or neither; the CLI checks)
+        ssl_keyfile=settings.https_key,
     )
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):

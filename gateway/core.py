@@ -22,6 +22,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from common.grpc_security import ClientSecurity, listen_warning, security_summary
+from common.identity import Identity
 from common.peer_client import ChannelPool, PeerError, peer_info
 from discovery.records import PeerRecord, PeerState
 from gateway import errors
@@ -56,7 +58,12 @@ class Gateway:
         self.settings = settings
         self.models: dict[str, ServedModel] = {}
         self.dht = None  # our own DHT node, when the swarm view was built here
-        self.pool = ChannelPool()
+        self.identity = (
+            Identity.load_or_create(settings.identity_file) if settings.identity_file else Identity.generate()
+        )
+        self.pool = ChannelPool(
+            ClientSecurity(swarm_key=settings.swarm_key, public_key=self.identity.public_key, tls=settings.tls)
+        )
         self.swarm = swarm
         self.sessions = sessions
         self.keys: KeyStore | None = None  # API keys with limits and usage (None: no key store)
@@ -75,11 +82,19 @@ class Gateway:
         if self.swarm is None:
             from discovery.dht import SwarmDHT
 
-            self.dht = SwarmDHT()
+            self.dht = SwarmDHT(identity=self.identity, swarm_key=self.settings.swarm_key)
             local = all(host in ("127.0.0.1", "localhost") for host, _ in self.settings.dht_bootstrap)
             host = "127.0.0.1" if local else "0.0.0.0"
             await self.dht.start(host, self.settings.dht_port, self.settings.dht_bootstrap)
             self.swarm = SwarmView(self.dht)
+            settings = self.settings
+            scheme = "https" if settings.https_cert else "http"
+            log.info(
+                "gateway %s on %s://%s:%d, DHT node on %s; %s%s",
+                self.identity.peer_id, scheme, settings.host, settings.port, self.dht.address,
+                security_summary(settings.swarm_key, settings.tls),
+                listen_warning(settings.host) or listen_warning(host),
+            )  # fmt: skip
         if self.sessions is None:
             if self.settings.redis_url:
                 self.sessions = RedisSessionStore(self.settings.redis_url, ttl=self.settings.session_ttl)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.grpc_security import TlsFiles
+
 
 @dataclass
 class GatewaySettings:
@@ -30,3 +32,10 @@ class GatewaySettings:
     verify_fraction: float = 0.01
     verify_ban: float = 3600.0  # seconds a convicted peer (lying or malformed answers) stays banned
     log_prompts: bool = False  # log prompt and completion text (off: logs never hold user text)
+    # swarm security (docs/security.md): the gateway's own key (created there on first start; None:
+    # a new one in memory), the swarm key of a private swarm, mutual TLS to the peers, and HTTPS
+    identity_file: str | None = None
+    swarm_key: bytes | None = None
+    tls: TlsFiles | None = None
+    https_cert: str | None = None
+    https_key: str | None = None
