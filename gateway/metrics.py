@@ -42,6 +42,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from common.logs import REQUEST_ID_HEADER, request_id_var, set_request_id
+from common.security_metrics import SecurityCollector
 
 if TYPE_CHECKING:
     from gateway.routing import Route
@@ -151,6 +152,11 @@ class RouteActivity:
         }
 
 
+def _dht_rejected(app: FastAPI):
+    dht = getattr(getattr(app.state, "gateway", None), "dht", None)
+    return dht.rejected if dht is not None else None
+
+
 class _StateCollector(Collector):
     """Gauges read at scrape time from the gateway object: session store and generations."""
 
@@ -257,6 +263,8 @@ class GatewayMetrics:
             registry=r,
         )
         self.registry.register(_StateCollector(app, self.activity))
+        # what the gateway's DHT node dropped (docs/security.md)
+        self.registry.register(SecurityCollector(lambda: _dht_rejected(app)))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,11 @@ them alike:
 ``spans``      both ``BlockSpan`` halves loaded in this process and run back to back, sampling
                with the peer's own ``Sampler``: the peers' compute without gRPC or processes.
 
+``http_secure`` (with ``--secure``) ``http`` through a second swarm of the same model that runs
+               private (a swarm key: HMAC-tagged DHT datagrams and a membership credential on
+               every gRPC call) over mutual TLS between gateway and peers; its median over
+               ``http``'s is the cost of security (``security_ratio``).
+
 Decode ms/token = (time of the last token - time of the first token) / (tokens - 1), so prefill is
 excluded; TTFT (request to first token) is reported beside it. Medians over ``--repeats``; the
 headline ratio is median(http) / median(reference). The peers get ``--threads N`` and this process
@@ -296,6 +301,7 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
     torch_thread.submit(torch.set_num_threads, args.threads).result()
     load_before = os.getloadavg()
     swarm = LocalSwarm(model_dir, log_level="WARNING", model_name=model_id)
+    secure = secure_swarm(model_dir, model_id) if "http_secure" in args.modes else None
     loop = asyncio.new_event_loop()
     pool = ChannelPool()
     try:
@@ -303,9 +309,13 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         swarm.start_dht()
         peers = [swarm.start_peer(start, end, "--threads", str(args.threads)) for start, end in split]
         gateway = swarm.start_gateway()
+        if secure is not None:
+            secure_gateway = start_secure_swarm(secure, split, args.threads)
         hops = [(peer.address, start, end) for peer, (start, end) in zip(peers, split, strict=True)]
         with httpx.Client(timeout=httpx.Timeout(120.0, connect=10.0)) as client:
             wait_for_model(client, gateway.address, model_id)
+            if secure is not None:
+                wait_for_model(client, secure_gateway.address, model_id)
             startup_s = time.perf_counter() - started
             throughput = [
                 loop.run_until_complete(peer_info(pool, address)).throughput for address, _, _ in hops
@@ -313,11 +323,17 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
 
             me = os.getpid()
             swarm_pids = [child.process.pid for child in swarm.children]
+            secure_pids = [child.process.pid for child in secure.children] if secure is not None else []
 
             def one(mode: str, tokens: int) -> Run:
                 if mode == "http":  # the client's own parsing is not the swarm's cost
                     return timed(
                         swarm_pids, lambda: run_http(client, gateway.address, model_id, prompt_ids, tokens)
+                    )
+                if mode == "http_secure":
+                    return timed(
+                        secure_pids,
+                        lambda: run_http(client, secure_gateway.address, model_id, prompt_ids, tokens),
                     )
                 if mode == "reference":
                     return timed(
@@ -346,6 +362,8 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         loop.run_until_complete(pool.close())
         loop.close()
         swarm.stop()
+        if secure is not None:
+            secure.stop()
         torch_thread.shutdown()
     load_after = os.getloadavg()
 
@@ -369,7 +387,7 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         if ref_ids and mode in ("grpc", "spans"):
             out["same_tokens_as_reference"] = all(r.token_ids == ref_ids for r in items)
             out["matching_prefix_tokens"] = min(_common_prefix(r.token_ids, ref_ids) for r in items)
-        if ref_ids and mode == "http":
+        if ref_ids and mode in ("http", "http_secure"):
             out["same_text_as_reference"] = all(r.text == ref_text for r in items)
         return out
 
@@ -424,7 +442,44 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         result["swarm_ttft_ms"] = modes["http"]["ttft_ms"]
         result["reference_ttft_ms"] = modes["reference"]["ttft_ms"]
         result["breakdown_ms_per_token"] = breakdown(modes)
+    if "http" in modes and "http_secure" in modes:
+        result["security_ratio"] = round(
+            modes["http_secure"]["decode_ms_per_token"] / modes["http"]["decode_ms_per_token"], 3
+        )
+        result["security_paired_ratios"] = [
+            round(s.decode_ms / h.decode_ms, 3)
+            for s, h in zip(runs["http_secure"], runs["http"], strict=False)
+        ]
+        result["security_cpu_ratio"] = round(
+            modes["http_secure"]["cpu_ms_per_token"] / modes["http"]["cpu_ms_per_token"], 3
+        )
     return result
+
+
+def secure_swarm(model_dir: Path, model_id: str):
+    """A `LocalSwarm` of the model that will run private (a new swarm key) over mutual TLS."""
+    from common.swarm_key import create_swarm_key
+    from swarm.launcher import LocalSwarm
+
+    swarm = LocalSwarm(model_dir, log_level="WARNING", model_name=model_id)
+    swarm.swarm_key_file = create_swarm_key(swarm.workdir / "swarm.key")
+    return swarm
+
+
+def start_secure_swarm(swarm, split: list[tuple[int, int]], threads: int):  # noqa: ANN001
+    """Start `secure_swarm`'s DHT node, peers and gateway with a throw-away CA; returns the gateway."""
+    from common.pki import make_swarm_pki
+
+    pki = make_swarm_pki(swarm.workdir / "pki")
+
+    def tls(role: str) -> list[str]:
+        return ["--tls-cert", str(pki[f"{role}_cert"]), "--tls-key", str(pki[f"{role}_key"]),
+                "--tls-ca", str(pki["ca"])]  # fmt: skip
+
+    swarm.start_dht()
+    for start, end in split:
+        swarm.start_peer(start, end, "--threads", str(threads), *tls("peer"))
+    return swarm.start_gateway(None, *tls("gateway"), name="gateway-secure")
 
 
 def breakdown(modes: dict) -> dict:
@@ -554,6 +609,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the model folders are made"
     )
+    parser.add_argument("--secure", action="store_true",
+                        help="also time http_secure (after http in each repeat): a second swarm with a swarm key "
+                             "and mutual TLS; reports security_ratio = http_secure / http")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "decode.json")
     parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"),
                         help="write-up whose table is replaced ('' to leave it alone)")  # fmt: skip
@@ -565,6 +623,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--modes must include reference and only name http, reference, grpc, spans (got {args.modes})"
         )
+    if args.secure:
+        if "http" not in args.modes:
+            parser.error("--secure compares against http: keep http in --modes")
+        args.modes.insert(args.modes.index("http") + 1, "http_secure")
     if args.new_tokens < 2 or args.repeats < 1 or args.threads < 1:
         parser.error("need --new-tokens >= 2, --repeats >= 1, --threads >= 1")
     return args
@@ -590,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(results)
     print("\n" + table + "\n")
     print(json.dumps({r["model"]: r.get("breakdown_ms_per_token") for r in results["models"]}, indent=1))
+    for r in results["models"]:
+        if "security_ratio" in r:
+            print(f"{r['model']}: security_ratio {r['security_ratio']} (paired {r['security_paired_ratios']}, "
+                  f"cpu {r['security_cpu_ratio']})")  # fmt: skip
     if args.docs:
         update_docs(Path(args.docs), table, command)
     print(f"\nwrote {args.out} in {results['wall_s']} s", flush=True)
