@@ -19,6 +19,8 @@ CUDA=docker.io/nvidia/cuda:12.8.1-base-ubuntu24.04
 REDIS=docker.io/library/redis:7-alpine
 
 has_image() { podman image exists "$1"; }
+root="" context=$(mktemp -d)
+trap 'rm -rf "$context" ${root:+"$root"}' EXIT
 
 debian_mirror() {
     # deb822 (URIs: ...) or one-line (deb URI SUITE ...) sources; the first Debian archive wins.
@@ -30,7 +32,6 @@ debian_mirror() {
 if ! has_image "$DEBIAN"; then
     MIRROR=${MIRROR:-$(debian_mirror)}
     root=$(mktemp -d)
-    trap 'rm -rf "$root"' EXIT
     echo "debootstrap $SUITE from $MIRROR" >&2
     debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >/dev/null
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
@@ -38,16 +39,29 @@ if ! has_image "$DEBIAN"; then
 fi
 
 # Each stand-in is a small build on the Debian root: apt inside it reaches the same mirror.
-build() {  # TAG PACKAGES CMD
-    has_image "$1" && return 0
-    echo "building $1" >&2
-    podman build --format docker --pull=never -t "$1" - >/dev/null <<EOF
-FROM $DEBIAN
-RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends $2 >/dev/null \\
-    && rm -rf /var/lib/apt/lists/*
-CMD $3
-EOF
+build() {  # TAG PACKAGES [INSTRUCTION...]
+    local tag=$1 packages=$2
+    shift 2
+    has_image "$tag" && return 0
+    echo "building $tag" >&2
+    { printf 'FROM %s\n' "$DEBIAN"
+      printf 'RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends %s >/dev/null' "$packages"
+      printf ' && rm -rf /var/lib/apt/lists/*\n'
+      printf '%s\n' "$@"
+    } >"$context/Containerfile"
+    podman build --format docker --pull=never -t "$tag" "$context" >/dev/null
 }
-build "$PYTHON" "python3 python3-venv python-is-python3 ca-certificates" '["python3"]'
-build "$REDIS" "redis-server" '["redis-server"]'
+build "$PYTHON" "python3 python3-venv python-is-python3 ca-certificates" 'CMD ["python3"]'
+# The official image's redis-server runs without protected mode (which refuses every client but
+# localhost when no password is set), whatever command the compose file gives it: so does this one.
+cat >"$context/docker-entrypoint.sh" <<'EOF'
+#!/bin/sh
+if [ "$1" = redis-server ]; then
+    shift
+    exec redis-server --protected-mode no "$@"
+fi
+exec "$@"
+EOF
+build "$REDIS" "redis-server" 'COPY --chmod=755 docker-entrypoint.sh /usr/local/bin/' \
+    'ENTRYPOINT ["docker-entrypoint.sh"]' 'CMD ["redis-server"]'
 has_image "$CUDA" || podman tag "$DEBIAN" "$CUDA"
