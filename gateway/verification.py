@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from common.peer_client import ChannelPool, PeerError, PeerSession
-from discovery.records import PeerRecord, PeerState
+from discovery.records import TOLERANCES, PeerRecord, PeerState
 from gateway.answer_checks import hidden_distance, tokens_agree
 from gateway.failure_policy import BadAnswer, Failover
 from gateway.metrics import record_answer_check
@@ -242,8 +242,9 @@ def _record(records: list[PeerRecord], peer_id: str) -> PeerRecord | None:
 
 
 def _tolerance(records: list[PeerRecord], peer_id: str) -> float:
+    """The peer's tolerance; a peer whose record is gone gets the loosest (never a false conviction)."""
     record = _record(records, peer_id)
-    return record.check_tolerance if record is not None else 0.0
+    return record.check_tolerance if record is not None else max(TOLERANCES.values())
 
 
 async def run_chain(

@@ -12,6 +12,7 @@ Environment:
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import sys
@@ -43,11 +44,23 @@ class LyingServicer(PeerServicer):
     def throughput(self, value: float) -> None:
         self._measured = value
 
-    async def Inference(self, request_iterator, context):
-        async for response in super().Inference(request_iterator, context):
-            if response.WhichOneof("kind") == "result" and self.rng.random() < self.fraction:
-                self.lie(response.result)
-            yield response
+    # The real servicer either yields its responses or writes them with `context.write` (gRPC
+    # tells the two apart by the kind of function): lie the same way it answers.
+    if inspect.isasyncgenfunction(PeerServicer.Inference):
+
+        async def Inference(self, request_iterator, context):
+            async for response in super().Inference(request_iterator, context):
+                self.maybe_lie(response)
+                yield response
+
+    else:
+
+        async def Inference(self, request_iterator, context):
+            return await super().Inference(request_iterator, _LyingContext(context, self))
+
+    def maybe_lie(self, response) -> None:
+        if response.WhichOneof("kind") == "result" and self.rng.random() < self.fraction:
+            self.lie(response.result)
 
     def lie(self, result) -> None:
         self.lies += 1
@@ -67,6 +80,21 @@ class LyingServicer(PeerServicer):
         elif self.mode == "shape":
             hidden = hidden[:-1] if hidden.shape[0] > 1 else hidden[:, :-1]
         result.hidden.CopyFrom(tensor_codec.encode(hidden, tensor_codec.DTYPES[result.hidden.dtype]))
+
+
+class _LyingContext:
+    """The RPC's context, with every response passing through the liar on its way out."""
+
+    def __init__(self, context, liar: LyingServicer):
+        self._context = context
+        self._liar = liar
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+    async def write(self, response) -> None:
+        self._liar.maybe_lie(response)
+        await self._context.write(response)
 
 
 def main(argv: list[str]) -> int:
