@@ -372,6 +372,9 @@ end
 local req = level(rpm, f[7], f[8])
 local tok = level(tpm, f[9], f[10])
 local credits = f[6]
+-- the credit left goes back as an integer reply: tostring() of a Lua number rounds past 14 digits
+local left = ''
+if credits then left = tonumber(credits) end
 local refused = ''
 local wait = 0
 if credits and tonumber(credits) < tokens then refused = 'quota'
@@ -388,9 +391,9 @@ if refused == '' then
     tok = tok - tokens
     redis.call('HSET', k, 'tok_level', tostring(tok), 'tok_at', tostring(now))
   end
-  if credits then credits = redis.call('HINCRBY', k, 'credits', -tokens) end
+  if credits then left = redis.call('HINCRBY', k, 'credits', -tokens) end
 end
-return {refused, tostring(req), tostring(tok), tostring(wait), credits and tostring(credits) or ''}
+return {refused, tostring(req), tostring(tok), tostring(wait), left}
 """
 
 _SETTLE = """

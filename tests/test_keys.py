@@ -96,6 +96,12 @@ async def test_reserve_and_settle_keep_credit_and_usage_exact(store):
     assert (await store.get(key.id)).usage["requests"] == 1
 
 
+async def test_large_credit_balances_stay_exact(store):
+    key, _ = new_key("rich", credits=10**15)
+    await store.add(key)
+    assert (await store.reserve(key, 120)).credits == 10**15 - 120
+
+
 async def test_the_lua_script_and_the_python_buckets_agree(store):
     """The same sequence refused at the same places by both backends."""
     key, _ = new_key("carol", rpm=4, tpm=100)
@@ -201,3 +207,20 @@ async def test_a_gateway_on_the_file_store_limits_meters_and_reports(peers, demo
         admin = await client.post("/v1/completions", json=body, headers={"authorization": "Bearer admin"})
         assert admin.status_code == 200 and "x-ratelimit-limit-requests" not in admin.headers
     assert (await FileKeyStore(path).get(key.id)).usage["requests"] == 3  # it is in the file
+
+
+async def test_a_key_store_that_cannot_be_reached_refuses_with_503_and_the_gateway_lives_on(demo_model):
+    """Redis down: never serve a key unmetered; say so with a 503 the SDKs retry."""
+    from swarm.launcher import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings = {"redis_url": dead, "redis_keys": True, "api_key": "admin"}
+    async with app_in_process([], demo_model, **settings) as (client, *_):
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+        refused = await client.post(
+            "/v1/completions", json=body, headers={"authorization": "Bearer sk-swarm-x"}
+        )
+        assert refused.status_code == 503 and "key store" in refused.json()["error"]["message"]
+        assert "retry-after" in refused.headers
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/metrics", headers={"authorization": "Bearer admin"})).status_code == 200
