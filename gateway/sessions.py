@@ -58,13 +58,14 @@ class Pin:
         )
 
 
-def scoped_key(authorization: str | None, key: str) -> str:
-    """The pin key of `key` for the client that sent `authorization`: a client with another key
-    (or none) cannot read or overwrite it. The token itself is not stored, only a hash of it."""
-    if not authorization:
+def scoped_key(scope: str | None, key: str) -> str:
+    """The pin key of `key` for the caller `scope` (`gateway.auth.pin_scope`: a store key's id, else
+    the bearer token as sent): another caller cannot read or overwrite it. The scope itself is not
+    stored, only a hash of it."""
+    if not scope:
         return key
-    scope = hashlib.sha256(authorization.strip().encode()).hexdigest()[:16]
-    return f"{scope}:{key}"
+    digest = hashlib.sha256(scope.strip().encode()).hexdigest()[:16]
+    return f"{digest}:{key}"
 
 
 def conversation_key(model: str, messages: list[dict]) -> str:

@@ -173,7 +173,12 @@ async def test_a_gateway_on_the_file_store_limits_meters_and_reports(peers, demo
         "temperature": 0,
         "ignore_eos": True,
     }
-    async with app_in_process(peers, demo_model, keys_file=str(path), api_key="admin") as (client, *_):
+    async with app_in_process(peers, demo_model, keys_file=str(path), api_key="admin") as (
+        client,
+        _,
+        sessions,
+        _,
+    ):
         first = await client.post("/v1/completions", json=body, headers=auth)
         assert first.status_code == 200, first.text
         assert first.headers["x-ratelimit-remaining-requests"] == "2"
@@ -204,6 +209,13 @@ async def test_a_gateway_on_the_file_store_limits_meters_and_reports(peers, demo
         assert denied.status_code == 404 and denied.json()["error"]["code"] == "model_not_found"
         assert (await client.get("/metrics", headers=auth)).status_code == 403
         assert (await client.get("/metrics", headers={"authorization": "Bearer admin"})).status_code == 200
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for _ in range(2):  # two keys, one session id: two pins, neither touches the other's
+            third, third_secret = new_key("same-session-id")
+            await store.add(third)
+            headers = {"authorization": f"Bearer {third_secret}", "x-session-id": "same-id"}
+            assert (await client.post("/v1/chat/completions", json=chat, headers=headers)).status_code == 200
+        assert len([pin for pin in sessions.pins if pin.endswith(":same-id")]) == 2
         admin = await client.post("/v1/completions", json=body, headers={"authorization": "Bearer admin"})
         assert admin.status_code == 200 and "x-ratelimit-limit-requests" not in admin.headers
     assert (await FileKeyStore(path).get(key.id)).usage["requests"] == 3  # it is in the file
