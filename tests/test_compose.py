@@ -259,9 +259,10 @@ class Deployment:
 
     def leftovers(self, project: str) -> dict[str, list[str]]:
         label = f"label=com.docker.compose.project={project}"
+        networks = run(["podman", "network", "ls", "--format", "{{.Name}}"], timeout=60).stdout.split()
         return {
             "containers": self.containers(project, "-a"),
-            "networks": run(["podman", "network", "ls", "-q", "--filter", label], timeout=60).stdout.split(),
+            "networks": [name for name in networks if name == f"{project}_default"],
             "volumes": run(["podman", "volume", "ls", "-q", "--filter", label], timeout=60).stdout.split(),
         }
 
@@ -269,6 +270,17 @@ class Deployment:
         for project in (self.join, self.main):
             self.compose(project, "down", "-v", "--remove-orphans", "--timeout", "10", check=False,
                          env={"BOOTSTRAP": "-", "ANNOUNCE_HOST": "-", "BLOCKS": "-"})  # fmt: skip
+
+    def cleanup(self) -> None:
+        """`down`, and whatever a failed `down` or a test that stopped half-way left."""
+        self.down()
+        for project in (self.join, self.main):
+            for container in self.containers(project, "-a"):
+                run(["podman", "rm", "-f", container], timeout=120, check=False)
+            run(["podman", "network", "rm", "-f", f"{project}_default"], timeout=60, check=False)
+            label = f"label=com.docker.compose.project={project}"
+            for volume in run(["podman", "volume", "ls", "-q", "--filter", label], timeout=60).stdout.split():
+                run(["podman", "volume", "rm", "-f", volume], timeout=60, check=False)
 
     def logs(self, project: str) -> str:
         return self.compose(project, "logs", "--no-color", "--tail", "40", check=False).stdout[-6000:]
@@ -349,7 +361,7 @@ def deployment(docker_host, cpu_image, tmp_path_factory, figures):
         yield deployment
     finally:
         deployment.prober.stop()
-        deployment.down()
+        deployment.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -425,6 +437,10 @@ def test_a_peer_from_another_compose_project_becomes_routable(deployment, refere
         "PEER_PORT": str(peer_port),
         "PEER_DHT_PORT": str(peer_dht_port),
     }
+    # The second project's network, made before compose would make it: podman's Docker API makes
+    # compose's networks isolated, which drops even DNAT'd traffic between two of them on one host
+    # (not between machines, where the packets come in from outside). Compose adopts it by name.
+    run(["podman", "network", "create", f"{deployment.join}_default"], timeout=60)
     started = time.monotonic()
     try:
         deployment.compose(deployment.join, "up", "-d", "--no-build", "peer", env=join_env, timeout=600)
