@@ -7,6 +7,7 @@ real kademlia nodes; the slow one runs a private swarm over mutual TLS as separa
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 
 import grpc
@@ -77,6 +78,28 @@ def test_swarm_key_file_and_grpc_credential(tmp_path, monkeypatch):
     assert check_member(key, "a,b", "/swarm.Peer/Info")[1] == "malformed"
     ((_, old),) = member_metadata(key, "pub", "/swarm.Peer/Info", now=time.time() - 3600)
     assert check_member(key, old, "/swarm.Peer/Info")[1] == "stale"
+
+
+def test_swarm_up_private_creates_a_key_and_says_which_mode(tmp_path):
+    from types import SimpleNamespace
+
+    from swarm.launcher import swarm_key_for, swarm_mode_line
+
+    def args(**kw):
+        return SimpleNamespace(**{"private": False, "swarm_key_file": None, **kw})
+
+    assert swarm_key_for(args(), tmp_path) is None
+    made = swarm_key_for(args(private=True), tmp_path)
+    assert made == tmp_path / "swarm.key" and len(load_swarm_key(made)) == 32
+    named = swarm_key_for(args(private=True, swarm_key_file=str(tmp_path / "k" / "team.key")), tmp_path)
+    assert load_swarm_key(named) != load_swarm_key(made)
+    assert swarm_key_for(args(swarm_key_file=str(named)), tmp_path) == named  # reused, not replaced
+    (tmp_path / "bad.key").write_text("nope")
+    with pytest.raises(ValueError):
+        swarm_key_for(args(swarm_key_file=str(tmp_path / "bad.key")), tmp_path)
+    assert swarm_mode_line(None, "127.0.0.1").startswith("open swarm")
+    assert swarm_mode_line(made, "127.0.0.1").startswith("private swarm")
+    assert "BEYOND LOOPBACK on 0.0.0.0" in swarm_mode_line(None, "0.0.0.0")
 
 
 # --------------------------------------------------------------------------- storage and readers
@@ -281,7 +304,8 @@ def private_tls_swarm(demo_model, tmp_path_factory):
             0, 2, "--threads", "1", *tls["peer"], "--swarm-key-file", "", name="peer-outsider"
         )
         peers = local.start_peers([(0, 2), (2, 4)], "--threads", "1", *tls["peer"])
-        gateway = local.start_gateway(None, *tls["gateway"], name="gateway-private")
+        https = ["--https-cert", str(pki["gateway_cert"]), "--https-key", str(pki["gateway_key"])]
+        gateway = local.start_gateway(None, *tls["gateway"], *https, name="gateway-private")
         outsider.address = outsider.wait_for_line("PEER_READY", 120)
         yield peers, outsider, gateway, pki, load_swarm_key(key_file)
     finally:
@@ -297,7 +321,12 @@ def test_private_tls_swarm_serves_as_before_and_refuses_outsiders(private_tls_sw
     messages = [{"role": "user", "content": "def fibonacci(n):"}]
 
     def chat(base: str) -> str:
-        client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        http_client = (
+            httpx.Client(verify=ssl.create_default_context(cafile=pki["ca"]))
+            if base.startswith("https:")
+            else None
+        )
+        client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, http_client=http_client)
         response = client.chat.completions.create(
             model=DEMO_MODEL_NAME,
             messages=messages,
@@ -307,7 +336,10 @@ def test_private_tls_swarm_serves_as_before_and_refuses_outsiders(private_tls_sw
         )
         return response.choices[0].message.content
 
+    assert gateway.address.startswith("https://")
     assert chat(gateway.address) == chat(demo_gateway("default").address)  # as on the open swarm
+    with pytest.raises(httpx.HTTPError):  # the API is HTTPS only
+        httpx.get(gateway.address.replace("https:", "http:") + "/health", timeout=5)
     assert "private swarm" in gateway.log() and "mutual TLS" in gateway.log()
     assert "private swarm" in peers[0].log() and "LISTENING BEYOND LOOPBACK" not in peers[0].log()
 
@@ -332,8 +364,10 @@ def test_private_tls_swarm_serves_as_before_and_refuses_outsiders(private_tls_sw
 
     asyncio.run(probe())
 
+    trust = ssl.create_default_context(cafile=pki["ca"])
+
     def swarm_peers() -> set[str]:
-        models = httpx.get(f"{gateway.address}/swarm/api", timeout=5).json()["models"]
+        models = httpx.get(f"{gateway.address}/swarm/api", timeout=5, verify=trust).json()["models"]
         return {peer["address"] for model in models for peer in model["peers"]}
 
     # the outsider has announced every heartbeat since before the gateway started, but the
