@@ -37,6 +37,7 @@ from fastapi import Request
 from gateway import errors
 from gateway.auth import caller_of
 from gateway.keys import ApiKey, KeyStore
+from gateway.metrics import record_key_refusal
 from gateway.ratelimit import Verdict, format_duration, rate_limit_headers
 
 log = logging.getLogger("gateway.metering")
@@ -121,6 +122,7 @@ class Meter:
             return
         state = "deleted" if key is None else key.state()
         if state != "active":
+            record_key_refusal(f"{state}_mid_stream")
             raise errors.authentication_error(f"This API key has been {state}.", code=f"{state}_api_key")
 
     async def wrap(self, pieces: AsyncIterator, partial: bool) -> AsyncIterator:
@@ -156,5 +158,6 @@ async def admit(
         log.warning("the key store cannot be reached: %s", exc)
         raise errors.unavailable("the API key store is unavailable; retry shortly", retry_after=2) from exc
     if not verdict.admitted:
+        record_key_refusal(verdict.refused)
         raise refusal(verdict, key, model, tokens)
     return Meter(gw.keys, key, model, tokens, prompt_tokens, verdict, gw.settings.key_check_interval)

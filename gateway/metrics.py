@@ -78,6 +78,13 @@ def record_failover(reason: str = "peer_failed") -> None:
         ctx.metrics.failovers.labels(reason).inc()
 
 
+def record_key_refusal(reason: str) -> None:
+    """Count one generation of an API key refused (`gateway.metering`), by reason."""
+    ctx = _request.get()
+    if ctx is not None:
+        ctx.metrics.key_refusals.labels(reason).inc()
+
+
 def record_conviction(reason: str) -> None:
     """Count one peer convicted for its answers (`gateway.failure_policy.BadAnswer`)."""
     ctx = _request.get()
@@ -260,6 +267,13 @@ class GatewayMetrics:
             "swarm_gateway_route_planning_failures",
             "requests that found no chain of live peers (503)",
             ["model"],
+            registry=r,
+        )
+        self.key_refusals = Counter(
+            "swarm_gateway_key_refusals",
+            "generations of API keys refused by their limits (requests, tokens, too_large, quota) or their state "
+            "(revoked, expired), and streams ended by a revocation (revoked_mid_stream)",
+            ["reason"],
             registry=r,
         )
         self.registry.register(_StateCollector(app, self.activity))

@@ -208,7 +208,8 @@ async def test_a_gateway_on_the_file_store_limits_meters_and_reports(peers, demo
         )
         assert denied.status_code == 404 and denied.json()["error"]["code"] == "model_not_found"
         assert (await client.get("/metrics", headers=auth)).status_code == 403
-        assert (await client.get("/metrics", headers={"authorization": "Bearer admin"})).status_code == 200
+        metrics = await client.get("/metrics", headers={"authorization": "Bearer admin"})
+        assert 'swarm_gateway_key_refusals_total{reason="requests"} 1.0' in metrics.text
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         for _ in range(2):  # two keys, one session id: two pins, neither touches the other's
             third, third_secret = new_key("same-session-id")
