@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DHT_PORT = 8468
 TOMBSTONE_MARGIN_S = 0.001
+STRAGGLER_GRACE_S = 0.25  # see `_answered`; far above a loopback or LAN reply, about one WAN round trip
 TAG_BYTES = 32  # HMAC-SHA256 tag appended to every datagram in a private swarm
 
 
@@ -77,8 +78,10 @@ class _SwarmProtocol(KademliaProtocol):
 
     # A node that missed a reply is skipped by lookups for this long (unless it talks to us again):
     # other nodes keep it in their tables and hand it back in every crawl, and waiting out its
-    # timeout each time made lookups and announcements slower than a record's ttl.
-    UNRESPONSIVE_S = 30.0
+    # timeout each time made lookups and announcements slower than a record's ttl. 30 s was too
+    # short: a gateway idle for longer met the killed peer's node again on its next lookup (2 s).
+    # A live node that missed one reply is rehabilitated as soon as it sends us anything.
+    UNRESPONSIVE_S = 300.0
 
     def __init__(
         self,
@@ -170,7 +173,10 @@ class _SwarmProtocol(KademliaProtocol):
         return self_closest and new_close
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+        self.adopt(asyncio.ensure_future(coro))
+
+    def adopt(self, task: asyncio.Future) -> None:
+        """Keep `task` running in the background (cancelled by `shutdown`)."""
         self._background.add(task)
         task.add_done_callback(self._task_done)
 
@@ -202,8 +208,48 @@ def _valid_contact(item: object) -> bool:
     )
 
 
+async def _answered(protocol: _SwarmProtocol, calls: list[Any]) -> list[Any]:
+    """Run kademlia RPC coroutines together; once one has answered, the others get
+    `STRAGGLER_GRACE_S` (or 3x the first answer's time, if longer) and those still out count as
+    no reply, ``(False, None)``.
+
+    Upstream gathers every call, so one dead node in a round of a crawl costs the whole lookup a
+    full RPC timeout although the others answered in a millisecond. The calls left behind run on
+    (in the protocol's background set): a late reply still refreshes its node, a timeout still
+    marks it unresponsive."""
+    if not calls:
+        return []
+    loop = asyncio.get_running_loop()
+    begin = loop.time()
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    if pending:
+        grace = max(STRAGGLER_GRACE_S, 3 * (loop.time() - begin))
+        _, pending = await asyncio.wait(pending, timeout=grace)
+    for task in pending:
+        protocol.adopt(task)
+    return [
+        task.result() if task.done() and not task.cancelled() and task.exception() is None else (False, None)
+        for task in tasks
+    ]
+
+
 class _SafeNodeCrawl(NodeSpiderCrawl):
-    """NodeSpiderCrawl that drops malformed contacts from replies instead of raising on them."""
+    """NodeSpiderCrawl that drops malformed contacts from replies instead of raising on them, and
+    that does not wait out a dead node's timeout once the others of its round answered."""
+
+    async def _find(self, rpcmethod):
+        # upstream's round (alpha nearest uncontacted nodes, or all of them when the nearest set
+        # did not change), with `_answered` instead of waiting for every call
+        count = self.alpha
+        if self.nearest.get_ids() == self.last_ids_crawled:
+            count = len(self.nearest)
+        self.last_ids_crawled = self.nearest.get_ids()
+        peers = self.nearest.get_uncontacted()[:count]
+        for peer in peers:
+            self.nearest.mark_contacted(peer)
+        results = await _answered(self.protocol, [rpcmethod(peer, self.node) for peer in peers])
+        return await self._nodes_found({peer.id: result for peer, result in zip(peers, results, strict=True)})
 
     async def _nodes_found(self, responses: dict) -> list[Node]:
         cleaned = {}
@@ -285,8 +331,8 @@ class _SwarmServer(Server):
         if self._among_nearest(Node(key), nodes):
             self.storage.merge(key, entries)
             held += 1
-        calls = [self._store_all(node, key, chunks) for node in nodes]
-        held += sum(await asyncio.gather(*calls))
+        results = await _answered(self.protocol, [self._store_all(node, key, chunks) for node in nodes])
+        held += sum(result is True for result in results)
         return held
 
     def _among_nearest(self, target: Node, nearest: list[Node]) -> bool:
@@ -320,7 +366,7 @@ class _SwarmServer(Server):
             async with gate:
                 return await self.protocol.call_find_value(node, target)
 
-        results = await asyncio.gather(*(ask(node) for node in nodes), return_exceptions=True)
+        results = await _answered(self.protocol, [ask(node) for node in nodes])
         now = self.storage.clock()
         rejected = self.storage.rejected
         for node, result in zip(nodes, results, strict=True):

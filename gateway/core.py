@@ -73,6 +73,7 @@ class Gateway:
         self.verifier = Verifier(settings.verify_fraction)
         self.prompt_work = PromptWork()
         self._readmission: asyncio.Task | None = None
+        self._refresher: asyncio.Task | None = None  # keeps the swarm view fresh (SwarmView.keep_fresh)
         self._session_secret = (settings.session_secret or os.urandom(32).hex()).encode()
 
     async def start(self) -> None:
@@ -87,6 +88,7 @@ class Gateway:
             host = "127.0.0.1" if local else "0.0.0.0"
             await self.dht.start(host, self.settings.dht_port, self.settings.dht_bootstrap)
             self.swarm = SwarmView(self.dht)
+            self._refresher = loop.create_task(self.swarm.keep_fresh(list(self.models)))
             settings = self.settings
             scheme = "https" if settings.https_cert else "http"
             log.info(
@@ -109,10 +111,11 @@ class Gateway:
         self._readmission = asyncio.get_running_loop().create_task(self._readmit_forever())
 
     async def stop(self) -> None:
-        if self._readmission is not None:
-            self._readmission.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._readmission
+        for task in (self._readmission, self._refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.prompt_work.close()
         if self.sessions is not None:
             await self.sessions.close()
@@ -166,9 +169,11 @@ class Gateway:
             return None
         if self._serves(pin, await self.swarm.peers(served.id), precision):
             return pin
-        # The snapshot may just be old: an idle gateway refreshes it only when requests come, so
-        # after a pause longer than the records' ttl (a person typing the next turn) every record
-        # in it has expired. Ask the DHT before giving up the peers' caches.
+        # The snapshot may just be old (no background refresh, or it stalled): after a pause
+        # longer than the records' ttl every record in it has expired. Ask the DHT before giving
+        # up the peers' caches, unless the snapshot is recent: then a lookup would only wait.
+        if self.swarm.recent(served.id):
+            return None
         if self._serves(pin, await self.swarm.peers(served.id, fresh=True), precision):
             return pin
         return None

@@ -13,6 +13,7 @@ from gateway.routing import NoRouteError, Route, plan_route
 
 log = logging.getLogger("gateway.swarm_view")
 
+RECENT_REFRESHES = 3  # a snapshot this many refresh periods old is still as good as a lookup
 RESERVATION_S = 10.0  # a planned route counts as load this long at most, unless its sessions open
 
 
@@ -23,6 +24,13 @@ class SwarmView:
     exists (a lookup can take a DHT timeout when nodes have just died); the snapshot is refreshed
     in the background once older than `refresh`, and records past their own expiry are dropped
     on every read, so a snapshot never outlives what it describes.
+
+    `keep_fresh` (the gateway runs it for its models) refreshes every `refresh` seconds whether
+    requests come or not. Without it an idle gateway's snapshot expired with its records, and the
+    first request after a pause longer than the ttl waited for a lookup, which waits a whole DHT
+    RPC timeout on every dead node still in the routing tables (~2 s per killed peer). While the
+    snapshot is `recent`, a request that finds no usable route in it is answered from it rather
+    than by a lookup of its own.
     """
 
     def __init__(self, dht, *, refresh: float = 1.0):
@@ -56,6 +64,20 @@ class SwarmView:
         if loop.time() - cached[0] >= self.refresh:
             self._lookup(model)  # in the background; _fetch logs its own failures
         return self._unexpired(cached)
+
+    async def keep_fresh(self, models: list[str]) -> None:
+        """Refresh every model's snapshot every `refresh` seconds, until cancelled."""
+        while True:
+            for model in models:
+                self._lookup(model)  # one per model at a time: a slow one is not started twice
+            await asyncio.sleep(self.refresh)
+
+    def recent(self, model: str) -> bool:
+        """The snapshot of `model` is from a lookup that ended within a few refresh periods: as
+        good as a lookup now, but for a peer that joined since."""
+        cached = self._cache.get(model)
+        age = asyncio.get_running_loop().time() - cached[0] if cached else float("inf")
+        return age < RECENT_REFRESHES * self.refresh
 
     @staticmethod
     def _unexpired(cached: tuple[float, list[PeerRecord]] | None) -> list[PeerRecord]:
@@ -134,6 +156,8 @@ class SwarmView:
     ) -> Route:
         """The cheapest route over the model's live peers, or `NoRouteError`."""
         for fresh in (False, True):  # the snapshot may be stale: a peer may have joined since
+            if fresh and self.recent(model):
+                break  # kept fresh in the background: a lookup now would only wait on dead nodes
             records = await self.peers(model, fresh=fresh)
             route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept,
                                local_load=self.load())  # fmt: skip
