@@ -338,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="gateway base URL to ask instead, e.g. http://127.0.0.1:8000",
     )
     _flag(status, "status", "--model", default=None, help="show only this model id (default: every model)")
+    _flag(status, "status", "--api-key", default=None,
+          help="with --gateway: the gateway's admin key, which its /swarm/api needs when keys are configured")  # fmt: skip
     add_keys_parser(commands, _flag, EnvDefaultsFormatter)
     return parser
 
@@ -554,7 +556,7 @@ def cmd_status(args) -> int:
         logging.getLogger("discovery").setLevel(logging.WARNING)
 
     if args.gateway:
-        return print_gateway_status(args.gateway, args.model)
+        return print_gateway_status(args.gateway, args.model, api_key=args.api_key)
     if not args.dht:
         raise SystemExit("swarm status: give --dht host:port (or --gateway URL)")
     return asyncio.run(print_status(_addresses(args.dht), args.model))

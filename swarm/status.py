@@ -120,11 +120,18 @@ async def print_status(bootstrap: list[tuple[str, int]], model: str | None = Non
     return 0
 
 
-def print_gateway_status(base_url: str, model: str | None = None, timeout: float = 10.0) -> int:
+def print_gateway_status(
+    base_url: str, model: str | None = None, timeout: float = 10.0, api_key: str | None = None
+) -> int:
     url = base_url.rstrip("/") + "/swarm/api"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             data = json.load(response)
+    except urllib.error.HTTPError as exc:
+        hint = " (its operator pages need the admin key: --api-key)" if exc.code in (401, 403) else ""
+        print(f"cannot read {url}: {exc}{hint}")
+        return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"cannot read {url}: {exc}")
         return 1

@@ -248,8 +248,10 @@ async def test_a_key_revoked_mid_stream_ends_it_with_an_error_and_done(replicas,
     assert (await complete(replicas[0], other)).parse().usage.completion_tokens == MAX_TOKENS
 
 
-def test_operator_pages_answer_only_the_admin_key(replicas, redis_url):
-    _, secret = make_key(redis_url)
+def test_operator_pages_answer_only_the_admin_key(replicas, redis_url, capsys):
+    from swarm.status import print_gateway_status
+
+    key_id, secret = make_key(redis_url)
     for path in ("/metrics", "/swarm/api", "/openapi.json"):
         assert httpx.get(f"{replicas[0]}{path}").status_code == 401
         assert (
@@ -262,3 +264,11 @@ def test_operator_pages_answer_only_the_admin_key(replicas, redis_url):
     assert httpx.get(f"{replicas[0]}/health").status_code == 200
     admin_usage = httpx.get(f"{replicas[1]}/v1/usage", headers={"authorization": f"Bearer {ADMIN}"})
     assert admin_usage.status_code == 400  # the admin names the key it asks about
+    named = httpx.get(
+        f"{replicas[1]}/v1/usage?api_key_id={key_id}", headers={"authorization": f"Bearer {ADMIN}"}
+    )
+    assert named.status_code == 200 and named.json()["key"]["id"] == key_id
+    assert print_gateway_status(replicas[0]) == 1 and "--api-key" in capsys.readouterr().out  # swarm status
+    assert (
+        print_gateway_status(replicas[0], api_key=ADMIN) == 0 and DEMO_MODEL_NAME in capsys.readouterr().out
+    )
