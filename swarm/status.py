@@ -104,8 +104,10 @@ def format_table(records_by_model: dict[str, list[PeerRecord]], num_blocks: dict
     return format_models(models)
 
 
-async def print_status(bootstrap: list[tuple[str, int]], model: str | None = None) -> int:
-    dht = SwarmDHT()
+async def print_status(
+    bootstrap: list[tuple[str, int]], model: str | None = None, swarm_key: bytes | None = None
+) -> int:
+    dht = SwarmDHT(swarm_key=swarm_key)
     await dht.start(
         "127.0.0.1" if all(h in ("127.0.0.1", "localhost") for h, _ in bootstrap) else "0.0.0.0", 0, bootstrap
     )
