@@ -237,3 +237,19 @@ async def test_a_key_store_that_cannot_be_reached_refuses_with_503_and_the_gatew
         assert "retry-after" in refused.headers
         assert (await client.get("/health")).status_code == 200
         assert (await client.get("/metrics", headers={"authorization": "Bearer admin"})).status_code == 200
+
+
+async def test_with_a_key_store_the_operator_pages_need_the_admin_key_unless_opened(demo_model, tmp_path):
+    store = FileKeyStore(tmp_path / "keys.json")
+    key, secret = new_key("user")
+    await store.add(key)
+    user = {"authorization": f"Bearer {secret}"}
+    async with app_in_process([], demo_model, keys_file=str(store.path)) as (client, *_):  # no admin key
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/swarm/api", headers=user)).status_code == 403  # a user's key is no admin's
+        assert (await client.get("/v1/models")).status_code == 401
+        assert (await client.get("/v1/models", headers=user)).status_code == 200
+    async with app_in_process([], demo_model, keys_file=str(store.path), open_ops=True) as (client, *_):
+        assert (await client.get("/metrics")).status_code == 200
+        assert (await client.get("/openapi.json")).status_code == 200
+        assert (await client.get("/v1/models")).status_code == 401  # the API still needs a key
