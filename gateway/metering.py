@@ -99,6 +99,7 @@ class Meter:
         self.prompt_tokens = prompt_tokens
         self.headers = rate_limit_headers(verdict)
         self.check_interval = check_interval
+        self.started = False
         self.settled = False
 
     async def settle(self, completion_tokens: int, charged: bool) -> None:
@@ -128,6 +129,7 @@ class Meter:
     async def wrap(self, pieces: AsyncIterator, partial: bool) -> AsyncIterator:
         """`pieces` as they come, counted; settles when they end (`partial`: a request cut short
         is charged for what it sent, see the module doc)."""
+        self.started = True
         produced = 0
         completed = False
         last_check = time.monotonic()
@@ -142,6 +144,13 @@ class Meter:
             completed = True
         finally:
             await self.settle(produced, completed or (partial and produced > 0))
+
+    async def release_if_never_started(self) -> None:
+        """A stream's last word (its response's background task): when the client left before the
+        stream began, `wrap` never ran and nothing would settle; give the reservation back. A
+        stream that began settles in `wrap` (an abandoned generator is closed by the event loop)."""
+        if not self.started:
+            await self.settle(0, charged=False)
 
 
 async def admit(

@@ -253,3 +253,27 @@ async def test_with_a_key_store_the_operator_pages_need_the_admin_key_unless_ope
         assert (await client.get("/metrics")).status_code == 200
         assert (await client.get("/openapi.json")).status_code == 200
         assert (await client.get("/v1/models")).status_code == 401  # the API still needs a key
+
+
+async def test_a_meter_settles_what_was_sent_or_gives_back_a_stream_never_begun(tmp_path):
+    from types import SimpleNamespace
+
+    from gateway.metering import Meter
+
+    store = FileKeyStore(tmp_path / "keys.json")
+    key, _ = new_key("x", tpm=100, credits=100)
+    await store.add(key)
+    abandoned = Meter(store, key, "m", 60, 10, await store.reserve(key, 60), check_interval=1.0)
+    await abandoned.release_if_never_started()  # the client left before the first event
+    assert (await store.get(key.id)).credits == 100 and (await store.reserve(key, 100)).admitted
+    await store.settle(key.id, "m", 100, 0, 0)
+
+    async def pieces():
+        for _ in range(3):
+            yield SimpleNamespace(tokens=[1, 2])
+
+    served = Meter(store, key, "m", 60, 10, await store.reserve(key, 60), check_interval=1.0)
+    assert len([piece async for piece in served.wrap(pieces(), partial=True)]) == 3
+    await served.release_if_never_started()  # began and settled: nothing more
+    after = await store.get(key.id)
+    assert after.credits == 100 - 16 and after.usage["completion_tokens"] == 6

@@ -103,7 +103,7 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
 
     if req.stream:
         events = _chat_events(pieces, req, served, len(prompt_ids), remember, plan)
-        return event_stream(events, route, meter.headers if meter else None)
+        return event_stream(events, route, meter)
     result = await collect(pieces, [""] * req.n)
     first = result.outcomes[0]
     response.headers.update(route_headers(first.route if first else route))

@@ -118,7 +118,7 @@ async def serve_completion(
         events = _completion_events(
             pieces, req, served, echoes, prompt_tokens, [spec.prompt_ids for spec in specs]
         )
-        return event_stream(events, route, meter.headers if meter else None)
+        return event_stream(events, route, meter)
     result = await collect(pieces, echoes)
     first = result.outcomes[0]
     response.headers.update(route_headers(first.route if first else route))

@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from gateway import errors
 from gateway.errors import OpenAIError
@@ -33,10 +34,11 @@ async def ending_cleanly(events: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "[DONE]"
 
 
-def event_stream(
-    events: AsyncIterator[str], route: Route, headers: dict[str, str] | None = None
-) -> EventSourceResponse:
-    """`events` as SSE; `headers` (the key's rate-limit headers) go out with the route's."""
+def event_stream(events: AsyncIterator[str], route: Route, meter=None) -> EventSourceResponse:
+    """`events` as SSE; a key's `meter` (`gateway.metering.Meter`) adds its rate-limit headers and
+    releases its reservation if the client leaves before the stream begins."""
+    headers = {**route_headers(route), **(meter.headers if meter else {})}
+    background = BackgroundTask(meter.release_if_never_started) if meter else None
     return EventSourceResponse(
-        ending_cleanly(events), sep="\n", ping=15, headers={**route_headers(route), **(headers or {})}
+        ending_cleanly(events), sep="\n", ping=15, headers=headers, background=background
     )
