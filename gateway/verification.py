@@ -20,9 +20,10 @@ Why and how (docs/verification.md has the whole argument):
   same peer the same question, so a difference there is a peer contradicting itself.
 * **Who lies.** At the first boundary `k` where they differ, a referee (a third peer of that
   span, fed the check's own input for it) answers too; whichever side it contradicts is
-  convicted (`FailurePolicy.convict`: banned for `--verify-ban` seconds, no probation). With no
-  referee, a peer that contradicted itself (k < i) is convicted; two peers that disagree with
-  nobody to tell them apart are recorded as inconclusive and nobody is banned.
+  convicted (`FailurePolicy.convict`: banned for `--verify-ban` seconds, no probation). Without a
+  referee's verdict, a peer that contradicted itself (k < i: asked twice, answered twice
+  differently) is convicted; two peers that disagree with nobody to tell them apart are recorded
+  as inconclusive and nobody is banned.
 * **Failover.** When the route's peer is convicted, the step is retried after the hop fails over
   (`RouteRunner` replays the history on the replacement): the client loses no token, and the
   replay also rebuilds the caches after it. Every other runner moves its hops off a convicted
@@ -190,9 +191,7 @@ class Verifier:
                     verdict = route_hop
                 elif with_route and not with_check:
                     verdict = check_hop
-            elif said is not None:  # the referee's answer was malformed: it was convicted
-                pass
-        elif route_hop.peer_id == check_hop.peer_id:
+        if verdict is None and route_hop.peer_id == check_hop.peer_id:
             verdict = route_hop  # the same peer gave two answers to one question
         if verdict is None:
             self._outcome(failover, "inconclusive")

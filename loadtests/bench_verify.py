@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     try:
         swarm.start_dht()
-        swarm.start_peers(split * 2, "--threads", str(args.threads), "--cache-tokens", "8192")
+        # a loaded machine takes minutes to start four peers of this model
+        swarm.start_peers(split * 2, "--threads", str(args.threads), "--cache-tokens", "8192", timeout=600)
         gateways = {
             fraction: swarm.start_gateway(
                 None, "--verify-fraction", str(fraction), "--step-timeout", "60", name=f"gateway-v{fraction}"
