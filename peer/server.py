@@ -14,13 +14,15 @@ import logging
 import os
 import signal
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import torch
 
+from common.grpc_security import MemberCheck, TlsFiles, listen_warning, security_summary
+from common.identity import Identity
+from common.security_metrics import SecurityCollector
 from discovery.records import PeerRecord
 from peer.identity import describe
 from peer.metrics import attach_metrics
@@ -73,7 +75,12 @@ class PeerConfig:
     ttl: float = 15.0
     drain_timeout: float = 30.0
     metrics_port: int | None = None  # HTTP port of /metrics: None = off, 0 = any free port
-    peer_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    # the Ed25519 key this peer's id derives from and its DHT record is signed with (created there
+    # on first start); None: a new key in memory, so a new id on every start
+    identity_file: Path | None = None
+    swarm_key: bytes | None = None  # private swarm: only callers holding it are served
+    tls: TlsFiles | None = None  # serve gRPC over TLS (mutual when it has a CA)
+    peer_id: str = ""  # set from the identity at start
 
 
 def cache_budget_tokens(span: BlockSpan, cache_tokens: int = 0, cache_bytes: int = 0) -> int:
@@ -108,11 +115,17 @@ class PeerServer:
         self.metrics = None
         self.meter: ThroughputMeter | None = None
         self.port = 0
+        self.identity: Identity | None = None
+        self.member_check: MemberCheck | None = None
 
     async def start(self) -> None:
         cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.identity = (
+            Identity.load_or_create(cfg.identity_file) if cfg.identity_file else Identity.generate()
+        )
+        cfg.peer_id = self.identity.peer_id
         loop = asyncio.get_running_loop()
         span = await loop.run_in_executor(
             None,
@@ -137,25 +150,38 @@ class PeerServer:
         profile = await loop.run_in_executor(None, measure_pass_profile, span)
         self.meter = ThroughputMeter(profile)
         self.servicer.throughput = self.meter.tokens_per_second
+        self.member_check = MemberCheck(cfg.swarm_key) if cfg.swarm_key else None
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.max_send_message_length", 64 << 20),
-            ]
+            ],
+            interceptors=[self.member_check] if self.member_check else None,
         )
         swarm_pb2_grpc.add_PeerServicer_to_server(self.servicer, self.server)
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if cfg.tls is not None:
+            self.port = self.server.add_secure_port(f"{cfg.host}:{cfg.port}", cfg.tls.server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         # /metrics on --metrics-port, and the scheduler's hook; once the port is bound, because its
         # swarm_peer_info labels come from `record()`, which holds the address
         self.metrics = attach_metrics(self.servicer, cfg.host, cfg.metrics_port)
+        self.metrics.registry.register(
+            SecurityCollector(
+                lambda: self.dht.rejected if self.dht else None,
+                lambda: self.member_check.rejected if self.member_check else None,
+            )
+        )
         self.scheduler.observe = self._observe_pass
         await self.server.start()
         me = self.record()
         log.info(
             "peer %s serving %s blocks [%d, %d) on %s:%d (%s, quant %s, %.1f MB weights/block, %.1f tok/s, "
-            "cache budget %d tokens)",
+            "cache budget %d tokens); %s%s",
             me.peer_id, me.model, me.start, me.end, cfg.host, self.port, me.dtype, me.quant,
             span.weight_bytes()["per_block"] / 1e6, me.throughput, cache_tokens,
+            security_summary(cfg.swarm_key, cfg.tls),
+            listen_warning(cfg.host),
         )  # fmt: skip
         if cfg.dht_bootstrap is not None:
             await self._join_dht()
@@ -192,7 +218,7 @@ class PeerServer:
         from discovery.announcer import Announcer
         from discovery.dht import SwarmDHT
 
-        self.dht = SwarmDHT()
+        self.dht = SwarmDHT(identity=self.identity, swarm_key=self.config.swarm_key)
         await self.dht.start(self.config.host, self.config.dht_port, self.config.dht_bootstrap)
         self.announcer = Announcer(
             self.dht, self.record, heartbeat=self.config.heartbeat, ttl=self.config.ttl

@@ -61,6 +61,60 @@ def _blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+def _security_flags(
+    parser: argparse.ArgumentParser, command: str, *, identity: bool = True, tls: bool = True
+) -> None:
+    """The flags of swarm security (docs/security.md) that `command` takes."""
+    _flag(parser, command, "--swarm-key-file", default=os.environ.get("SWARM_KEY_FILE"),
+          help="swarm key of a private swarm: only members holding it are served and seen in the DHT "
+               "(default: $SWARM_KEY_FILE; none: an open swarm)")  # fmt: skip
+    if identity:
+        _flag(parser, command, "--identity-file", default=None,
+              help=f"this {command}'s Ed25519 key, created on first start; its id derives from it "
+                   "(default: one per port under $SWARM_HOME/identity)")  # fmt: skip
+    if tls:
+        _flag(parser, command, "--tls-cert", default=None,
+              help="PEM certificate for gRPC between gateways and peers over mutual TLS")  # fmt: skip
+        _flag(parser, command, "--tls-key", default=None, help="PEM private key of --tls-cert")
+        _flag(parser, command, "--tls-ca", default=None,
+              help="PEM CA that members' certificates are signed by: peers require a client certificate it "
+                   "signed, clients check peers against it (default: system roots, no client certificates)")  # fmt: skip
+
+
+def _swarm_security(args, command: str):
+    """(swarm key, TLS files) from the flags; SystemExit with a one-line reason when they are unusable."""
+    from common.grpc_security import TlsFiles
+    from common.swarm_key import load_swarm_key
+
+    try:
+        key = load_swarm_key(args.swarm_key_file)
+        tls = TlsFiles.load(
+            getattr(args, "tls_cert", None), getattr(args, "tls_key", None), getattr(args, "tls_ca", None)
+        )
+    except ValueError as exc:
+        raise SystemExit(f"swarm {command}: error: {exc}") from None
+    return key, tls
+
+
+def identity_file(explicit: str | None, name: str) -> Path:
+    """Where a peer or gateway keeps its key: `explicit`, else under $SWARM_HOME/identity by `name`
+    (kind, span, port), the first such file no running process holds, so a restarted process keeps
+    its id and two processes started alike still get one each."""
+    import re
+
+    from common.identity import identity_in_use
+    from swarm.launcher import DEFAULT_CACHE
+
+    if explicit:
+        return Path(explicit)
+    base = DEFAULT_CACHE / "identity" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    for index in range(256):
+        path = base.with_name(f"{base.name}{f'.{index}' if index else ''}.key")
+        if not identity_in_use(path):
+            return path
+    raise SystemExit(f"every identity file like {base}.key is in use; give --identity-file")
+
+
 def _addresses(values: list[str] | None) -> list[tuple[str, int]]:
     from discovery.records import parse_address
 
@@ -132,12 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="groups the first peer keeps (see `swarm peer --help`)",
     )
+    _flag(up, "up", "--private", action="store_true",
+          help="a private swarm: create a swarm key (in the logs folder unless --swarm-key-file names a file "
+               "that does not exist yet) that every process of this swarm holds")  # fmt: skip
+    _security_flags(up, "up", identity=False, tls=False)
     _flag(up, "up", "--dry-run", action="store_true", help="print the commands that would run, start nothing")
 
     dht = commands.add_parser("dht", help="run a DHT bootstrap node", formatter_class=EnvDefaultsFormatter)
-    _flag(dht, "dht", "--host", default="0.0.0.0", help="UDP address to listen on")
+    _flag(
+        dht, "dht", "--host", default="127.0.0.1", help="UDP address to listen on (0.0.0.0: every interface)"
+    )
     _flag(dht, "dht", "--port", type=int, default=31337, help="UDP port (0: any free port)")
     _flag(dht, "dht", "--bootstrap", action="append", help="other DHT nodes to join, host:port (repeatable)")
+    _security_flags(dht, "dht", identity=False, tls=False)
     _flag(dht, "dht", "--dry-run", action="store_true", help="validate the flags and exit")
 
     peer = commands.add_parser("peer", help="serve a range of blocks", formatter_class=EnvDefaultsFormatter)
@@ -162,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         peer,
         "peer",
         "--host",
-        default="0.0.0.0",
-        help="address the gRPC server (and --metrics-port) listens on",
+        default="127.0.0.1",
+        help="address the gRPC server (and --metrics-port) listens on (0.0.0.0: every interface)",
     )
     _flag(peer, "peer", "--port", type=int, default=0, help="gRPC port (0: any free port)")
     _flag(
@@ -223,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(peer, "peer", "--metrics-port", type=int, default=None,
           help="serve Prometheus /metrics over HTTP on this port, on --host (0: any free port, announced "
                "in the DHT; default: no metrics server)")  # fmt: skip
+    _security_flags(peer, "peer")
     _flag(peer, "peer", "--dry-run", action="store_true", help="validate the flags and exit")
 
     gateway = commands.add_parser(
@@ -242,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         gateway,
         "gateway",
         "--host",
-        default="0.0.0.0",
-        help="address the HTTP API (and /metrics, /swarm) listens on",
+        default="127.0.0.1",
+        help="address the HTTP API (and /metrics, /swarm) listens on (0.0.0.0: every interface)",
     )
     _flag(
         gateway,
@@ -299,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
           help="seconds a peer convicted of a lying or malformed answer stays banned")  # fmt: skip
     _flag(gateway, "gateway", "--log-prompts", action="store_true",
           help="also log each request's prompt and completion text (off: logs never hold user text)")  # fmt: skip
+    _security_flags(gateway, "gateway")
+    _flag(
+        gateway,
+        "gateway",
+        "--https-cert",
+        default=None,
+        help="serve the API over HTTPS with this PEM certificate",
+    )
+    _flag(gateway, "gateway", "--https-key", default=None, help="PEM private key of --https-cert")
     _flag(gateway, "gateway", "--dry-run", action="store_true", help="validate the flags and exit")
 
     demo = commands.add_parser(
@@ -338,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="gateway base URL to ask instead, e.g. http://127.0.0.1:8000",
     )
     _flag(status, "status", "--model", default=None, help="show only this model id (default: every model)")
+    _security_flags(status, "status", identity=False, tls=False)
     _flag(status, "status", "--api-key", default=None,
           help="with --gateway: the gateway's admin key, which its /swarm/api needs when keys are configured")  # fmt: skip
     add_keys_parser(commands, _flag, EnvDefaultsFormatter)
@@ -395,10 +467,17 @@ def cmd_dht(args) -> int:
         print(f"dht node on {args.host}:{args.port}, bootstrap {bootstrap}")
         return 0
 
+    swarm_key, _ = _swarm_security(args, "dht")
+
     def announce_ready(dht) -> None:
+        from common.grpc_security import listen_warning
+        from common.swarm_key import key_fingerprint
+
+        mode = f"private swarm (key {key_fingerprint(swarm_key)})" if swarm_key else "open swarm"
+        print(f"DHT node on {dht.address}: {mode}{listen_warning(dht.host)}", flush=True)
         print(f"DHT_READY {dht.address}", flush=True)  # launchers and tests wait for this line
 
-    asyncio.run(run_dht_node(args.host, args.port, bootstrap, on_ready=announce_ready))
+    asyncio.run(run_dht_node(args.host, args.port, bootstrap, on_ready=announce_ready, swarm_key=swarm_key))
     return 0
 
 
@@ -424,6 +503,8 @@ def cmd_peer(args) -> int:
     except ValueError as exc:
         print(f"swarm peer: error: {exc}", file=sys.stderr)
         return 2
+    swarm_key, tls = _swarm_security(args, "peer")
+    model_id = model_id_for(args.model, args.model_name)
     config = PeerConfig(
         model_dir=resolve_model_dir(args.model),
         model_id=model_id_for(args.model, args.model_name),
@@ -453,6 +534,11 @@ def cmd_peer(args) -> int:
         ttl=args.ttl,
         drain_timeout=args.drain_timeout,
         metrics_port=args.metrics_port,
+        identity_file=identity_file(
+            args.identity_file, f"peer-{model_id}-{args.blocks[0]}-{args.blocks[1]}-{args.port}"
+        ),
+        swarm_key=swarm_key,
+        tls=tls,
     )
     asyncio.run(run_peer(config))
     # Everything is closed by now; interpreter teardown with torch and grpc loaded takes seconds
@@ -476,6 +562,9 @@ def cmd_gateway(args) -> int:
         raise SystemExit(f"--verify-fraction must be in [0, 1], got {args.verify_fraction}")
     if args.verify_ban <= 0:
         raise SystemExit(f"--verify-ban must be > 0, got {args.verify_ban}")
+    if bool(args.https_cert) != bool(args.https_key):
+        raise SystemExit("swarm gateway: HTTPS needs both --https-cert and --https-key")
+    swarm_key, tls = _swarm_security(args, "gateway")
     if args.dry_run:
         print(f"gateway on {args.host}:{args.port} serving {models}, dht {bootstrap}")
         return 0
@@ -508,6 +597,11 @@ def cmd_gateway(args) -> int:
         verify_ban=args.verify_ban,
         max_concurrent=args.max_concurrent,
         max_body_bytes=args.max_body_bytes,
+        identity_file=str(identity_file(args.identity_file, f"gateway-{args.port}")),
+        swarm_key=swarm_key,
+        tls=tls,
+        https_cert=args.https_cert,
+        https_key=args.https_key,
     )
     run_gateway(settings)
     return 0
@@ -559,7 +653,8 @@ def cmd_status(args) -> int:
         return print_gateway_status(args.gateway, args.model, api_key=args.api_key)
     if not args.dht:
         raise SystemExit("swarm status: give --dht host:port (or --gateway URL)")
-    return asyncio.run(print_status(_addresses(args.dht), args.model))
+    swarm_key, _ = _swarm_security(args, "status")
+    return asyncio.run(print_status(_addresses(args.dht), args.model, swarm_key))
 
 
 COMMANDS = {

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,15 @@ class LocalSwarm:
     model_name: str | None = None  # model id to announce and serve (default: the folder's name)
     children: list[Child] = field(default_factory=list)
     dht_address: str = ""
+    # a private swarm: every child started from here holds this swarm key (docs/security.md)
+    swarm_key_file: Path | None = None
+
+    def _key_flags(self) -> list[str]:
+        return ["--swarm-key-file", str(self.swarm_key_file)] if self.swarm_key_file else []
+
+    def _identity_flags(self, name: str, extra: Sequence[str]) -> list[str]:
+        """Each peer and gateway its own key file in the work folder, unless `extra` names one."""
+        return [] if "--identity-file" in extra else ["--identity-file", str(self.workdir / f"{name}.key")]
 
     def _spawn(self, name: str, args: list[str], env: dict | None = None, wrap: Sequence[str] = ()) -> Child:
         log_path = self.workdir / f"{name}.log"
@@ -115,7 +125,7 @@ class LocalSwarm:
 
     def start_dht(self, timeout: float = 30.0, *, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start the DHT bootstrap node (again, on the same `port`, to restart it)."""
-        child = self._spawn("dht", ["dht", "--host", host, "--port", str(port)])
+        child = self._spawn("dht", ["dht", "--host", host, "--port", str(port), *self._key_flags()])
         child.address = child.wait_for_line("DHT_READY", timeout)
         self.dht_address = child.address
         return child.address
@@ -132,11 +142,13 @@ class LocalSwarm:
 
         `wrap` prefixes the command, e.g. ``("ip", "netns", "exec", "ns1")`` to run it on another
         (virtual) host; a later ``--host`` in `extra` overrides the default 127.0.0.1."""
+        name = name or f"peer-{start}-{end}-{len(self.children)}"
         args = [
             "peer", *self._model_flags(), "--blocks", f"{start}:{end}", "--dht", self.dht_address,
-            "--host", "127.0.0.1", "--heartbeat", str(self.heartbeat), "--ttl", str(self.ttl), *extra,
+            "--host", "127.0.0.1", "--heartbeat", str(self.heartbeat), "--ttl", str(self.ttl),
+            *self._key_flags(), *self._identity_flags(name, extra), *extra,
         ]  # fmt: skip
-        return self._spawn(name or f"peer-{start}-{end}-{len(self.children)}", args, wrap=wrap)
+        return self._spawn(name, args, wrap=wrap)
 
     def start_peer(
         self, start: int, end: int, *extra: str, name: str | None = None, timeout: float = 120.0
@@ -170,10 +182,13 @@ class LocalSwarm:
             host,
             "--port",
             str(port),
+            *self._key_flags(),
+            *self._identity_flags(name, extra),
             *extra,
         ]
         child = self._spawn(name, args)
-        child.address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        scheme = "https" if "--https-cert" in extra else "http"
+        child.address = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         wait_http(child, f"{child.address}/health", timeout)
         return child
 
@@ -205,17 +220,47 @@ class LocalSwarm:
 
 
 def wait_http(child: Child, url: str, timeout: float) -> None:
+    # only "is it up yet": an HTTPS gateway's certificate is for its clients to check, and the
+    # launcher does not know which CA signed it
+    context = ssl._create_unverified_context() if url.startswith("https:") else None  # noqa: S323
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not child.alive():
             raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.log()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
+            with urllib.request.urlopen(url, timeout=1, context=context) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"{child.name} did not answer {url} within {timeout:.0f} s:\n{child.log()[-3000:]}")
+
+
+def swarm_key_for(args, workdir: Path) -> Path | None:
+    """`swarm up`'s swarm key file: --swarm-key-file (made first when --private asks and it is
+    absent), a new one in `workdir` for --private alone, else None (an open swarm)."""
+    from common.swarm_key import create_swarm_key, load_swarm_key
+
+    path = Path(args.swarm_key_file).expanduser() if args.swarm_key_file else None
+    if args.private and path is None:
+        return create_swarm_key(workdir / "swarm.key")
+    if args.private and not path.exists():
+        create_swarm_key(path)
+    if path is not None:
+        load_swarm_key(path)  # a clear error now rather than from every child
+    return path
+
+
+def swarm_mode_line(swarm_key_file: Path | None, host: str) -> str:
+    """What `swarm up` says about its security mode, and what listens where."""
+    if swarm_key_file:
+        mode = f"private swarm: only processes holding the swarm key {swarm_key_file} can join or call peers"
+    else:
+        mode = "open swarm: anyone who reaches the DHT may join (start with --private for a private one)"
+    where = "peers and the DHT on 127.0.0.1"
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return f"{mode}; {where}, gateway on {host}"
+    return f"{mode}; {where}; the GATEWAY LISTENS BEYOND LOOPBACK on {host}"
 
 
 def run_local_swarm(args) -> int:
@@ -236,6 +281,11 @@ def run_local_swarm(args) -> int:
         return 0
     spans = split_blocks(num_blocks_of(model_dir), args.peers)
     swarm = LocalSwarm(model_dir, log_level="WARNING", model_name=model_name)
+    try:
+        swarm.swarm_key_file = swarm_key_for(args, swarm.workdir)
+    except ValueError as exc:
+        print(f"swarm up: error: {exc}", file=sys.stderr)
+        return 2
     peer_flags = ["--dtype", args.dtype]
     if args.threads:
         peer_flags += ["--threads", str(args.threads)]
@@ -253,6 +303,7 @@ def run_local_swarm(args) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         print(f"starting the DHT and {len(spans)} peers (logs in {swarm.workdir}) ...", flush=True)
+        print(f"  {swarm_mode_line(swarm.swarm_key_file, args.host)}", flush=True)
         swarm.start_dht()
         for (start, end), peer in zip(spans, swarm.start_peers(spans, *peer_flags), strict=True):
             print(f"  peer blocks [{start}, {end}) at {peer.address}", flush=True)
