@@ -18,7 +18,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -76,6 +76,10 @@ class _LiveCollector(Collector):
             "cache tokens a new session may still reserve",
             value=servicer.free_cache_tokens,
         )
+        yield CounterMetricFamily(
+            "swarm_peer_moves", "times this peer moved to other blocks to rebalance the swarm (peer.balancer)",
+            value=servicer.moves,
+        )  # fmt: skip
         yield GaugeMetricFamily(
             "swarm_peer_throughput_tokens_per_second", "batch-1 decode tokens/s fitted to recent forward passes (announced in the DHT, peer.throughput)",
             value=record.throughput,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -24,15 +25,9 @@ from common.grpc_security import MemberCheck, TlsFiles, listen_warning, security
 from common.identity import Identity
 from common.security_metrics import SecurityCollector
 from discovery.records import PeerRecord
-from peer import gemm
-from peer.batching_config import (
-    PIPELINE_GROUPS,
-    PIPELINE_MIN_SESSIONS,
-    BatchingConfig,
-    available_memory_bytes,
-    choose_pipeline_groups,
-    choose_prepack,
-)
+from peer.balancer import Balancer
+from peer.block_selection import available_memory_bytes as free_memory_bytes
+from peer.block_selection import block_bytes, blocks_that_fit, choose_span
 from peer.identity import describe
 from peer.metrics import attach_metrics
 from peer.model import BlockSpan
@@ -44,14 +39,15 @@ from protos import swarm_pb2_grpc
 log = logging.getLogger("peer")
 
 WITHDRAW_TIMEOUT_S = 2.0
+QUANT_BYTES = {"int8": 1.0, "nf4": 0.5}  # bytes per weight of a quantized span (block selection's budget)
 
 
 @dataclass
 class PeerConfig:
     model_dir: Path
     model_id: str
-    start: int
-    end: int
+    start: int | None  # None (with end): the peer chooses its span from the DHT (peer.block_selection)
+    end: int | None
     host: str = "127.0.0.1"
     port: int = 0
     announce_host: str | None = None  # address other machines reach this peer at
@@ -78,12 +74,14 @@ class PeerConfig:
     max_batch_tokens: int = 256
     batch_wait_ms: float = 3.0  # how long a pass waits for steps of active sessions still in flight
     threads: int = 0  # torch intra-op threads; 0 = torch's default
-    # a oneDNN-packed copy of fp32 CPU weights for batched passes (peer.gemm); None: the peer
-    # chooses by its memory budget (peer.batching_config)
-    prepack: bool | None = None
-    # first span: sessions take turns in this many groups (BatchScheduler._gather); None: `auto`
-    # (peer.batching_config)
-    pipeline_groups: int | None = None
+    prepack: bool = False  # a oneDNN-packed copy of fp32 CPU weights for batched passes (peer.gemm)
+    pipeline_groups: int = 1  # first span: sessions take turns in this many groups (BatchScheduler._gather)
+    # chosen spans only: how many blocks (0: as many as `memory_budget` holds), the bytes the
+    # weights and the KV cache may take (0: the memory available at start), and how often the
+    # peer checks whether moving would help the swarm (0: never)
+    num_blocks: int = 0
+    memory_budget: int = 0
+    balance_interval: float = 60.0
     heartbeat: float = 5.0
     ttl: float = 15.0
     drain_timeout: float = 30.0
@@ -115,29 +113,6 @@ def default_cache_tokens(span: BlockSpan) -> int:
     return max(4096, pages // 2 // max(1, bytes_per_token))
 
 
-def choose_batching(span: BlockSpan, cfg: PeerConfig) -> BatchingConfig:
-    """The peer's batching configuration: the flags where given, else its own choice from its memory
-    budget and its place in routes (`peer.batching_config`). The span is loaded, not yet packed."""
-    packed_bytes = gemm.packable_bytes(span.modules())
-    kv_bytes = 0  # an explicit KV budget is set aside; the default one is taken from what is left
-    if cfg.cache_tokens or cfg.cache_bytes:
-        kv_bytes = (
-            cache_budget_tokens(span, cfg.cache_tokens, cfg.cache_bytes)
-            * span.new_cache(capacity=1).bytes_per_token
-        )
-    prepack, prepack_reason = choose_prepack(
-        cfg.prepack,
-        packable=packed_bytes > 0 and gemm.can_pack(),
-        packed_bytes=packed_bytes,
-        available_bytes=available_memory_bytes(),
-        kv_budget_bytes=kv_bytes,
-    )
-    groups, groups_reason = choose_pipeline_groups(
-        cfg.pipeline_groups, is_first=span.is_first, is_last=span.is_last, prepack=prepack
-    )
-    return BatchingConfig(prepack, prepack_reason, groups, groups_reason)
-
-
 class PeerServer:
     """Loads the span, serves gRPC, announces in the DHT; `stop()` drains and withdraws."""
 
@@ -149,8 +124,10 @@ class PeerServer:
         self.dht = None
         self.announcer = None
         self.metrics = None
-        self.batching: BatchingConfig | None = None
         self.meter: ThroughputMeter | None = None
+        self.chose_span = False  # no --blocks: the span came from the DHT, and may move
+        self.balancer: Balancer | None = None
+        self._balancing: asyncio.Task | None = None
         self.port = 0
         self.identity: Identity | None = None
         self.member_check: MemberCheck | None = None
@@ -164,6 +141,8 @@ class PeerServer:
         )
         cfg.peer_id = self.identity.peer_id
         loop = asyncio.get_running_loop()
+        if cfg.start is None or cfg.end is None:
+            await self._choose_span()
         span = await loop.run_in_executor(
             None,
             lambda: BlockSpan.load(
@@ -173,27 +152,17 @@ class PeerServer:
                 dtype=cfg.dtype,
                 device=cfg.device,
                 quant=cfg.quant,
-                calibrate=False,
+                prepack=cfg.prepack,
             ),
         )  # raises ValueError for blocks outside the model before reading any weight
-        self.batching = choose_batching(span, cfg)
-        await loop.run_in_executor(
-            None, lambda: gemm.calibrate(span.modules(), prepack=self.batching.prepack)
-        )
-        log.info("batching: %s", self.batching.describe())
         cache_tokens = cache_budget_tokens(span, cfg.cache_tokens, cfg.cache_bytes)
-        groups = self.batching.pipeline_groups
-        self.scheduler = BatchScheduler(
-            span, cfg.max_batch_tokens, cfg.batch_wait_ms,
-            groups=groups or PIPELINE_GROUPS, split_from=0 if groups else PIPELINE_MIN_SESSIONS,
-        )  # fmt: skip
+        self.scheduler = BatchScheduler(span, cfg.max_batch_tokens, cfg.batch_wait_ms, cfg.pipeline_groups)
         self.scheduler.start()
         self.servicer = PeerServicer(
             span, self.scheduler, peer_id=cfg.peer_id, cache_tokens=cache_tokens, describe=self.record,
             wire_dtype=cfg.wire_dtype, idle_ttl=cfg.idle_ttl, open_wait=cfg.open_wait,
             first_step_timeout=cfg.first_step_timeout, max_sessions_per_client=cfg.max_sessions_per_client,
         )  # fmt: skip
-        self.servicer.batching = self.batching.describe()
         profile = await loop.run_in_executor(None, measure_pass_profile, span)
         self.meter = ThroughputMeter(profile)
         self.servicer.throughput = self.meter.tokens_per_second
@@ -261,21 +230,92 @@ class PeerServer:
             metrics_port=self.metrics.port if self.metrics else 0,
         )
 
-    async def _join_dht(self) -> None:
-        from discovery.announcer import Announcer
+    async def _start_dht(self) -> None:
         from discovery.dht import SwarmDHT
 
         self.dht = SwarmDHT(identity=self.identity, swarm_key=self.config.swarm_key)
         await self.dht.start(self.config.host, self.config.dht_port, self.config.dht_bootstrap)
+
+    async def _join_dht(self) -> None:
+        from discovery.announcer import Announcer
+
+        if self.dht is None:
+            await self._start_dht()
         self.announcer = Announcer(
             self.dht, self.record, heartbeat=self.config.heartbeat, ttl=self.config.ttl
         )
         await self.announcer.start()
+        if self.chose_span and self.config.balance_interval > 0:
+            self.balancer = Balancer(
+                lambda: self.dht.peers(self.config.model_id), self.record, self.move_to,
+                interval=self.config.balance_interval,
+            )  # fmt: skip
+            self._balancing = asyncio.get_running_loop().create_task(self.balancer.run())
+
+    async def _choose_span(self) -> None:
+        """Pick the blocks to serve from the DHT's records (`peer.block_selection`)."""
+        cfg = self.config
+        if not cfg.dht_bootstrap:
+            raise ValueError("a peer without --blocks chooses them from the DHT: give --dht")
+        model_config = json.loads((Path(cfg.model_dir) / "config.json").read_text())
+        num_blocks = int(model_config["num_hidden_layers"])
+        length = cfg.num_blocks
+        if length <= 0:
+            budget = cfg.memory_budget or free_memory_bytes()
+            kv_bytes = cfg.cache_bytes or budget // 4  # what the KV cache is left at least
+            weight_bytes = QUANT_BYTES.get(cfg.quant) or torch.finfo(cfg.dtype).bits / 8
+            length = blocks_that_fit(block_bytes(model_config, weight_bytes), budget - kv_bytes, num_blocks)
+        await self._start_dht()
+        records = await self.dht.peers(cfg.model_id)
+        cfg.start, cfg.end = choose_span(records, num_blocks, length, skip=cfg.peer_id)
+        self.chose_span = True
+        log.info(
+            "chose blocks [%d, %d) of %d (%d peer(s) announced)", cfg.start, cfg.end, num_blocks, len(records)
+        )
+
+    def _load_span(self, start: int, end: int) -> BlockSpan:
+        cfg = self.config
+        return BlockSpan.load(cfg.model_dir, start, end, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant,
+                              prepack=cfg.prepack)  # fmt: skip
+
+    async def move_to(self, start: int, end: int) -> None:
+        """Serve [start, end) instead: drain (gateways replay live sessions elsewhere), load the new
+        span, announce it. A session that outlives the drain timeout cancels the move."""
+        cfg, servicer = self.config, self.servicer
+        servicer.draining = True
+        servicer.table.drop_idle()
+        await self.announcer.announce_now()
+        try:
+            await asyncio.wait_for(servicer.all_closed.wait(), cfg.drain_timeout)
+        except TimeoutError:
+            log.warning("sessions outlived the drain; staying on [%d, %d)", cfg.start, cfg.end)
+            servicer.draining = False
+            await self.announcer.announce_now()
+            return
+        loop = asyncio.get_running_loop()
+        span = await loop.run_in_executor(None, self._load_span, start, end)
+        profile = await loop.run_in_executor(None, measure_pass_profile, span)
+        # no session is live, so no pass runs and no cache refers to the old span
+        servicer.span = self.scheduler.span = span
+        servicer.table.drop_idle()
+        budget = cache_budget_tokens(span, cfg.cache_tokens, cfg.cache_bytes)
+        servicer.cache_tokens = servicer.table.budget = budget
+        self.meter = ThroughputMeter(profile)
+        servicer.throughput = self.meter.tokens_per_second
+        cfg.start, cfg.end = start, end
+        servicer.moves += 1
+        servicer.draining = False
+        await self.announcer.announce_now()
+        log.info("now serving blocks [%d, %d)", start, end)
 
     async def stop(self) -> None:
         """Graceful: refuse new sessions and announce `PeerState.DRAINING` in the DHT at once; flag every
         step result so gateways move live sessions elsewhere (they replay them on a replacement);
         wait until those sessions close or the drain timeout runs out; withdraw; exit."""
+        if self._balancing is not None:
+            self._balancing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._balancing
         if self.servicer is not None:
             self.servicer.draining = True
             self.servicer.table.drop_idle()

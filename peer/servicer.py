@@ -111,7 +111,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.per_client: dict[str, int] = {}  # client host -> its sessions, opening or live
         self.draining = False
         self.throughput = 0.0
-        self.batching = ""  # the batching configuration and why (set by the server, shown in Info)
+        self.moves = 0  # times the peer moved to other blocks (peer.balancer), for /metrics
         self.all_closed = asyncio.Event()
         self.all_closed.set()
 
@@ -322,17 +322,14 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         first_step_due: float | None = None  # loop time by which an opened session must step
         bind_request_id(context)  # log lines of this stream carry the gateway's request id
         client = client_host(context.peer())
-        # context.read()/write() rather than iterating `request_iterator` and yielding: no async
-        # generator between gRPC and this loop, and no timeout scope once the session has stepped
-        # (docs/benchmarks-batching.md, the per-hop cost)
+        requests = aiter(request_iterator)
         try:
             while True:
                 try:
-                    if first_step_due is None:
-                        request = await context.read()
-                    else:
-                        async with asyncio.timeout_at(first_step_due):
-                            request = await context.read()
+                    async with asyncio.timeout_at(first_step_due):
+                        request = await anext(requests)
+                except StopAsyncIteration:
+                    break
                 except TimeoutError:
                     # Opened and never stepped: its reservation would hold the budget for nothing.
                     log.info(
@@ -352,13 +349,9 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                             )
                         session, held = await self._open(request.open, client)
                         if self.first_step_timeout > 0:
-                if request is grpc.aio.EOF:
-                    break
                             first_step_due = asyncio.get_running_loop().time() + self.first_step_timeout
-                        await context.write(
-                            swarm_pb2.InferenceResponse(
-                                opened=swarm_pb2.Opened(peer_id=self.peer_id, cache_length=held)
-                            )
+                        yield swarm_pb2.InferenceResponse(
+                            opened=swarm_pb2.Opened(peer_id=self.peer_id, cache_length=held)
                         )
                     elif kind == "step":
                         if session is None:
@@ -368,7 +361,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         first_step_due = None
                         result = await self.scheduler.submit(self._prepare_step(session, request.step))
                         result.draining = self.draining  # asks the gateway to move this session
-                        await context.write(swarm_pb2.InferenceResponse(result=result))
+                        yield swarm_pb2.InferenceResponse(result=result)
                     elif kind == "close":
                         break
                     else:
@@ -417,16 +410,8 @@ def bind_request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER:
             incoming = value if isinstance(value, str) else value.decode("latin-1")
-            prepacked=self.span_prepacked,
-            pipeline_groups=self.scheduler.groups_now,
-            batching=self.batching,
             break
     return set_request_id(incoming)
-    @property
-    def span_prepacked(self) -> bool:
-        """Whether the span keeps packed weights (`peer.gemm.calibrate` registers them)."""
-        return any(name.endswith("packed_weight") for name, _ in self.span.named_buffers())
-
 
 
 def client_host(peer: str) -> str:

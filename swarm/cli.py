@@ -40,10 +40,6 @@ def _flag(parser: argparse.ArgumentParser, command: str, *names: str, **kwargs) 
         raw = os.environ[env]
         if kwargs.get("action") == "store_true":
             kwargs["default"] = raw.lower() in ("1", "true", "yes", "on")
-        elif kwargs.get("action") is argparse.BooleanOptionalAction:  # and "auto" (or ""): None
-            kwargs["default"] = (
-                None if raw.lower() in ("", "auto") else raw.lower() in ("1", "true", "yes", "on")
-            )
         elif kwargs.get("action") == "append":
             kwargs["default"] = [item for item in raw.split(",") if item]
             kwargs["action"] = _AppendOverEnv
@@ -63,18 +59,6 @@ def _blocks(text: str) -> tuple[int, int]:
     if not 0 <= start < end:
         raise argparse.ArgumentTypeError(f"need 0 <= START < END, got {text!r}")
     return start, end
-
-
-def _groups(text: str) -> int | None:
-    """`--pipeline-groups`: a number in [1, 8], or `auto` (None: the peer chooses)."""
-    from peer.batching_config import parse_groups
-
-    if text is None:
-        return None
-    try:
-        return parse_groups(str(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _security_flags(
@@ -186,24 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="compute dtype of every peer (auto: see `swarm peer --help`)",
     )
-    _flag(up, "up", "--threads", type=int, default=0,
-          help="torch threads per peer (0: the machine's cores divided among the peers)")  # fmt: skip
+    _flag(up, "up", "--threads", type=int, default=0, help="torch threads per peer (0: torch's default)")
     _flag(
         up,
         "up",
         "--prepack",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="peers keep oneDNN-packed weights too, or not (default: each peer decides by its memory; see "
-        "`swarm peer --help`)",
+        action="store_true",
+        help="peers keep oneDNN-packed weights too (see `swarm peer --help`)",
     )
     _flag(
         up,
         "up",
         "--pipeline-groups",
-        type=_groups,
-        default="auto",
-        help="groups the first peer keeps, N or auto (see `swarm peer --help`)",
+        type=int,
+        default=1,
+        help="groups the first peer keeps (see `swarm peer --help`)",
     )
     _flag(up, "up", "--private", action="store_true",
           help="a private swarm: create a swarm key (in the logs folder unless --swarm-key-file names a file "
@@ -234,9 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
         "peer",
         "--blocks",
         type=_blocks,
-        required=True,
-        help="blocks to serve, START:END (END excluded)",
-    )
+        default=None,
+        help="blocks to serve, START:END (END excluded). Without it the peer chooses: --num-blocks blocks (or "
+             "as many as --memory-budget holds) where the swarm's per-block throughput is lowest, and moves "
+             "every --balance-interval when that raises the swarm's bottleneck (peer/block_selection.py)",
+    )  # fmt: skip
+    _flag(peer, "peer", "--num-blocks", type=int, default=0,
+          help="without --blocks: how many blocks to serve (0: as many as --memory-budget holds)")  # fmt: skip
+    _flag(peer, "peer", "--memory-budget", type=int, default=0,
+          help="without --blocks and --num-blocks: bytes for weights and KV cache (0: memory available at start; "
+               "the KV cache keeps --cache-bytes, else a quarter)")  # fmt: skip
+    _flag(peer, "peer", "--balance-interval", type=float, default=60.0,
+          help="without --blocks: seconds between checks whether moving would help the swarm (jittered x0.5-1.5; "
+               "moves when the bottleneck would rise past a 0.75 balance quality; 0: never move)")  # fmt: skip
     _flag(peer, "peer", "--dht", action="append", help="DHT node(s) to join, host:port (repeatable)")
     _flag(
         peer,
@@ -284,14 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
           help="ms a forward pass waits for steps of active sessions still in flight; the first span waits up to "
                "1.5 round trips (max 250 ms) to merge out-of-phase groups (0: no waiting at all)")  # fmt: skip
     _flag(peer, "peer", "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    _flag(peer, "peer", "--pipeline-groups", type=_groups, default="auto",
+    _flag(peer, "peer", "--pipeline-groups", type=int, default=1,
           help="first span of a route: keep sessions in this many groups that take turns, so later peers "
-               "compute one group while this one computes the next. auto: 2 groups from 6 live sessions on "
-               "a first span that is not also the last and has packed weights, else 1 (peer/batching_config.py)")  # fmt: skip
-    _flag(peer, "peer", "--prepack", action=argparse.BooleanOptionalAction, default=None,
+               "compute one group while this one computes the next (2 for a 2-peer route under load)")  # fmt: skip
+    _flag(peer, "peer", "--prepack", action="store_true",
           help="fp32 on CPU: also keep a oneDNN-packed copy of each weight for batched passes where it is faster "
-               "(2x weight memory; more tokens/s with many users, see peer/gemm.py). Default: packed when the "
-               "copy takes at most a quarter of the memory left after the weights and an explicit KV budget")  # fmt: skip
+               "(2x weight memory; more tokens/s with many users, see peer/gemm.py)")  # fmt: skip
     _flag(peer, "peer", "--heartbeat", type=float, default=5.0, help="seconds between DHT announcements")
     _flag(peer, "peer", "--ttl", type=float, default=15.0, help="seconds an announcement stays valid")
     _flag(
@@ -505,7 +494,8 @@ def cmd_dht(args) -> int:
 def cmd_peer(args) -> int:
     bootstrap = _addresses(args.dht)
     if args.dry_run:
-        print(f"peer {args.model} blocks {args.blocks[0]}:{args.blocks[1]} dht {bootstrap}")
+        blocks = f"{args.blocks[0]}:{args.blocks[1]}" if args.blocks else "auto"
+        print(f"peer {args.model} blocks {blocks} dht {bootstrap}")
         return 0
     from common.model_dir import resolve_model_dir
     from peer.quant import validate
@@ -515,20 +505,30 @@ def cmd_peer(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     try:  # before any weight is read: a bad combination is a one-line error, not a traceback
         validate(args.quant, device, dtype)
+        if not 1 <= args.pipeline_groups <= 8:
+            raise ValueError(f"--pipeline-groups must be in [1, 8], got {args.pipeline_groups}")
         if args.first_step_timeout < 0:
             raise ValueError(f"--first-step-timeout must be >= 0 (0: off), got {args.first_step_timeout}")
         if args.max_sessions_per_client < 1:
             raise ValueError(f"--max-sessions-per-client must be >= 1, got {args.max_sessions_per_client}")
+        if args.num_blocks < 0 or args.memory_budget < 0 or args.balance_interval < 0:
+            raise ValueError("--num-blocks, --memory-budget and --balance-interval must be >= 0")
+        if args.blocks is None and not bootstrap:
+            raise ValueError("without --blocks the peer chooses its blocks from the swarm: give --dht")
     except ValueError as exc:
         print(f"swarm peer: error: {exc}", file=sys.stderr)
         return 2
     swarm_key, tls = _swarm_security(args, "peer")
     model_id = model_id_for(args.model, args.model_name)
+    blocks_label = f"{args.blocks[0]}-{args.blocks[1]}" if args.blocks else "auto"
     config = PeerConfig(
         model_dir=resolve_model_dir(args.model),
         model_id=model_id_for(args.model, args.model_name),
-        start=args.blocks[0],
-        end=args.blocks[1],
+        start=args.blocks[0] if args.blocks else None,
+        end=args.blocks[1] if args.blocks else None,
+        num_blocks=args.num_blocks,
+        memory_budget=args.memory_budget,
+        balance_interval=args.balance_interval,
         host=args.host,
         port=args.port,
         announce_host=args.announce_host or default_announce_host(args.host, bootstrap),
@@ -553,9 +553,7 @@ def cmd_peer(args) -> int:
         ttl=args.ttl,
         drain_timeout=args.drain_timeout,
         metrics_port=args.metrics_port,
-        identity_file=identity_file(
-            args.identity_file, f"peer-{model_id}-{args.blocks[0]}-{args.blocks[1]}-{args.port}"
-        ),
+        identity_file=identity_file(args.identity_file, f"peer-{model_id}-{blocks_label}-{args.port}"),
         swarm_key=swarm_key,
         tls=tls,
     )

@@ -1,0 +1,67 @@
+"""Block selection and rebalancing decisions, from peer records alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from discovery.records import PeerRecord, PeerState
+from peer.block_selection import (
+    block_bytes,
+    block_throughputs,
+    blocks_that_fit,
+    choose_span,
+    move_target,
+)
+
+NUM_BLOCKS = 8
+
+
+def rec(peer_id: str, start: int, end: int, throughput: float = 100.0, **changes) -> PeerRecord:
+    return PeerRecord(peer_id=peer_id, address="127.0.0.1:1", model="m", start=start, end=end,
+                      num_blocks=NUM_BLOCKS, throughput=throughput, expires_at=1e12, **changes)  # fmt: skip
+
+
+def test_an_empty_swarm_is_filled_from_block_zero_then_where_it_is_thinnest():
+    assert choose_span([], NUM_BLOCKS, 4) == (0, 4)
+    assert choose_span([rec("a", 0, 4)], NUM_BLOCKS, 4) == (4, 8)
+    assert choose_span([rec("a", 0, 4), rec("b", 4, 8)], NUM_BLOCKS, 4) == (0, 4)  # tie: lowest start
+    assert choose_span([rec("a", 0, 4), rec("b", 4, 8, 50.0)], NUM_BLOCKS, 4) == (4, 8)
+    assert choose_span([rec("a", 0, 5)], NUM_BLOCKS, 4) == (4, 8)  # the hole [5, 8) decides
+    assert choose_span([rec("a", 0, 3)], NUM_BLOCKS, 20) == (0, NUM_BLOCKS)
+
+
+def test_draining_and_other_models_peers_do_not_count():
+    records = [rec("a", 0, 4, state=PeerState.DRAINING), rec("b", 4, 8)]
+    assert block_throughputs(records, NUM_BLOCKS) == [0.0] * 4 + [100.0] * 4
+    assert choose_span(records, NUM_BLOCKS, 4) == (0, 4)
+
+
+def test_four_peers_arriving_one_by_one_cover_the_model_twice():
+    records: list[PeerRecord] = []
+    for name in "abcd":
+        records.append(rec(name, *choose_span(records, NUM_BLOCKS, 4)))
+    assert sorted((r.start, r.end) for r in records) == [(0, 4), (0, 4), (4, 8), (4, 8)]
+
+
+def test_a_peer_moves_to_an_uncovered_span_but_not_for_a_small_gain():
+    b, c = rec("b", 4, 8), rec("c", 4, 8)
+    assert move_target([b, c], b) == (0, 4)  # [0, 4) lost its peers
+    assert move_target([b], b) is None  # the only peer of [4, 8) does not leave it bare
+    unbalanced = [rec("a", 0, 4, 100.0), rec("b", 4, 8, 90.0), rec("c", 4, 8, 90.0)]
+    assert move_target(unbalanced, unbalanced[1]) is None  # 100 vs 180: moving gives 180/190
+    thin = [rec("a", 0, 4, 40.0), rec("b", 4, 8, 90.0), rec("c", 4, 8, 90.0)]
+    assert move_target(thin, thin[1]) == (0, 4)  # bottleneck 40 -> 90: quality 0.44 < 0.75
+
+
+def test_memory_budget_in_blocks():
+    config = {"hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 2816}
+    per_block = block_bytes(config, 4)
+    assert per_block == (1024 * 64 * 64 + 3 * 1024 * 2816 + 2048) * 4
+    assert blocks_that_fit(per_block, 3 * per_block + 1, NUM_BLOCKS) == 3
+    assert blocks_that_fit(per_block, 100 * per_block, NUM_BLOCKS) == NUM_BLOCKS
+    assert blocks_that_fit(per_block, 1, NUM_BLOCKS) == 1
+
+
+def test_invalid_length_is_refused():
+    with pytest.raises(ValueError):
+        choose_span([], NUM_BLOCKS, 0)
