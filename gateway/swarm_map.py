@@ -66,6 +66,12 @@ def peer_view(record, info, banned: bool, now: float, convicted: str = "") -> di
         view["live_sessions"] = info.live_sessions
         view["free_cache_tokens"] = info.free_cache_tokens
         view["state"] = info.state or record.state
+        # how the peer batches (peer.batching_config): packed weights, pipeline groups now, and why
+        view["batching"] = {
+            "prepacked": info.prepacked,
+            "pipeline_groups": info.pipeline_groups or 1,
+            "summary": info.batching,
+        }
     if convicted:
         view["health"] = "convicted"
     elif banned:

@@ -143,12 +143,17 @@ def run(args: argparse.Namespace) -> dict:
     from common.peer_client import ChannelPool
     from loadtests.loadgen import LoadConfig, run_load
     from peer.demo_model import ensure_demo_model
-    from swarm.launcher import LocalSwarm, num_blocks_of, split_blocks
+    from swarm.launcher import LocalSwarm, balanced_split, num_blocks_of, split_blocks
 
     model_dir = ensure_demo_model(args.cache_dir, preset="bench")
     config = json.loads((model_dir / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    split = split_blocks(num_blocks_of(model_dir), 2)
+    # as `swarm up` splits (its LM head counted), or in equal numbers of blocks
+    split = (
+        balanced_split(model_dir, 2)
+        if args.split == "balanced"
+        else split_blocks(num_blocks_of(model_dir), 2)
+    )
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     results: dict = {
         "benchmark": "batching",
@@ -166,9 +171,10 @@ def run(args: argparse.Namespace) -> dict:
     try:
         swarm.start_dht()
         flags = ["--threads", str(args.threads), "--cache-tokens", str(args.cache_tokens)]
-        if args.prepack:
-            flags.append("--prepack")
-        flags += ["--pipeline-groups", str(args.pipeline_groups)]
+        if args.prepack is not None:  # else each peer chooses (peer.batching_config)
+            flags.append("--prepack" if args.prepack else "--no-prepack")
+        if args.pipeline_groups != "auto":
+            flags += ["--pipeline-groups", args.pipeline_groups]
         peers = swarm.start_peers(split, *flags)
         # Under a burst of 32 prefills a step queues behind several full passes on these shared
         # cores; the default 10 s step deadline would call that a dead peer (and ban it).
@@ -227,6 +233,7 @@ def run(args: argparse.Namespace) -> dict:
                 "budget_mib": info.cache_budget_tokens
                 * 2 * (end - start) * config["num_key_value_heads"] * head_dim * 4 / 2**20,
                 "evictions": info.evictions,
+                "batching": info.batching,  # what the peer chose (peer.batching_config)
             }
             for (start, end), peak, info in zip(split, peaks, infos, strict=True)
         ]  # fmt: skip
@@ -258,6 +265,16 @@ async def _infos(pool, addresses: list[str]):  # noqa: ANN001
         await pool.close()
 
 
+def peer_batching_flags(settings: dict) -> str:
+    """The peers' batching flags as the write-up states them (none: the peers' own choice)."""
+    flags = []
+    if settings.get("prepack") is not None:
+        flags.append("`--prepack`" if settings["prepack"] else "`--no-prepack`")
+    if str(settings.get("pipeline_groups", "auto")) != "auto":
+        flags.append(f"`--pipeline-groups {settings['pipeline_groups']}`")
+    return " ".join(flags) or "their own batching choice (no `--prepack` / `--pipeline-groups` flag)"
+
+
 def markdown(results: dict, command: str) -> str:
     s = results["settings"]
     lines = [
@@ -267,8 +284,7 @@ def markdown(results: dict, command: str) -> str:
         "",
         f'Model: random Llama "bench" preset (hidden {results["model"]["hidden"]}, {results["model"]["layers"]} layers, '
         f"~156M params, fp32) over 2 local peers {results['model']['spans']}, each with `--threads {s['threads']}`, "
-        f"`--cache-tokens {s['cache_tokens']}`{' `--prepack`' if s.get('prepack') else ''} and "
-        f"`--pipeline-groups {s.get('pipeline_groups', 1)}`, gateway `--step-timeout {s['step_timeout']}`; reference `transformers` `generate()` with "
+        f"`--cache-tokens {s['cache_tokens']}` and {peer_batching_flags(s)}, gateway `--step-timeout {s['step_timeout']}`; reference `transformers` `generate()` with "
         f"{s['ref_threads']} torch threads in one process. Machine: {results['machine']['cpu_count']} CPU cores "
         f"(shared with other work, so figures are noisy). Requests: {s['input_len']} prompt tokens in, exactly "
         f"{s['output_len']} tokens out, greedy; 2×C requests per level. Finished {results.get('finished_at', '')}.",
@@ -302,12 +318,13 @@ def markdown(results: dict, command: str) -> str:
         "",
         f"## Peer memory during the {max(s['levels'])}-stream run",
         "",
-        "| peer | peak RSS MiB | KV budget tokens | KV budget MiB |",
-        "| --- | ---: | ---: | ---: |",
+        "| peer | peak RSS MiB | KV budget tokens | KV budget MiB | batching (the peer's `Info`) |",
+        "| --- | ---: | ---: | ---: | --- |",
     ]
     for m in results["memory"]:
         lines.append(
-            f"| {m['peer']} | {m['peak_rss_mib']:.0f} | {m['budget_tokens']} | {m['budget_mib']:.0f} |"
+            f"| {m['peer']} | {m['peak_rss_mib']:.0f} | {m['budget_tokens']} | {m['budget_mib']:.0f} "
+            f"| {m.get('batching', '')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -331,14 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cache-tokens", type=int, default=16384, help="each peer's KV budget")
     parser.add_argument(
-        "--prepack", action="store_true", help="peers keep oneDNN-packed weights too (swarm peer --prepack)"
+        "--prepack",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="peers keep oneDNN-packed weights too, or not (swarm peer --prepack; default: the peers choose)",
     )
     parser.add_argument(
         "--pipeline-groups",
-        type=int,
-        default=1,
-        help="groups the first peer keeps (swarm peer --pipeline-groups)",
+        default="auto",
+        help="groups the first peer keeps, N or auto (swarm peer --pipeline-groups; default: the peer chooses)",
     )
+    parser.add_argument("--split", choices=["balanced", "even"], default="balanced",
+                        help="blocks per peer: balanced as `swarm up` does (the LM head counted), or even")  # fmt: skip
     parser.add_argument("--step-timeout", type=float, default=300.0, help="the gateway's per-step deadline")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "batching.json")

@@ -88,6 +88,12 @@ def can_pack() -> bool:
     return bool(torch.equal(out, torch.full((2, 4), 8.0)))
 
 
+def packable_bytes(modules: Iterable[nn.Module]) -> int:
+    """Bytes a packed copy of every layer that `calibrate` could pack would take (an upper bound:
+    it keeps the copy only where the plan uses it)."""
+    return sum(module.weight.nbytes for module in modules if _eligible(module))
+
+
 def _eligible(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return (

@@ -2,8 +2,10 @@
 
 Concurrency contract
 --------------------
-* The scheduler owns the model and every KV cache while a forward pass runs: all torch work happens
-  in its single worker thread, so caches need no locks. Steps of different sessions that are
+* The scheduler owns the model and every KV cache while a forward pass runs: passes run one at a
+  time, in its single worker thread, so caches need no locks. The one exception runs on the event
+  loop's thread instead (`_inline`: a decode step of the only live session), which blocks the loop
+  for that pass, so no bookkeeping can run beside it either. Steps of different sessions that are
   waiting at the same moment run as one packed forward pass (continuous batching); a session has
   at most one step in flight because the gateway waits for each result.
 * Steps arrive validated (`peer.servicer` checks them at the edge and answers INVALID_ARGUMENT);
@@ -44,6 +46,7 @@ from protos import swarm_pb2
 
 log = logging.getLogger("peer")
 
+INLINE_MAX_TOKENS = 8  # a lone session's pass of at most this many tokens runs inline (`_inline`)
 MERGE_WAIT_MAX_S = 0.25  # the longest a pass waits for active sessions (see BatchScheduler._gather)
 
 
@@ -102,7 +105,16 @@ class StepWork:
 class BatchScheduler:
     """Packs the steps that are waiting into one forward pass, run in a single worker thread."""
 
-    def __init__(self, span: BlockSpan, max_batch_tokens: int, batch_wait_ms: float = 0.0, groups: int = 1):
+    def __init__(
+        self,
+        span: BlockSpan,
+        max_batch_tokens: int,
+        batch_wait_ms: float = 0.0,
+        groups: int = 1,
+        split_from: int = 0,
+    ):
+        """`groups` > 1: the first span keeps its sessions in that many groups that take turns,
+        from `split_from` live sessions on (fewer share one group; `peer.batching_config`)."""
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if not 0 <= batch_wait_ms <= 1000:
@@ -118,6 +130,9 @@ class BatchScheduler:
         # Pipeline groups (first span only, see `_gather`): session (by object id) -> its group,
         # and the steps of other groups that wait for their own pass.
         self.groups = groups if span.is_first else 1
+        self.split_from = split_from
+        self._live: set[int] = set()  # sessions (by object id) that stepped and are not forgotten
+        self._split = False  # whether the groups are in use now (see `groups_now`)
         self._group_of: dict[int, int] = {}
         self._deferred: list[StepWork] = []
         self._last_group = -1
@@ -140,7 +155,19 @@ class BatchScheduler:
                 await self._task
         self._executor.shutdown(wait=True)
 
+    @property
+    def groups_now(self) -> int:
+        """The groups the next pass chooses from: `groups` once `split_from` sessions are live."""
+        return self.groups if self.groups > 1 and len(self._live) >= self.split_from else 1
+
+    def _update_split(self) -> None:
+        split = self.groups_now > 1
+        if split and not self._split:
+            self._group_of.clear()  # sessions that came and went meanwhile: balance anew
+        self._split = split
+
     async def submit(self, work: StepWork) -> swarm_pb2.StepResult:
+        self._live.add(id(work.session))
         self._window.arrived(work.session)
         self._queue.put_nowait(work)
         return await work.future
@@ -162,10 +189,18 @@ class BatchScheduler:
             room -= count
         return pieces, rest
 
+    def _inline(self, pieces: list[tuple[StepWork, int]]) -> bool:
+        """Whether this pass runs on the event loop's thread rather than the forward thread: a
+        decode step of the only live session. Nothing else can be waiting for the loop then (an
+        `Info` or a new session's open waits one pass at most), and the two thread hand-offs it
+        saves are ~0.2 ms of every hop of a lone stream (docs/benchmarks-batching.md)."""
+        return len(pieces) == 1 and len(self._live) <= 1 and pieces[0][1] <= INLINE_MAX_TOKENS
+
     def forget(self, session: StepSession) -> None:
         """The session's stream ended: stop expecting its steps (see `BatchWindow`)."""
         self._window.forget(session)
         self._group_of.pop(id(session), None)
+        self._live.discard(id(session))
 
     def _group(self, session: StepSession) -> int:
         """The session's pipeline group; a new session joins the group with the fewest."""
@@ -191,14 +226,15 @@ class BatchScheduler:
             waiting.append(await self._queue.get())
         while not self._queue.empty():
             waiting.append(self._queue.get_nowait())
-        if self.batch_wait <= 0 and self.groups == 1:
+        self._update_split()
+        if self.batch_wait <= 0 and not self._split:
             return waiting
         # Only the first span merges groups: if every peer of a route waited for sessions queued
         # at the others, they would all wait for each other. Later spans wait for the rest of the
         # pass the arrived steps came with, which the gateway sends on one after the other.
         expected = self._window.expected((work.session for work in waiting), same_pass=not self.span.is_first)
         group = None
-        if self.groups > 1:
+        if self._split:
             # Pipelining (`--pipeline-groups`): the sessions are kept in groups that take turns,
             # so that while one group's pass runs on a later peer this span computes the next
             # group's instead of idling. Turns go round (a long prefill's chunks must not keep
@@ -238,7 +274,10 @@ class BatchScheduler:
                 work.session.in_forward = True
             pass_id = next(self._pass_ids)
             try:
-                results = await loop.run_in_executor(self._executor, self._forward, pieces)
+                if self._inline(pieces):
+                    results = self._forward(pieces)
+                else:
+                    results = await loop.run_in_executor(self._executor, self._forward, pieces)
             except Exception as exc:  # a bug or OOM must fail these steps, not the peer
                 log.exception("forward pass failed")
                 for work, _ in pieces:

@@ -25,6 +25,15 @@ from common.grpc_security import MemberCheck, TlsFiles, listen_warning, security
 from common.identity import Identity
 from common.security_metrics import SecurityCollector
 from discovery.records import PeerRecord
+from peer import gemm
+from peer.batching_config import (
+    PIPELINE_GROUPS,
+    PIPELINE_MIN_SESSIONS,
+    BatchingConfig,
+    available_memory_bytes,
+    choose_pipeline_groups,
+    choose_prepack,
+)
 from peer.balancer import Balancer
 from peer.block_selection import available_memory_bytes as free_memory_bytes
 from peer.block_selection import block_bytes, blocks_that_fit, choose_span
@@ -74,8 +83,12 @@ class PeerConfig:
     max_batch_tokens: int = 256
     batch_wait_ms: float = 3.0  # how long a pass waits for steps of active sessions still in flight
     threads: int = 0  # torch intra-op threads; 0 = torch's default
-    prepack: bool = False  # a oneDNN-packed copy of fp32 CPU weights for batched passes (peer.gemm)
-    pipeline_groups: int = 1  # first span: sessions take turns in this many groups (BatchScheduler._gather)
+    # a oneDNN-packed copy of fp32 CPU weights for batched passes (peer.gemm); None: the peer
+    # chooses by its memory budget (peer.batching_config)
+    prepack: bool | None = None
+    # first span: sessions take turns in this many groups (BatchScheduler._gather); None: `auto`
+    # (peer.batching_config)
+    pipeline_groups: int | None = None
     # chosen spans only: how many blocks (0: as many as `memory_budget` holds), the bytes the
     # weights and the KV cache may take (0: the memory available at start), and how often the
     # peer checks whether moving would help the swarm (0: never)
@@ -113,6 +126,29 @@ def default_cache_tokens(span: BlockSpan) -> int:
     return max(4096, pages // 2 // max(1, bytes_per_token))
 
 
+def choose_batching(span: BlockSpan, cfg: PeerConfig) -> BatchingConfig:
+    """The peer's batching configuration: the flags where given, else its own choice from its memory
+    budget and its place in routes (`peer.batching_config`). The span is loaded, not yet packed."""
+    packed_bytes = gemm.packable_bytes(span.modules())
+    kv_bytes = 0  # an explicit KV budget is set aside; the default one is taken from what is left
+    if cfg.cache_tokens or cfg.cache_bytes:
+        kv_bytes = (
+            cache_budget_tokens(span, cfg.cache_tokens, cfg.cache_bytes)
+            * span.new_cache(capacity=1).bytes_per_token
+        )
+    prepack, prepack_reason = choose_prepack(
+        cfg.prepack,
+        packable=packed_bytes > 0 and gemm.can_pack(),
+        packed_bytes=packed_bytes,
+        available_bytes=available_memory_bytes(),
+        kv_budget_bytes=kv_bytes,
+    )
+    groups, groups_reason = choose_pipeline_groups(
+        cfg.pipeline_groups, is_first=span.is_first, is_last=span.is_last, prepack=prepack
+    )
+    return BatchingConfig(prepack, prepack_reason, groups, groups_reason)
+
+
 class PeerServer:
     """Loads the span, serves gRPC, announces in the DHT; `stop()` drains and withdraws."""
 
@@ -124,6 +160,7 @@ class PeerServer:
         self.dht = None
         self.announcer = None
         self.metrics = None
+        self.batching: BatchingConfig | None = None
         self.meter: ThroughputMeter | None = None
         self.chose_span = False  # no --blocks: the span came from the DHT, and may move
         self.balancer: Balancer | None = None
@@ -152,17 +189,27 @@ class PeerServer:
                 dtype=cfg.dtype,
                 device=cfg.device,
                 quant=cfg.quant,
-                prepack=cfg.prepack,
+                calibrate=False,
             ),
         )  # raises ValueError for blocks outside the model before reading any weight
+        self.batching = choose_batching(span, cfg)
+        await loop.run_in_executor(
+            None, lambda: gemm.calibrate(span.modules(), prepack=self.batching.prepack)
+        )
+        log.info("batching: %s", self.batching.describe())
         cache_tokens = cache_budget_tokens(span, cfg.cache_tokens, cfg.cache_bytes)
-        self.scheduler = BatchScheduler(span, cfg.max_batch_tokens, cfg.batch_wait_ms, cfg.pipeline_groups)
+        groups = self.batching.pipeline_groups
+        self.scheduler = BatchScheduler(
+            span, cfg.max_batch_tokens, cfg.batch_wait_ms,
+            groups=groups or PIPELINE_GROUPS, split_from=0 if groups else PIPELINE_MIN_SESSIONS,
+        )  # fmt: skip
         self.scheduler.start()
         self.servicer = PeerServicer(
             span, self.scheduler, peer_id=cfg.peer_id, cache_tokens=cache_tokens, describe=self.record,
             wire_dtype=cfg.wire_dtype, idle_ttl=cfg.idle_ttl, open_wait=cfg.open_wait,
             first_step_timeout=cfg.first_step_timeout, max_sessions_per_client=cfg.max_sessions_per_client,
         )  # fmt: skip
+        self.servicer.batching = self.batching.describe()
         profile = await loop.run_in_executor(None, measure_pass_profile, span)
         self.meter = ThroughputMeter(profile)
         self.servicer.throughput = self.meter.tokens_per_second
@@ -275,8 +322,10 @@ class PeerServer:
 
     def _load_span(self, start: int, end: int) -> BlockSpan:
         cfg = self.config
-        return BlockSpan.load(cfg.model_dir, start, end, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant,
-                              prepack=cfg.prepack)  # fmt: skip
+        span = BlockSpan.load(cfg.model_dir, start, end, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant,
+                              calibrate=False)  # fmt: skip
+        gemm.calibrate(span.modules(), prepack=self.batching.prepack)
+        return span
 
     async def move_to(self, start: int, end: int) -> None:
         """Serve [start, end) instead: drain (gateways replay live sessions elsewhere), load the new

@@ -112,6 +112,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.draining = False
         self.throughput = 0.0
         self.moves = 0  # times the peer moved to other blocks (peer.balancer), for /metrics
+        self.batching = ""  # the batching configuration and why (set by the server, shown in Info)
         self.all_closed = asyncio.Event()
         self.all_closed.set()
 
@@ -202,6 +203,8 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             # Keep only the prefix the caller's sequence shares with what the cache holds.
             held = _common_prefix(session.history, request.resume_tokens)
             held = min(held, session.cache.length, request.max_length - 1)
+            if not session.cache.can_truncate(held):  # window layers dropped keys: replay it all
+                held = 0
             session.cache.truncate(held)
             del session.history[held:]
             session.cache.max_capacity = max(request.max_length, session.cache.capacity)
@@ -302,6 +305,12 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                 )
         allowed = _allowed_tokens(step, vocab)
         if step.position < session.cache.length:
+            if not session.cache.can_truncate(step.position):
+                raise StepError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"cannot rewind to position {step.position}: sliding-window layers no longer hold "
+                    "the keys it needs; replay the session from position 0",
+                )
             session.cache.truncate(step.position)
             del session.history[step.position :]
         return StepWork(
@@ -322,14 +331,17 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         first_step_due: float | None = None  # loop time by which an opened session must step
         bind_request_id(context)  # log lines of this stream carry the gateway's request id
         client = client_host(context.peer())
-        requests = aiter(request_iterator)
+        # context.read()/write() rather than iterating `request_iterator` and yielding: no async
+        # generator between gRPC and this loop, and no timeout scope once the session has stepped
+        # (docs/benchmarks-batching.md, the per-hop cost)
         try:
             while True:
                 try:
-                    async with asyncio.timeout_at(first_step_due):
-                        request = await anext(requests)
-                except StopAsyncIteration:
-                    break
+                    if first_step_due is None:
+                        request = await context.read()
+                    else:
+                        async with asyncio.timeout_at(first_step_due):
+                            request = await context.read()
                 except TimeoutError:
                     # Opened and never stepped: its reservation would hold the budget for nothing.
                     log.info(
@@ -340,6 +352,8 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         f"no step within {self.first_step_timeout:g} s of the open "
                         "(--first-step-timeout): the session was closed and its cache room released",
                     )
+                if request is grpc.aio.EOF:
+                    break
                 kind = request.WhichOneof("kind")
                 try:
                     if kind == "open":
@@ -350,8 +364,10 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         session, held = await self._open(request.open, client)
                         if self.first_step_timeout > 0:
                             first_step_due = asyncio.get_running_loop().time() + self.first_step_timeout
-                        yield swarm_pb2.InferenceResponse(
-                            opened=swarm_pb2.Opened(peer_id=self.peer_id, cache_length=held)
+                        await context.write(
+                            swarm_pb2.InferenceResponse(
+                                opened=swarm_pb2.Opened(peer_id=self.peer_id, cache_length=held)
+                            )
                         )
                     elif kind == "step":
                         if session is None:
@@ -361,7 +377,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         first_step_due = None
                         result = await self.scheduler.submit(self._prepare_step(session, request.step))
                         result.draining = self.draining  # asks the gateway to move this session
-                        yield swarm_pb2.InferenceResponse(result=result)
+                        await context.write(swarm_pb2.InferenceResponse(result=result))
                     elif kind == "close":
                         break
                     else:
@@ -401,7 +417,15 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             forward_passes=self.scheduler.steps,
             steps=self.scheduler.session_steps,
             evictions=self.table.evictions,
+            prepacked=self.span_prepacked,
+            pipeline_groups=self.scheduler.groups_now,
+            batching=self.batching,
         )
+
+    @property
+    def span_prepacked(self) -> bool:
+        """Whether the span keeps packed weights (`peer.gemm.calibrate` registers them)."""
+        return any(name.endswith("packed_weight") for name, _ in self.span.named_buffers())
 
 
 def bind_request_id(context: grpc.aio.ServicerContext) -> str:

@@ -166,7 +166,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("peer_id", "model", "start_block", "end_block", "num_blocks", "dtype", "quant", "live_sessions", "free_cache_tokens", "throughput", "version", "state", "idle_sessions", "cache_budget_tokens", "tokens_processed", "forward_passes", "steps", "evictions")
+    __slots__ = ("peer_id", "model", "start_block", "end_block", "num_blocks", "dtype", "quant", "live_sessions", "free_cache_tokens", "throughput", "version", "state", "idle_sessions", "cache_budget_tokens", "tokens_processed", "forward_passes", "steps", "evictions", "prepacked", "pipeline_groups", "batching")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,9 @@ class InfoResponse(_message.Message):
     FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREPACKED_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     model: str
     start_block: int
@@ -203,4 +206,7 @@ class InfoResponse(_message.Message):
     forward_passes: int
     steps: int
     evictions: int
-    def __init__(self, peer_id: _Optional[str] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., live_sessions: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., idle_sessions: _Optional[int] = ..., cache_budget_tokens: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+    prepacked: bool
+    pipeline_groups: int
+    batching: str
+    def __init__(self, peer_id: _Optional[str] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., live_sessions: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., idle_sessions: _Optional[int] = ..., cache_budget_tokens: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., evictions: _Optional[int] = ..., prepacked: _Optional[bool] = ..., pipeline_groups: _Optional[int] = ..., batching: _Optional[str] = ...) -> None: ...

@@ -40,6 +40,10 @@ def _flag(parser: argparse.ArgumentParser, command: str, *names: str, **kwargs) 
         raw = os.environ[env]
         if kwargs.get("action") == "store_true":
             kwargs["default"] = raw.lower() in ("1", "true", "yes", "on")
+        elif kwargs.get("action") is argparse.BooleanOptionalAction:  # and "auto" (or ""): None
+            kwargs["default"] = (
+                None if raw.lower() in ("", "auto") else raw.lower() in ("1", "true", "yes", "on")
+            )
         elif kwargs.get("action") == "append":
             kwargs["default"] = [item for item in raw.split(",") if item]
             kwargs["action"] = _AppendOverEnv
@@ -59,6 +63,18 @@ def _blocks(text: str) -> tuple[int, int]:
     if not 0 <= start < end:
         raise argparse.ArgumentTypeError(f"need 0 <= START < END, got {text!r}")
     return start, end
+
+
+def _groups(text: str) -> int | None:
+    """`--pipeline-groups`: a number in [1, 8], or `auto` (None: the peer chooses)."""
+    from peer.batching_config import parse_groups
+
+    if text is None:
+        return None
+    try:
+        return parse_groups(str(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _security_flags(
@@ -170,21 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="compute dtype of every peer (auto: see `swarm peer --help`)",
     )
-    _flag(up, "up", "--threads", type=int, default=0, help="torch threads per peer (0: torch's default)")
+    _flag(up, "up", "--threads", type=int, default=0,
+          help="torch threads per peer (0: the machine's cores divided among the peers)")  # fmt: skip
     _flag(
         up,
         "up",
         "--prepack",
-        action="store_true",
-        help="peers keep oneDNN-packed weights too (see `swarm peer --help`)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="peers keep oneDNN-packed weights too, or not (default: each peer decides by its memory; see "
+        "`swarm peer --help`)",
     )
     _flag(
         up,
         "up",
         "--pipeline-groups",
-        type=int,
-        default=1,
-        help="groups the first peer keeps (see `swarm peer --help`)",
+        type=_groups,
+        default="auto",
+        help="groups the first peer keeps, N or auto (see `swarm peer --help`)",
     )
     _flag(up, "up", "--private", action="store_true",
           help="a private swarm: create a swarm key (in the logs folder unless --swarm-key-file names a file "
@@ -275,12 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
           help="ms a forward pass waits for steps of active sessions still in flight; the first span waits up to "
                "1.5 round trips (max 250 ms) to merge out-of-phase groups (0: no waiting at all)")  # fmt: skip
     _flag(peer, "peer", "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    _flag(peer, "peer", "--pipeline-groups", type=int, default=1,
+    _flag(peer, "peer", "--pipeline-groups", type=_groups, default="auto",
           help="first span of a route: keep sessions in this many groups that take turns, so later peers "
-               "compute one group while this one computes the next (2 for a 2-peer route under load)")  # fmt: skip
-    _flag(peer, "peer", "--prepack", action="store_true",
+               "compute one group while this one computes the next. auto: 2 groups from 6 live sessions on "
+               "a first span that is not also the last and has packed weights, else 1 (peer/batching_config.py)")  # fmt: skip
+    _flag(peer, "peer", "--prepack", action=argparse.BooleanOptionalAction, default=None,
           help="fp32 on CPU: also keep a oneDNN-packed copy of each weight for batched passes where it is faster "
-               "(2x weight memory; more tokens/s with many users, see peer/gemm.py)")  # fmt: skip
+               "(2x weight memory; more tokens/s with many users, see peer/gemm.py). Default: packed when the "
+               "copy takes at most a quarter of the memory left after the weights and an explicit KV budget")  # fmt: skip
     _flag(peer, "peer", "--heartbeat", type=float, default=5.0, help="seconds between DHT announcements")
     _flag(peer, "peer", "--ttl", type=float, default=15.0, help="seconds an announcement stays valid")
     _flag(
@@ -505,8 +526,6 @@ def cmd_peer(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     try:  # before any weight is read: a bad combination is a one-line error, not a traceback
         validate(args.quant, device, dtype)
-        if not 1 <= args.pipeline_groups <= 8:
-            raise ValueError(f"--pipeline-groups must be in [1, 8], got {args.pipeline_groups}")
         if args.first_step_timeout < 0:
             raise ValueError(f"--first-step-timeout must be >= 0 (0: off), got {args.first_step_timeout}")
         if args.max_sessions_per_client < 1:

@@ -33,12 +33,46 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return sock.getsockname()[1]
 
 
-def split_blocks(num_blocks: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous, as even as possible: 8 blocks in 3 parts -> [0,3) [3,6) [6,8)."""
+def split_blocks(num_blocks: int, parts: int, head_blocks: float = 0.0) -> list[tuple[int, int]]:
+    """Contiguous, as even as possible: 8 blocks in 3 parts -> [0,3) [3,6) [6,8). `head_blocks`:
+    extra work of the last span (its LM head) in blocks; the split then minimises the largest
+    span's work (ties: the earliest bounds)."""
     if not 1 <= parts <= num_blocks:
         raise ValueError(f"cannot split {num_blocks} blocks between {parts} peers")
-    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+    if head_blocks <= 0:
+        bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+        return list(zip(bounds[:-1], bounds[1:], strict=True))
+    # best[k][n]: (largest span's work, bounds) splitting the first n blocks into k spans
+    best: dict[tuple[int, int], tuple[float, list[int]]] = {(0, 0): (0.0, [0])}
+    for k in range(1, parts + 1):
+        for n in range(k, num_blocks - (parts - k) + 1):
+            candidates = []
+            for m in range(k - 1, n):
+                if (k - 1, m) not in best:
+                    continue
+                work = n - m + (head_blocks if n == num_blocks else 0.0)
+                worst, bounds = best[(k - 1, m)]
+                candidates.append((max(worst, work), [*bounds, n]))
+            if candidates:
+                best[(k, n)] = min(candidates, key=lambda c: c[0])
+    bounds = best[(parts, num_blocks)][1]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def balanced_split(model_dir: Path, parts: int) -> list[tuple[int, int]]:
+    """Contiguous spans with about equal weights to read per token, the last span's LM head counted:
+    in a pipeline of peers the slowest span sets the pace, and the head is the largest weight
+    (32000 x 1024 in the bench model: ~2.9 of its blocks, so [0, 4) [4, 8) would give the second
+    peer 1.7x the first's work; [0, 5) [5, 8) gives it 1.2x)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = config.get("num_key_value_heads") or heads
+    block = (
+        2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim + 3 * hidden * config["intermediate_size"]
+    )
+    return split_blocks(layers, parts, head_blocks=config["vocab_size"] * hidden / block)
 
 
 def num_blocks_of(model_dir: Path) -> int:
@@ -286,7 +320,7 @@ def run_local_swarm(args) -> int:
     if args.dry_run:
         print(f"would start: dht, {args.peers} peers over {model_dir}, gateway on {args.host}:{args.port}")
         return 0
-    spans = split_blocks(num_blocks_of(model_dir), args.peers)
+    spans = balanced_split(model_dir, args.peers)
     swarm = LocalSwarm(model_dir, log_level="WARNING", model_name=model_name)
     try:
         swarm.swarm_key_file = swarm_key_for(args, swarm.workdir)
@@ -294,11 +328,13 @@ def run_local_swarm(args) -> int:
         print(f"swarm up: error: {exc}", file=sys.stderr)
         return 2
     peer_flags = ["--dtype", args.dtype]
-    if args.threads:
-        peer_flags += ["--threads", str(args.threads)]
-    if args.prepack:
-        peer_flags.append("--prepack")
-    if args.pipeline_groups != 1:
+    # The peers share this machine's cores: torch's default (every core in each peer) makes their
+    # threads spin against each other (docs/benchmarks-batching.md), so each gets its share.
+    threads = args.threads or max(1, (os.cpu_count() or 1) // len(spans))
+    peer_flags += ["--threads", str(threads)]
+    if args.prepack is not None:
+        peer_flags.append("--prepack" if args.prepack else "--no-prepack")
+    if args.pipeline_groups is not None:
         peer_flags += ["--pipeline-groups", str(args.pipeline_groups)]
     gateway_flags = ["--redis-url", args.redis_url] if args.redis_url else []
     stop = False

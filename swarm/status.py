@@ -29,7 +29,17 @@ COLUMNS = (
     ("dtype", 8, False),
     ("quant", 5, False),
     ("expires", 7, True),
+    ("batching", 16, False),
 )
+
+
+def batching_cell(peer: dict[str, Any]) -> str:
+    """`packed, 2 groups` from the peer's `Info` (the gateway's map); '-' from the DHT alone."""
+    batching = peer.get("batching")
+    if not batching:
+        return "-"
+    groups = batching.get("pipeline_groups", 1)
+    return f"{'packed' if batching.get('prepacked') else 'plain'}, {groups} group{'s' if groups != 1 else ''}"
 
 
 def coverage_bar(peers: list[dict[str, Any]], num_blocks: int) -> str:
@@ -76,6 +86,7 @@ def format_models(models: list[dict[str, Any]], now: float | None = None) -> str
                         peer["dtype"],
                         peer["quant"],
                         f"{expires:.0f}s",
+                        batching_cell(peer),
                     ]
                 )
             )

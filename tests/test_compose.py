@@ -345,6 +345,12 @@ def deployment(docker_host, cpu_image, tmp_path_factory, figures):
     deployment = Deployment(docker_host, cpu_image, tmp_path_factory.mktemp("compose"))
     deployment.prober.start()
     try:
+        # Both projects' networks, made before compose would make them, which it then adopts by name:
+        # podman's Docker API makes compose's networks isolated from each other, and on one host that
+        # drops even the traffic between two projects through published ports (between machines the
+        # packets come in from outside, and no isolation rule sees them).
+        for project in (deployment.main, deployment.join):
+            run(["podman", "network", "create", f"{project}_default"], timeout=60)
         started = time.monotonic()
         try:
             deployment.compose(deployment.main, "up", "-d", "--no-build", timeout=600)
@@ -437,10 +443,6 @@ def test_a_peer_from_another_compose_project_becomes_routable(deployment, refere
         "PEER_PORT": str(peer_port),
         "PEER_DHT_PORT": str(peer_dht_port),
     }
-    # The second project's network, made before compose would make it: podman's Docker API makes
-    # compose's networks isolated, which drops even DNAT'd traffic between two of them on one host
-    # (not between machines, where the packets come in from outside). Compose adopts it by name.
-    run(["podman", "network", "create", f"{deployment.join}_default"], timeout=60)
     started = time.monotonic()
     try:
         deployment.compose(deployment.join, "up", "-d", "--no-build", "peer", env=join_env, timeout=600)

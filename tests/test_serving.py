@@ -38,6 +38,9 @@ def swarm(demo_model, tmp_path_factory):
             [(0, 2), (2, 4)],
             "--threads", "1", "--cache-tokens", str(BUDGET), "--open-wait", "0.5",
             "--max-batch-tokens", str(CHUNK),
+            # one group: the batching-window tests count how many sessions share each pass (the
+            # groups have their own test below)
+            "--pipeline-groups", "1",
         )  # fmt: skip
         local.start_gateway(None)
         yield local
@@ -149,16 +152,17 @@ def test_concurrent_sessions_stay_in_phase_across_the_pipeline(peers):
 
 
 def test_pipeline_groups_take_turns_and_stay_apart_on_the_later_peer(demo_model, tmp_path):
-    """--pipeline-groups 2: the first span runs its sessions in two groups that take turns (so the
-    second peer computes one group while the first computes the other), the second peer keeps the
-    groups apart (it batches by the first span's pass id), and every session's tokens are the
-    ones it gets alone."""
-    sessions, max_new = 6, 16
+    """The peers' own choice (no --prepack / --pipeline-groups flag; peer.batching_config): with 6
+    live sessions the first span runs them in two groups that take turns (so the second peer
+    computes one group while the first computes the other), the second peer keeps the groups apart
+    (it batches by the first span's pass id), and every session's tokens are the ones it gets
+    alone."""
+    from peer.batching_config import PIPELINE_MIN_SESSIONS
+
+    sessions, max_new = PIPELINE_MIN_SESSIONS, 16
     with LocalSwarm(demo_model, workdir=tmp_path, heartbeat=HEARTBEAT, ttl=TTL, model_name=MODEL) as local:
         local.start_dht()
-        addresses = [
-            p.address for p in local.start_peers([(0, 2), (2, 4)], "--threads", "1", "--pipeline-groups", "2")
-        ]
+        addresses = [p.address for p in local.start_peers([(0, 2), (2, 4)], "--threads", "1")]
         route = (Hop("p0", addresses[0], 0, 2), Hop("p1", addresses[1], 2, 4))
         prompts = [[20 + i, 7, 9] for i in range(sessions)]
 
@@ -183,6 +187,10 @@ def test_pipeline_groups_take_turns_and_stay_apart_on_the_later_peer(demo_model,
                 await pool.close()
 
         alone, together, before, after, pass_ids = asyncio.run(scenario())
+    # what each peer chose, and why, as its Info says (the swarm map and `swarm status` show it)
+    assert after[0].prepacked and "pipeline groups auto" in after[0].batching, after[0].batching
+    assert "later spans follow" in after[1].batching, after[1].batching
+    assert after[0].pipeline_groups == 1  # the sessions have ended: one group again
     assert together == alone
     assert pass_ids[0] != 0 and pass_ids == [pass_ids[0]] * 2
     per_pass = [

@@ -124,6 +124,20 @@ def test_api_shows_peers_coverage_and_routes(gateway, peer_ids):
     assert ",".join(hop["peer_id"] for hop in recent[0]["hops"]) == response.headers["x-swarm-route"]
 
 
+def test_api_and_status_show_how_each_peer_batches(gateway):
+    """Each peer's own batching choice (peer.batching_config), from its Info: the first span of
+    multi-hop routes pipelines under load, a later span and a whole-model peer do not."""
+    peers = {(p["start"], p["end"]): p for p in _api(gateway)["models"][0]["peers"]}
+    summaries = {span: peer["batching"]["summary"] for span, peer in peers.items()}
+    assert "pipeline groups auto" in summaries[(0, 2)], summaries
+    assert "later spans follow" in summaries[(2, 4)], summaries
+    assert "whole model" in summaries[(0, 4)], summaries
+    assert all(peer["batching"]["pipeline_groups"] == 1 for peer in peers.values())  # no load now
+    assert all("prepack (auto" in summary for summary in summaries.values()), summaries
+    table = status("--gateway", gateway.address)
+    assert "batching" in table and re.search(r"(packed|plain), 1 group$", table, re.M), table
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_map_page_shows_every_peer(swarm, gateway, peer_ids, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
