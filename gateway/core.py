@@ -35,6 +35,7 @@ from gateway.models import ServedModel, load_model
 from gateway.precision import accepts, split_model_id
 from gateway.prompt_work import PromptWork
 from gateway.routing import NoRouteError, Route
+from gateway.rtt import RttTracker
 from gateway.serving.choices import ChoiceSpec, Piece, merge_choices, run_choice
 from gateway.sessions import MemorySessionStore, Pin, RedisSessionStore, SessionStore
 from gateway.settings import GatewaySettings
@@ -74,6 +75,8 @@ class Gateway:
         self.prompt_work = PromptWork()
         self._readmission: asyncio.Task | None = None
         self._refresher: asyncio.Task | None = None  # keeps the swarm view fresh (SwarmView.keep_fresh)
+        self.rtt: RttTracker | None = None
+        self._pinger: asyncio.Task | None = None  # measures round trips to the peers (gateway.rtt)
         self._session_secret = (settings.session_secret or os.urandom(32).hex()).encode()
 
     async def start(self) -> None:
@@ -89,6 +92,9 @@ class Gateway:
             await self.dht.start(host, self.settings.dht_port, self.settings.dht_bootstrap)
             self.swarm = SwarmView(self.dht)
             self._refresher = loop.create_task(self.swarm.keep_fresh(list(self.models)))
+            self.rtt = RttTracker(self.pool)
+            self.swarm.rtt = self.rtt.rtt  # the planner charges each hop its measured round trip
+            self._pinger = loop.create_task(self.rtt.run(self.swarm.addresses))
             settings = self.settings
             scheme = "https" if settings.https_cert else "http"
             log.info(
@@ -111,7 +117,7 @@ class Gateway:
         self._readmission = asyncio.get_running_loop().create_task(self._readmit_forever())
 
     async def stop(self) -> None:
-        for task in (self._readmission, self._refresher):
+        for task in (self._readmission, self._refresher, self._pinger):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -1,8 +1,9 @@
 """Route planning: a chain of peers that covers every block of a model, from DHT records.
 
 A route is planned as a shortest path over block boundaries 0..num_blocks: a peer serving
-`[start, end)` is an edge from `start` to `end`. An edge costs the network hop plus the peer's
-time per token (1 / announced throughput), inflated by its load, so the planner prefers fewer,
+`[start, end)` is an edge from `start` to `end`. An edge costs the network hop (the gateway's
+measured round trip to the peer, `gateway.rtt`) plus the peer's time per token (1 / announced
+throughput), inflated by its load, so the planner prefers fewer,
 faster, idler peers. A little random jitter spreads sessions over equal replicas instead of piling
 them on the first one. Peers that are draining, banned after a failure, or short of cache for the
 session are not used.
@@ -47,13 +48,19 @@ class NoRouteError(Exception):
     """No chain of live peers covers the model's blocks right now."""
 
 
-def edge_cost(record: PeerRecord, rng: random.Random, local_sessions: int = 0) -> float:
-    """`local_sessions`: this gateway's own live sessions on the peer, known at once, whereas the
+def edge_cost(
+    record: PeerRecord, rng: random.Random, local_sessions: int = 0, rtt: float | None = None
+) -> float:
+    """Network time plus compute time of one token through `record`'s peer.
+
+    `local_sessions`: this gateway's own live sessions on the peer, known at once, whereas the
     announced `live_sessions` lags by a heartbeat (without it, a burst of new streams piles onto
-    whichever replica looked idlest at the last announcement)."""
+    whichever replica looked idlest at the last announcement). `rtt`: the gateway's measured round
+    trip to the peer (`gateway.rtt`), `HOP_COST_S` when not measured yet."""
     per_token = 1.0 / max(record.throughput, 1e-3)
     load = 1.0 + LOAD_PENALTY * max(record.live_sessions, local_sessions)
-    return (HOP_COST_S + per_token * load) * (1.0 + JITTER * rng.random())
+    network = HOP_COST_S if rtt is None else rtt
+    return (network + per_token * load) * (1.0 + JITTER * rng.random())
 
 
 def plan_route(
@@ -67,11 +74,12 @@ def plan_route(
     rng: random.Random | None = None,
     accept: Callable[[PeerRecord], bool] | None = None,
     local_load: Mapping[str, int] | None = None,
+    rtt: Mapping[str, float] | None = None,
 ) -> Route | None:
     """Cheapest chain of peers covering blocks [start, end), or None when there is none.
 
     ``accept`` (optional) keeps only the peers it returns True for, e.g. one precision
-    (``gateway.precision.accepts``).
+    (``gateway.precision.accepts``). ``rtt``: measured round trips by peer address (seconds).
     """
     end = num_blocks if end is None else end
     rng = rng or random.Random()
@@ -85,7 +93,8 @@ def plan_route(
             continue
         if start <= record.start < record.end <= end:
             local = local_load.get(record.peer_id, 0) if local_load else 0
-            edges.setdefault(record.start, []).append((edge_cost(record, rng, local), record))
+            hop_rtt = rtt.get(record.address) if rtt else None
+            edges.setdefault(record.start, []).append((edge_cost(record, rng, local, hop_rtt), record))
 
     best: dict[int, float] = {start: 0.0}
     previous: dict[int, PeerRecord] = {}

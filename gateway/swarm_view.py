@@ -40,6 +40,7 @@ class SwarmView:
         self._lookups: dict[str, asyncio.Future] = {}
         self._seen: dict[str, dict[str, PeerRecord]] = {}  # model -> peer id -> latest record
         self.local_load: Counter[str] = Counter()  # peer id -> sessions this gateway has open there
+        self.rtt: dict[str, float] = {}  # peer address -> measured round trip, s (gateway.rtt fills it)
         # Routes planned but whose sessions are not open yet: a burst of requests plans before any
         # of them opens, and without these every one of them would pick the same replica.
         self._reserved: dict[str, list[float]] = {}  # peer id -> monotonic times of reservations
@@ -71,6 +72,10 @@ class SwarmView:
             for model in models:
                 self._lookup(model)  # one per model at a time: a slow one is not started twice
             await asyncio.sleep(self.refresh)
+
+    def addresses(self) -> set[str]:
+        """Every peer address in the current snapshots (what `gateway.rtt` measures)."""
+        return {record.address for _, records in self._cache.values() for record in records}
 
     def recent(self, model: str) -> bool:
         """The snapshot of `model` is from a lookup that ended within a few refresh periods: as
@@ -160,7 +165,7 @@ class SwarmView:
                 break  # kept fresh in the background: a lookup now would only wait on dead nodes
             records = await self.peers(model, fresh=fresh)
             route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept,
-                               local_load=self.load())  # fmt: skip
+                               local_load=self.load(), rtt=self.rtt)  # fmt: skip
             if route is not None:
                 self.reserve(route)
                 return route

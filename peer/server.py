@@ -26,6 +26,7 @@ from common.identity import Identity
 from common.security_metrics import SecurityCollector
 from discovery.records import PeerRecord
 from peer import gemm
+from peer.balancer import Balancer
 from peer.batching_config import (
     PIPELINE_GROUPS,
     PIPELINE_MIN_SESSIONS,
@@ -34,7 +35,6 @@ from peer.batching_config import (
     choose_pipeline_groups,
     choose_prepack,
 )
-from peer.balancer import Balancer
 from peer.block_selection import available_memory_bytes as free_memory_bytes
 from peer.block_selection import block_bytes, blocks_that_fit, choose_span
 from peer.identity import describe
@@ -60,6 +60,7 @@ class PeerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     announce_host: str | None = None  # address other machines reach this peer at
+    announce_port: int = 0  # port others reach it at, when not its own (a proxy: loadtests/wan.py); 0: its own
     dht_bootstrap: list[tuple[str, int]] = field(default_factory=list)
     dht_port: int = 0
     dtype: torch.dtype = torch.float32
@@ -258,7 +259,7 @@ class PeerServer:
     @property
     def address(self) -> str:
         host = self.config.announce_host or self.config.host
-        return f"{host}:{self.port}"
+        return f"{host}:{self.config.announce_port or self.port}"
 
     def record(self) -> PeerRecord:
         """What this peer is now (`peer.identity.describe`): announced in the DHT, and the source

@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(
         peer, "peer", "--announce-host", default=None, help="host others reach this peer at (default: --host)"
     )
+    _flag(peer, "peer", "--announce-port", type=int, default=0,
+          help="port others reach this peer at, when it is not --port (a NAT or proxy in front); 0: --port")  # fmt: skip
     _flag(peer, "peer", "--dht-port", type=int, default=0, help="UDP port of this peer's own DHT node")
     _flag(peer, "peer", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
           help="compute dtype; auto: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on CPU")  # fmt: skip
@@ -551,6 +553,7 @@ def cmd_peer(args) -> int:
         host=args.host,
         port=args.port,
         announce_host=args.announce_host or default_announce_host(args.host, bootstrap),
+        announce_port=args.announce_port,
         dht_bootstrap=bootstrap,
         dht_port=args.dht_port,
         dtype=dtype,
