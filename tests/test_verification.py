@@ -105,8 +105,8 @@ def test_tokens_agree_on_the_same_token_or_a_near_tie():
 # -- real processes ----------------------------------------------------------------------------------
 
 BODIES = [
-    {"model": MODEL, "prompt": "def fibonacci(n):", "max_tokens": 24, "temperature": 0, "ignore_eos": True},
-    {"model": MODEL, "prompt": "The swarm answers", "max_tokens": 24, "temperature": 0.9, "seed": 11,
+    {"model": MODEL, "prompt": "def fibonacci(n):", "max_tokens": 16, "temperature": 0, "ignore_eos": True},
+    {"model": MODEL, "prompt": "The swarm answers", "max_tokens": 16, "temperature": 0.9, "seed": 11,
      "ignore_eos": True},
 ]  # fmt: skip
 
