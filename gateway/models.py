@@ -101,10 +101,10 @@ def _eos_ids(path: Path, config: dict, tokenizer) -> set[int]:
 def load_model(model_id: str, location: str) -> ServedModel:
     from transformers import AutoTokenizer
 
-    from common.model_dir import resolve_model_dir
+    from common.model_dir import read_model_config, resolve_model_dir
 
     path = resolve_model_dir(location)
-    config = json.loads((path / "config.json").read_text())
+    config = read_model_config(path)  # standard field names, also for BLOOM / Falcon
     tokenizer = AutoTokenizer.from_pretrained(path)
     max_context = int(config.get("max_position_embeddings") or tokenizer.model_max_length)
     model = ServedModel(

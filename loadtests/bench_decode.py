@@ -282,7 +282,8 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
     from peer.model import BlockSpan
     from swarm.launcher import LocalSwarm, num_blocks_of, split_blocks
 
-    model_dir = ensure_demo_model(args.cache_dir, preset=preset)
+    # a folder written by the caller (loadtests.bench_families: one per model family), else a preset
+    model_dir = getattr(args, "model_dirs", {}).get(preset) or ensure_demo_model(args.cache_dir, preset=preset)
     model_id = f"bench-{preset}"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt_ids = [tokenizer.bos_token_id, *tokenizer(PROMPT, add_special_tokens=False)["input_ids"]]
@@ -397,7 +398,7 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         "params": params,
         "params_millions": round(params / 1e6, 1),
         "config": {
-            k: reference.config.to_dict()[k]
+            k: reference.config.to_dict().get(k)
             for k in (
                 "hidden_size",
                 "num_hidden_layers",

@@ -24,10 +24,10 @@ window size share a *trimmed* store, a tensor like the one above whose slot 0 ho
 ``base``. Before a step, ``prepare(n)`` drops the positions no future query can see, keeping
 ``W - 1`` plus ``REWIND_SLACK`` (so a small rewind, or a resumed turn whose template re-renders
 the last reply, still finds its keys), by moving the kept rows to the front of the same tensor.
-The tensor stops doubling at twice that, so a window layer holds at most
-``2 * (W - 1 + REWIND_SLACK)`` tokens (plus one prefill chunk while it runs) however long the
-session is, and each move is amortised over ``W + REWIND_SLACK`` steps. Trimmed rather than a
-ring: keys stay in position order, so a prefill chunk longer than the window attends in the same
+The tensor stops doubling at what it keeps plus a quarter of that, at least ``REWIND_SLACK``
+more (``_Store.bound``), so a window layer holds about ``1.25 * (W + REWIND_SLACK)`` tokens (plus
+one prefill chunk while it runs) however long the session is, and each move of the kept rows is
+amortised over that quarter (~4 rows copied per token). Trimmed rather than a ring: keys stay in position order, so a prefill chunk longer than the window attends in the same
 SDPA call with a band mask and nothing wraps around. A rewind below what a window layer still
 holds is impossible (``can_truncate``); the caller replays the session from its start instead,
 which is exact, only slower.
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-REWIND_SLACK = 64  # positions a window layer keeps beyond its window, for rewinds
+REWIND_SLACK = 128  # positions a window layer keeps beyond its window, for rewinds
 
 
 class CacheFullError(ValueError):
@@ -63,6 +63,12 @@ class _Store:
         return self.window - 1 + REWIND_SLACK
 
     @property
+    def bound(self) -> int:
+        """Slots a window store stops doubling at: what it keeps, plus room for a quarter of that
+        (at least ``REWIND_SLACK``) before the next move, so moves cost ~4 rows per token."""
+        return self.keep + 1 + max(REWIND_SLACK, self.keep // 4)
+
+    @property
     def capacity(self) -> int:
         return self.kv.shape[3]
 
@@ -79,7 +85,7 @@ class _Store:
                 self.base += drop
             if needed - self.base <= self.capacity:
                 return
-            target = max(needed - self.base, min(2 * self.capacity, 2 * (self.keep + 1)))
+            target = max(needed - self.base, min(2 * self.capacity, self.bound))
             if max_capacity is not None:  # a short session never needs the whole bound
                 target = min(target, max(max_capacity, needed - self.base))
         else:

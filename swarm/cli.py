@@ -421,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
                "hidden 1024, 8 blocks")  # fmt: skip
     _flag(demo, "demo-model", "--seed", type=int, default=0,
           help="random seed of the weights (and, with --train, of the data order)")  # fmt: skip
+    from peer.demo_families import ARCHS  # a table of names: no torch imported here
+
+    _flag(demo, "demo-model", "--arch", default=None, choices=sorted(ARCHS),
+          help="write a small random model of this family instead (transformers' own classes, the family's "
+               "features on: sliding windows, biases, soft-capping, ALiBi, experts...) with the demo "
+               "tokenizer; needs --path")  # fmt: skip
     _flag(demo, "demo-model", "--train", action="store_true",
           help="train the demo code model anew on this Python's standard library (~25 min on 2 cores; the same "
                "run as `python -m peer.train_demo`, whose --help has more knobs)")  # fmt: skip
@@ -655,6 +661,13 @@ def cmd_demo_model(args) -> int:
         path = args.path or DEFAULT_CACHE / f"swarm-demo-code-seed{args.seed}"
         train(TrainConfig(seed=args.seed), path)
         print(path)
+    elif args.arch:
+        from peer.demo_families import create_family_model
+
+        if not args.path:
+            print("swarm demo-model: --arch needs --path", file=sys.stderr)
+            return 2
+        print(create_family_model(args.path, args.arch, seed=args.seed))
     elif args.preset == "code":
         import shutil
 

@@ -8,7 +8,6 @@ and peers) or when `/health` answers (the gateway).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -64,7 +63,9 @@ def balanced_split(model_dir: Path, parts: int) -> list[tuple[int, int]]:
     in a pipeline of peers the slowest span sets the pace, and the head is the largest weight
     (32000 x 1024 in the bench model: ~2.9 of its blocks, so [0, 4) [4, 8) would give the second
     peer 1.7x the first's work; [0, 5) [5, 8) gives it 1.2x)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    from common.model_dir import read_model_config
+
+    config = read_model_config(model_dir)  # standard field names, also for BLOOM / Falcon
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
@@ -76,7 +77,9 @@ def balanced_split(model_dir: Path, parts: int) -> list[tuple[int, int]]:
 
 
 def num_blocks_of(model_dir: Path) -> int:
-    return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+    from common.model_dir import read_model_config
+
+    return int(read_model_config(model_dir)["num_hidden_layers"])
 
 
 @dataclass

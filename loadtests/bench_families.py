@@ -1,0 +1,175 @@
+"""Every model family side by side (issue 17): decode ms/token through gateway + 2 peers over
+``transformers`` ``generate()``, MoE batching, and sliding-window KV memory. Writes one JSON.
+
+* ``decode``: for each family a ~100-150M-parameter random model (``peer.demo_families`` with
+  bench shapes: hidden 768, 12 layers, 32k vocabulary) runs through ``loadtests.bench_decode``'s
+  own measurement (a real ``LocalSwarm``: DHT, 2 peers, gateway; ``http`` and ``reference``
+  interleaved in every repeat, medians), so the ratio means what the Llama table in
+  docs/benchmarks.md means.
+* ``moe_streams``: a MoE family's aggregate decode tokens/s at 16 sessions packed in one pass
+  over 1 session, through the peer's spans in this process (rows grouped per expert, one matmul
+  per expert per pass): what batching buys a MoE peer, without the gateway.
+* ``kv_memory``: bytes a peer's ``KVCache`` holds for one session after 4096 tokens (filled in
+  256-token chunks through ``prepare``/``append``/``commit``, the span's calls) for a model whose
+  layers all have a 4096-token window in the config vs 512 (Mistral-style), and for Gemma-style
+  alternation (every other layer windowed), each against the same geometry without windows.
+
+    python -m loadtests.bench_families [--archs llama,mistral,...] [--new-tokens 48] [--repeats 2]
+                                       [--out loadtests/results/families.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from loadtests import bench_decode
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ARCHS = "llama,mistral,qwen2,qwen3,gemma2,gemma3_text,phi3,falcon,bloom,mixtral,qwen3_moe"
+_WIDE = {"vocab_size": 32000, "hidden_size": 768, "max_position_embeddings": 4096}
+_DENSE = {**_WIDE, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
+          "intermediate_size": 2048, "head_dim": 64}  # fmt: skip
+
+
+def bench_shape(arch: str) -> dict:
+    """Overrides that make ``arch``'s demo model ~100-150M parameters (windows of 256 tokens)."""
+    if arch == "bloom":
+        return {"vocab_size": 32000, "hidden_size": 768, "n_layer": 12, "n_head": 12}
+    if arch in ("falcon", "falcon7b"):
+        extra = {"num_kv_heads": 4, "ffn_hidden_size": 2048} if arch == "falcon" else {}
+        return {**_WIDE, "num_hidden_layers": 12, "num_attention_heads": 12, **extra}
+    shape = dict(_DENSE)
+    if arch in ("llama", "qwen2", "phi3", "falcon"):
+        shape.pop("head_dim")
+    if arch in ("mixtral", "qwen3_moe"):  # 4 experts of a third of the dense MLP: a similar size
+        shape.update(intermediate_size=768, moe_intermediate_size=768)
+        if arch == "mixtral":
+            shape.pop("moe_intermediate_size")
+    if arch in ("mistral", "mixtral", "phi3", "qwen2", "gemma2", "gemma3_text"):
+        shape["sliding_window"] = 256
+    if arch in ("gemma2", "gemma3_text"):
+        shape["layer_types"] = ["sliding_attention", "full_attention"] * 6
+        shape["query_pre_attn_scalar"] = 64
+    if arch == "qwen2":
+        shape["max_window_layers"] = 6
+    return shape
+
+
+def moe_streams(model_dir: Path, streams: int = 16, steps: int = 16) -> dict:
+    """Aggregate decode tokens/s of ``streams`` sessions packed in one pass, and of one alone."""
+    import torch
+
+    from peer.model import BlockSpan, last_token_rows
+
+    spans = [BlockSpan.load(model_dir, a, b) for a, b in ((0, 6), (6, 12))]
+
+    def run(sessions: int) -> float:
+        caches = [[span.new_cache() for _ in range(sessions)] for span in spans]
+        prompts = torch.randint(9, 32000, (sessions, 8), generator=torch.Generator().manual_seed(0))
+        hidden = prompts.reshape(-1)
+        lengths = [8] * sessions
+        for _ in range(steps + 1):
+            for span, span_caches in zip(spans, caches, strict=True):
+                hidden = span(hidden, span_caches, lengths)
+            nxt = spans[-1].logits(hidden[last_token_rows(lengths)]).argmax(-1)
+            if lengths[0] == 8:
+                started = time.perf_counter()  # decode only: the prefill pass is not timed
+            hidden, lengths = nxt, [1] * sessions
+        return sessions * steps / (time.perf_counter() - started)
+
+    one, many = run(1), run(streams)
+    return {"streams": streams, "tokens_per_s_1": round(one, 2), f"tokens_per_s_{streams}": round(many, 2),
+            "ratio": round(many / one, 2), "steps": steps}  # fmt: skip
+
+
+def kv_memory(tokens: int = 4096, chunk: int = 256) -> list[dict]:
+    """Bytes one session's cache holds after ``tokens`` tokens, with and without windows."""
+    import torch
+
+    from peer.kv_cache import KVCache
+
+    def held(windows: tuple[int, ...]) -> int:
+        cache = KVCache(len(windows), 8, 128, torch.bfloat16, windows=windows)  # Mistral-7B's KV geometry
+        for _ in range(0, tokens, chunk):
+            cache.prepare(chunk)
+            k = torch.zeros(8, chunk, 128, dtype=torch.bfloat16)
+            for layer in range(len(windows)):
+                cache.append(layer, k, k)
+            cache.commit(chunk)
+        return cache.nbytes
+
+    rows = []
+    for name, windows in (
+        ("all layers windowed, window 4096 (Mistral 7B v0.1)", (4096,) * 32),
+        ("all layers windowed, window 512", (512,) * 32),
+        ("every other layer windowed, window 512 (Gemma 2 style)", (512, 0) * 16),
+    ):
+        with_windows, without = held(windows), held((0,) * 32)
+        rows.append({"model": name, "tokens": tokens, "bytes_with_windows": with_windows,
+                     "bytes_without_windows": without, "ratio": round(with_windows / without, 3)})  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default=DEFAULT_ARCHS)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-decode", action="store_true", help="only the MoE and memory figures")
+    parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "families.json")
+    args = parser.parse_args(argv)
+    import torch
+
+    from peer.demo_families import create_family_model
+
+    torch.set_num_threads(1)
+    archs = [a for a in args.archs.split(",") if a]
+    decode_args = bench_decode.parse_args(
+        ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--modes", "http,reference",
+         "--warmup-tokens", "8", "--docs", ""]  # fmt: skip
+    )
+    root = decode_args.cache_dir / "families-bench"
+    decode_args.model_dirs = {}
+    for arch in archs:
+        folder = root / arch
+        if not (folder / "model.safetensors").is_file():
+            create_family_model(folder, arch, **bench_shape(arch))
+        decode_args.model_dirs[arch] = folder
+    result: dict = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+        "command": "python -m loadtests.bench_families " + " ".join(argv or []),
+        "decode": {},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        result["machine"]["loadavg_end"] = os.getloadavg()
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+
+    result["kv_memory"] = kv_memory()
+    save()
+    for arch in ("mixtral", "qwen3_moe"):
+        if arch in archs:
+            result.setdefault("moe_streams", {})[arch] = moe_streams(decode_args.model_dirs[arch])
+            print(arch, result["moe_streams"][arch], flush=True)
+            save()
+    if not args.skip_decode:
+        for arch in archs:
+            one = bench_decode.bench_model(arch, decode_args)
+            result["decode"][arch] = {k: one.get(k) for k in (
+                "params_millions", "swarm_ms_per_token", "reference_ms_per_token", "ratio", "paired_ratios",
+                "cpu_ratio", "loadavg_before", "loadavg_after")}  # fmt: skip
+            result["decode"][arch]["same_text_as_reference"] = one["modes"]["http"].get("same_text_as_reference")
+            print(arch, result["decode"][arch], flush=True)
+            save()
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
