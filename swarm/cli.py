@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP port of the gateway (the OpenAI base URL is http://HOST:PORT/v1)",
     )
     _flag(up, "up", "--redis-url", default=None, help="pin sessions in this Redis (default: in memory)")
+    _flag(up, "up", "--keys-file", default=None,
+          help="the gateway serves the API keys of this file (`swarm keys create`; docs/users.md)")  # fmt: skip
+    _flag(up, "up", "--redis-keys", action="store_true",
+          help="the gateway serves the API keys kept in --redis-url (`swarm keys create --redis-url`)")  # fmt: skip
     _flag(
         up,
         "up",

@@ -340,6 +340,13 @@ def run_local_swarm(args) -> int:
     if args.pipeline_groups is not None:
         peer_flags += ["--pipeline-groups", str(args.pipeline_groups)]
     gateway_flags = ["--redis-url", args.redis_url] if args.redis_url else []
+    gateway_flags += ["--keys-file", args.keys_file] if args.keys_file else []
+    gateway_flags += ["--redis-keys"] if args.redis_keys else []
+    keys_note = (
+        "\nEvery request needs an API key (`swarm keys create` prints one): add -H 'Authorization: Bearer KEY'.\n"
+        if args.keys_file or args.redis_keys
+        else ""
+    )
     stop = False
 
     def request_stop(*_):
@@ -372,7 +379,7 @@ def run_local_swarm(args) -> int:
             )
         print(
             f"\nswarm is up. OpenAI base URL: {base}  (model: {model_id}, {about})\n\n"
-            f"{example}\n\nPress Ctrl-C to stop.",
+            f"{example}\n{keys_note}\nPress Ctrl-C to stop.",
             flush=True,
         )
         while not stop:
