@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CHUNK_BYTES = 64 * 1024
@@ -42,7 +43,10 @@ class LinkShape:
 
 
 async def _pipe(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shape: LinkShape, rng: random.Random
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    shape_of: Callable[[], LinkShape],
+    rng: random.Random,
 ):
     queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -51,6 +55,7 @@ async def _pipe(
         last = 0.0
         try:
             while data := await reader.read(CHUNK_BYTES):
+                shape = shape_of()
                 due = loop.time() + shape.delay_ms / 1000
                 if shape.jitter_ms:
                     due += rng.uniform(-shape.jitter_ms, shape.jitter_ms) / 1000
@@ -65,6 +70,7 @@ async def _pipe(
         link_free = 0.0
         while (item := await queue.get()) is not None:
             due, data = item
+            shape = shape_of()
             if shape.bandwidth_bps:
                 due = max(due, link_free)
                 link_free = due + len(data) * 8 / shape.bandwidth_bps
@@ -83,10 +89,17 @@ async def _pipe(
 
 
 async def start_link(
-    listen_port: int, target: tuple[str, int], shape: LinkShape, *, seed: int = 0, host: str = "127.0.0.1"
+    listen_port: int,
+    target: tuple[str, int],
+    shape: LinkShape | Callable[[], LinkShape],
+    *,
+    seed: int = 0,
+    host: str = "127.0.0.1",
 ) -> asyncio.Server:
-    """Proxy `host:listen_port` to `target` through a link of `shape` (both directions)."""
+    """Proxy `host:listen_port` to `target` through a link of `shape` (both directions); a
+    callable is asked for the shape at every chunk, so a benchmark can change it between runs."""
     rng = random.Random(seed)
+    shape_of = shape if callable(shape) else (lambda: shape)
 
     async def serve(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
@@ -95,7 +108,7 @@ async def start_link(
             client_writer.close()
             return
         await asyncio.gather(
-            _pipe(client_reader, peer_writer, shape, rng), _pipe(peer_reader, client_writer, shape, rng)
+            _pipe(client_reader, peer_writer, shape_of, rng), _pipe(peer_reader, client_writer, shape_of, rng)
         )
 
     return await asyncio.start_server(serve, host, listen_port)
@@ -113,7 +126,7 @@ class WanLink:
     def start(self) -> WanLink:
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(
-            start_link(self.listen_port, self.target, self.shape, seed=self.seed), self._loop
+            start_link(self.listen_port, self.target, lambda: self.shape, seed=self.seed), self._loop
         )
         self._server = future.result(10)
         return self
