@@ -107,9 +107,13 @@ async def start_link(
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(
-            _pipe(client_reader, peer_writer, shape_of, rng), _pipe(peer_reader, client_writer, shape_of, rng)
-        )
+        # cancelled when the link stops: end quietly (asyncio's stream callback would log a
+        # cancelled connection task as an error)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(
+                _pipe(client_reader, peer_writer, shape_of, rng),
+                _pipe(peer_reader, client_writer, shape_of, rng),
+            )
 
     return await asyncio.start_server(serve, host, listen_port)
 
