@@ -1,0 +1,254 @@
+"""Every family of ``peer.families``, exact against ``transformers`` through chains of spans.
+
+Each model is built by transformers' own classes for its family with the family's features on
+(``peer.demo_families``: GQA, windows of 8 tokens, biases, q/k norms, soft-capping, partial RoPE,
+ALiBi, fused projections, tied and untied embeddings, 4 experts top-2) and perturbed norms and
+biases. In-process (the peer's block code, no network), so the whole table runs in seconds; the
+same code through real peer processes is tests/test_swarm_families.py.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from peer.demo_families import ARCHS, WINDOW, create_family_model, family_config
+from peer.kv_cache import REWIND_SLACK, CacheRewindError, KVCache
+from peer.model import BlockSpan, SpanConfig, last_token_rows
+
+NEW_TOKENS = 48
+ATOL = 1e-4
+PROMPTS = {"short": 5, "long": 3 * WINDOW + 1}  # the long one is past the window before decoding
+SPLITS = {"2-spans": [(0, 2), (2, 4)], "3-spans-uneven": [(0, 1), (1, 3), (3, 4)]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_transformers():
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    yield
+    if enabled:
+        hf_logging.enable_progress_bar()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("families")
+
+    @cache
+    def build(arch: str) -> Path:
+        return create_family_model(root / arch, arch)
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    @cache
+    def load(arch: str):
+        model = AutoModelForCausalLM.from_pretrained(model_dir(arch), dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None  # decode all NEW_TOKENS, as the chain does
+        return model
+
+    return load
+
+
+def hf_generate(model, sequence: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    out = model.generate(
+        torch.tensor([sequence]),
+        attention_mask=torch.ones(1, len(sequence), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    return out.sequences[0, len(sequence) :].tolist(), torch.stack(out.logits)[:, 0].float()
+
+
+def prompt_of(kind: str, seed: int = 1) -> list[int]:
+    return torch.randint(9, 320, (PROMPTS[kind],), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model):
+    @cache
+    def compute(arch: str, kind: str) -> tuple[list[int], torch.Tensor]:
+        return hf_generate(hf_model(arch), prompt_of(kind), NEW_TOKENS)
+
+    return compute
+
+
+@pytest.fixture(scope="module")
+def chain(model_dir):
+    @cache
+    def load(arch: str, split: str) -> tuple[BlockSpan, ...]:
+        return tuple(BlockSpan.load(model_dir(arch), a, b, calibrate=False) for a, b in SPLITS[split])
+
+    return load
+
+
+# ---- driving a chain like the gateway drives a route ------------------------------------------
+def step(spans, caches: list[KVCache], tokens: list[int]) -> torch.Tensor:
+    """Feed ``tokens`` (one chunk) through every span; the last token's fp32 logits."""
+    hidden = torch.tensor(tokens)
+    for span, span_cache in zip(spans, caches, strict=True):
+        hidden = span(hidden, [span_cache], [len(tokens)])
+    return spans[-1].logits(hidden[last_token_rows([len(tokens)])])[0]
+
+
+def decode(spans, caches, logits: torch.Tensor, count: int) -> tuple[list[int], list[torch.Tensor]]:
+    tokens, seen = [], []
+    for _ in range(count):
+        seen.append(logits)
+        tokens.append(int(logits.argmax()))
+        logits = step(spans, caches, tokens[-1:])
+    return tokens, seen
+
+
+def fresh(spans) -> list[KVCache]:
+    return [span.new_cache() for span in spans]
+
+
+# ---- exactness -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kind", "split"), [("short", "2-spans"), ("long", "3-spans-uneven")])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_greedy_matches_transformers(arch, kind, split, chain, reference):
+    ref_tokens, ref_logits = reference(arch, kind)
+    spans = chain(arch, split)
+    caches = fresh(spans)
+    tokens, logits = decode(spans, caches, step(spans, caches, prompt_of(kind)), NEW_TOKENS)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(torch.stack(logits), ref_logits, atol=ATOL, rtol=0)
+    assert float(torch.stack(logits).std(dim=0).max()) > 1e-2  # logits move: the comparison bites
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_failover_replay_then_second_turn(arch, chain, model_dir, reference, hf_model):
+    """Past the window: the last hop dies after 20 tokens, a fresh peer for its blocks is opened
+    and every hop up to it replays the history from position 0 (the first hop's window layers
+    rewind to 0), decoding carries on to 48 tokens; then a second turn is appended to the same
+    caches (resumed, not replayed) and a rewind of 6 tokens inside the window layers' slack is
+    fed again. All of it is transformers' tokens and logits."""
+    ref_tokens, ref_logits = reference(arch, "long")
+    spans = chain(arch, "2-spans")
+    caches = fresh(spans)
+    prompt = prompt_of("long")
+    tokens, _ = decode(spans, caches, step(spans, caches, prompt), 20)
+    replacement = BlockSpan.load(model_dir(arch), *SPLITS["2-spans"][1], calibrate=False)
+    spans = (spans[0], replacement)
+    caches[0].truncate(0)
+    caches[1] = replacement.new_cache()
+    rest, seen = decode(spans, caches, step(spans, caches, prompt + tokens), NEW_TOKENS - 20)
+    assert tokens + rest == ref_tokens
+    torch.testing.assert_close(torch.stack(seen), ref_logits[20:], atol=ATOL, rtol=0)
+
+    turn = prompt_of("short", seed=2)  # decode fed every generated token: the cache holds them all
+    more, seen = decode(spans, caches, step(spans, caches, turn), 12)
+    history = prompt + ref_tokens + turn
+    expected, expected_logits = hf_generate(hf_model(arch), history, 12)
+    assert more == expected
+    torch.testing.assert_close(torch.stack(seen), expected_logits, atol=ATOL, rtol=0)
+
+    keep = len(history) + 5  # rewind the last 6 of the 11 fed tokens and feed them again
+    for c in caches:
+        c.truncate(keep)
+    hidden = torch.tensor(more[5:11])
+    for span, span_cache in zip(spans, caches, strict=True):
+        hidden = span(hidden, [span_cache], [6])
+    torch.testing.assert_close(spans[-1].logits(hidden), expected_logits[6:12], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gemma2", "bloom"])
+def test_packed_sessions_match_each_alone(arch, chain):
+    """Two sessions decoding in one pack while a third prefills past the window: MoE rows of all
+    three go through each expert together, and window masks are per session."""
+    spans = chain(arch, "2-spans")
+    prompts = [prompt_of("short"), prompt_of("long"), prompt_of("long", seed=3)]
+    alone = []
+    for prompt in prompts:
+        caches = fresh(spans)
+        alone.append(decode(spans, caches, step(spans, caches, prompt), 8)[0])
+    caches = [[span.new_cache() for _ in prompts] for span in spans]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    pieces = [list(p) for p in prompts]
+    for _ in range(8):
+        hidden = torch.tensor([t for piece in pieces for t in piece])
+        lengths = [len(piece) for piece in pieces]
+        for span, span_caches in zip(spans, caches, strict=True):
+            hidden = span(hidden, span_caches, lengths)
+        logits = spans[-1].logits(hidden[last_token_rows(lengths)])
+        for i, row in enumerate(logits):
+            tokens[i].append(int(row.argmax()))
+        pieces = [[t[-1]] for t in tokens]
+    assert tokens == alone
+
+
+# ---- sliding-window caches ---------------------------------------------------------------------
+def test_window_layers_hold_a_bounded_cache(chain):
+    """Mistral (every layer windowed): the cache of a long session stops growing; Gemma 2 (every
+    other layer): window layers stop, full layers grow; rewinds below the kept range are refused."""
+    span = chain("mistral", "2-spans")[0]
+    cache = span.new_cache()
+    bound = WINDOW + 2 * REWIND_SLACK + 64  # the store's bound, or what it keeps plus a chunk
+    tokens = torch.randint(9, 320, (1000,), generator=torch.Generator().manual_seed(4))
+    for start in range(0, 1000, 50):
+        span(tokens[start : start + 50], [cache], [50])
+        assert cache.capacity - cache.store_of(0)[1] <= bound
+    full = KVCache(2, 2, 16, capacity=16)
+    full.reserve(1000)
+    assert cache.nbytes * 3 < full.nbytes
+    assert cache.can_truncate(1000 - REWIND_SLACK) and not cache.can_truncate(100)
+    with pytest.raises(CacheRewindError, match="replay"):
+        cache.truncate(100)
+    cache.truncate(0)  # a replay from the start is always possible
+    assert cache.length == 0 and cache.can_truncate(0)
+
+    gemma = chain("gemma2", "2-spans")[0]
+    cache = gemma.new_cache()
+    for start in range(0, 1000, 50):
+        gemma(tokens[start : start + 50], [cache], [50])
+    windows = [cache.store_of(i)[0] for i in range(2)]
+    assert windows == [WINDOW, 0] and cache.store_of(0)[1] > 0 and cache.store_of(1)[1] == 0
+
+
+# ---- configs -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("arch", "overrides", "field"),
+    [
+        ("falcon", {"alibi": True}, "alibi"),
+        ("bloom", {"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm"),
+        ("gemma2", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ("qwen3", {"hidden_act": "xielu"}, "hidden_act"),
+        ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_type"),
+        ("qwen2", {"layer_types": ["chunked_attention"] * 4}, "layer_types"),
+    ],
+)
+def test_unsupported_config_field_is_named(arch, overrides, field):
+    with pytest.raises(ValueError, match=field) as info:
+        SpanConfig.from_hf(family_config(arch, **overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_model_type_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt_oss"}')
+    with pytest.raises(ValueError, match="model_type 'gpt_oss' is not supported"):
+        SpanConfig.from_model_dir(tmp_path)
+
+
+def test_moe_experts_quantize_like_any_linear(model_dir, reference):
+    """int8 on CPU: every expert's projections are quantized, the router is not (routing stays
+    the fp32 one), and greedy decoding still mostly agrees with fp32."""
+    spans = [BlockSpan.load(model_dir("mixtral"), a, b, quant="int8", calibrate=False) for a, b in SPLITS["2-spans"]]
+    moe = spans[0].layers[0].mlp
+    assert type(moe.experts[0].gate_proj) is not torch.nn.Linear
+    assert moe.router.weight.dtype == torch.float32
+    ref_tokens, _ = reference("mixtral", "short")
+    caches = fresh(spans)
+    tokens, _ = decode(spans, caches, step(spans, caches, prompt_of("short")), 16)
+    assert sum(a == b for a, b in zip(tokens, ref_tokens, strict=False)) >= 8
