@@ -58,8 +58,12 @@ MODEL = "swarm-demo"  # the compose files' MODEL_NAME
 REPLICATED_SPAN = (2, 4)  # peer1 and peer2 in docker-compose.yml
 MESSAGES = [{"role": "user", "content": "Write a Python function that merges two sorted lists."}]
 # Greedy, and long enough (ignore_eos) that `docker-compose kill` lands while it streams.
-REQUEST = {"model": MODEL, "messages": MESSAGES, "max_tokens": 600, "temperature": 0.0, "logprobs": True}
+REQUEST = {"model": MODEL, "messages": MESSAGES, "max_tokens": 900, "temperature": 0.0, "logprobs": True}
 EXTRA = {"ignore_eos": True}
+# The images stay after the test: `podman rmi` of an image deletes the layers only it uses, and
+# with them the build cache of the next run. (`podman rmi` these two to free ~3 GB.)
+CPU_TAG = "localhost/swarm-serve:test-cpu"
+CUDA_TAG = "localhost/swarm-serve:test-cuda"
 
 
 # --- podman ---------------------------------------------------------------------------------------------
@@ -264,6 +268,40 @@ class Deployment:
         argv = ["docker-compose", "--env-file", str(self.env_file), "-p", project, "-f", str(path), *args]
         return run(argv, timeout=timeout, env={**self.env, **(env or {})}, check=check)
 
+    def compose_primed(self, project: str, *args: str) -> subprocess.Popen:
+        """`docker-compose ARGS SERVICE`, started now, run when SERVICE is written to its stdin.
+
+        docker-compose spends seconds importing itself on a loaded machine, longer than a stream
+        lasts; primed, it runs its real command line within a fraction of a second of the word."""
+        primed = (
+            "import sys\n"
+            "from compose.cli.main import main\n"
+            "service = sys.stdin.readline().strip()\n"
+            "sys.argv = ['docker-compose', *sys.argv[1:], service]\n"
+            "main()\n"
+        )
+        python = Path(shutil.which("docker-compose")).read_text().splitlines()[0].removeprefix("#!").strip()
+        argv = [
+            python,
+            "-c",
+            primed,
+            "--env-file",
+            str(self.env_file),
+            "-p",
+            project,
+            "-f",
+            str(COMPOSE),
+            *args,
+        ]
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+        )
+
     def containers(self, project: str, *flags: str) -> list[str]:
         label = f"label=com.docker.compose.project={project}"
         return run(["podman", "ps", "-q", *flags, "--filter", label], timeout=60).stdout.split()
@@ -350,10 +388,8 @@ def base_images(docker_host, figures):
 
 @pytest.fixture(scope="module")
 def cpu_image(base_images, tmp_path_factory, figures):
-    tag = f"localhost/swarm-serve:test-{os.getpid()}"
-    figures["cpu_image"] = build_image(DEPLOY / "Dockerfile", tag, tmp_path_factory.mktemp("pip"))
-    yield tag
-    run(["podman", "rmi", tag], timeout=120, check=False)  # the tag only: its layers stay cached
+    figures["cpu_image"] = build_image(DEPLOY / "Dockerfile", CPU_TAG, tmp_path_factory.mktemp("pip"))
+    return CPU_TAG
 
 
 @pytest.fixture(scope="module")
@@ -415,6 +451,7 @@ def test_swarm_api_shows_every_peer(deployment):
 
 def test_killing_a_peer_mid_stream_changes_no_token(deployment, reference):
     before = failovers(deployment.base_url)
+    killer = deployment.compose_primed(deployment.main, "kill")
     killed: dict = {}
 
     def kill() -> None:
@@ -428,15 +465,16 @@ def test_killing_a_peer_mid_stream_changes_no_token(deployment, reference):
             ]
             assert len(hops) == 1, active
             killed["service"] = hops[0]["address"].split(":")[0]
-            deployment.compose(deployment.main, "kill", killed["service"], timeout=120)
+            out, _ = killer.communicate(killed["service"] + "\n", timeout=120)
+            assert killer.returncode == 0, out
             killed["returned"] = time.monotonic()
         except BaseException as exc:  # noqa: BLE001 - raised in the test's thread below
             killed["error"] = exc
 
     def kill_the_replica_in_use(tokens_so_far: int) -> None:
-        # From another thread: the client keeps reading while docker-compose starts (seconds), so
-        # the stream's pause is the gateway's, not the client's.
-        if "thread" not in killed and tokens_so_far >= 20:
+        # From another thread: the client keeps reading while docker-compose works, so the
+        # stream's pause is the gateway's, not the client's.
+        if "thread" not in killed and tokens_so_far >= 10:
             killed["at_token"] = tokens_so_far
             killed["thread"] = threading.Thread(target=kill, daemon=True)
             killed["thread"].start()
@@ -444,6 +482,9 @@ def test_killing_a_peer_mid_stream_changes_no_token(deployment, reference):
     result = stream_chat(deployment.base_url, on_chunk=kill_the_replica_in_use)
     assert "thread" in killed, "the stream ended before a peer could be killed"
     killed["thread"].join(120)
+    if killer.poll() is None:
+        killer.kill()
+        killer.wait()
     if "error" in killed:
         raise killed["error"]
     assert result["times"][-1] > killed["returned"], "the stream ended before the kill: make it longer"
@@ -508,14 +549,9 @@ def test_down_leaves_nothing(deployment):
 def test_cuda_dockerfile_builds(base_images, tmp_path_factory, figures):
     """Where it can: its base is a local stand-in without CUDA, and torch is the host's (CPU) wheel.
     What is checked is the build and that the image's entry point runs; its GPU paths need a GPU."""
-    tag = f"localhost/swarm-serve:test-cuda-{os.getpid()}"
-    try:
-        figures["cuda_image"] = build_image(
-            DEPLOY / "Dockerfile.cuda", tag, tmp_path_factory.mktemp("pip-cuda")
-        )
-        result = run(["podman", "run", "--rm", "--pull=never", tag, "peer", "--help"], timeout=120)
-        assert "--blocks" in result.stdout
-        user = run(["podman", "run", "--rm", "--pull=never", "--entrypoint", "id", tag, "-u"], timeout=120)
-        assert user.stdout.strip() == "10001"
-    finally:
-        run(["podman", "rmi", tag], timeout=120, check=False)
+    tag = CUDA_TAG
+    figures["cuda_image"] = build_image(DEPLOY / "Dockerfile.cuda", tag, tmp_path_factory.mktemp("pip-cuda"))
+    result = run(["podman", "run", "--rm", "--pull=never", tag, "peer", "--help"], timeout=120)
+    assert "--blocks" in result.stdout
+    user = run(["podman", "run", "--rm", "--pull=never", "--entrypoint", "id", tag, "-u"], timeout=120)
+    assert user.stdout.strip() == "10001"
