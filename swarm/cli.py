@@ -546,6 +546,10 @@ def cmd_peer(args) -> int:
             raise ValueError("--num-blocks, --memory-budget and --balance-interval must be >= 0")
         if args.blocks is None and not bootstrap:
             raise ValueError("without --blocks the peer chooses its blocks from the swarm: give --dht")
+        if (Path(args.model) / "config.json").is_file():  # an unsupported config field: one line, now
+            from peer.model import SpanConfig
+
+            SpanConfig.from_model_dir(args.model)
     except ValueError as exc:
         print(f"swarm peer: error: {exc}", file=sys.stderr)
         return 2

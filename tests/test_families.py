@@ -252,3 +252,21 @@ def test_moe_experts_quantize_like_any_linear(model_dir, reference):
     caches = fresh(spans)
     tokens, _ = decode(spans, caches, step(spans, caches, prompt_of("short")), 16)
     assert sum(a == b for a, b in zip(tokens, ref_tokens, strict=False)) >= 8
+
+
+def test_peer_start_names_the_unsupported_field(model_dir, tmp_path):
+    """`swarm peer` on a folder whose config asks for what the block does not do: one line, exit 2."""
+    import json
+    import subprocess
+    import sys
+
+    config = json.loads((model_dir("falcon") / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "alibi": True}))
+    done = subprocess.run(
+        [sys.executable, "-m", "swarm.cli", "peer", "--model", str(tmp_path), "--blocks", "0:2", "--dht", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "swarm peer: error: config field alibi=True is not supported for falcon (ALiBi on Falcon (falcon-rw))"
+    ]
