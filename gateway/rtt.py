@@ -60,8 +60,11 @@ class RttTracker:
     async def run(self, addresses: Callable[[], Iterable[str]]) -> None:
         """Measure every address `addresses()` names every `interval` seconds, until cancelled."""
         while True:
+            known = set(addresses())
             try:
-                await self.measure(addresses())
+                await self.measure(known)
             except Exception:  # noqa: BLE001 - the next round tries again
                 log.exception("measuring round trips failed")
-            await asyncio.sleep(self.interval)
+            # a peer not measured yet (just joined) is measured within a fraction of the interval
+            unmeasured = not known or any(address not in self.rtt for address in addresses())
+            await asyncio.sleep(self.interval / 10 if unmeasured else self.interval)

@@ -55,9 +55,13 @@ class PeerProbe:
         return result
 
 
-def peer_view(record, info, banned: bool, now: float, convicted: str = "") -> dict[str, Any]:
-    """`convicted`: why the gateway rejected the peer's answers ("malformed", "disagreed"), or ""."""
+def peer_view(
+    record, info, banned: bool, now: float, convicted: str = "", rtt: float | None = None
+) -> dict[str, Any]:
+    """`convicted`: why the gateway rejected the peer's answers ("malformed", "disagreed"), or "".
+    `rtt`: the gateway's measured round trip to the peer in seconds (gateway.rtt), None: not yet."""
     view = record.to_dict()
+    view["rtt_ms"] = None if rtt is None else round(rtt * 1000, 2)
     view["convicted"] = convicted
     view["expires_in_s"] = round(max(0.0, record.expires_at - now), 1)
     view["banned"] = banned
@@ -115,6 +119,7 @@ async def swarm_snapshot(app: FastAPI) -> dict[str, Any]:
                 record.peer_id in banned,
                 now,
                 convictions.get(record.peer_id, ""),
+                gw.swarm.rtt.get(record.address),
             )
             for record, info in zip(records, infos, strict=True)
         ]

@@ -26,6 +26,7 @@ COLUMNS = (
     ("sessions", 8, True),
     ("free cache", 10, True),
     ("tok/s", 8, True),
+    ("rtt ms", 6, True),  # the gateway's measured round trip (gateway.rtt); "-" read from the DHT
     ("dtype", 8, False),
     ("quant", 5, False),
     ("expires", 7, True),
@@ -83,6 +84,7 @@ def format_models(models: list[dict[str, Any]], now: float | None = None) -> str
                         str(peer["live_sessions"]),
                         str(peer["free_cache_tokens"]),
                         f"{peer['throughput']:.1f}",
+                        "-" if peer.get("rtt_ms") is None else f"{peer['rtt_ms']:.1f}",
                         peer["dtype"],
                         peer["quant"],
                         f"{expires:.0f}s",

@@ -119,6 +119,8 @@ def test_api_shows_peers_coverage_and_routes(gateway, peer_ids):
         assert peer["health"] == "online" and peer["reachable"] is True
         assert peer["dtype"] == "float32" and peer["quant"] == "none" and peer["throughput"] > 0
         assert peer["free_cache_tokens"] > 0 and peer["metrics_port"] > 0
+    measured = _wait(lambda: all(p["rtt_ms"] for p in _api(gateway)["models"][0]["peers"]), timeout=10)
+    assert measured, "the gateway measures its round trip to every peer (gateway.rtt)"
     recent = [route for route in model["routes"]["recent"] if route["request_id"] == "map-route-1"]
     assert len(recent) == 1 and recent[0]["outcome"] == "ok"
     assert ",".join(hop["peer_id"] for hop in recent[0]["hops"]) == response.headers["x-swarm-route"]
