@@ -91,7 +91,7 @@ class Swarm:
         """peer id -> process, from each peer's start-up log line."""
         found = {}
         for child in self.local.children:
-            match = re.search(r"peer ([0-9a-f]{16}) serving", child.log())
+            match = re.search(r"peer ([0-9a-f]{16,64}) serving", child.log())  # ids: 32 hex digits of the key
             if match:
                 found[match.group(1)] = child
         return found
