@@ -308,7 +308,8 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
     try:
         started = time.perf_counter()
         swarm.start_dht()
-        peers = [swarm.start_peer(start, end, "--threads", str(args.threads)) for start, end in split]
+        peers = [swarm.start_peer(start, end, "--threads", str(args.threads), timeout=args.start_timeout)
+                 for start, end in split]  # fmt: skip
         gateway = swarm.start_gateway()
         if secure is not None:
             secure_gateway = start_secure_swarm(secure, split, args.threads)
@@ -595,6 +596,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peers", type=int, default=2)
+    parser.add_argument("--start-timeout", type=float, default=120.0,
+                        help="seconds a peer may take to load and calibrate (more on a loaded machine)")  # fmt: skip
     parser.add_argument("--warmup-tokens", type=int, default=32, help="one untimed run of each mode first")
     parser.add_argument(
         "--threads",

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-decode", action="store_true", help="only the MoE and memory figures")
+    parser.add_argument("--skip-moe", action="store_true", help="keep the MoE figures of --out")
+    parser.add_argument("--start-timeout", type=float, default=600.0, help="per peer, on a loaded machine")
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "families.json")
     args = parser.parse_args(argv)
     import torch
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     archs = [a for a in args.archs.split(",") if a]
     decode_args = bench_decode.parse_args(
         ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--modes", "http,reference",
-         "--warmup-tokens", "8", "--docs", ""]  # fmt: skip
+         "--warmup-tokens", "8", "--docs", "", "--start-timeout", str(args.start_timeout)]  # fmt: skip
     )
     root = decode_args.cache_dir / "families-bench"
     decode_args.model_dirs = {}
@@ -142,10 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         decode_args.model_dirs[arch] = folder
     result: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
-        "command": "python -m loadtests.bench_families " + " ".join(argv or []),
+        "command": "python -m loadtests.bench_families " + " ".join(sys.argv[1:] if argv is None else argv),
         "decode": {},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.is_file():  # a run of some families adds to the figures of earlier runs
+        earlier = json.loads(args.out.read_text())
+        result["decode"] = earlier.get("decode", {})
+        result["earlier_runs"] = [*earlier.get("earlier_runs", []), earlier.get("machine")]
+        if args.skip_moe and "moe_streams" in earlier:
+            result["moe_streams"] = earlier["moe_streams"]
 
     def save() -> None:
         result["machine"]["loadavg_end"] = os.getloadavg()
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     result["kv_memory"] = kv_memory()
     save()
     for arch in ("mixtral", "qwen3_moe"):
-        if arch in archs:
+        if arch in archs and not args.skip_moe:
             result.setdefault("moe_streams", {})[arch] = moe_streams(decode_args.model_dirs[arch])
             print(arch, result["moe_streams"][arch], flush=True)
             save()
