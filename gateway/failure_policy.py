@@ -304,6 +304,11 @@ class Failover:
     def local_load(self):
         return self.swarm.load()
 
+    @property
+    def rtt(self) -> dict[str, float]:
+        """Measured round trips by peer address (`gateway.rtt`), for planning replacements."""
+        return self.swarm.rtt
+
     def opened(self, peer_id: str) -> None:
         self.swarm.opened(peer_id)
 

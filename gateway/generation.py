@@ -449,7 +449,7 @@ class RouteRunner:
         ):
             part = plan_route(
                 pool, policy.num_blocks, start=hop.start, end=hop.end, exclude=exclude,
-                min_free_tokens=self._max_length, local_load=policy.local_load,
+                min_free_tokens=self._max_length, local_load=policy.local_load, rtt=policy.rtt,
             )  # fmt: skip
             if part is not None:
                 break
