@@ -546,6 +546,11 @@ def test_down_leaves_nothing(deployment):
         httpx.get(f"{deployment.base_url}/health", timeout=5)
 
 
+@pytest.mark.skipif(
+    os.environ.get("SWARM_TEST_CUDA_IMAGE") != "1",
+    reason="set SWARM_TEST_CUDA_IMAGE=1: a cold build of the CUDA image takes ~6 minutes more, which the "
+    "suite's 20-minute budget on 2 cores cannot hold",
+)
 def test_cuda_dockerfile_builds(base_images, tmp_path_factory, figures):
     """Where it can: its base is a local stand-in without CUDA, and torch is the host's (CPU) wheel.
     What is checked is the build and that the image's entry point runs; its GPU paths need a GPU."""
