@@ -442,11 +442,13 @@ class Attention(nn.Module):
                 continue
             rows = slice(s.offset, s.offset + s.length)
             k_all, v_all = s.cache.append(self.layer_idx, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
-            base, mask, causal = s.views[self.window]
+            # the cache's window, not the config's: a session shorter than the window has none
+            window = s.cache.store_of(self.layer_idx)[0]
+            base, mask, causal = s.views[window]
             if eager:
                 past = s.cache.length
                 if mask is None:
-                    mask = _band_mask(past, s.length, base, self.window, x.device)
+                    mask = _band_mask(past, s.length, base, window, x.device)
                 bias = None
                 if self.alibi:
                     positions = torch.arange(base, past + s.length, device=x.device, dtype=torch.float32)

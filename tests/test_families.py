@@ -270,3 +270,16 @@ def test_peer_start_names_the_unsupported_field(model_dir, tmp_path):
     assert done.stderr.strip().splitlines() == [
         "swarm peer: error: config field alibi=True is not supported for falcon (ALiBi on Falcon (falcon-rw))"
     ]
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "mistral"])
+def test_session_shorter_than_the_window(arch, chain, reference):
+    """A session whose max_length is under the window holds its window layers at full attention
+    (no trimmed store): still transformers' tokens (a peer once failed such a step)."""
+    ref_tokens, ref_logits = reference(arch, "short")
+    spans = chain(arch, "2-spans")
+    caches = [span.new_cache(max_capacity=WINDOW - 1) for span in spans]
+    assert caches[0].store_of(0)[0] == 0
+    tokens, logits = decode(spans, caches, step(spans, caches, prompt_of("short")), 2)  # 7 tokens held
+    assert tokens == ref_tokens[:2]
+    torch.testing.assert_close(torch.stack(logits), ref_logits[:2], atol=ATOL, rtol=0)
