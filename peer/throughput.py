@@ -109,8 +109,10 @@ class ThroughputMeter:
         self._cached: tuple[float, float] | None = None  # (when, tokens/s)
 
     def observe(self, sessions: int, tokens: int, seconds: float) -> None:
-        del sessions  # a pass costs by its tokens; with one token per decoding session they agree
-        if tokens < 1 or seconds <= 0:
+        # Decode passes only (one token per session): a prefill's tokens cost far less each than a
+        # decoding session's (which samples), so a peer that happened to get more prefills fitted
+        # a different line than its identical twin (2.4x apart in one run).
+        if tokens < 1 or seconds <= 0 or tokens != sessions:
             return
         self._passes.append((self.clock(), tokens, seconds))
         self._cached = None if len(self._passes) <= MIN_SAMPLES else self._cached

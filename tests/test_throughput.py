@@ -49,11 +49,12 @@ def test_one_size_of_pass_keeps_the_profile_slope_and_old_passes_age_out(fake_cl
     assert meter.tokens_per_second == pytest.approx(profile.tokens_per_second)
 
 
-def test_meter_ignores_empty_passes(fake_clock: FakeClock):
+def test_meter_ignores_empty_passes_and_prefills(fake_clock: FakeClock):
     meter = ThroughputMeter(PassProfile(0.01, 0.0), clock=fake_clock)
     for _ in range(MIN_SAMPLES * 2):
         meter.observe(0, 0, 1.0)
         meter.observe(1, 1, 0.0)
+        meter.observe(1, 200, 1.0)
     assert meter.tokens_per_second == pytest.approx(100.0)
 
 
