@@ -153,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads(args.out.read_text())
         result["decode"] = earlier.get("decode", {})
         result["earlier_runs"] = [*earlier.get("earlier_runs", []), earlier.get("machine")]
-        if args.skip_moe and "moe_streams" in earlier:
-            result["moe_streams"] = earlier["moe_streams"]
+        result["moe_streams"] = earlier.get("moe_streams", {})  # the families rerun are replaced
 
     def save() -> None:
         result["machine"]["loadavg_end"] = os.getloadavg()

@@ -447,8 +447,9 @@ class Attention(nn.Module):
             base, mask, causal = s.views[window]
             if eager:
                 past = s.cache.length
-                if mask is None:
+                if mask is None:  # built once per step, then shared by the later layers
                     mask = _band_mask(past, s.length, base, window, x.device)
+                    s.views[window] = (base, mask, causal)
                 bias = None
                 if self.alibi:
                     positions = torch.arange(base, past + s.length, device=x.device, dtype=torch.float32)
