@@ -24,9 +24,13 @@ trap 'rm -rf "$context" ${root:+"$root"}' EXIT
 
 debian_mirror() {
     # deb822 (URIs: ...) or one-line (deb URI SUITE ...) sources; the first Debian archive wins.
-    cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+    # `|| true`, not `|| echo`: under pipefail, head closing the pipe early fails the pipeline even
+    # though it found the URI, and an `|| echo` fallback would then print a second line.
+    local uri
+    uri=$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
         | sed -nE 's/^URIs:[[:space:]]+([^[:space:]]+).*/\1/p; s/^deb[[:space:]]+(\[[^]]*\][[:space:]]+)?([^[:space:]]+).*/\2/p' \
-        | grep -v -- '-security' | grep -m1 debian || echo http://deb.debian.org/debian
+        | grep -v -- '-security' | grep debian | head -n1 || true)
+    echo "${uri:-http://deb.debian.org/debian}"
 }
 
 if ! has_image "$DEBIAN"; then
