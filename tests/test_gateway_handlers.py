@@ -75,9 +75,10 @@ async def peers(demo_model):
     servers = []
     try:
         for start, end in SPANS:
+            # room for the 16 concurrent tool-call requests of test_structured_outputs (~320 tokens each)
             config = PeerConfig(
                 model_dir=demo_model, model_id=MODEL, start=start, end=end, port=free_port(),
-                dht_bootstrap=None, cache_tokens=4096, threads=1,
+                dht_bootstrap=None, cache_tokens=16384, threads=1,
             )  # fmt: skip
             server = PeerServer(config)
             await server.start()

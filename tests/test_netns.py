@@ -75,7 +75,7 @@ def _stream(gateway: Child, act=None) -> StreamResult:
 
 
 def _peer_id(child: Child) -> str:
-    match = re.search(r"peer ([0-9a-f]{16}) serving", child.log())
+    match = re.search(r"peer ([0-9a-f]{16,64}) serving", child.log())
     assert match, child.log()[-2000:]
     return match.group(1)
 

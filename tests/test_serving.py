@@ -188,7 +188,10 @@ def test_pipeline_groups_take_turns_and_stay_apart_on_the_later_peer(demo_model,
 
         alone, together, before, after, pass_ids = asyncio.run(scenario())
     # what each peer chose, and why, as its Info says (the swarm map and `swarm status` show it)
-    assert after[0].prepacked and "pipeline groups auto" in after[0].batching, after[0].batching
+    # (whether the packed copy is kept is calibration's call, by timing: not asserted here)
+    assert after[0].batching.startswith("prepack (auto") and "pipeline groups auto" in after[0].batching, (
+        after[0].batching
+    )
     assert "later spans follow" in after[1].batching, after[1].batching
     assert after[0].pipeline_groups == 1  # the sessions have ended: one group again
     assert together == alone
