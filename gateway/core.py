@@ -63,7 +63,9 @@ class Gateway:
             Identity.load_or_create(settings.identity_file) if settings.identity_file else Identity.generate()
         )
         self.pool = ChannelPool(
-            ClientSecurity(swarm_key=settings.swarm_key, public_key=self.identity.public_key, tls=settings.tls)
+            ClientSecurity(
+                swarm_key=settings.swarm_key, public_key=self.identity.public_key, tls=settings.tls
+            )
         )
         self.swarm = swarm
         self.sessions = sessions

@@ -283,7 +283,9 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
     from swarm.launcher import LocalSwarm, num_blocks_of, split_blocks
 
     # a folder written by the caller (loadtests.bench_families: one per model family), else a preset
-    model_dir = getattr(args, "model_dirs", {}).get(preset) or ensure_demo_model(args.cache_dir, preset=preset)
+    model_dir = getattr(args, "model_dirs", {}).get(preset) or ensure_demo_model(
+        args.cache_dir, preset=preset
+    )
     model_id = f"bench-{preset}"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt_ids = [tokenizer.bos_token_id, *tokenizer(PROMPT, add_special_tokens=False)["input_ids"]]

@@ -133,8 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     archs = [a for a in args.archs.split(",") if a]
     decode_args = bench_decode.parse_args(
-        ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--modes", "http,reference",
-         "--warmup-tokens", "8", "--docs", "", "--start-timeout", str(args.start_timeout)]  # fmt: skip
+        [
+            "--new-tokens",
+            str(args.new_tokens),
+            "--repeats",
+            str(args.repeats),
+            "--modes",
+            "http,reference",
+            "--warmup-tokens",
+            "8",
+            "--docs",
+            "",
+            "--start-timeout",
+            str(args.start_timeout),
+        ]  # fmt: skip
     )
     root = decode_args.cache_dir / "families-bench"
     decode_args.model_dirs = {}
@@ -144,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             create_family_model(folder, arch, **bench_shape(arch))
         decode_args.model_dirs[arch] = folder
     result: dict = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(),
+        },
         "command": "python -m loadtests.bench_families " + " ".join(sys.argv[1:] if argv is None else argv),
         "decode": {},
     }
@@ -172,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             result["decode"][arch] = {k: one.get(k) for k in (
                 "params_millions", "swarm_ms_per_token", "reference_ms_per_token", "ratio", "paired_ratios",
                 "cpu_ratio", "loadavg_before", "loadavg_after")}  # fmt: skip
-            result["decode"][arch]["same_text_as_reference"] = one["modes"]["http"].get("same_text_as_reference")
+            result["decode"][arch]["same_text_as_reference"] = one["modes"]["http"].get(
+                "same_text_as_reference"
+            )
             print(arch, result["decode"][arch], flush=True)
             save()
     save()

@@ -159,7 +159,11 @@ FAMILIES: dict[str, Family] = {
         hf_class="Gemma3ForCausalLM",
     ),
     "phi3": Family(
-        qkv_bias=False, o_bias=False, qkv_layout="fused", mlp="gated_fused", window_all_layers=True,
+        qkv_bias=False,
+        o_bias=False,
+        qkv_layout="fused",
+        mlp="gated_fused",
+        window_all_layers=True,
         hf_class="Phi3ForCausalLM",
     ),  # fmt: skip
     "falcon": Family(
@@ -167,9 +171,14 @@ FAMILIES: dict[str, Family] = {
         eps_field="layer_norm_epsilon",
         act_field="activation",
         mlp="plain",
-        names=CheckpointNames(**_TRANSFORMER_NAMES, renames=(
-            *_FUSED_RENAMES, (r"^ln_attn\.", "input_layernorm."), (r"^ln_mlp\.", "mlp_layernorm."),
-        )),  # fmt: skip
+        names=CheckpointNames(
+            **_TRANSFORMER_NAMES,
+            renames=(
+                *_FUSED_RENAMES,
+                (r"^ln_attn\.", "input_layernorm."),
+                (r"^ln_mlp\.", "mlp_layernorm."),
+            ),
+        ),  # fmt: skip
         refuse=(Refusal("alibi", _is_false, "ALiBi on Falcon (falcon-rw)"),),
         derive=_falcon,
         hf_class="FalconForCausalLM",
@@ -183,20 +192,27 @@ FAMILIES: dict[str, Family] = {
         mlp="plain",
         position="alibi",
         embed_norm=True,
-        names=CheckpointNames(**_TRANSFORMER_NAMES, embed_norm="word_embeddings_layernorm", renames=_FUSED_RENAMES),
-        refuse=(
-            Refusal("apply_residual_connection_post_layernorm", _is_false, "residual after the norm"),
+        names=CheckpointNames(
+            **_TRANSFORMER_NAMES, embed_norm="word_embeddings_layernorm", renames=_FUSED_RENAMES
         ),
+        refuse=(Refusal("apply_residual_connection_post_layernorm", _is_false, "residual after the norm"),),
         derive=_bloom,
         hf_class="BloomForCausalLM",
     ),
     "mixtral": Family(
-        mlp="moe", window_all_layers=True, qkv_bias=False, o_bias=False,
-        names=CheckpointNames(renames=_MIXTRAL_RENAMES), hf_class="MixtralForCausalLM",
+        mlp="moe",
+        window_all_layers=True,
+        qkv_bias=False,
+        o_bias=False,
+        names=CheckpointNames(renames=_MIXTRAL_RENAMES),
+        hf_class="MixtralForCausalLM",
     ),  # fmt: skip
     "qwen3_moe": Family(
-        qk_norm=True, mlp="moe", window_all_layers=True,
-        names=CheckpointNames(renames=_QWEN_MOE_RENAMES), hf_class="Qwen3MoeForCausalLM",
+        qk_norm=True,
+        mlp="moe",
+        window_all_layers=True,
+        names=CheckpointNames(renames=_QWEN_MOE_RENAMES),
+        hf_class="Qwen3MoeForCausalLM",
     ),  # fmt: skip
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -243,7 +259,9 @@ def alibi_slopes(heads: int) -> torch.Tensor:
     base = torch.full((), 2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32, device=cpu)
     slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32, device=cpu))
     if closest != heads:
-        extra_base = torch.full((), 2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32, device=cpu)
+        extra_base = torch.full(
+            (), 2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32, device=cpu
+        )
         remaining = min(closest, heads - closest)
         extra = torch.pow(extra_base, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32, device=cpu))
         slopes = torch.cat([slopes, extra])

@@ -145,8 +145,14 @@ class KVCache:
         if max_capacity is not None:
             windows = tuple(0 if w >= max_capacity else w for w in windows)
         self._stores = [
-            _Store([i for i, w in enumerate(windows) if w == window], window, (num_kv_heads, head_dim),
-                   capacity, dtype, torch.device(device))  # fmt: skip
+            _Store(
+                [i for i, w in enumerate(windows) if w == window],
+                window,
+                (num_kv_heads, head_dim),
+                capacity,
+                dtype,
+                torch.device(device),
+            )  # fmt: skip
             for window in sorted(set(windows))
         ]
         self._where = {layer: (store, j) for store in self._stores for j, layer in enumerate(store.layers)}

@@ -147,7 +147,9 @@ class SpanConfig:
         check_supported(family, hf_config)
         derived = family.derive(hf_config) if family.derive else {}
         heads = hf_config.num_attention_heads
-        kv_heads = derived.get("num_key_value_heads") or getattr(hf_config, "num_key_value_heads", None) or heads
+        kv_heads = (
+            derived.get("num_key_value_heads") or getattr(hf_config, "num_key_value_heads", None) or heads
+        )
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
         if heads % kv_heads:
             raise ValueError(
@@ -155,7 +157,9 @@ class SpanConfig:
             )
         act = family.act or getattr(hf_config, family.act_field)
         if act not in _ACTIVATIONS:
-            raise ValueError(f"config field {family.act_field}={act!r} is not supported: {sorted(_ACTIVATIONS)}")
+            raise ValueError(
+                f"config field {family.act_field}={act!r} is not supported: {sorted(_ACTIVATIONS)}"
+            )
         layers = hf_config.num_hidden_layers
         windows = _layer_windows(family, hf_config, layers)
         types = list(getattr(hf_config, "layer_types", None) or ["full_attention"] * layers)
@@ -172,7 +176,9 @@ class SpanConfig:
                 rope_type, inv, scaling = _rope_frequencies(hf_config, head_dim)
                 inv_freq = tuple(float(x) for x in inv)
         attention_bias = bool(getattr(hf_config, "attention_bias", False))
-        num_experts = int(getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", 0) or 0)
+        num_experts = int(
+            getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", 0) or 0
+        )
         moe_layers: tuple[bool, ...] = ()
         if family.mlp == "moe":
             only_dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
@@ -218,7 +224,8 @@ class SpanConfig:
             num_experts=num_experts if family.mlp == "moe" else 0,
             experts_per_tok=int(getattr(hf_config, "num_experts_per_tok", 0) or 0),
             moe_intermediate_size=int(
-                getattr(hf_config, "moe_intermediate_size", None) or getattr(hf_config, "intermediate_size", 0)
+                getattr(hf_config, "moe_intermediate_size", None)
+                or getattr(hf_config, "intermediate_size", 0)
             ),
             norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", True)),
             moe_layers=moe_layers,
@@ -245,7 +252,9 @@ def _layer_windows(family: Family, hf_config, layers: int) -> tuple[int, ...]:  
     return (window,) * layers
 
 
-def _rope_frequencies(hf_config, head_dim: int, layer_type: str | None = None) -> tuple[str, torch.Tensor, float]:  # noqa: ANN001
+def _rope_frequencies(
+    hf_config, head_dim: int, layer_type: str | None = None
+) -> tuple[str, torch.Tensor, float]:  # noqa: ANN001
     """RoPE inverse frequencies and cos/sin scaling, via transformers' init functions when scaled."""
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
     if layer_type is not None:
@@ -253,7 +262,9 @@ def _rope_frequencies(hf_config, head_dim: int, layer_type: str | None = None) -
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in STATIC_ROPE_TYPES:
         raise ValueError(f"rope_type {rope_type!r} is not supported by spans; supported: {STATIC_ROPE_TYPES}")
-    factor = float(params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0) or 1.0))
+    factor = float(
+        params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0) or 1.0)
+    )
     if rope_type == "default":
         # transformers' default formula, written out: it lives on the model class, not in the table.
         dim = int(head_dim * factor)
@@ -738,7 +749,9 @@ class BlockSpan(nn.Module):
         """An empty cache for one session, in the span's dtype and device."""
         heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
         windows = tuple(self.config.window(layer) for layer in range(self.start, self.end))
-        return KVCache(self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity, windows)
+        return KVCache(
+            self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity, windows
+        )
 
     # ---- compute ----
     @torch.no_grad()

@@ -60,7 +60,9 @@ class PeerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     announce_host: str | None = None  # address other machines reach this peer at
-    announce_port: int = 0  # port others reach it at, when not its own (a proxy: loadtests/wan.py); 0: its own
+    announce_port: int = (
+        0  # port others reach it at, when not its own (a proxy: loadtests/wan.py); 0: its own
+    )
     dht_bootstrap: list[tuple[str, int]] = field(default_factory=list)
     dht_port: int = 0
     dtype: torch.dtype = torch.float32

@@ -166,7 +166,9 @@ def readme_examples() -> list[tuple[str, dict, str]]:
     """The first three examples of README.md: (path, request body, the output the README shows)."""
     readme = (REPO / "README.md").read_text()
     quickstart = readme[: readme.index("## How it works")]
-    completion, fim = (json.loads(body.replace("\\\n", "")) for body in re.findall(r"-d '(.*?)'", quickstart, re.S))
+    completion, fim = (
+        json.loads(body.replace("\\\n", "")) for body in re.findall(r"-d '(.*?)'", quickstart, re.S)
+    )
     completion_shown = re.search(r"```python\n(def fibonacci.*?)\n```", quickstart, re.S).group(1)
     fim_shown = json.loads(re.search(r'`"text": ("[^`]*")`', quickstart).group(1))
     content = re.search(r'messages=\[\{"role": "user", "content": "([^"]*)"\}\]', quickstart).group(1)

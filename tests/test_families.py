@@ -222,10 +222,18 @@ def test_window_layers_hold_a_bounded_cache(chain):
     ("arch", "overrides", "field"),
     [
         ("falcon", {"alibi": True}, "alibi"),
-        ("bloom", {"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm"),
+        (
+            "bloom",
+            {"apply_residual_connection_post_layernorm": True},
+            "apply_residual_connection_post_layernorm",
+        ),
         ("gemma2", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
         ("qwen3", {"hidden_act": "xielu"}, "hidden_act"),
-        ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_type"),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+            "rope_type",
+        ),
         ("qwen2", {"layer_types": ["chunked_attention"] * 4}, "layer_types"),
     ],
 )
@@ -244,7 +252,10 @@ def test_unknown_model_type_is_named(tmp_path):
 def test_moe_experts_quantize_like_any_linear(model_dir, reference):
     """int8 on CPU: every expert's projections are quantized, the router is not (routing stays
     the fp32 one), and greedy decoding still mostly agrees with fp32."""
-    spans = [BlockSpan.load(model_dir("mixtral"), a, b, quant="int8", calibrate=False) for a, b in SPLITS["2-spans"]]
+    spans = [
+        BlockSpan.load(model_dir("mixtral"), a, b, quant="int8", calibrate=False)
+        for a, b in SPLITS["2-spans"]
+    ]
     moe = spans[0].layers[0].mlp
     assert type(moe.experts[0].gate_proj) is not torch.nn.Linear
     assert moe.router.weight.dtype == torch.float32

@@ -51,7 +51,9 @@ async def through_swarm(local: LocalSwarm, model_id: str, num_blocks: int, promp
         swarm = SwarmView(dht)
         route = await swarm.plan(model_id, num_blocks)
         sampling = swarm_pb2.SamplingParams(temperature=0.0, logprobs=True, top_logprobs=TOP)
-        params = GenerationParams(prompt_ids=prompt, max_new_tokens=NEW_TOKENS, sampling=sampling, ignore_eos=True)
+        params = GenerationParams(
+            prompt_ids=prompt, max_new_tokens=NEW_TOKENS, sampling=sampling, ignore_eos=True
+        )
         events = [event async for event in generate(RouteRunner(pool, route, 30.0), params)]
         return route, events
     finally:

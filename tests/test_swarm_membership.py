@@ -95,8 +95,12 @@ def test_conversation_key_pins_without_a_header(demo_model, make_swarm):
     assert _wait(lambda: _models(gateway) == [MODEL], timeout=10)
     for attempt in range(4):
         messages = [{"role": "user", "content": f"question {attempt}"}]
-        first = httpx.post(f"{gateway.address}/v1/chat/completions", json={**BODY, "messages": messages}, timeout=30)
+        first = httpx.post(
+            f"{gateway.address}/v1/chat/completions", json={**BODY, "messages": messages}, timeout=30
+        )
         reply = first.json()["choices"][0]["message"]["content"]
         turn2 = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and then?"}]
-        second = httpx.post(f"{gateway.address}/v1/chat/completions", json={**BODY, "messages": turn2}, timeout=30)
+        second = httpx.post(
+            f"{gateway.address}/v1/chat/completions", json={**BODY, "messages": turn2}, timeout=30
+        )
         assert second.headers["x-swarm-route"] == first.headers["x-swarm-route"]
