@@ -26,9 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gateway.models import FIM_TOKENS
 from peer import train_demo
 from peer.demo_model import CHAT_TEMPLATE, CODE_MODEL_DIR, SPECIAL_TOKENS
-from peer.server import PeerConfig, PeerServer
 from swarm.launcher import DEMO_MODEL_ID
-from tests.test_gateway_handlers import MODEL, app_in_process, free_port
+from tests.test_gateway_handlers import MODEL, app_in_process, in_process_peers
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY = json.loads((CODE_MODEL_DIR / "training.json").read_text())
@@ -108,21 +107,8 @@ def test_swarm_up_serves_it_by_default(capsys):
 
 @pytest_asyncio.fixture
 async def peers():
-    servers = []
-    try:
-        for start, end in [(0, 2), (2, 4)]:
-            config = PeerConfig(
-                model_dir=CODE_MODEL_DIR, model_id=MODEL, start=start, end=end, port=free_port(),
-                dht_bootstrap=None, cache_tokens=4096, threads=1,
-            )  # fmt: skip
-            server = PeerServer(config)
-            await server.start()
-            servers.append(server)
+    async with in_process_peers(CODE_MODEL_DIR, cache_tokens=4096) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.config.drain_timeout = 0.0
-            await server.stop()
 
 
 def reference_text(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, str]:

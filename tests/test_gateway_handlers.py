@@ -70,15 +70,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest_asyncio.fixture
-async def peers(demo_model):
+@contextlib.asynccontextmanager
+async def in_process_peers(model_dir, cache_tokens: int):
+    """Real peers of `SPANS` in this process (no DHT), stopped without draining."""
     servers = []
     try:
         for start, end in SPANS:
-            # room for the 16 concurrent tool-call requests of test_structured_outputs (~320 tokens each)
             config = PeerConfig(
-                model_dir=demo_model, model_id=MODEL, start=start, end=end, port=free_port(),
-                dht_bootstrap=None, cache_tokens=16384, threads=1,
+                model_dir=model_dir, model_id=MODEL, start=start, end=end, port=free_port(),
+                dht_bootstrap=None, cache_tokens=cache_tokens, threads=1,
             )  # fmt: skip
             server = PeerServer(config)
             await server.start()
@@ -88,6 +88,13 @@ async def peers(demo_model):
         for server in servers:
             server.config.drain_timeout = 0.0
             await server.stop()
+
+
+@pytest_asyncio.fixture
+async def peers(demo_model):
+    # room for the 16 concurrent tool-call requests of test_structured_outputs (~320 tokens each)
+    async with in_process_peers(demo_model, cache_tokens=16384) as servers:
+        yield servers
 
 
 @contextlib.asynccontextmanager
