@@ -46,6 +46,13 @@ class ServedModel:
 
         return Vocabulary(self.tokenizer, self.eos_token_ids)
 
+    @cached_property
+    def tool_format(self) -> str:
+        """How this model writes a tool call (`gateway.tool_formats`), from its template and tokens."""
+        from gateway.tool_formats import detect
+
+        return detect(self.tokenizer)
+
     @property
     def has_fim(self) -> bool:
         vocab = self.tokenizer.get_vocab()
@@ -117,6 +124,7 @@ def load_model(model_id: str, location: str) -> ServedModel:
         hidden_size=int(config.get("hidden_size") or 0),
         vocab_size=int(config.get("vocab_size") or 0),
     )
+    model.tool_format  # noqa: B018 - read once here, off the event loop
     model.max_token_chars  # noqa: B018 - computed here, off the event loop (a 150k vocabulary takes ~0.1 s)
     log.info("serving %s from %s (%d blocks, context %d)", model_id, path, model.num_blocks, max_context)
     return model

@@ -20,13 +20,14 @@ Tool calls
   ``message.tool_calls`` with ``finish_reason: "tool_calls"``. A call cut off by ``max_tokens`` is
   ``finish_reason: "length"`` with neither content nor calls: the half-written JSON is never
   shown as text.
-* ``tool_choice`` "auto": the model is free; a tool call is text in the Hermes / Qwen format the
-  chat template documents to the model::
+* ``tool_choice`` "auto": the model is free; a tool call is text in the format its chat template
+  documents to the model (`gateway.tool_formats`: Hermes / Qwen, Llama 3.1 JSON, Mistral), for
+  instance::
 
       <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>
 
-  Every such block whose JSON parses and names a given tool becomes a tool call; the rest of the
-  text stays ``content`` (null when only whitespace is left). A stream with tools in "auto" mode
+  Every call whose JSON parses and names a given tool becomes a tool call; the rest of the text
+  stays ``content`` (null when only whitespace is left). A stream with tools in "auto" mode
   is therefore sent when the choice ends (the text cannot be shown before it is known not to be a
   call), as one content delta or one tool-call delta per call. A structured output given with
   tools in "auto" mode wins: the answer follows it (the model cannot call a tool then).
@@ -38,15 +39,12 @@ Tool calls
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import constrained, errors, protocol
+from gateway import constrained, errors, protocol, tool_formats
 from gateway.constrained import Grammar, SchemaError
-
-TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 
 @dataclass
@@ -58,6 +56,7 @@ class OutputPlan:
     tool_names: tuple[str, ...] = ()
     max_calls: int | None = None  # at most this many calls per message (`parallel_tool_calls: false`)
     legacy: bool = False  # the request used `functions`: answer with `function_call`
+    tool_format: str = "hermes"  # how the model writes a call in "auto" mode (`gateway.tool_formats`)
 
 
 def plan_output(req: protocol.ChatCompletionRequest) -> OutputPlan:
@@ -241,23 +240,8 @@ def forced_calls(text: str) -> list[protocol.ToolCall]:
 
 
 def auto_calls(
-    text: str, names: tuple[str, ...], max_calls: int | None = None
+    text: str, names: tuple[str, ...], max_calls: int | None = None, fmt: str = "hermes"
 ) -> tuple[str | None, list[protocol.ToolCall]]:
-    """``(content, tool calls)`` read from free text in the ``<tool_call>`` format; past
-    `max_calls` calls the rest of the text stays content."""
-    calls: list[protocol.ToolCall] = []
-    kept: list[str] = []
-    last = 0
-    for match in TOOL_CALL_RE.finditer(text):
-        if max_calls is not None and len(calls) >= max_calls:
-            break
-        found = forced_calls(match.group(1))
-        if len(found) == 1 and found[0].function.name in names:
-            calls.extend(found)
-            kept.append(text[last : match.start()])
-            last = match.end()
-    if not calls:
-        return text, []
-    kept.append(text[last:])
-    content = "".join(kept).strip()
-    return content or None, calls
+    """``(content, tool calls)`` read from free text in the model's tool-call format
+    (`gateway.tool_formats`: Hermes ``<tool_call>``, Llama 3.1 JSON, Mistral ``[TOOL_CALLS]``)."""
+    return tool_formats.parse(fmt, text, names, max_calls)

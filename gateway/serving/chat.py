@@ -62,6 +62,7 @@ async def serve_chat(gw: Gateway, req: protocol.ChatCompletionRequest, request: 
     top = req.top_logprobs or 0
     sampling = req.to_sampling_params(len(served.tokenizer), logprobs=req.logprobs, top_logprobs=top)
     plan = await asyncio.to_thread(tools.plan_output, req)  # a big schema compiles for milliseconds
+    plan.tool_format = served.tool_format
     nonce = (pin.session_nonce if pin is not None else "") or uuid.uuid4().hex
     peer_session = gw.peer_session_id(nonce, scope)
     specs = [
@@ -135,7 +136,7 @@ def tool_output(plan: tools.OutputPlan, text: str) -> tuple[str | None, list[pro
     if plan.mode == "tool_forced":
         return None, tools.forced_calls(text)
     if plan.mode == "tool_auto":
-        return tools.auto_calls(text, plan.tool_names, plan.max_calls)
+        return tools.auto_calls(text, plan.tool_names, plan.max_calls, plan.tool_format)
     return text, []
 
 

@@ -1,0 +1,277 @@
+"""Real tokenizers of several families, offline: llama.cpp's vocab-only GGUF files.
+
+No model hub is reachable here, but the source distribution of ``llama-cpp-python`` on PyPI
+carries llama.cpp's vocab-only GGUF files (``vendor/llama.cpp/models/ggml-vocab-*.gguf``), the
+real vocabularies, merges and special tokens of the families it tests. ``fetch()`` downloads that
+sdist once with pip (76 MB, the test setup runs it: ``bash deploy/setup.sh test``), keeps only
+the GGUF files, and ``tokenizer_folder(name)`` converts one to a model folder's tokenizer files
+(``tokenizer.json`` + ``tokenizer_config.json``) once, cached beside them, outside the repository
+(``$SWARM_VOCAB_DIR``, default ``~/.cache/swarm-vocabs``). Nothing of it is committed.
+
+Chat templates: the Qwen2 and Phi-3 GGUFs carry their own, used as they are, except that Qwen2's
+has no tools, so the Qwen (Hermes) format with tools is written here (``QWEN_TOOLS``), following
+Qwen2.5's published template. The other GGUFs carry none: each family's well-known format is
+written here in our own words (Llama 3.1 with its JSON tool calls, Mistral with
+``[AVAILABLE_TOOLS]`` / ``[TOOL_CALLS]``, DeepSeek LLM's ``User:``/``Assistant:``, Falcon's).
+Mistral's vocabulary is not among the GGUFs: ``mistral`` is Llama 2's SentencePiece vocabulary
+(Mistral 7B v0.1's is the same kind, 32000 pieces) with Mistral v0.3's control tokens appended.
+
+Conversion fix-up: transformers' GGUF reader maps a control token whose text its byte-level
+encoding changes (DeepSeek's full-width ``<｜begin▁of▁sentence｜>``) to a new id past the
+vocabulary; ``_fix_added_tokens`` puts every GGUF control token back at its GGUF id.
+
+    python -m tests.real_tokenizers      # fetch and convert all (the test setup does this)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+SDIST = "llama-cpp-python==0.3.36"
+GGUF_DIR = "vendor/llama.cpp/models/"
+
+LLAMA31 = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{%- if tools %}{{- 'Environment: ipython\\n' }}{%- endif %}"
+    "{{- 'Cutting Knowledge Date: December 2023\\n\\n' + system + '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' and loop.first and tools %}"
+    "{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' }}"
+    "{{- 'Given the following functions, please respond with a JSON for a function call with its proper '"
+    " + 'arguments that best answers the given prompt.\\n\\n' }}"
+    "{{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and '"
+    " + 'its value}. Do not use variables.\\n\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson + '\\n\\n' }}{%- endfor %}"
+    "{{- message['content'] + '<|eot_id|>' }}"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- for call in message['tool_calls'] %}{%- set f = call.get('function', call) %}"
+    "{{- '{\"name\": \"' + f['name'] + '\", \"parameters\": ' + f['arguments'] | tojson + '}' }}"
+    "{%- endfor %}{{- '<|eot_id|>' }}"
+    "{%- elif message['role'] in ('tool', 'ipython') %}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + message['content'] | string + '<|eot_id|>' }}"
+    "{%- else %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+QWEN_TOOLS = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}"
+    "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'"
+    " + 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments '"
+    " + 'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n'"
+    " + '{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first %}"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{- '<|im_start|>assistant' }}{%- if message['content'] %}{{- '\\n' + message['content'] }}{%- endif %}"
+    "{%- for call in message['tool_calls'] %}{%- set f = call.get('function', call) %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + f['name'] + '\", \"arguments\": ' + f['arguments'] | tojson"
+    " + '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] | string + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+MISTRAL = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- endif %}"
+    "{%- set last_user = namespace(i=-1) %}"
+    "{%- for message in messages %}{%- if message['role'] == 'user' %}{%- set last_user.i = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if tools and loop.index0 == last_user.i %}"
+    "{{- '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{%- endif %}"
+    "{%- if system and loop.index0 == last_user.i %}"
+    "{{- '[INST] ' + system + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{- '[TOOL_CALLS] [' }}{%- for call in message['tool_calls'] %}{%- set f = call.get('function', call) %}"
+    "{{- '{\"name\": \"' + f['name'] + '\", \"arguments\": ' + f['arguments'] | tojson + '}' }}"
+    "{%- if not loop.last %}{{- ', ' }}{%- endif %}{%- endfor %}{{- ']' + eos_token }}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '[TOOL_RESULTS] {\"content\": ' + message['content'] | tojson + '}[/TOOL_RESULTS]' }}"
+    "{%- endif %}{%- endfor %}"
+)
+MISTRAL_CONTROL = (
+    "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+)  # fmt: skip
+
+DEEPSEEK = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{- message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' %}{{- 'User: ' + message['content'] + '\\n\\n' }}"
+    "{%- else %}{{- 'Assistant: ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'Assistant:' }}{%- endif %}"
+)
+
+FALCON = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{- 'System: ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'user' %}{{- 'User: ' + message['content'] + '\\n' }}"
+    "{%- else %}{{- 'Falcon: ' + message['content'] + eos_token + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'Falcon:' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class RealVocab:
+    """One family's real tokenizer and how its test model uses it."""
+
+    name: str
+    gguf: str  # ggml-vocab-<gguf>.gguf
+    arch: str  # the `peer.demo_families` arch of its test model
+    end_of_turn: str  # the token that closes an assistant turn (a stop id)
+    template: str | None = None  # None: the GGUF's own
+    added: tuple[str, ...] = ()  # control tokens appended to the vocabulary
+
+
+VOCABS = {
+    vocab.name: vocab
+    for vocab in (
+        RealVocab("llama3", "llama-bpe", "llama", "<|eot_id|>", LLAMA31),
+        RealVocab("qwen2", "qwen2", "qwen2", "<|im_end|>", QWEN_TOOLS),
+        RealVocab("mistral", "llama-spm", "mistral", "</s>", MISTRAL, MISTRAL_CONTROL),
+        RealVocab("phi3", "phi-3", "phi3", "<|end|>"),
+        RealVocab("deepseek", "deepseek-llm", "llama", "<｜end▁of▁sentence｜>", DEEPSEEK),
+        RealVocab("falcon", "falcon", "falcon", "<|endoftext|>", FALCON),
+    )
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SWARM_VOCAB_DIR") or Path.home() / ".cache" / "swarm-vocabs")
+
+
+def gguf_path(gguf: str) -> Path:
+    return cache_dir() / "gguf" / f"ggml-vocab-{gguf}.gguf"
+
+
+def fetch() -> Path:
+    """The GGUF files, downloaded with pip from the sdist on PyPI once; their folder."""
+    target = cache_dir() / "gguf"
+    if all(gguf_path(vocab.gguf).exists() for vocab in VOCABS.values()):
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+             "--no-deps", "--no-binary", ":all:", SDIST, "-d", tmp],
+            check=True,
+        )  # fmt: skip
+        (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        with tarfile.open(sdist) as archive:
+            for member in archive.getmembers():
+                name = member.name.rsplit("/", 1)[-1]
+                if GGUF_DIR in member.name and name.startswith("ggml-vocab-") and name.endswith(".gguf"):
+                    source = archive.extractfile(member)
+                    if source is not None:
+                        with source, open(target / f"{name}.part", "wb") as out:
+                            shutil.copyfileobj(source, out)
+                        os.replace(target / f"{name}.part", target / name)
+    return target
+
+
+def tokenizer_folder(name: str) -> Path:
+    """A folder with the tokenizer files of vocabulary `name` (converted once, then cached)."""
+    vocab = VOCABS[name]
+    folder = cache_dir() / name
+    if (folder / "tokenizer_config.json").exists():
+        return folder
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    source = gguf_path(vocab.gguf)
+    if not source.exists():
+        fetch()
+    reader = GGUFReader(source)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    if vocab.template is not None:
+        tokenizer.chat_template = vocab.template
+    elif "tokenizer.chat_template" in reader.fields:
+        tokenizer.chat_template = reader.fields["tokenizer.chat_template"].contents()
+    partial = folder.with_name(folder.name + ".part")
+    shutil.rmtree(partial, ignore_errors=True)
+    tokenizer.save_pretrained(partial)
+    _fix_added_tokens(partial, reader, vocab.added)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    return folder
+
+
+def _fix_added_tokens(folder: Path, reader, added: tuple[str, ...]) -> None:  # noqa: ANN001 - a GGUFReader
+    """Every GGUF control token as a special added token at its GGUF id, none past the vocabulary
+    but `added` (appended in order), and BOS / EOS / PAD named by the GGUF's ids."""
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    kinds = reader.fields["tokenizer.ggml.token_type"].contents()
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    control = {i for i, kind in enumerate(kinds) if kind == 3}
+    kept = [token for token in data["added_tokens"] if token["id"] < len(tokens) and token["id"] not in control]
+    specials = [
+        {"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for i in sorted(control)
+    ] + [
+        {"id": len(tokens) + k, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for k, text in enumerate(added)
+    ]  # fmt: skip
+    data["added_tokens"] = sorted(kept + specials, key=lambda token: token["id"])
+    # An added token keeps its id only where the model's vocabulary has its text at that id.
+    vocabulary = data["model"]["vocab"]
+    if isinstance(vocabulary, dict):
+        spelled = {i: piece for piece, i in vocabulary.items()}
+        for i in control:
+            if spelled.get(i, tokens[i]) != tokens[i]:
+                del vocabulary[spelled[i]]
+                vocabulary[tokens[i]] = i
+    else:  # a Unigram model: a list of [piece, score]
+        for i in control:
+            vocabulary[i][0] = tokens[i]
+    path.write_text(json.dumps(data, ensure_ascii=False))
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    for role in ("bos", "eos", "padding"):
+        field = f"tokenizer.ggml.{role}_token_id"
+        if field in reader.fields:
+            key = "pad_token" if role == "padding" else f"{role}_token"
+            config[key] = tokens[int(reader.fields[field].contents())]
+    config.pop("added_tokens_decoder", None)
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2))
+
+
+def main() -> int:
+    print(f"fetching llama.cpp's vocab-only GGUF files ({SDIST}) into {fetch()}")
+    for name in VOCABS:
+        print(f"  {name}: {tokenizer_folder(name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
