@@ -82,7 +82,9 @@ def _call(item: Any, names: tuple[str, ...], arguments_key: str = "arguments") -
     )
 
 
-def _hermes(text: str, names: tuple[str, ...], max_calls: int | None) -> tuple[str | None, list[protocol.ToolCall]]:
+def _hermes(
+    text: str, names: tuple[str, ...], max_calls: int | None
+) -> tuple[str | None, list[protocol.ToolCall]]:
     calls: list[protocol.ToolCall] = []
     kept: list[str] = []
     last = 0
@@ -104,7 +106,9 @@ def _hermes(text: str, names: tuple[str, ...], max_calls: int | None) -> tuple[s
     return content or None, calls
 
 
-def _llama3_json(text: str, names: tuple[str, ...], max_calls: int | None) -> tuple[str | None, list[protocol.ToolCall]]:
+def _llama3_json(
+    text: str, names: tuple[str, ...], max_calls: int | None
+) -> tuple[str | None, list[protocol.ToolCall]]:
     body = text.lstrip()
     if body.startswith(PYTHON_TAG):
         body = body[len(PYTHON_TAG) :].lstrip()
@@ -131,7 +135,9 @@ def _llama3_json(text: str, names: tuple[str, ...], max_calls: int | None) -> tu
     return content or None, calls[:max_calls] if max_calls is not None else calls
 
 
-def _mistral(text: str, names: tuple[str, ...], max_calls: int | None) -> tuple[str | None, list[protocol.ToolCall]]:
+def _mistral(
+    text: str, names: tuple[str, ...], max_calls: int | None
+) -> tuple[str | None, list[protocol.ToolCall]]:
     before, marker, after = text.partition(MISTRAL_MARKER)
     if not marker:
         before, after = "", text

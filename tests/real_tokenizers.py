@@ -50,7 +50,7 @@ LLAMA31 = (
     "{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' }}"
     "{{- 'Given the following functions, please respond with a JSON for a function call with its proper '"
     " + 'arguments that best answers the given prompt.\\n\\n' }}"
-    "{{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and '"
+    '{{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and \''
     " + 'its value}. Do not use variables.\\n\\n' }}"
     "{%- for tool in tools %}{{- tool | tojson + '\\n\\n' }}{%- endfor %}"
     "{{- message['content'] + '<|eot_id|>' }}"
@@ -76,7 +76,7 @@ QWEN_TOOLS = (
     "{%- for tool in tools %}{{- '\\n' + tool | tojson }}{%- endfor %}"
     "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments '"
     " + 'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n'"
-    " + '{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    ' + \'{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}'
     "{%- elif messages[0]['role'] == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
     "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
@@ -149,13 +149,22 @@ class RealVocab:
     end_of_turn: str  # the token that closes an assistant turn (a stop id)
     template: str | None = None  # None: the GGUF's own
     added: tuple[str, ...] = ()  # control tokens appended to the vocabulary
+    renamed: tuple[tuple[int, str], ...] = ()  # (id, text): a padding slot that is a plain added token
 
 
 VOCABS = {
     vocab.name: vocab
     for vocab in (
         RealVocab("llama3", "llama-bpe", "llama", "<|eot_id|>", LLAMA31),
-        RealVocab("qwen2", "qwen2", "qwen2", "<|im_end|>", QWEN_TOOLS),
+        # Qwen2.5 gives two of Qwen2's padding slots to its tool-call tags, as plain added tokens
+        RealVocab(
+            "qwen2",
+            "qwen2",
+            "qwen2",
+            "<|im_end|>",
+            QWEN_TOOLS,
+            renamed=((151657, "<tool_call>"), (151658, "</tool_call>")),
+        ),
         RealVocab("mistral", "llama-spm", "mistral", "</s>", MISTRAL, MISTRAL_CONTROL),
         RealVocab("phi3", "phi-3", "phi3", "<|end|>"),
         RealVocab("deepseek", "deepseek-llm", "llama", "<｜end▁of▁sentence｜>", DEEPSEEK),
@@ -218,21 +227,29 @@ def tokenizer_folder(name: str) -> Path:
     partial = folder.with_name(folder.name + ".part")
     shutil.rmtree(partial, ignore_errors=True)
     tokenizer.save_pretrained(partial)
-    _fix_added_tokens(partial, reader, vocab.added)
+    _fix_added_tokens(partial, reader, vocab.added, vocab.renamed)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     return folder
 
 
-def _fix_added_tokens(folder: Path, reader, added: tuple[str, ...]) -> None:  # noqa: ANN001 - a GGUFReader
+def _fix_added_tokens(folder: Path, reader, added: tuple[str, ...], renamed) -> None:  # noqa: ANN001
     """Every GGUF control token as a special added token at its GGUF id, none past the vocabulary
-    but `added` (appended in order), and BOS / EOS / PAD named by the GGUF's ids."""
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    but `added` (appended in order), `renamed` slots as plain added tokens, and BOS / EOS / PAD
+    named by the GGUF's ids."""
+    tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+    for i, text in renamed:
+        tokens[i] = text
     kinds = reader.fields["tokenizer.ggml.token_type"].contents()
     path = folder / "tokenizer.json"
     data = json.loads(path.read_text())
     control = {i for i, kind in enumerate(kinds) if kind == 3}
-    kept = [token for token in data["added_tokens"] if token["id"] < len(tokens) and token["id"] not in control]
+    plain = {i for i, _ in renamed}
+    kept = [
+        token
+        for token in data["added_tokens"]
+        if token["id"] < len(tokens) and token["id"] not in control and token["id"] not in plain
+    ]
     specials = [
         {"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": True}
@@ -241,18 +258,22 @@ def _fix_added_tokens(folder: Path, reader, added: tuple[str, ...]) -> None:  # 
         {"id": len(tokens) + k, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": True}
         for k, text in enumerate(added)
+    ] + [
+        {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": False}
+        for i, text in renamed
     ]  # fmt: skip
     data["added_tokens"] = sorted(kept + specials, key=lambda token: token["id"])
     # An added token keeps its id only where the model's vocabulary has its text at that id.
     vocabulary = data["model"]["vocab"]
     if isinstance(vocabulary, dict):
         spelled = {i: piece for piece, i in vocabulary.items()}
-        for i in control:
+        for i in control | plain:
             if spelled.get(i, tokens[i]) != tokens[i]:
                 del vocabulary[spelled[i]]
                 vocabulary[tokens[i]] = i
     else:  # a Unigram model: a list of [piece, score]
-        for i in control:
+        for i in control | plain:
             vocabulary[i][0] = tokens[i]
     path.write_text(json.dumps(data, ensure_ascii=False))
     config_path = folder / "tokenizer_config.json"
