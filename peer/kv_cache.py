@@ -177,10 +177,26 @@ class KVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one token costs across all layers, keys and values (for a memory budget).
-
-        Counted as if no layer had a window: an upper bound, so the budget never over-admits."""
+        """Bytes one token costs across all layers, keys and values: the unit of the memory budget
+        (`peer.memory`), which counts a window layer's trimmed store by `budget_tokens`."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self._kv.element_size()
+
+    def budget_tokens(self, length: int, step: int) -> int:
+        """The most this session ever allocates, in budget units (`bytes_per_token`), when it grows
+        to `length` tokens in steps of at most `step` (the scheduler's pass size bounds a prefill
+        chunk). A full-attention layer holds up to `length` slots; a window layer's store stops at
+        its bound, or at what it keeps plus one step when a step is longer (``_Store.reserve``
+        trims before it grows, so it never holds more)."""
+        slots = 0
+        for store in self._stores:
+            most = min(length, max(store.bound, store.keep + step)) if store.window else length
+            slots += len(store.layers) * most
+        return -(-slots // self.num_layers)
+
+    @property
+    def held_tokens(self) -> int:
+        """What the cache allocates now, in budget units (what an idle session holds)."""
+        return -(-self.nbytes // self.bytes_per_token)
 
     @property
     def nbytes(self) -> int:

@@ -1,12 +1,16 @@
 """The peer's KV memory budget: which sessions hold cache, which are kept idle, who is evicted.
 
-Accounting is in tokens of this span's KV cache (`KVCache.bytes_per_token` converts bytes).
+Accounting is in tokens of this span's KV cache with every layer at full length
+(`KVCache.bytes_per_token` converts bytes): a budget of N tokens is N tokens' worth of memory.
 
-* A session RESERVES its `max_length` tokens when it opens, so a live session can always grow to
-  its limit: the sum of live reservations never exceeds the budget, hence load alone never runs
-  the peer out of memory (caches grow by doubling but never past `max_length`).
+* A session RESERVES the most its cache can ever allocate when it opens (`KVCache.budget_tokens`:
+  its `max_length` tokens on full-attention layers, the trimmed store's bound on sliding-window
+  layers), so a live session can always grow to its limit: the sum of live reservations never
+  exceeds the budget, hence load alone never runs the peer out of memory (caches grow by doubling
+  but never past those bounds). Counting window layers by their bound, not at full length, is
+  what lets a window model (Mistral, Gemma 2/3, gpt-oss) admit more sessions for the same memory.
 * When its stream closes, a session with cached tokens is kept IDLE under its session id for up
-  to `idle_ttl` seconds, holding only what it has allocated (`cache.capacity`). A later stream
+  to `idle_ttl` seconds, holding only what it has allocated (`cache.held_tokens`). A later stream
   may resume it (`OpenSession.resume`) and skip recomputing the conversation so far.
 * Idle sessions are evictable: an open that does not fit evicts them least-recently-used first.
   If live sessions alone leave no room, the open waits up to `open_wait` seconds for one to close
@@ -43,7 +47,7 @@ class _Cache(Protocol):
     length: int
 
     @property
-    def capacity(self) -> int: ...
+    def held_tokens(self) -> int: ...
 
 
 class _Session(Protocol):
@@ -80,7 +84,7 @@ class SessionTable:
 
     # -- open / close -----------------------------------------------------------------------
     async def admit(self, tokens: int, session_id: str, resume: bool, make) -> tuple[_Session, bool]:
-        """Reserve `tokens` for a session; returns (session, resumed).
+        """Reserve `tokens` budget units for a session; returns (session, resumed).
 
         `make()` builds a fresh session. With `resume`, the idle session kept under `session_id`
         is reattached instead when there is one. A resume that finds the session still live (its
@@ -89,7 +93,7 @@ class SessionTable:
         """
         if tokens > self.budget:
             raise BudgetExhausted(
-                f"a session of {tokens} tokens exceeds this peer's cache budget of {self.budget}"
+                f"a session needing {tokens} cache tokens exceeds this peer's cache budget of {self.budget}"
             )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.open_wait
@@ -101,7 +105,7 @@ class SessionTable:
                 if kept is not None:
                     self.reserved_idle -= kept.reserved
                 session = kept if resume and kept is not None else None
-                need = max(tokens, session.cache.capacity) if session is not None else tokens
+                need = max(tokens, session.cache.held_tokens) if session is not None else tokens
                 self._evict_for(need)
                 if self.reserved_live + self.reserved_idle + need <= self.budget:
                     session = session if session is not None else make()
@@ -136,7 +140,7 @@ class SessionTable:
             old = self.idle.pop(session.session_id, None)
             if old is not None:
                 self.reserved_idle -= old.reserved
-            session.reserved = session.cache.capacity
+            session.reserved = session.cache.held_tokens
             self._keep(session)
         self._notify()
 

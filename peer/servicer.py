@@ -189,7 +189,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.per_client[client] = opened + 1  # an open that waits for room counts too
         try:
             session, resumed = await self.table.admit(
-                request.max_length, session_id, request.resume and resumable, make
+                self._budget_tokens(request.max_length), session_id, request.resume and resumable, make
             )
         except BudgetExhausted as exc:
             self._uncount(client)
@@ -223,6 +223,12 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             },
         )
         return session, held
+
+    def _budget_tokens(self, max_length: int) -> int:
+        """What a session of `max_length` tokens reserves (`KVCache.budget_tokens`): window layers
+        count their trimmed store, bounded by the scheduler's pass size for prefill chunks."""
+        probe = self.span.new_cache(capacity=1, max_capacity=max_length)
+        return probe.budget_tokens(max_length, self.scheduler.max_batch_tokens)
 
     def _close(self, session: Session, keep: bool = True) -> None:
         # The cache itself is freed when the last reference goes: a forward pass already running
