@@ -62,8 +62,9 @@ MESSAGES = [{"role": "user", "content": "東京の天気は？ 🌂"}]
 OUT_PROJECTIONS = re.compile(r"(o_proj|down_proj|self_attention\.dense|dense_4h_to_h)\.(weight|bias)$")
 
 
-def chain_model(path: Path, name: str) -> tuple[Path, list[int]]:
-    """The family's test model writing `REPLIES[name]` after `MESSAGES`; (folder, reply ids)."""
+def chain_model(path: Path, name: str):  # noqa: ANN201
+    """The family's test model writing `REPLIES[name]` after `MESSAGES`; (folder, reply ids,
+    tokenizer)."""
     vocab = VOCABS[name]
     source = tokenizer_folder(name)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -87,7 +88,7 @@ def chain_model(path: Path, name: str) -> tuple[Path, list[int]]:
                 param.mul_(0.01)
         embedding = model.get_input_embeddings().weight
         head = model.get_output_embeddings().weight
-        for before, after in zip(chain, chain[1:]):
+        for before, after in zip(chain, chain[1:], strict=False):
             row = embedding[before]
             head[after] += 4 * (row - row.mean()) / row.std()
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -96,7 +97,7 @@ def chain_model(path: Path, name: str) -> tuple[Path, list[int]]:
     model.save_pretrained(path)
     for file in source.iterdir():
         shutil.copy(file, path / file.name)
-    return path, reply
+    return path, reply, tokenizer
 
 
 def reference_text(model_dir: Path, tokenizer, prompt_ids: list[int]) -> str:
@@ -112,8 +113,7 @@ def reference_text(model_dir: Path, tokenizer, prompt_ids: list[int]) -> str:
 
 @pytest.mark.parametrize("name", list(REPLIES))
 async def test_real_tokenizer_through_the_swarm(name, tmp_path):
-    model_dir, reply_ids = chain_model(tmp_path / name, name)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_dir, reply_ids, tokenizer = chain_model(tmp_path / name, name)
     prompt_ids = tokenizer.apply_chat_template(
         MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False
     )
@@ -122,28 +122,28 @@ async def test_real_tokenizer_through_the_swarm(name, tmp_path):
     if name not in TOOL_FORMATS:  # the multi-byte reply really splits characters across tokens
         assert any("\ufffd" in tokenizer.decode([token]) for token in reply_ids)
 
-    async with in_process_peers(model_dir, cache_tokens=4096) as peers:
-        async with app_in_process(peers, model_dir) as (client, _, _, app):
-            sdk = openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="unused", http_client=client)
-            served = next(iter(app.state.gateway.models.values()))
-            assert served.tool_format == TOOL_FORMATS.get(name, "hermes")
+    async with (
+        in_process_peers(model_dir, cache_tokens=4096) as peers,
+        app_in_process(peers, model_dir) as (client, _, _, app),
+    ):
+        sdk = openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="unused", http_client=client)
+        served = next(iter(app.state.gateway.models.values()))
+        assert served.tool_format == TOOL_FORMATS.get(name, "hermes")
 
-            answer = await sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64)
-            choice = answer.choices[0]
-            assert (choice.message.content, choice.finish_reason) == (expected, "stop")
-            assert answer.usage.prompt_tokens == len(prompt_ids)
-            assert answer.usage.completion_tokens == len(reply_ids) + 1  # the end-of-turn token
+        answer = await sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64)
+        choice = answer.choices[0]
+        assert (choice.message.content, choice.finish_reason) == (expected, "stop")
+        assert answer.usage.prompt_tokens == len(prompt_ids)
+        assert answer.usage.completion_tokens == len(reply_ids) + 1  # the end-of-turn token
 
-            stream = await sdk.chat.completions.create(
-                model=MODEL, messages=MESSAGES, max_tokens=64, stream=True
-            )
-            chunks = [chunk.choices[0].delta.content async for chunk in stream if chunk.choices]
-            texts = [text for text in chunks if text]
-            assert "".join(texts) == expected
-            assert not any("\ufffd" in text for text in texts), texts
+        stream = await sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64, stream=True)
+        chunks = [chunk.choices[0].delta.content async for chunk in stream if chunk.choices]
+        texts = [text for text in chunks if text]
+        assert "".join(texts) == expected
+        assert not any("\ufffd" in text for text in texts), texts
 
-            if name in TOOL_FORMATS:
-                await check_tool_calls(sdk)
+        if name in TOOL_FORMATS:
+            await check_tool_calls(sdk)
 
 
 async def check_tool_calls(sdk: openai.AsyncOpenAI) -> None:

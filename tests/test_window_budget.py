@@ -12,7 +12,6 @@ from __future__ import annotations
 import uuid
 
 import grpc
-import pytest
 import torch
 
 from peer.demo_families import WINDOW, create_family_model
