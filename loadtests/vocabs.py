@@ -19,7 +19,14 @@ import tarfile
 from pathlib import Path
 
 SDIST = "llama-cpp-python==0.3.36"
-VOCABS = {"llama3": "ggml-vocab-llama-bpe.gguf", "qwen2": "ggml-vocab-qwen2.gguf"}
+VOCABS = {
+    "llama3": "ggml-vocab-llama-bpe.gguf",
+    "qwen2": "ggml-vocab-qwen2.gguf",
+    "mistral": "ggml-vocab-llama-spm.gguf",  # Llama 2's SentencePiece vocabulary (tests.real_tokenizers)
+    "phi3": "ggml-vocab-phi-3.gguf",
+    "deepseek": "ggml-vocab-deepseek-llm.gguf",
+    "falcon": "ggml-vocab-falcon.gguf",
+}
 
 
 def cache_dir() -> Path:

@@ -2,11 +2,12 @@
 
 No model hub is reachable here, but the source distribution of ``llama-cpp-python`` on PyPI
 carries llama.cpp's vocab-only GGUF files (``vendor/llama.cpp/models/ggml-vocab-*.gguf``), the
-real vocabularies, merges and special tokens of the families it tests. ``fetch()`` downloads that
-sdist once with pip (76 MB, the test setup runs it: ``bash deploy/setup.sh test``), keeps only
-the GGUF files, and ``tokenizer_folder(name)`` converts one to a model folder's tokenizer files
-(``tokenizer.json`` + ``tokenizer_config.json``) once, cached beside them, outside the repository
-(``$SWARM_VOCAB_DIR``, default ``~/.cache/swarm-vocabs``). Nothing of it is committed.
+real vocabularies, merges and special tokens of the families it tests. `loadtests.vocabs`
+downloads that sdist once with pip (76 MB; the test setup runs this module:
+``bash deploy/setup.sh test``), and ``tokenizer_folder(name)`` converts one GGUF to a model folder's
+tokenizer files (``tokenizer.json`` + ``tokenizer_config.json`` with a chat template) once, cached
+outside the repository (``$SWARM_VOCAB_CACHE``, default ``~/.cache/swarm-serve``). Nothing of it is
+committed.
 
 Chat templates: the Qwen2 and Phi-3 GGUFs carry their own, used as they are, except that Qwen2's
 has no tools, so the Qwen (Hermes) format with tools is written here (``QWEN_TOOLS``), following
@@ -28,15 +29,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-SDIST = "llama-cpp-python==0.3.36"
-GGUF_DIR = "vendor/llama.cpp/models/"
+from loadtests import vocabs
 
 LLAMA31 = (
     "{{- bos_token }}"
@@ -143,8 +139,7 @@ FALCON = (
 class RealVocab:
     """One family's real tokenizer and how its test model uses it."""
 
-    name: str
-    gguf: str  # ggml-vocab-<gguf>.gguf
+    name: str  # a key of `loadtests.vocabs.VOCABS`: which GGUF
     arch: str  # the `peer.demo_families` arch of its test model
     end_of_turn: str  # the token that closes an assistant turn (a stop id)
     template: str | None = None  # None: the GGUF's own
@@ -155,69 +150,33 @@ class RealVocab:
 VOCABS = {
     vocab.name: vocab
     for vocab in (
-        RealVocab("llama3", "llama-bpe", "llama", "<|eot_id|>", LLAMA31),
+        RealVocab("llama3", "llama", "<|eot_id|>", LLAMA31),
         # Qwen2.5 gives two of Qwen2's padding slots to its tool-call tags, as plain added tokens
         RealVocab(
-            "qwen2",
             "qwen2",
             "qwen2",
             "<|im_end|>",
             QWEN_TOOLS,
             renamed=((151657, "<tool_call>"), (151658, "</tool_call>")),
         ),
-        RealVocab("mistral", "llama-spm", "mistral", "</s>", MISTRAL, MISTRAL_CONTROL),
-        RealVocab("phi3", "phi-3", "phi3", "<|end|>"),
-        RealVocab("deepseek", "deepseek-llm", "llama", "<｜end▁of▁sentence｜>", DEEPSEEK),
-        RealVocab("falcon", "falcon", "falcon", "<|endoftext|>", FALCON),
+        RealVocab("mistral", "mistral", "</s>", MISTRAL, MISTRAL_CONTROL),
+        RealVocab("phi3", "phi3", "<|end|>"),
+        RealVocab("deepseek", "llama", "<｜end▁of▁sentence｜>", DEEPSEEK),
+        RealVocab("falcon", "falcon", "<|endoftext|>", FALCON),
     )
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SWARM_VOCAB_DIR") or Path.home() / ".cache" / "swarm-vocabs")
-
-
-def gguf_path(gguf: str) -> Path:
-    return cache_dir() / "gguf" / f"ggml-vocab-{gguf}.gguf"
-
-
-def fetch() -> Path:
-    """The GGUF files, downloaded with pip from the sdist on PyPI once; their folder."""
-    target = cache_dir() / "gguf"
-    if all(gguf_path(vocab.gguf).exists() for vocab in VOCABS.values()):
-        return target
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-             "--no-deps", "--no-binary", ":all:", SDIST, "-d", tmp],
-            check=True,
-        )  # fmt: skip
-        (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
-        with tarfile.open(sdist) as archive:
-            for member in archive.getmembers():
-                name = member.name.rsplit("/", 1)[-1]
-                if GGUF_DIR in member.name and name.startswith("ggml-vocab-") and name.endswith(".gguf"):
-                    source = archive.extractfile(member)
-                    if source is not None:
-                        with source, open(target / f"{name}.part", "wb") as out:
-                            shutil.copyfileobj(source, out)
-                        os.replace(target / f"{name}.part", target / name)
-    return target
 
 
 def tokenizer_folder(name: str) -> Path:
     """A folder with the tokenizer files of vocabulary `name` (converted once, then cached)."""
     vocab = VOCABS[name]
-    folder = cache_dir() / name
+    folder = vocabs.cache_dir() / "chat-tokenizers" / name
     if (folder / "tokenizer_config.json").exists():
         return folder
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
-    source = gguf_path(vocab.gguf)
-    if not source.exists():
-        fetch()
+    source = vocabs.gguf_file(name)
     reader = GGUFReader(source)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     if vocab.template is not None:
@@ -288,7 +247,7 @@ def _fix_added_tokens(folder: Path, reader, added: tuple[str, ...], renamed) -> 
 
 
 def main() -> int:
-    print(f"fetching llama.cpp's vocab-only GGUF files ({SDIST}) into {fetch()}")
+    print(f"llama.cpp's vocab-only GGUF files ({vocabs.SDIST}), as tokenizer folders with chat templates:")
     for name in VOCABS:
         print(f"  {name}: {tokenizer_folder(name)}")
     return 0
