@@ -28,10 +28,10 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from peer.demo_families import family_config
-from tests.real_tokenizers import VOCABS, tokenizer_folder
+from tests.real_tokenizers import VOCABS, load_tokenizer, tokenizer_folder
 from tests.test_gateway_handlers import MODEL, app_in_process, in_process_peers
 
 CALL = {"name": "get_weather", "arguments": {"cities": ["東京🌧"]}}
@@ -67,7 +67,7 @@ def chain_model(path: Path, name: str):  # noqa: ANN201
     tokenizer)."""
     vocab = VOCABS[name]
     source = tokenizer_folder(name)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(name)
     end = tokenizer.convert_tokens_to_ids(vocab.end_of_turn)
     prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     last = tokenizer.encode(prompt, add_special_tokens=False)[-1]

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer
 
 from gateway.text import IncrementalDetokenizer
 from gateway.tool_formats import detect, parse
-from tests.real_tokenizers import tokenizer_folder
+from tests.real_tokenizers import load_tokenizer
 
 NAMES = ("get_weather", "get_time")
 WEATHER = {"city": "Zürich", "note": "雨☔"}
@@ -47,7 +46,7 @@ def streamed(tokenizer, text: str) -> str:
 @pytest.mark.parametrize("name", list(CASES))
 def test_calls_read_from_the_detokenized_stream(name):
     fmt, text, content = CASES[name]
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(name))
+    tokenizer = load_tokenizer(name)
     assert detect(tokenizer) == fmt
     seen = streamed(tokenizer, text)
     got_content, calls = parse(fmt, seen, NAMES)
@@ -63,7 +62,7 @@ def test_calls_read_from_the_detokenized_stream(name):
 
 
 def test_detect_falls_back_to_hermes():
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder("phi3"))  # its GGUF template has no tools
+    tokenizer = load_tokenizer("phi3")  # its GGUF template has no tools
     assert detect(tokenizer) == "hermes"
 
 
