@@ -83,11 +83,15 @@ class SessionTable:
         return {session.session_id for session in self.live.values()}
 
     # -- open / close -----------------------------------------------------------------------
-    async def admit(self, tokens: int, session_id: str, resume: bool, make) -> tuple[_Session, bool]:
+    async def admit(
+        self, tokens: int, session_id: str, resume: bool, make, resumed_tokens=None
+    ) -> tuple[_Session, bool]:
         """Reserve `tokens` budget units for a session; returns (session, resumed).
 
         `make()` builds a fresh session. With `resume`, the idle session kept under `session_id`
-        is reattached instead when there is one. A resume that finds the session still live (its
+        is reattached instead when there is one; it reserves at least what it holds, and
+        `resumed_tokens(session)` when given (its own cache may grow otherwise than a fresh one:
+        a layer whose window covered its former length is stored at full length). A resume that finds the session still live (its
         previous stream has not finished closing) waits for it like an open waits for room.
         Raises `BudgetExhausted` when the bound passes without room.
         """
@@ -105,7 +109,11 @@ class SessionTable:
                 if kept is not None:
                     self.reserved_idle -= kept.reserved
                 session = kept if resume and kept is not None else None
-                need = max(tokens, session.cache.held_tokens) if session is not None else tokens
+                need = tokens
+                if session is not None:
+                    need = max(
+                        tokens, session.cache.held_tokens, resumed_tokens(session) if resumed_tokens else 0
+                    )
                 self._evict_for(need)
                 if self.reserved_live + self.reserved_idle + need <= self.budget:
                     session = session if session is not None else make()

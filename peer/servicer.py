@@ -189,8 +189,9 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.per_client[client] = opened + 1  # an open that waits for room counts too
         try:
             session, resumed = await self.table.admit(
-                self._budget_tokens(request.max_length), session_id, request.resume and resumable, make
-            )
+                self._budget_tokens(request.max_length), session_id, request.resume and resumable, make,
+                lambda kept: kept.cache.budget_tokens(request.max_length, self.scheduler.max_batch_tokens),
+            )  # fmt: skip
         except BudgetExhausted as exc:
             self._uncount(client)
             raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc

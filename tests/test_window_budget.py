@@ -15,6 +15,7 @@ import grpc
 import torch
 
 from peer.demo_families import WINDOW, create_family_model
+from peer.kv_cache import REWIND_SLACK, KVCache
 from peer.server import PeerConfig, PeerServer
 from peer.servicer import StepError
 from protos import swarm_pb2
@@ -77,3 +78,15 @@ async def test_window_model_admits_more_sessions_within_the_same_budget(tmp_path
     # every layer keeps ~WINDOW + 128 positions plus one chunk, not 1024: more than twice as many fit
     assert WINDOW < 16 and window_sessions > 2 * full_sessions
     assert window_held <= same_budget
+
+
+def test_a_resumed_cache_is_counted_as_its_layers_are_stored():
+    """A window longer than a session's first `max_length` is stored at full length; resumed
+    with a longer one, that cache can grow to it on every layer, and is counted so."""
+    step = STEP
+    fresh = KVCache(4, 2, 16, windows=(64,) * 4, max_capacity=LENGTH)
+    assert fresh.budget_tokens(LENGTH, step) == 64 - 1 + REWIND_SLACK + step < LENGTH
+    first_short = KVCache(4, 2, 16, windows=(64,) * 4, max_capacity=32)
+    assert first_short.budget_tokens(LENGTH, step) == LENGTH
+    mixed = KVCache(4, 2, 16, windows=(64, 0, 64, 0), max_capacity=LENGTH)
+    assert mixed.budget_tokens(LENGTH, step) == (LENGTH + 64 - 1 + REWIND_SLACK + step + 1) // 2
