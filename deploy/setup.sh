@@ -71,6 +71,9 @@ if [ "${1:-}" = "test" ]; then
     if command -v npm >/dev/null 2>&1 && [ ! -d tests/node/node_modules ]; then
         npm ci --prefix tests/node --no-audit --no-fund --silent
     fi
+    # real tokenizers of six families from llama-cpp-python's sdist on PyPI (no model hub here),
+    # converted once and cached outside the repository (tests/real_tokenizers.py)
+    .venv/bin/python -m tests.real_tokenizers
 else
     "${PIP[@]}" -e .
 fi
