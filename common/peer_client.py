@@ -73,6 +73,7 @@ class PeerSession:
         self._call = None
         self.peer_id = ""
         self.cache_length = 0  # tokens the peer still held for a resumed session when it opened
+        self.push_id = ""  # what the previous hop names this session by in a push (`Forward.push_id`)
         self.load_key: str | None = None  # peer id under which the gateway counts this session
 
     async def open(self, request: swarm_pb2.OpenSession, metadata: tuple = ()) -> swarm_pb2.Opened:
@@ -81,19 +82,43 @@ class PeerSession:
         if response.WhichOneof("kind") != "opened":
             raise PeerError(self.address, None, "expected an `opened` reply")
         self.peer_id = response.opened.peer_id
+        self.push_id = response.opened.push_id
         return response.opened
 
     async def step(self, step: swarm_pb2.Step) -> swarm_pb2.StepResult:
-        response = await self._exchange(swarm_pb2.InferenceRequest(step=step))
-        if response.WhichOneof("kind") != "result":
-            raise PeerError(self.address, None, "expected a step result")
-        return response.result
+        """Send `step` and return its result (relay, or the first hop of a push chain)."""
+        await self.send(step)
+        return await self.receive(step.seq)
 
-    async def _exchange(self, request: swarm_pb2.InferenceRequest) -> swarm_pb2.InferenceResponse:
+    async def send(self, step: swarm_pb2.Step) -> None:
+        await self._exchange(swarm_pb2.InferenceRequest(step=step), read=False)
+
+    async def receive(self, seq: int = 0) -> swarm_pb2.StepResult:
+        """The result of the step numbered `seq`, sent here or pushed to this hop by the previous
+        one. Results of other steps are stale (a push given up on, then retried) and skipped; a
+        peer that does not know `Step.seq` answers 0, which is taken as this step's."""
+        while True:
+            response = await self._exchange(None)
+            if response.WhichOneof("kind") != "result":
+                raise PeerError(self.address, None, "expected a step result")
+            result = response.result
+            if result.seq in (0, seq):
+                break
+        if result.error_code:  # a pushed step that failed on this peer; its stream stays open
+            code = next((c for c in grpc.StatusCode if c.value[0] == result.error_code), grpc.StatusCode.UNKNOWN)
+            raise PeerError(self.address, code, result.error_message)
+        return result
+
+    async def _exchange(
+        self, request: swarm_pb2.InferenceRequest | None, read: bool = True
+    ) -> swarm_pb2.InferenceResponse | None:
         if self._call is None:
             raise PeerError(self.address, None, "session is not open")
         try:
-            await self._call.write(request)
+            if request is not None:
+                await self._call.write(request)
+            if not read:
+                return None
             response = await self._call.read()
         except grpc.aio.AioRpcError as exc:
             raise PeerError(self.address, exc.code(), exc.details() or "") from exc
