@@ -326,7 +326,11 @@ class RouteRunner:
         self.history.extend(token_ids)
         self._measured(loop.time() - began)
         if self.failover is not None:
-            draining = [i for i, result in enumerate(results) if result.draining]
+            draining = [
+                i
+                for i, (result, session) in enumerate(zip(results, self.sessions, strict=True))
+                if result.draining or (session is not None and session.draining)
+            ]
             if draining and loop.time() >= self._next_migration:
                 self._next_migration = loop.time() + 1.0  # a lookup per token would be wasteful
                 for index in reversed(draining):
@@ -389,18 +393,27 @@ class RouteRunner:
                 await self._with_deadline(self.route[i], session.send(step))
             except PeerError as exc:
                 raise _HopFailure(i, exc) from exc
-            for k in range(i, end + 1):
-                hop = self.route[k]
+            if end == i:
                 try:
-                    result = await self._with_deadline(hop, self.sessions[k].receive(seq))
+                    answers = {i: await self._with_deadline(self.route[i], self.sessions[i].receive(seq))}
                 except PeerError as exc:
-                    raise _HopFailure(k, exc) from exc
+                    raise _HopFailure(i, exc) from exc
+            else:
+                answers = await self._chain_answers(i, end, seq)
+            for k in range(i, end + 1):
+                result = answers.get(k)
+                if result is None:  # an ack still on its way (it pushed: the last hop answered); the
+                    # next read of this stream skips it as stale, noting a `draining` flag in it
+                    pushed = True
+                    results.append(swarm_pb2.StepResult())
+                    continue
                 if k < end and result.forwarded:
                     pushed = True
                     results.append(result)
                     continue
                 if k < end:  # it could not push: carry its hidden states on from here (relay)
                     self._relay_edge(k, result)
+                hop = self.route[k]
                 rows = len(step.token_ids)
                 problem = self.malformed(result, hop, rows, step.sample and k == end, allowed_mask)
                 if problem is not None:
@@ -415,6 +428,36 @@ class RouteRunner:
         if pushed:
             self.pushed_steps += 1
         return results
+
+    async def _chain_answers(self, first: int, end: int, seq: int) -> dict[int, swarm_pb2.StepResult]:
+        """Wait for the answers of push chain [first, end] to step `seq`: done when the last hop's
+        arrives (the acks of the hops before it may come later, and are skipped), or when a hop
+        could not push (the chain stops there). A hop that fails is blamed; when nothing arrives
+        for a step deadline, the first hop still silent is (a hop that cannot reach the next
+        says so within `Step.forward_timeout_ms`, before that deadline)."""
+        answers: dict[int, swarm_pb2.StepResult] = {}
+        waiting = set(range(first, end + 1))
+        while True:
+            reads = {self.sessions[k].reading(): k for k in waiting}
+            done, _ = await asyncio.wait(reads, timeout=self.step_timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                k = min(waiting)
+                raise _HopFailure(
+                    k, PeerError(self.route[k].address, None, f"no answer within {self.step_timeout:.1f} s")
+                )
+            for task in sorted(done, key=reads.__getitem__):
+                k = reads[task]
+                session = self.sessions[k]
+                try:
+                    result = session.result_of(await session.consume(task), seq)
+                except PeerError as exc:
+                    raise _HopFailure(k, exc) from exc
+                if result is None:
+                    continue  # stale: an answer to a step given up on
+                answers[k] = result
+                waiting.discard(k)
+                if k == end or not result.forwarded:
+                    return answers
 
     def _chain_end(self, i: int, upto: int) -> int:
         """The last hop of the push chain that starts at hop `i`: hops are added while each can
