@@ -133,7 +133,9 @@ class PeerSession:
             self.draining = self.draining or result.draining
             return None
         if result.error_code:  # a pushed step that failed on this peer; its stream stays open
-            code = next((c for c in grpc.StatusCode if c.value[0] == result.error_code), grpc.StatusCode.UNKNOWN)
+            code = next(
+                (c for c in grpc.StatusCode if c.value[0] == result.error_code), grpc.StatusCode.UNKNOWN
+            )
             raise PeerError(self.address, code, result.error_message)
         return result
 

@@ -439,7 +439,9 @@ class RouteRunner:
         waiting = set(range(first, end + 1))
         while True:
             reads = {self.sessions[k].reading(): k for k in waiting}
-            done, _ = await asyncio.wait(reads, timeout=self.step_timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                reads, timeout=self.step_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
             if not done:
                 k = min(waiting)
                 raise _HopFailure(

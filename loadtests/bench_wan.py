@@ -59,7 +59,9 @@ def run(model_dir: Path, model: str, hops_list: list[int], rtts: list[float], ru
                 for child in children:
                     child.address = child.wait_for_line("PEER_READY", 300)
                 gateways = {
-                    "relay": swarm.start_gateway(None, "--step-timeout", "30", "--relay", name="gateway-relay"),
+                    "relay": swarm.start_gateway(
+                        None, "--step-timeout", "30", "--relay", name="gateway-relay"
+                    ),
                     "push": swarm.start_gateway(None, "--step-timeout", "30", name="gateway-push"),
                 }
                 deadline = time.monotonic() + 60

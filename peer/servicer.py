@@ -436,12 +436,29 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                 # a cache the caller is unsure of is still safe to offer.
                 self._close(session, keep=keep)
 
-    async def Push(self, request: swarm_pb2.PushRequest, context: grpc.aio.ServicerContext):
-        """A step from the previous hop of a push chain: validated and queued, then acknowledged;
-        its result goes to the gateway on the session's own stream (`_finish_push`)."""
+    async def Push(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Steps from a previous hop of push chains (one stream per pushing peer, any sessions):
+        each is validated and queued, then acknowledged in order (`PushAck.code` 0); one that
+        cannot be accepted is acked with its status, and the stream goes on. Results go to the
+        gateway on each session's own stream (`_finish_push`)."""
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                return
+            try:
+                await self._accept_push(request)
+                ack = swarm_pb2.PushAck()
+            except StepError as exc:
+                ack = swarm_pb2.PushAck(code=exc.code.value[0], message=exc.message)
+            await context.write(ack)
+
+    async def _accept_push(self, request: swarm_pb2.PushRequest) -> None:
+        """Validate and queue a pushed step (StepError when refused). The session's lock is held
+        from here until the scheduler has run it; it is free unless a step the gateway gave up
+        on still runs (then this stream's later pushes wait for that one step too)."""
         session = self.push_targets.get(request.push_id)
         if session is None:
-            await context.abort(
+            raise StepError(
                 grpc.StatusCode.NOT_FOUND, "no live session has this push_id (closed, or not opened here)"
             )
         self.pushes_received += 1
@@ -452,9 +469,6 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             if session.stream is None:
                 raise StepError(grpc.StatusCode.NOT_FOUND, "the session closed")
             work = self._prepare_step(session, own)
-        except StepError as exc:
-            session.lock.release()
-            await context.abort(exc.code, exc.message)
         except BaseException:
             session.lock.release()
             raise
@@ -465,7 +479,6 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         task = asyncio.get_running_loop().create_task(self._finish_push(session, work, step, onward))
         self._pushing.add(task)  # a reference, so the task is not collected while it runs
         task.add_done_callback(self._pushing.discard)
-        return swarm_pb2.PushAck()
 
     async def _finish_push(
         self, session: Session, work: StepWork, step: swarm_pb2.Step, onward: swarm_pb2.Step | None
@@ -494,7 +507,9 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         except Exception as exc:  # noqa: BLE001 - the stream ended; the gateway sees that itself
             log.debug("could not answer a pushed step: %s", exc)
 
-    async def _forward(self, step: swarm_pb2.Step, onward: swarm_pb2.Step, result: swarm_pb2.StepResult) -> None:
+    async def _forward(
+        self, step: swarm_pb2.Step, onward: swarm_pb2.Step, result: swarm_pb2.StepResult
+    ) -> None:
         """Send this hop's output to `step.forward[0]`. Delivered: `result` becomes an ack (no
         hidden states). Not: `result` keeps them and names the next hop's failure, so the gateway
         carries this step on itself (relay) without running this hop again."""

@@ -44,7 +44,7 @@ class PeerStub:
                 request_serializer=swarm__pb2.InfoRequest.SerializeToString,
                 response_deserializer=swarm__pb2.InfoResponse.FromString,
                 _registered_method=True)
-        self.Push = channel.unary_unary(
+        self.Push = channel.stream_stream(
                 '/swarm.Peer/Push',
                 request_serializer=swarm__pb2.PushRequest.SerializeToString,
                 response_deserializer=swarm__pb2.PushAck.FromString,
@@ -66,8 +66,8 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Push(self, request, context):
-        """peer to peer: the next hop's step (see Step.forward)
+    def Push(self, request_iterator, context):
+        """peer to peer (see Step.forward)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,7 +86,7 @@ def add_PeerServicer_to_server(servicer, server):
                     request_deserializer=swarm__pb2.InfoRequest.FromString,
                     response_serializer=swarm__pb2.InfoResponse.SerializeToString,
             ),
-            'Push': grpc.unary_unary_rpc_method_handler(
+            'Push': grpc.stream_stream_rpc_method_handler(
                     servicer.Push,
                     request_deserializer=swarm__pb2.PushRequest.FromString,
                     response_serializer=swarm__pb2.PushAck.SerializeToString,
@@ -157,7 +157,7 @@ class Peer:
             _registered_method=True)
 
     @staticmethod
-    def Push(request,
+    def Push(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -167,8 +167,8 @@ class Peer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/swarm.Peer/Push',
             swarm__pb2.PushRequest.SerializeToString,

@@ -45,7 +45,9 @@ def reference(model_dir, prompt: list[int], new_tokens: int = NEW_TOKENS) -> tup
     return tokens, logprobs
 
 
-async def through_swarm(local: LocalSwarm, model_id: str, num_blocks: int, prompt: list[int], push: bool = True):
+async def through_swarm(
+    local: LocalSwarm, model_id: str, num_blocks: int, prompt: list[int], push: bool = True
+):
     dht = SwarmDHT()
     await dht.start("127.0.0.1", 0, [parse_address(local.dht_address)])
     pool = ChannelPool()
@@ -73,7 +75,9 @@ async def through_swarm(local: LocalSwarm, model_id: str, num_blocks: int, promp
     ],
     ids=["demo-2-peers-push", "demo-3-peers-uneven-prepacked-push", "tiny-gqa-2-peers-uneven-relay"],
 )
-async def test_greedy_tokens_and_logprobs_match_transformers(model_fixture, spans, flags, push, request, tmp_path):
+async def test_greedy_tokens_and_logprobs_match_transformers(
+    model_fixture, spans, flags, push, request, tmp_path
+):
     model_dir = request.getfixturevalue(model_fixture)
     num_blocks = spans[-1][1]
     vocab = int(__import__("json").loads((model_dir / "config.json").read_text())["vocab_size"])
