@@ -66,7 +66,30 @@ def fake_clock() -> FakeClock:
     return FakeClock()
 
 
+def _source_of(item) -> str:
+    """The test function's own source (a test may start a LocalSwarm itself)."""
+    import inspect
+
+    try:
+        return inspect.getsource(item.function)
+    except (AttributeError, OSError, TypeError):
+        return ""
+
+
+# Fixtures that start processes (swarms, gateways, redis-server, containers): a test that uses one,
+# directly or through another fixture, is marked `slow` here, so that `-m 'not slow'` is the quick
+# in-process loop without every file having to remember its marker.
+PROCESS_FIXTURES = frozenset({
+    "make_swarm", "demo_swarm", "demo_gateway", "redis_server", "redis_url", "dht_process",
+    "docker_host", "last_peer", "mixed", "with_int8_head", "scoring_swarm", "private_tls_swarm",
+    "replicas", "replicated", "base_url", "gateway", "swarm",
+})  # fmt: skip
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())) or "LocalSwarm" in _source_of(item):
+            item.add_marker(pytest.mark.slow)
     try:
         import torch
 

@@ -216,9 +216,8 @@ def test_tool_call_parsing():
 @pytest.mark.parametrize("name", ["llama3", "qwen2"])
 def test_real_vocabularies(name):
     """Llama 3 (128k) and Qwen2 (152k) tokenizers from llama.cpp's GGUF files (fetched and cached
-    on first use, see loadtests/vocabs.py): outputs validate, and a mask costs well under 10 ms."""
-    import time
-
+    on first use, see loadtests/vocabs.py): outputs validate. What a mask costs is measured by
+    `python -m loadtests.bench_constrained`, not asserted here."""
     from loadtests.vocabs import real_tokenizer
 
     tokenizer = real_tokenizer(name)
@@ -228,9 +227,6 @@ def test_real_vocabularies(name):
         schema = CORPUS[schema_name]
         grammar = json_schema_grammar(schema)
         for seed in range(2):
-            began = time.perf_counter()
-            text, used, constraint = walk(grammar, vocab, tokenizer, seed, budget=64)
-            per_step = (time.perf_counter() - began) / max(used, 1)
+            text, _, constraint = walk(grammar, vocab, tokenizer, seed, budget=64)
             assert constraint.complete, (schema_name, text)
             jsonschema.validate(json.loads(text), schema or {"type": "object"}, format_checker=FORMATS)
-            assert per_step < 0.05, per_step  # random.choice over 100k ids included

@@ -8,9 +8,11 @@ import signal
 import time
 
 import httpx
+import pytest
 import redis
 
-from tests.conftest import HEARTBEAT, TTL, wait_until
+from swarm.launcher import LocalSwarm
+from tests.conftest import HEARTBEAT, TTL, RedisServer, wait_until
 
 MODEL = "m"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -45,30 +47,41 @@ def test_late_peer_becomes_routable_and_killed_peer_expires(demo_model, make_swa
     assert httpx.post(f"{gateway.address}/v1/chat/completions", json=BODY, timeout=30).status_code == 503
 
 
-async def test_replicas_of_the_same_blocks_are_all_visible(demo_model, make_swarm):
+@pytest.fixture(scope="module")
+def replicated(demo_model, tmp_path_factory):
+    """Two replicas of each of two spans (4 routes), a real redis-server, one gateway on it."""
+    redis_server = RedisServer(tmp_path_factory.mktemp("redis"))
+    redis_server.start()
+    swarm = LocalSwarm(demo_model, workdir=tmp_path_factory.mktemp("replicated"), heartbeat=HEARTBEAT, ttl=TTL,
+                       model_name=MODEL)  # fmt: skip
+    try:
+        swarm.start_dht()
+        peers = swarm.start_peers([(0, 2), (2, 4)] * 2, "--threads", "1")
+        gateway = swarm.start_gateway(None, "--redis-url", redis_server.url)
+        assert _wait(lambda: _models(gateway) == [MODEL], timeout=10)
+        yield swarm, peers, gateway, redis_server
+    finally:
+        swarm.stop()
+        redis_server.stop()
+
+
+async def test_replicas_of_the_same_blocks_are_all_visible(replicated):
     from discovery.dht import SwarmDHT
     from discovery.records import parse_address
 
-    swarm = make_swarm(demo_model, model_name=MODEL)
-    swarm.start_dht()
-    replicas = swarm.start_peers([(0, 4)] * 3, "--threads", "1")
+    swarm, peers, _, _ = replicated
     dht = SwarmDHT()
     await dht.start("127.0.0.1", 0, [parse_address(swarm.dht_address)])
     try:
         records = await dht.peers(MODEL)
     finally:
         dht.stop()
-    assert sorted(record.address for record in records) == sorted(peer.address for peer in replicas)
-    assert {(record.start, record.end) for record in records} == {(0, 4)}
+    assert sorted(record.address for record in records) == sorted(peer.address for peer in peers)
+    assert sorted((record.start, record.end) for record in records) == [(0, 2), (0, 2), (2, 4), (2, 4)]
 
 
-def test_session_pin_in_redis_reuses_the_route(demo_model, make_swarm, redis_server):
-    swarm = make_swarm(demo_model, model_name=MODEL)
-    swarm.start_dht()
-    swarm.start_peers([(0, 2), (2, 4)] * 2, "--threads", "1")  # two replicas of each span: 4 routes
-    gateway = swarm.start_gateway(None, "--redis-url", redis_server.url)
-    assert _wait(lambda: _models(gateway) == [MODEL], timeout=10)
-
+def test_session_pin_in_redis_reuses_the_route(replicated):
+    swarm, _, gateway, redis_server = replicated
     headers = {"X-Session-Id": "conversation-42"}
     first = httpx.post(f"{gateway.address}/v1/chat/completions", json=BODY, headers=headers, timeout=30)
     assert first.status_code == 200
@@ -86,13 +99,9 @@ def test_session_pin_in_redis_reuses_the_route(demo_model, make_swarm, redis_ser
     assert response.headers["x-swarm-route"] == route
 
 
-def test_conversation_key_pins_without_a_header(demo_model, make_swarm):
-    """Plain OpenAI clients send no session id: turn 2 of a chat finds turn 1's route."""
-    swarm = make_swarm(demo_model, model_name=MODEL)
-    swarm.start_dht()
-    swarm.start_peers([(0, 4)] * 2, "--threads", "1")
-    gateway = swarm.start_gateway()
-    assert _wait(lambda: _models(gateway) == [MODEL], timeout=10)
+def test_conversation_key_pins_without_a_header(replicated):
+    """Plain OpenAI clients send no session id: turn 2 of a chat finds turn 1's route (of 4)."""
+    _, _, gateway, _ = replicated
     for attempt in range(4):
         messages = [{"role": "user", "content": f"question {attempt}"}]
         first = httpx.post(
