@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 INFO_METHOD = "/swarm.Peer/Info"
 INFERENCE_METHOD = "/swarm.Peer/Inference"
+PUSH_METHOD = "/swarm.Peer/Push"  # peer to peer (peer.forwarding)
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,9 @@ class PeerSession:
         self._call = None
         self.peer_id = ""
         self.cache_length = 0  # tokens the peer still held for a resumed session when it opened
+        self.push_id = ""  # what the previous hop names this session by in a push (`Forward.push_id`)
+        self._reading: asyncio.Task | None = None  # a read in flight (`reading`), not yet consumed
+        self.draining = False  # a skipped (late) answer said the peer is draining
         self.load_key: str | None = None  # peer id under which the gateway counts this session
 
     async def open(self, request: swarm_pb2.OpenSession, metadata: tuple = ()) -> swarm_pb2.Opened:
@@ -81,19 +84,71 @@ class PeerSession:
         if response.WhichOneof("kind") != "opened":
             raise PeerError(self.address, None, "expected an `opened` reply")
         self.peer_id = response.opened.peer_id
+        self.push_id = response.opened.push_id
         return response.opened
 
     async def step(self, step: swarm_pb2.Step) -> swarm_pb2.StepResult:
-        response = await self._exchange(swarm_pb2.InferenceRequest(step=step))
+        """Send `step` and return its result (relay, or the first hop of a push chain)."""
+        await self.send(step)
+        return await self.receive(step.seq)
+
+    async def send(self, step: swarm_pb2.Step) -> None:
+        await self._exchange(swarm_pb2.InferenceRequest(step=step), read=False)
+
+    async def receive(self, seq: int = 0) -> swarm_pb2.StepResult:
+        """The result of the step numbered `seq`, sent here or pushed to this hop by the previous
+        one. Results of other steps are stale (a push given up on, then retried) and skipped; a
+        peer that does not know `Step.seq` answers 0, which is taken as this step's."""
+        while True:
+            if self._reading is not None:
+                response = await self.consume(self._reading)
+            else:
+                response = await self._exchange(None)
+            result = self.result_of(response, seq)
+            if result is not None:
+                return result
+
+    def reading(self) -> asyncio.Task:
+        """The next answer of the stream, read in a task of its own: a caller may wait for several
+        hops at once and give up on some (`consume` takes the answer when it wants it). Survives
+        a cancelled waiter, unlike `receive`'s plain read."""
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._exchange(None))
+        return self._reading
+
+    async def consume(self, task: asyncio.Task) -> swarm_pb2.InferenceResponse:
+        """The answer `reading()` read (PeerError when the stream broke); the next read starts anew."""
+        response = await asyncio.shield(task)
+        if self._reading is task:
+            self._reading = None
+        return response
+
+    def result_of(self, response: swarm_pb2.InferenceResponse, seq: int) -> swarm_pb2.StepResult | None:
+        """The step result in `response` when it answers step `seq` (None: a stale answer);
+        PeerError when it is not a result, or says the step failed."""
         if response.WhichOneof("kind") != "result":
             raise PeerError(self.address, None, "expected a step result")
-        return response.result
+        result = response.result
+        if result.seq not in (0, seq):
+            self.draining = self.draining or result.draining
+            return None
+        if result.error_code:  # a pushed step that failed on this peer; its stream stays open
+            code = next(
+                (c for c in grpc.StatusCode if c.value[0] == result.error_code), grpc.StatusCode.UNKNOWN
+            )
+            raise PeerError(self.address, code, result.error_message)
+        return result
 
-    async def _exchange(self, request: swarm_pb2.InferenceRequest) -> swarm_pb2.InferenceResponse:
+    async def _exchange(
+        self, request: swarm_pb2.InferenceRequest | None, read: bool = True
+    ) -> swarm_pb2.InferenceResponse | None:
         if self._call is None:
             raise PeerError(self.address, None, "session is not open")
         try:
-            await self._call.write(request)
+            if request is not None:
+                await self._call.write(request)
+            if not read:
+                return None
             response = await self._call.read()
         except grpc.aio.AioRpcError as exc:
             raise PeerError(self.address, exc.code(), exc.details() or "") from exc
@@ -111,9 +166,18 @@ class PeerSession:
         call, self._call = self._call, None
         if call is not None:
             call.cancel()
+        self._forget_reading()
+
+    def _forget_reading(self) -> None:
+        task, self._reading = self._reading, None
+        if task is not None:
+            task.cancel()
+            # its outcome (the stream's end) interests no one
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def close(self) -> None:
         """Tell the peer to free the session's cache; never raises (the peer may be gone)."""
+        self._forget_reading()
         call, self._call = self._call, None
         if call is None:
             return

@@ -84,6 +84,26 @@ _FLOAT_FIELDS = ("throughput", "expires_at", "tolerance")
 _MAY_BE_EMPTY = ("version",)
 
 
+MAX_NEXT_RTT = 8  # announced round trips per record: a few nearest next hops, ~0.5 KB at most
+MAX_RTT_MS = 60_000.0
+
+
+def _next_rtt(value: object) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"next_rtt must be an object of address -> ms, got {type(value).__name__}")
+    if len(value) > MAX_NEXT_RTT:
+        raise ValueError(f"next_rtt holds at most {MAX_NEXT_RTT} entries")
+    out = {}
+    for address, ms in value.items():
+        if not isinstance(address, str) or len(address) > _STR_LIMITS["address"]:
+            raise ValueError("next_rtt keys must be addresses of at most 256 characters")
+        parse_address(address)
+        if not is_finite_number(ms) or not 0 <= ms <= MAX_RTT_MS:
+            raise ValueError(f"next_rtt values must be milliseconds in [0, {MAX_RTT_MS:g}]")
+        out[address] = float(ms)
+    return out
+
+
 def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -114,6 +134,10 @@ class PeerRecord:
     # hidden-state disagreement this peer expects from an honest replica (see TOLERANCES); 0: the
     # default of its precision (records of older peers)
     tolerance: float = 0.0
+    # Round trips (ms) this peer measured to peers it pushed steps to, by their address: its few
+    # nearest (`peer.forwarding`). The planner charges them for the edge between two hops in push
+    # mode. Not hashed: a record's identity is its other fields.
+    next_rtt: dict[str, float] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         for name, limit in _STR_LIMITS.items():
@@ -142,6 +166,7 @@ class PeerRecord:
             raise ValueError(f"state must be one of {[s.value for s in PeerState]}, got {self.state!r}")
         object.__setattr__(self, "state", PeerState(self.state))
         parse_address(self.address)
+        object.__setattr__(self, "next_rtt", _next_rtt(self.next_rtt))
 
     def to_dict(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

@@ -93,6 +93,7 @@ class Gateway:
             host = "127.0.0.1" if local else "0.0.0.0"
             await self.dht.start(host, self.settings.dht_port, self.settings.dht_bootstrap)
             self.swarm = SwarmView(self.dht)
+            self.swarm.push = not self.settings.relay
             self._refresher = loop.create_task(self.swarm.keep_fresh(list(self.models)))
             self.rtt = RttTracker(self.pool)
             self.swarm.rtt = self.rtt.rtt  # the planner charges each hop its measured round trip
@@ -267,6 +268,7 @@ class Gateway:
             wire_dtype=self.settings.wire_dtype,
             verifier=self.verifier,
             answer_shape=(served.hidden_size, served.vocab_size),
+            push=not self.settings.relay,
         )
         try:
             async with aclosing(run_choice(spec, runner, served, request_id)) as pieces:

@@ -1,9 +1,18 @@
 """Drive one generation through a route of peers.
 
-The gateway holds one `Inference` stream per hop. Each step sends token ids to the first span,
-passes each span's hidden states (still encoded, never decoded here) to the next, and gets a
-sampled token back from the last span. The runner keeps every token it has sent, so it can replay
-them on a replacement peer after a failure.
+The gateway holds one `Inference` stream per hop. Each step sends token ids to the first span and
+gets a sampled token back from the last span. In between, hidden states either go peer to peer
+(push, the default: the gateway sends the step to the first hop only, each hop pushes its output
+to the next and acks on its own stream) or through the gateway (relay: each span's hidden states,
+still encoded, never decoded here, are sent on to the next). The runner keeps every token it has
+sent, so it can replay them on a replacement peer after a failure.
+
+Push and relay mix per edge: a step runs as chains of pushing hops (`_chain_end`); a hop that
+cannot reach the next answers with its hidden states and the error (`StepResult.forward_error`),
+the gateway carries them on itself, and relays that edge from then on. Replays (a failover's
+rebuild) push too, but a chain never crosses the boundary where the rebuilt hops end (the hop
+after it takes only the step's rows). Steps checked by the verifier go by relay: the check
+compares every hop's hidden states.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import grpc
 
 from common.peer_client import ChannelPool, PeerError, PeerSession
 from gateway.answer_checks import malformed
@@ -136,6 +147,7 @@ class RouteRunner:
         wire_dtype: str = "",
         verifier=None,  # gateway.verification.Verifier (imported there: it drives runners)
         answer_shape: tuple[int, int] = (0, 0),
+        push: bool = True,
     ):
         self.pool = pool
         self.verifier = verifier if failover is not None else None
@@ -157,6 +169,10 @@ class RouteRunner:
         # peers that failed this runner -> when: not retried unless readmitted since (they answer again)
         self._failed: dict[str, float] = {}
         self._closing: set[asyncio.Task] = set()
+        self.push = push  # hidden states go peer to peer; False: through the gateway (--relay)
+        self._relayed: set[tuple[str, str]] = set()  # (peer, next peer) edges that could not push
+        self._seq = 0  # numbers steps (`Step.seq`), so a stale answer is told from the current one
+        self.pushed_steps = 0  # steps in which at least one hop pushed to the next
 
     @property
     def tokens(self) -> list[int]:
@@ -287,7 +303,9 @@ class RouteRunner:
         try:
             while True:
                 try:
-                    results = await self._pass(list(token_ids), sample, allowed_mask, prompt_logprobs)
+                    results = await self._pass(
+                        list(token_ids), sample, allowed_mask, prompt_logprobs, push=check is None
+                    )
                     if check is not None:
                         # The check ran beside the step on other sessions; its verdict comes before
                         # the token is released: a checked step never hands on an answer that failed.
@@ -308,7 +326,11 @@ class RouteRunner:
         self.history.extend(token_ids)
         self._measured(loop.time() - began)
         if self.failover is not None:
-            draining = [i for i, result in enumerate(results) if result.draining]
+            draining = [
+                i
+                for i, (result, session) in enumerate(zip(results, self.sessions, strict=True))
+                if result.draining or (session is not None and session.draining)
+            ]
             if draining and loop.time() >= self._next_migration:
                 self._next_migration = loop.time() + 1.0  # a lookup per token would be wasteful
                 for index in reversed(draining):
@@ -321,28 +343,36 @@ class RouteRunner:
         sample: bool,
         allowed_mask: bytes | None = None,
         prompt_logprobs: int | None = None,
+        push: bool = True,
     ) -> list[swarm_pb2.StepResult]:
         """One step through every hop; hops up to `_rebuild_upto` replay the whole history."""
         position = len(self.history)
         everything = self.history + token_ids
         upto = self._rebuild_upto
         last = len(self.route) - 1
-        hidden = None
-        results = []
+        self._seq += 1
+        seq = self._seq
         convicted = self.failover.convicted() if self.failover is not None else {}
-        for i, (hop, session) in enumerate(zip(self.route, self.sessions, strict=True)):
+        for i, hop in enumerate(self.route):
             if hop.peer_id in convicted:
                 reason = convicted[hop.peer_id]
                 raise _HopFailure(i, BadAnswer(hop.address, reason, "the peer was convicted; moving off it"))
+        hidden = None
+        results: list[swarm_pb2.StepResult] = []
+        pushed = False
+        i = 0
+        while i <= last:
             rebuild = i <= upto
+            end = self._chain_end(i, upto) if push and self.push else i
             step = swarm_pb2.Step(
                 token_ids=everything if rebuild else token_ids,
                 position=0 if rebuild else position,
-                sample=sample and i == last,
+                sample=sample and end == last,
+                seq=seq,
             )
-            if allowed_mask and i == last:
+            if allowed_mask and end == last:
                 step.allowed_token_mask = allowed_mask
-            if prompt_logprobs is not None and i == last:
+            if prompt_logprobs is not None and end == last:
                 step.prompt_logprobs = prompt_logprobs
             if results:
                 step.pass_id = results[-1].pass_id  # the first span's grouping, for later spans
@@ -350,21 +380,114 @@ class RouteRunner:
                 step.hidden.CopyFrom(
                     hidden if rebuild or i != upto + 1 else tail_rows(hidden, len(token_ids))
                 )
+            for k in range(i + 1, end + 1):
+                step.forward.add(address=self.route[k].address, push_id=self.sessions[k].push_id)
+            if end > i:
+                # below the step deadline: a hop that cannot reach the next says so before the
+                # gateway would blame it for the silence (see Step.forward_timeout_ms)
+                step.forward_timeout_ms = max(1, int(self.step_timeout * 500))
             try:
+                session = self.sessions[i]
                 if session is None:
-                    raise PeerError(hop.address, None, "session is not open")
-                result = await self._with_deadline(hop, session.step(step))
+                    raise PeerError(self.route[i].address, None, "session is not open")
+                await self._with_deadline(self.route[i], session.send(step))
             except PeerError as exc:
                 raise _HopFailure(i, exc) from exc
-            problem = self.malformed(result, hop, len(step.token_ids), step.sample, allowed_mask)
-            if problem is not None:
-                raise _HopFailure(i, BadAnswer(hop.address, "malformed", problem))
-            results.append(result)
-            hidden = result.hidden
-            if prompt_logprobs is not None and i == last and rebuild and position:
-                del result.prompt_logprobs[:position]  # a replay scored the history too
+            if end == i:
+                try:
+                    answers = {i: await self._with_deadline(self.route[i], self.sessions[i].receive(seq))}
+                except PeerError as exc:
+                    raise _HopFailure(i, exc) from exc
+            else:
+                answers = await self._chain_answers(i, end, seq)
+            for k in range(i, end + 1):
+                result = answers.get(k)
+                if result is None:  # an ack still on its way (it pushed: the last hop answered); the
+                    # next read of this stream skips it as stale, noting a `draining` flag in it
+                    pushed = True
+                    results.append(swarm_pb2.StepResult())
+                    continue
+                if k < end and result.forwarded:
+                    pushed = True
+                    results.append(result)
+                    continue
+                if k < end:  # it could not push: carry its hidden states on from here (relay)
+                    self._relay_edge(k, result)
+                hop = self.route[k]
+                rows = len(step.token_ids)
+                problem = self.malformed(result, hop, rows, step.sample and k == end, allowed_mask)
+                if problem is not None:
+                    raise _HopFailure(k, BadAnswer(hop.address, "malformed", problem))
+                results.append(result)
+                hidden = result.hidden
+                i = k + 1
+                break
+            if prompt_logprobs is not None and end == last and rebuild and position:
+                del results[-1].prompt_logprobs[:position]  # a replay scored the history too
         self._rebuild_upto = -1
+        if pushed:
+            self.pushed_steps += 1
         return results
+
+    async def _chain_answers(self, first: int, end: int, seq: int) -> dict[int, swarm_pb2.StepResult]:
+        """Wait for the answers of push chain [first, end] to step `seq`: done when the last hop's
+        arrives (the acks of the hops before it may come later, and are skipped), or when a hop
+        could not push (the chain stops there). A hop that fails is blamed; when nothing arrives
+        for a step deadline, the first hop still silent is (a hop that cannot reach the next
+        says so within `Step.forward_timeout_ms`, before that deadline)."""
+        answers: dict[int, swarm_pb2.StepResult] = {}
+        waiting = set(range(first, end + 1))
+        while True:
+            reads = {self.sessions[k].reading(): k for k in waiting}
+            done, _ = await asyncio.wait(
+                reads, timeout=self.step_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                k = min(waiting)
+                raise _HopFailure(
+                    k, PeerError(self.route[k].address, None, f"no answer within {self.step_timeout:.1f} s")
+                )
+            for task in sorted(done, key=reads.__getitem__):
+                k = reads[task]
+                session = self.sessions[k]
+                try:
+                    result = session.result_of(await session.consume(task), seq)
+                except PeerError as exc:
+                    raise _HopFailure(k, exc) from exc
+                if result is None:
+                    continue  # stale: an answer to a step given up on
+                answers[k] = result
+                waiting.discard(k)
+                if k == end or not result.forwarded:
+                    return answers
+
+    def _chain_end(self, i: int, upto: int) -> int:
+        """The last hop of the push chain that starts at hop `i`: hops are added while each can
+        push to the next (open, not an edge that failed to push) and all replay or all do not."""
+        end = i
+        if self.sessions[i] is None or not self.sessions[i].push_id:  # a peer that predates push
+            return end
+        while end + 1 < len(self.route):
+            nxt = end + 1
+            session = self.sessions[nxt]
+            if session is None or not session.push_id or (nxt <= upto) != (i <= upto):
+                break
+            if (self.route[end].peer_id, self.route[nxt].peer_id) in self._relayed:
+                break
+            end = nxt
+        return end
+
+    def _relay_edge(self, index: int, result: swarm_pb2.StepResult) -> None:
+        """Hop `index` could not push to the next: relay that edge from now on."""
+        edge = (self.route[index].peer_id, self.route[index + 1].peer_id)
+        if edge not in self._relayed:
+            code = grpc.StatusCode.UNKNOWN
+            for candidate in grpc.StatusCode:
+                if candidate.value[0] == result.forward_error_code:
+                    code = candidate
+            log.info("peer %s cannot push to %s (%s: %s); relaying that edge", edge[0], edge[1], code.name,
+                     result.forward_error)  # fmt: skip
+            self._relayed.add(edge)
 
     async def _recover(self, index: int, error: PeerError, deadline: float) -> None:
         """Replace hop `index` after `error`, waiting for a replacement until `deadline`."""

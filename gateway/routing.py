@@ -7,6 +7,14 @@ throughput), inflated by its load, so the planner prefers fewer,
 faster, idler peers. A little random jitter spreads sessions over equal replicas instead of piling
 them on the first one. Peers that are draining, banned after a failure, or short of cache for the
 session are not used.
+
+In push mode (`push=True`, the gateway's default) a token does not return to the gateway between
+hops: it costs half the gateway's round trip to the first hop, half of each hop's round trip to the
+next, and half the last hop's round trip back to the gateway. The round trip between two peers is
+what the earlier one measured and announced (`PeerRecord.next_rtt`); a pair never measured costs
+the gateway's round trip to the later peer, the best guess there is. An edge's cost then depends on
+the hop before it, so the shortest path runs over peers (the last peer of a partial route), not
+over block boundaries.
 """
 
 from __future__ import annotations
@@ -75,12 +83,19 @@ def plan_route(
     accept: Callable[[PeerRecord], bool] | None = None,
     local_load: Mapping[str, int] | None = None,
     rtt: Mapping[str, float] | None = None,
+    push: bool = False,
 ) -> Route | None:
     """Cheapest chain of peers covering blocks [start, end), or None when there is none.
 
     ``accept`` (optional) keeps only the peers it returns True for, e.g. one precision
     (``gateway.precision.accepts``). ``rtt``: measured round trips by peer address (seconds).
+    ``push``: cost the network as push mode does (`plan_push_route`), else as relay does.
     """
+    if push:
+        return plan_push_route(
+            records, num_blocks, start=start, end=end, exclude=exclude, min_free_tokens=min_free_tokens,
+            rng=rng, accept=accept, local_load=local_load, rtt=rtt,
+        )  # fmt: skip
     end = num_blocks if end is None else end
     rng = rng or random.Random()
     edges: dict[int, list[tuple[float, PeerRecord]]] = {}
@@ -119,6 +134,86 @@ def plan_route(
         record = previous[block]
         hops.append(Hop(record.peer_id, record.address, record.start, record.end))
         block = record.start
+    return tuple(reversed(hops))
+
+
+def plan_push_route(
+    records: list[PeerRecord],
+    num_blocks: int,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    exclude: set[str] = frozenset(),
+    min_free_tokens: int = 0,
+    rng: random.Random | None = None,
+    accept: Callable[[PeerRecord], bool] | None = None,
+    local_load: Mapping[str, int] | None = None,
+    rtt: Mapping[str, float] | None = None,
+) -> Route | None:
+    """`plan_route` for push mode (see the module docstring): the same peers and compute costs,
+    network time by the legs a pushed token travels."""
+    end = num_blocks if end is None else end
+    rng = rng or random.Random()
+    rtt = rtt or {}
+    by_start: dict[int, list[tuple[float, PeerRecord]]] = {}
+    for record in records:
+        if record.state != PeerState.ONLINE or record.peer_id in exclude:
+            continue
+        if record.free_cache_tokens < min_free_tokens or (accept is not None and not accept(record)):
+            continue
+        if start <= record.start < record.end <= end:
+            local = local_load.get(record.peer_id, 0) if local_load else 0
+            compute = edge_cost(record, rng, local, 0.0)  # network time is added per leg below
+            by_start.setdefault(record.start, []).append((compute, record))
+
+    def gateway_leg(record: PeerRecord) -> float:
+        return rtt.get(record.address, HOP_COST_S) / 2
+
+    def peer_leg(before: PeerRecord, after: PeerRecord) -> float:
+        announced = before.next_rtt.get(after.address)
+        return announced / 2000.0 if announced is not None else gateway_leg(after)
+
+    # Dijkstra over peers: a node is the peer whose span ends a partial route (entering a peer
+    # costs the leg from the one before it plus its compute); -1 is the gateway
+    nodes = [record for entries in by_start.values() for _, record in entries]
+    compute_of = {id(record): compute for entries in by_start.values() for compute, record in entries}
+    successors: dict[int, list[int]] = {}
+    for index, record in enumerate(nodes):
+        successors.setdefault(record.start, []).append(index)
+    best: dict[int, float] = {}
+    previous: dict[int, int] = {}
+    queue: list[tuple[float, int, int]] = []  # (cost, node, 0 = partial, 1 = complete)
+    for index in successors.get(start, ()):
+        best[index] = gateway_leg(nodes[index]) + compute_of[id(nodes[index])]
+        previous[index] = -1
+        heapq.heappush(queue, (best[index], index, 0))
+    done = None
+    while queue:
+        cost, index, complete = heapq.heappop(queue)
+        if complete:
+            done = index
+            break
+        if cost > best[index]:
+            continue
+        record = nodes[index]
+        if record.end == end:
+            heapq.heappush(queue, (cost + gateway_leg(record), index, 1))
+            continue
+        for nxt in successors.get(record.end, ()):
+            after = nodes[nxt]
+            total = cost + peer_leg(record, after) + compute_of[id(after)]
+            if total < best.get(nxt, float("inf")):
+                best[nxt] = total
+                previous[nxt] = index
+                heapq.heappush(queue, (total, nxt, 0))
+    if done is None:
+        return None if start != end else ()
+    hops: list[Hop] = []
+    index = done
+    while index != -1:
+        record = nodes[index]
+        hops.append(Hop(record.peer_id, record.address, record.start, record.end))
+        index = previous[index]
     return tuple(reversed(hops))
 
 

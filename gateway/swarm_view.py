@@ -41,6 +41,7 @@ class SwarmView:
         self._seen: dict[str, dict[str, PeerRecord]] = {}  # model -> peer id -> latest record
         self.local_load: Counter[str] = Counter()  # peer id -> sessions this gateway has open there
         self.rtt: dict[str, float] = {}  # peer address -> measured round trip, s (gateway.rtt fills it)
+        self.push = False  # plan for push (hidden states peer to peer) rather than relay
         # Routes planned but whose sessions are not open yet: a burst of requests plans before any
         # of them opens, and without these every one of them would pick the same replica.
         self._reserved: dict[str, list[float]] = {}  # peer id -> monotonic times of reservations
@@ -165,7 +166,7 @@ class SwarmView:
                 break  # kept fresh in the background: a lookup now would only wait on dead nodes
             records = await self.peers(model, fresh=fresh)
             route = plan_route(records, num_blocks, exclude=exclude, min_free_tokens=min_free_tokens, accept=accept,
-                               local_load=self.load(), rtt=self.rtt)  # fmt: skip
+                               local_load=self.load(), rtt=self.rtt, push=self.push)  # fmt: skip
             if route is not None:
                 self.reserve(route)
                 return route

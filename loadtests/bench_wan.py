@@ -1,12 +1,15 @@
-"""Decode time per token through the gateway (relay) over emulated WAN links, side by side.
+"""Decode time per token over emulated WAN links, relay vs push, side by side.
 
     python -m loadtests.bench_wan [--model demo|bench] [--hops 2,3,4] [--rtt-ms 0,10,50]
 
-For each hop count a swarm is started once (DHT, one peer per span, a gateway); every peer sits
-behind a `loadtests.wan` link, and the links are reshaped between measurements, so the figures
-for 0, 10 and 50 ms round trip come from the same processes. In relay mode every hidden state
-returns to the gateway, so a token pays one round trip per hop: the figure that peer-to-peer
-push (not built yet) would cut. Writes loadtests/results/wan_relay.json.
+For each hop count a swarm is started once (DHT, one peer per span, and two gateways: one with
+`--relay`, one pushing, the default); every peer sits behind a `loadtests.wan` link, and the links
+are reshaped between measurements, so the figures for 0, 10 and 50 ms round trip come from the
+same processes, and relay and push runs alternate on them. Every link a token crosses, gateway to
+peer or peer to peer (a peer pushes to the next one's announced proxy), holds it for half the
+round trip. In relay mode every hidden state returns to the gateway, so a token pays one round
+trip per hop; in push mode half a round trip per hop plus half one back to the gateway.
+Writes loadtests/results/wan_push.json.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import httpx
 from loadtests.wan import LinkShape, WanLink
 from swarm.launcher import LocalSwarm, free_port, split_blocks
 
-RESULTS = Path(__file__).parent / "results" / "wan_relay.json"
+RESULTS = Path(__file__).parent / "results" / "wan_push.json"
 TOKENS = 24
 
 
@@ -40,7 +43,7 @@ def _decode_ms_per_token(address: str, model: str, prompt: str) -> float:
 
 
 def run(model_dir: Path, model: str, hops_list: list[int], rtts: list[float], runs: int) -> dict:
-    results = {"model": model, "tokens": TOKENS, "runs": runs, "load": os.getloadavg(), "rows": []}
+    results = {"model": model, "tokens": TOKENS, "runs": runs, "load_before": os.getloadavg(), "rows": []}
     num_blocks = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     for hops in hops_list:
         with LocalSwarm(model_dir, workdir=Path(tempfile.mkdtemp(prefix="bench-wan-")), model_name=model,
@@ -55,21 +58,35 @@ def run(model_dir: Path, model: str, hops_list: list[int], rtts: list[float], ru
             try:
                 for child in children:
                     child.address = child.wait_for_line("PEER_READY", 300)
-                gateway = swarm.start_gateway(None, "--step-timeout", "30")
+                gateways = {
+                    "relay": swarm.start_gateway(
+                        None, "--step-timeout", "30", "--relay", name="gateway-relay"
+                    ),
+                    "push": swarm.start_gateway(None, "--step-timeout", "30", name="gateway-push"),
+                }
                 deadline = time.monotonic() + 60
-                while not httpx.get(f"{gateway.address}/v1/models", timeout=10).json()["data"]:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("no route")
-                    time.sleep(0.5)
+                for gateway in gateways.values():
+                    while not httpx.get(f"{gateway.address}/v1/models", timeout=10).json()["data"]:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("no route")
+                        time.sleep(0.5)
                 for rtt in rtts:
                     for link in links:
                         link.shape = LinkShape(delay_ms=rtt / 2)
-                    _decode_ms_per_token(gateway.address, model, "warm up")
-                    times = [_decode_ms_per_token(gateway.address, model, f"run {i}") for i in range(runs)]
+                    times: dict[str, list[float]] = {mode: [] for mode in gateways}
+                    for gateway in gateways.values():
+                        _decode_ms_per_token(gateway.address, model, "warm up")
+                    for i in range(runs):  # alternating, so load drifts hit both modes alike
+                        for mode, gateway in gateways.items():
+                            times[mode].append(_decode_ms_per_token(gateway.address, model, f"run {i}"))
+                    relay, push = (statistics.median(times[mode]) for mode in ("relay", "push"))
                     row = {
                         "hops": hops,
                         "rtt_ms": rtt,
-                        "relay_ms_per_token": round(statistics.median(times), 1),
+                        "relay_ms_per_token": round(relay, 1),
+                        "push_ms_per_token": round(push, 1),
+                        "push_over_relay": round(push / relay, 3),
+                        "load": os.getloadavg()[0],
                     }
                     print(row, flush=True)
                     results["rows"].append(row)

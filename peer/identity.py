@@ -27,6 +27,7 @@ def describe(
     draining: bool,
     expires_at: float = 0.0,
     metrics_port: int = 0,
+    next_rtt: dict[str, float] | None = None,
 ) -> PeerRecord:
     """The record of a peer serving `span` (its blocks, dtype and quantization) with this live state."""
     return PeerRecord(
@@ -45,5 +46,6 @@ def describe(
         version=VERSION,
         expires_at=expires_at,
         metrics_port=metrics_port,
+        next_rtt=dict(next_rtt or {}),
         tolerance=default_tolerance(precision_name(dtype_name(span.dtype), span.quant)),
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from common.grpc_security import MemberCheck, TlsFiles, listen_warning, security_summary
+from common.grpc_security import ClientSecurity, MemberCheck, TlsFiles, listen_warning, security_summary
 from common.identity import Identity
 from common.security_metrics import SecurityCollector
 from discovery.records import PeerRecord
@@ -37,6 +37,7 @@ from peer.batching_config import (
 )
 from peer.block_selection import available_memory_bytes as free_memory_bytes
 from peer.block_selection import block_bytes, blocks_that_fit, choose_span
+from peer.forwarding import Forwarder
 from peer.identity import describe
 from peer.metrics import attach_metrics
 from peer.model import BlockSpan
@@ -211,6 +212,9 @@ class PeerServer:
             span, self.scheduler, peer_id=cfg.peer_id, cache_tokens=cache_tokens, describe=self.record,
             wire_dtype=cfg.wire_dtype, idle_ttl=cfg.idle_ttl, open_wait=cfg.open_wait,
             first_step_timeout=cfg.first_step_timeout, max_sessions_per_client=cfg.max_sessions_per_client,
+            # pushes to next hops present what a gateway's calls do: the swarm credential and, over
+            # mutual TLS, this peer's certificate (the swarm's CA signs it for client use too)
+            forwarder=Forwarder(ClientSecurity(cfg.swarm_key, self.identity.public_key, cfg.tls)),
         )  # fmt: skip
         self.servicer.batching = self.batching.describe()
         profile = await loop.run_in_executor(None, measure_pass_profile, span)
@@ -278,6 +282,7 @@ class PeerServer:
             draining=servicer.draining,
             expires_at=time.time() + self.config.ttl,
             metrics_port=self.metrics.port if self.metrics else 0,
+            next_rtt=servicer.forwarder.nearest(),
         )
 
     async def _start_dht(self) -> None:
@@ -394,6 +399,8 @@ class PeerServer:
             await self.server.stop(grace=1.0)
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.servicer is not None:
+            await self.servicer.forwarder.close()
         if self.dht is not None:
             self.dht.stop()
         if self.metrics is not None:

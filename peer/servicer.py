@@ -19,12 +19,20 @@ Concurrency contract
   (`peer.memory.session_tag`), never the id; only a session whose client chose an id of at least
   MIN_RESUMABLE_ID_CHARS characters (the gateway's are 32 hex digits) is kept for a resume, and a
   resume reattaches only the idle cache under exactly that id.
+* Push (`Step.forward`, `Peer.Push`; protos/swarm.proto): a session's steps may come on its own
+  stream (from the gateway) or through `Push` (from the previous hop); either way its result is
+  written to its own stream. `Session.lock` keeps one step of a session in `_prepare_step` +
+  the scheduler at a time (a stale push that the gateway gave up on may still be running when the
+  gateway's retry of that step arrives: the retry waits, then rewinds the cache), and
+  `Session.writing` keeps the two writers of its stream apart. A pushed step that fails after it
+  was accepted is answered on the stream with `StepResult.error_code` instead of ending it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import urllib.parse
 import uuid
 from collections.abc import Callable
@@ -37,6 +45,7 @@ import torch
 from common.logs import REQUEST_ID_HEADER, set_request_id
 from discovery.records import PeerRecord
 from peer import tensor_codec
+from peer.forwarding import Forwarder, PushFailed
 from peer.kv_cache import KVCache
 from peer.memory import BudgetExhausted, SessionTable, session_tag
 from peer.model import BlockSpan
@@ -75,6 +84,15 @@ class Session:
     reserved: int = 0  # cache tokens the budget holds for this session (see peer.memory)
     idle_since: float = 0.0
     in_forward: bool = False  # a forward pass on this cache is running in the worker thread
+    # push (see the module docstring): the id the previous hop names this session by, its stream
+    # (results of pushed steps are written there), and the two locks
+    push_id: str = ""
+    stream: grpc.aio.ServicerContext | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    first_step_timer: asyncio.Timeout | None = None  # the stream's wait for a first step
+    pushed_to: bool = False  # a step came through Push: the stream's first-step wait is over
+    keep: bool = True  # keep the cache for a resume when the stream ends (not after a failed step)
 
 
 class PeerServicer(swarm_pb2_grpc.PeerServicer):
@@ -94,6 +112,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         open_wait: float = 5.0,
         first_step_timeout: float = 30.0,
         max_sessions_per_client: int = 1024,
+        forwarder: Forwarder | None = None,
     ):
         if first_step_timeout < 0:
             raise ValueError(f"first_step_timeout must be >= 0 (0: off), got {first_step_timeout}")
@@ -115,6 +134,10 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.batching = ""  # the batching configuration and why (set by the server, shown in Info)
         self.all_closed = asyncio.Event()
         self.all_closed.set()
+        self.forwarder = forwarder or Forwarder()  # pushes to next hops (peer.forwarding)
+        self.push_targets: dict[str, Session] = {}  # Opened.push_id -> live session
+        self.pushes_received = 0
+        self._pushing: set[asyncio.Task] = set()
 
     # -- bookkeeping -------------------------------------------------------------------------
     @property
@@ -199,6 +222,8 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             self._uncount(client)
             raise
         session.client = client
+        session.push_id = secrets.token_hex(16)
+        self.push_targets[session.push_id] = session
         held = 0
         if resumed:
             # Keep only the prefix the caller's sequence shares with what the cache holds.
@@ -234,7 +259,9 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
     def _close(self, session: Session, keep: bool = True) -> None:
         # The cache itself is freed when the last reference goes: a forward pass already running
         # in the worker thread may still hold this session.
-        self.table.release(session, keep=keep and session.resumable and not self.draining)
+        self.table.release(session, keep=keep and session.keep and session.resumable and not self.draining)
+        self.push_targets.pop(session.push_id, None)
+        session.stream = None
         self.scheduler.forget(session)
         self._uncount(session.client)
         log.info(
@@ -344,11 +371,14 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         try:
             while True:
                 try:
-                    if first_step_due is None:
+                    if first_step_due is None or session.pushed_to:
                         request = await context.read()
                     else:
-                        async with asyncio.timeout_at(first_step_due):
+                        # a first step that comes through Push ends this wait (`_accept_push`)
+                        async with asyncio.timeout_at(first_step_due) as timer:
+                            session.first_step_timer = timer
                             request = await context.read()
+                        session.first_step_timer = None
                 except TimeoutError:
                     # Opened and never stepped: its reservation would hold the budget for nothing.
                     log.info(
@@ -369,11 +399,14 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                                 grpc.StatusCode.FAILED_PRECONDITION, "this stream already has a session"
                             )
                         session, held = await self._open(request.open, client)
+                        session.stream = context
                         if self.first_step_timeout > 0:
                             first_step_due = asyncio.get_running_loop().time() + self.first_step_timeout
                         await context.write(
                             swarm_pb2.InferenceResponse(
-                                opened=swarm_pb2.Opened(peer_id=self.peer_id, cache_length=held)
+                                opened=swarm_pb2.Opened(
+                                    peer_id=self.peer_id, cache_length=held, push_id=session.push_id
+                                )
                             )
                         )
                     elif kind == "step":
@@ -382,9 +415,16 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                                 grpc.StatusCode.FAILED_PRECONDITION, "open a session before stepping"
                             )
                         first_step_due = None
-                        result = await self.scheduler.submit(self._prepare_step(session, request.step))
+                        step = request.step
+                        own, onward = _split(step)
+                        async with session.lock:
+                            result = await self.scheduler.submit(self._prepare_step(session, own))
                         result.draining = self.draining  # asks the gateway to move this session
-                        await context.write(swarm_pb2.InferenceResponse(result=result))
+                        result.seq = step.seq
+                        if onward is not None:
+                            await self._forward(step, onward, result)
+                        async with session.writing:
+                            await context.write(swarm_pb2.InferenceResponse(result=result))
                     elif kind == "close":
                         break
                     else:
@@ -402,6 +442,96 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                 # Kept idle whether the stream closed or broke: a resume compares token ids, so
                 # a cache the caller is unsure of is still safe to offer.
                 self._close(session, keep=keep)
+
+    async def Push(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Steps from a previous hop of push chains (one stream per pushing peer, any sessions):
+        each is validated and queued, then acknowledged in order (`PushAck.code` 0); one that
+        cannot be accepted is acked with its status, and the stream goes on. Results go to the
+        gateway on each session's own stream (`_finish_push`)."""
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                return
+            try:
+                await self._accept_push(request)
+                ack = swarm_pb2.PushAck()
+            except StepError as exc:
+                ack = swarm_pb2.PushAck(code=exc.code.value[0], message=exc.message)
+            await context.write(ack)
+
+    async def _accept_push(self, request: swarm_pb2.PushRequest) -> None:
+        """Validate and queue a pushed step (StepError when refused). The session's lock is held
+        from here until the scheduler has run it; it is free unless a step the gateway gave up
+        on still runs (then this stream's later pushes wait for that one step too)."""
+        session = self.push_targets.get(request.push_id)
+        if session is None:
+            raise StepError(
+                grpc.StatusCode.NOT_FOUND, "no live session has this push_id (closed, or not opened here)"
+            )
+        self.pushes_received += 1
+        step = request.step
+        own, onward = _split(step)
+        await session.lock.acquire()
+        try:
+            if session.stream is None:
+                raise StepError(grpc.StatusCode.NOT_FOUND, "the session closed")
+            work = self._prepare_step(session, own)
+        except BaseException:
+            session.lock.release()
+            raise
+        if not session.pushed_to:
+            session.pushed_to = True
+            if session.first_step_timer is not None:
+                session.first_step_timer.reschedule(None)
+        task = asyncio.get_running_loop().create_task(self._finish_push(session, work, step, onward))
+        self._pushing.add(task)  # a reference, so the task is not collected while it runs
+        task.add_done_callback(self._pushing.discard)
+
+    async def _finish_push(
+        self, session: Session, work: StepWork, step: swarm_pb2.Step, onward: swarm_pb2.Step | None
+    ) -> None:
+        try:
+            try:
+                result = await self.scheduler.submit(work)
+            finally:
+                session.lock.release()
+            result.draining = self.draining
+            result.seq = step.seq
+            if onward is not None:
+                await self._forward(step, onward, result)
+        except StepFailed as exc:
+            session.keep = False  # its cache may hold what the failed step wrote
+            code = grpc.StatusCode.INVALID_ARGUMENT if exc.bad_input else grpc.StatusCode.INTERNAL
+            result = _failed(step.seq, code, f"step failed: {exc}")
+        except ForwardFailed as exc:
+            result = _failed(step.seq, grpc.StatusCode.INTERNAL, f"forward failed: {exc}")
+        stream = session.stream
+        if stream is None:  # the gateway closed the session meanwhile
+            return
+        try:
+            async with session.writing:
+                await stream.write(swarm_pb2.InferenceResponse(result=result))
+        except Exception as exc:  # noqa: BLE001 - the stream ended; the gateway sees that itself
+            log.debug("could not answer a pushed step: %s", exc)
+
+    async def _forward(
+        self, step: swarm_pb2.Step, onward: swarm_pb2.Step, result: swarm_pb2.StepResult
+    ) -> None:
+        """Send this hop's output to `step.forward[0]`. Delivered: `result` becomes an ack (no
+        hidden states). Not: `result` keeps them and names the next hop's failure, so the gateway
+        carries this step on itself (relay) without running this hop again."""
+        onward.hidden.CopyFrom(result.hidden)
+        onward.pass_id = result.pass_id
+        timeout = step.forward_timeout_ms / 1000.0 if step.forward_timeout_ms > 0 else None
+        try:
+            await self.forwarder.push(step.forward[0], onward, timeout)
+        except PushFailed as exc:
+            log.info("could not push to the next hop %s: %s", exc.address, exc)
+            result.forward_error = f"{exc.address}: {exc.code.name}: {exc.message}"
+            result.forward_error_code = exc.code.value[0]
+            return
+        result.ClearField("hidden")
+        result.forwarded = True
 
     async def Info(self, request, context):
         record = self.describe()
@@ -427,6 +557,9 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             prepacked=self.span_prepacked,
             pipeline_groups=self.scheduler.groups_now,
             batching=self.batching,
+            pushed_steps=self.forwarder.pushed,
+            pushes_received=self.pushes_received,
+            next_rtt_ms=self.forwarder.nearest(),
         )
 
     @property
@@ -453,6 +586,40 @@ def client_host(peer: str) -> str:
     if kind in ("ipv4", "ipv6") and ":" in rest:
         return rest.rpartition(":")[0].strip("[]")
     return peer or "unknown"
+
+
+LAST_SPAN_FIELDS = ("sample", "allowed_token_ids", "allowed_token_mask", "prompt_logprobs")
+
+
+def _split(step: swarm_pb2.Step) -> tuple[swarm_pb2.Step, swarm_pb2.Step | None]:
+    """A step with `forward`: what this hop runs (no last-span fields) and what goes on to the
+    next hop (everything but the hidden states and pass id, which this hop's result gives).
+    Without `forward`: the step itself, and None."""
+    if not step.forward:
+        return step, None
+    own = swarm_pb2.Step(token_ids=step.token_ids, position=step.position, pass_id=step.pass_id, seq=step.seq)
+    if step.HasField("hidden"):
+        own.hidden.CopyFrom(step.hidden)
+    onward = swarm_pb2.Step(
+        token_ids=step.token_ids,
+        position=step.position,
+        forward=step.forward[1:],
+        seq=step.seq,
+        forward_timeout_ms=step.forward_timeout_ms,
+    )
+    for name in LAST_SPAN_FIELDS:
+        if name == "prompt_logprobs" and not step.HasField(name):
+            continue
+        value = getattr(step, name)
+        if name == "allowed_token_ids":
+            onward.allowed_token_ids.extend(value)
+        else:
+            setattr(onward, name, value)
+    return own, onward
+
+
+def _failed(seq: int, code: grpc.StatusCode, message: str) -> swarm_pb2.StepResult:
+    return swarm_pb2.StepResult(seq=seq, error_code=code.value[0], error_message=message)
 
 
 def _common_prefix(a: list[int], b) -> int:

@@ -74,7 +74,7 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., max_length: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., resume: _Optional[bool] = ..., resume_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("token_ids", "hidden", "position", "sample", "allowed_token_ids", "prompt_logprobs", "pass_id", "allowed_token_mask")
+    __slots__ = ("token_ids", "hidden", "position", "sample", "allowed_token_ids", "prompt_logprobs", "pass_id", "allowed_token_mask", "forward", "seq", "forward_timeout_ms")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,9 @@ class Step(_message.Message):
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PASS_ID_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_TOKEN_MASK_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     hidden: Tensor
     position: int
@@ -91,7 +94,34 @@ class Step(_message.Message):
     prompt_logprobs: int
     pass_id: int
     allowed_token_mask: bytes
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., sample: _Optional[bool] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[int] = ..., pass_id: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ...) -> None: ...
+    forward: _containers.RepeatedCompositeFieldContainer[Forward]
+    seq: int
+    forward_timeout_ms: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., sample: _Optional[bool] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[int] = ..., pass_id: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ..., forward: _Optional[_Iterable[_Union[Forward, _Mapping]]] = ..., seq: _Optional[int] = ..., forward_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class Forward(_message.Message):
+    __slots__ = ("address", "push_id")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    push_id: str
+    def __init__(self, address: _Optional[str] = ..., push_id: _Optional[str] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("push_id", "step")
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    push_id: str
+    step: Step
+    def __init__(self, push_id: _Optional[str] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
+
+class PushAck(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Close(_message.Message):
     __slots__ = ()
@@ -126,7 +156,7 @@ class PromptLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("hidden", "token_id", "logprob", "top_logprobs", "cache_length", "draining", "prompt_logprobs", "pass_id")
+    __slots__ = ("hidden", "token_id", "logprob", "top_logprobs", "cache_length", "draining", "prompt_logprobs", "pass_id", "forwarded", "forward_error", "forward_error_code", "seq", "error_code", "error_message")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +165,12 @@ class StepResult(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PASS_ID_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     token_id: int
     logprob: float
@@ -143,15 +179,23 @@ class StepResult(_message.Message):
     draining: bool
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[PromptLogprob]
     pass_id: int
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., cache_length: _Optional[int] = ..., draining: _Optional[bool] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprob, _Mapping]]] = ..., pass_id: _Optional[int] = ...) -> None: ...
+    forwarded: bool
+    forward_error: str
+    forward_error_code: int
+    seq: int
+    error_code: int
+    error_message: str
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., cache_length: _Optional[int] = ..., draining: _Optional[bool] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprob, _Mapping]]] = ..., pass_id: _Optional[int] = ..., forwarded: _Optional[bool] = ..., forward_error: _Optional[str] = ..., forward_error_code: _Optional[int] = ..., seq: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("peer_id", "cache_length")
+    __slots__ = ("peer_id", "cache_length", "push_id")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     cache_length: int
-    def __init__(self, peer_id: _Optional[str] = ..., cache_length: _Optional[int] = ...) -> None: ...
+    push_id: str
+    def __init__(self, peer_id: _Optional[str] = ..., cache_length: _Optional[int] = ..., push_id: _Optional[str] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
     __slots__ = ("opened", "result")
@@ -166,7 +210,14 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("peer_id", "model", "start_block", "end_block", "num_blocks", "dtype", "quant", "live_sessions", "free_cache_tokens", "throughput", "version", "state", "idle_sessions", "cache_budget_tokens", "tokens_processed", "forward_passes", "steps", "evictions", "prepacked", "pipeline_groups", "batching")
+    __slots__ = ("peer_id", "model", "start_block", "end_block", "num_blocks", "dtype", "quant", "live_sessions", "free_cache_tokens", "throughput", "version", "state", "idle_sessions", "cache_budget_tokens", "tokens_processed", "forward_passes", "steps", "evictions", "prepacked", "pipeline_groups", "batching", "pushed_steps", "pushes_received", "next_rtt_ms")
+    class NextRttMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +239,9 @@ class InfoResponse(_message.Message):
     PREPACKED_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_GROUPS_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RTT_MS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     model: str
     start_block: int
@@ -209,4 +263,7 @@ class InfoResponse(_message.Message):
     prepacked: bool
     pipeline_groups: int
     batching: str
-    def __init__(self, peer_id: _Optional[str] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., live_sessions: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., idle_sessions: _Optional[int] = ..., cache_budget_tokens: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., evictions: _Optional[int] = ..., prepacked: _Optional[bool] = ..., pipeline_groups: _Optional[int] = ..., batching: _Optional[str] = ...) -> None: ...
+    pushed_steps: int
+    pushes_received: int
+    next_rtt_ms: _containers.ScalarMap[str, float]
+    def __init__(self, peer_id: _Optional[str] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., live_sessions: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., idle_sessions: _Optional[int] = ..., cache_budget_tokens: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., evictions: _Optional[int] = ..., prepacked: _Optional[bool] = ..., pipeline_groups: _Optional[int] = ..., batching: _Optional[str] = ..., pushed_steps: _Optional[int] = ..., pushes_received: _Optional[int] = ..., next_rtt_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class PeerStub:
                 request_serializer=swarm__pb2.InfoRequest.SerializeToString,
                 response_deserializer=swarm__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Push = channel.stream_stream(
+                '/swarm.Peer/Push',
+                request_serializer=swarm__pb2.PushRequest.SerializeToString,
+                response_deserializer=swarm__pb2.PushAck.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -61,6 +66,13 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request_iterator, context):
+        """peer to peer (see Step.forward)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +85,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=swarm__pb2.InfoRequest.FromString,
                     response_serializer=swarm__pb2.InfoResponse.SerializeToString,
+            ),
+            'Push': grpc.stream_stream_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=swarm__pb2.PushRequest.FromString,
+                    response_serializer=swarm__pb2.PushAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +146,33 @@ class Peer:
             '/swarm.Peer/Info',
             swarm__pb2.InfoRequest.SerializeToString,
             swarm__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/swarm.Peer/Push',
+            swarm__pb2.PushRequest.SerializeToString,
+            swarm__pb2.PushAck.FromString,
             options,
             channel_credentials,
             insecure,

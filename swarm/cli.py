@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "gateway", "--session-ttl", type=float, default=3600.0, help="seconds a session pin lives")
     _flag(gateway, "gateway", "--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
           help="dtype hidden states travel in between peers; auto: each sender's compute dtype")  # fmt: skip
+    _flag(gateway, "gateway", "--relay", action="store_true",
+          help="carry every hop's hidden states through the gateway instead of peer to peer (push, the default; "
+               "an edge whose peer cannot reach the next is relayed either way)")  # fmt: skip
     _flag(gateway, "gateway", "--max-body-bytes", type=int, default=4 << 20,
           help="largest request body (counted as it arrives, chunked or not); larger ones get 413")  # fmt: skip
     _flag(gateway, "gateway", "--max-concurrent", type=int, default=256,
@@ -645,6 +648,7 @@ def cmd_gateway(args) -> int:
         failover_timeout=args.failover_timeout,
         session_ttl=args.session_ttl,
         wire_dtype="" if args.wire_dtype == "auto" else args.wire_dtype,
+        relay=args.relay,
         log_prompts=args.log_prompts,
         verify_fraction=args.verify_fraction,
         verify_ban=args.verify_ban,

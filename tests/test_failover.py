@@ -8,6 +8,8 @@ the next test waits for. The last test takes a whole span away for good.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -19,6 +21,7 @@ import httpx
 import pytest
 import redis as redis_lib
 
+from common.peer_client import ChannelPool, PeerError, peer_info
 from swarm.launcher import Child, LocalSwarm, free_port
 from tests.conftest import HEARTBEAT, RedisServer, wait_until
 
@@ -155,6 +158,28 @@ def _failovers(swarm: Swarm) -> int:
     return swarm.health()["failover"]["failovers"]
 
 
+def _pushes_received(swarm: Swarm, span: tuple[int, int]) -> dict[str, int]:
+    """Steps pushed to each live peer of `span` by a previous hop (`Info.pushes_received`)."""
+
+    async def ask(children: dict[str, Child]) -> dict[str, int]:
+        pool = ChannelPool()
+        counts = {}
+        try:
+            for peer, child in children.items():
+                with contextlib.suppress(PeerError):  # killed
+                    counts[peer] = (await peer_info(pool, child.address, timeout=2)).pushes_received
+        finally:
+            await pool.close()
+        return counts
+
+    live = {
+        peer: child
+        for peer, child in swarm.peers().items()
+        if child.process.poll() is None and child.address and swarm.span_of(child) == span
+    }
+    return asyncio.run(ask(live))
+
+
 @pytest.mark.parametrize("position", [0, 1, 2], ids=["first", "middle", "last"])
 def test_sigkill_mid_stream_continues_exactly(swarm, reference, position):
     swarm.settle()
@@ -166,12 +191,17 @@ def test_sigkill_mid_stream_continues_exactly(swarm, reference, position):
         victim.signal(signal.SIGKILL)
         victims.append(victim)
 
+    received_before = _pushes_received(swarm, SPANS[1])
     session = f"killed-{position}"
     result = swarm.stream(kill, headers={"X-Session-Id": session})
     swarm.replace(victims[0])
     assert result.errors == [] and result.done
     assert result.text == reference
     assert _failovers(swarm) > before, "the peer died after the stream ended: no failover happened"
+    if position == 1:  # push (the gateway's default): after the failover the first hop pushes to
+        # the replacement, which the middle span's other peers received nothing from before
+        received = _pushes_received(swarm, SPANS[1])
+        assert sum(count - received_before.get(peer, 0) for peer, count in received.items()) > 0
     health = swarm.health()["failover"]
     assert health["pause_ms_max"] is not None and health["pause_ms_max"] > 0
     # the pin follows the failover: the next turn goes to the replacement, not the dead peer

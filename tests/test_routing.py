@@ -58,3 +58,24 @@ def test_local_load_spreads_a_burst_over_replicas():
         (hop,) = plan_route(records, 4, rng=rng, local_load=load)
         load[hop.peer_id] += 1
     assert load["r2"] >= 6, load
+
+
+def test_push_plans_by_the_legs_a_pushed_token_travels():
+    """Push: half the gateway's round trip to the first and from the last hop, half the announced
+    peer-to-peer round trips in between. Relay charges each hop the gateway's round trip."""
+    near_gw = record("a1", 0, 2, address="10.0.0.1:1", next_rtt={"10.0.0.9:1": 100.0})
+    near_next = record("a2", 0, 2, address="10.0.0.2:1", next_rtt={"10.0.0.9:1": 1.0})
+    tail = record("b", 2, 4, address="10.0.0.9:1")
+    rtt = {"10.0.0.1:1": 0.010, "10.0.0.2:1": 0.030, "10.0.0.9:1": 0.020}
+    records = [near_gw, near_next, tail]
+    for seed in range(5):
+        relay = plan_route(records, 4, rtt=rtt, rng=random.Random(seed))
+        push = plan_route(records, 4, rtt=rtt, rng=random.Random(seed), push=True)
+        assert [hop.peer_id for hop in relay] == ["a1", "b"]
+        assert [hop.peer_id for hop in push] == ["a2", "b"]  # 15 + 0.5 ms beats 5 + 50 ms
+    # a pair nobody measured costs the gateway's round trip to the later peer; spans still chain
+    unmeasured = [record("a", 0, 1), record("b", 1, 3), record("c", 3, 4), record("bc", 1, 4)]
+    assert spans(plan_route(unmeasured, 4, push=True)) == [(0, 1), (1, 4)]
+    assert plan_route([record("a", 0, 2)], 4, push=True) is None
+    route = plan_route(records, 4, start=2, end=4, push=True)
+    assert [hop.peer_id for hop in route] == ["b"]

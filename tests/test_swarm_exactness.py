@@ -1,6 +1,8 @@
 """The distributed model is the model: greedy decoding through real peer processes, found via the
 DHT and driven by the gateway's own route runner, gives exactly `transformers` `generate()`'s
-tokens, and the last span's log-probabilities agree with the reference logits to 1e-4 (fp32)."""
+tokens, and the last span's log-probabilities agree with the reference logits to 1e-4 (fp32).
+Hidden states travel peer to peer (push, the default) or through the gateway (relay); both are
+exact, and the push runs are checked to have pushed every step."""
 
 from __future__ import annotations
 
@@ -43,7 +45,9 @@ def reference(model_dir, prompt: list[int], new_tokens: int = NEW_TOKENS) -> tup
     return tokens, logprobs
 
 
-async def through_swarm(local: LocalSwarm, model_id: str, num_blocks: int, prompt: list[int]):
+async def through_swarm(
+    local: LocalSwarm, model_id: str, num_blocks: int, prompt: list[int], push: bool = True
+):
     dht = SwarmDHT()
     await dht.start("127.0.0.1", 0, [parse_address(local.dht_address)])
     pool = ChannelPool()
@@ -54,23 +58,26 @@ async def through_swarm(local: LocalSwarm, model_id: str, num_blocks: int, promp
         params = GenerationParams(
             prompt_ids=prompt, max_new_tokens=NEW_TOKENS, sampling=sampling, ignore_eos=True
         )
-        events = [event async for event in generate(RouteRunner(pool, route, 30.0), params)]
-        return route, events
+        runner = RouteRunner(pool, route, 30.0, push=push)
+        events = [event async for event in generate(runner, params)]
+        return route, events, runner.pushed_steps
     finally:
         await pool.close()
         dht.stop()
 
 
 @pytest.mark.parametrize(
-    ("model_fixture", "spans", "flags"),
+    ("model_fixture", "spans", "flags", "push"),
     [
-        ("demo_model", [(0, 2), (2, 4)], ()),
-        ("demo_model", [(0, 1), (1, 3), (3, 4)], ("--prepack",)),  # oneDNN-packed weights (peer.gemm)
-        ("tiny_model", [(0, 1), (1, 3)], ()),
+        ("demo_model", [(0, 2), (2, 4)], (), True),
+        ("demo_model", [(0, 1), (1, 3), (3, 4)], ("--prepack",), True),  # oneDNN-packed weights (peer.gemm)
+        ("tiny_model", [(0, 1), (1, 3)], (), False),
     ],
-    ids=["demo-2-peers", "demo-3-peers-uneven-prepacked", "tiny-gqa-2-peers-uneven"],
+    ids=["demo-2-peers-push", "demo-3-peers-uneven-prepacked-push", "tiny-gqa-2-peers-uneven-relay"],
 )
-async def test_greedy_tokens_and_logprobs_match_transformers(model_fixture, spans, flags, request, tmp_path):
+async def test_greedy_tokens_and_logprobs_match_transformers(
+    model_fixture, spans, flags, push, request, tmp_path
+):
     model_dir = request.getfixturevalue(model_fixture)
     num_blocks = spans[-1][1]
     vocab = int(__import__("json").loads((model_dir / "config.json").read_text())["vocab_size"])
@@ -79,9 +86,11 @@ async def test_greedy_tokens_and_logprobs_match_transformers(model_fixture, span
     with LocalSwarm(model_dir, workdir=tmp_path, heartbeat=HEARTBEAT, ttl=TTL, model_name="m") as local:
         local.start_dht()
         local.start_peers(spans, "--threads", "1", *flags)
-        route, events = await through_swarm(local, "m", num_blocks, prompt)
+        route, events, pushed = await through_swarm(local, "m", num_blocks, prompt, push)
 
     assert [(hop.start, hop.end) for hop in route] == spans
+    # every step (the prefill, then one per sampled token but the last) went peer to peer, or none
+    assert pushed == (NEW_TOKENS if push else 0)
     expected_tokens, expected_logprobs = reference(model_dir, prompt)
     assert [event.token_id for event in events] == expected_tokens
     for step, event in enumerate(events):

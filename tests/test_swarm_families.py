@@ -34,7 +34,7 @@ async def test_family_through_peers_matches_transformers(arch, spans, tmp_path):
     with LocalSwarm(model_dir, workdir=tmp_path, heartbeat=HEARTBEAT, ttl=TTL, model_name="m") as local:
         local.start_dht()
         local.start_peers(spans, "--threads", "1")
-        route, events = await through_swarm(local, "m", spans[-1][1], prompt)
+        route, events, _ = await through_swarm(local, "m", spans[-1][1], prompt)
 
     assert [(hop.start, hop.end) for hop in route] == spans
     expected_tokens, expected_logprobs = reference(model_dir, prompt)

@@ -276,7 +276,8 @@ async def test_member_check_refuses_calls_without_the_credential():
 
 @pytest.fixture(scope="module")
 def private_tls_swarm(demo_model, tmp_path_factory):
-    """The demo model on a private swarm (swarm key) over mutual TLS: DHT, two peers, a gateway."""
+    """The demo model on a private swarm (swarm key) over mutual TLS: DHT, two peers, a gateway
+    (pushing hidden states peer to peer, the default)."""
     from swarm.launcher import LocalSwarm
     from tests.conftest import HEARTBEAT, TTL
 
@@ -351,7 +352,12 @@ def test_private_tls_swarm_serves_as_before_and_refuses_outsiders(private_tls_sw
         no_key = ChannelPool(ClientSecurity(tls=files))  # the outsider's credentials: TLS, no key
         plaintext = ChannelPool(ClientSecurity(swarm_key=key, public_key="m"))
         try:
-            assert (await peer_info(member, peers[0].address)).end_block == 2
+            first = await peer_info(member, peers[0].address)
+            assert first.end_block == 2
+            # the chats went peer to peer (push), the first peer's calls to the second admitted
+            # by its membership check and over mutual TLS like a gateway's
+            assert first.pushed_steps > 0 and peers[1].address in first.next_rtt_ms
+            assert (await peer_info(member, peers[1].address)).pushes_received == first.pushed_steps
             with pytest.raises(PeerError) as refused:
                 await peer_info(no_key, peers[0].address)
             assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED

@@ -1,0 +1,161 @@
+"""Peer-to-peer push: send a step's hidden states straight to the next hop, and time it.
+
+A hop whose step carries `Step.forward` hands its output to the next hop on a `Peer.Push` stream:
+one long-lived stream per next hop address (`_Link`), shared by every session that pushes there,
+each request answered by one `PushAck` in order (protos/swarm.proto says why a stream rather than
+a unary call per step). A request is acked as soon as the next hop has validated and queued the
+step, so the time to its ack measures the link plus a little bookkeeping, not the next hop's
+compute: that is the round trip this peer announces for the next hop (`nearest`), smoothed like
+TCP's SRTT, which the gateway's planner uses as the cost of the edge between two hops in push mode
+(`gateway.routing`).
+
+Concurrency contract: everything runs on the peer's event loop. A link's writes and the queue of
+acks it waits for change together under its lock, so acks match requests by order; its reader
+task resolves them. A link whose stream ends fails every push waiting on it and is replaced by a
+new one at the next push.
+
+The stream carries this peer's swarm credential and TLS client certificate (`ClientSecurity`), so
+a private swarm needs nothing more: the next hop admits it like a gateway's calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+
+import grpc
+
+from common.grpc_security import PUSH_METHOD, ClientSecurity
+from common.peer_client import ChannelPool
+from protos import swarm_pb2
+
+DEFAULT_TIMEOUT_S = 10.0  # when the step names none (`Step.forward_timeout_ms`)
+SMOOTHING = 0.3  # weight of a new sample, as `gateway.rtt` and TCP's SRTT
+ANNOUNCED = 8  # next hops whose round trips go in the DHT record: the nearest ones
+KEPT = 256  # next hops remembered at most (the oldest are dropped)
+
+
+class PushFailed(Exception):
+    """The next hop did not accept a pushed step: its status, or ours when it did not answer."""
+
+    def __init__(self, address: str, code: grpc.StatusCode, message: str):
+        super().__init__(f"{address}: {code.name}: {message}")
+        self.address = address
+        self.code = code
+        self.message = message
+
+
+def _status(code: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
+class _Link:
+    """One `Push` stream to one next hop, and the acks it still owes, oldest first."""
+
+    def __init__(self, pool: ChannelPool, address: str):
+        self.address = address
+        self.call = pool.stub(address).Push(metadata=pool.metadata(PUSH_METHOD))
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        self.lock = asyncio.Lock()
+        self.closed: PushFailed | None = None
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def send(self, request: swarm_pb2.PushRequest) -> asyncio.Future:
+        ack = asyncio.get_running_loop().create_future()
+        async with self.lock:
+            if self.closed is not None:
+                raise self.closed
+            self.waiting.append(ack)
+            try:
+                await self.call.write(request)
+            except (
+                grpc.aio.AioRpcError,
+                grpc.aio.UsageError,
+                asyncio.InvalidStateError,
+                RuntimeError,
+            ) as exc:
+                self._fail(PushFailed(self.address, grpc.StatusCode.UNAVAILABLE, f"push stream broke: {exc}"))
+        return ack
+
+    async def _read(self) -> None:
+        failure = PushFailed(self.address, grpc.StatusCode.UNAVAILABLE, "push stream ended")
+        try:
+            while True:
+                ack = await self.call.read()
+                if ack is grpc.aio.EOF:
+                    code = await self.call.code()
+                    failure = PushFailed(self.address, code, await self.call.details() or "push stream ended")
+                    break
+                if self.waiting:
+                    future = self.waiting.popleft()
+                    if not future.done():  # else its pusher gave up waiting
+                        future.set_result(ack)
+        except grpc.aio.AioRpcError as exc:
+            failure = PushFailed(self.address, exc.code(), exc.details() or "")
+        except asyncio.CancelledError:
+            failure = PushFailed(self.address, grpc.StatusCode.CANCELLED, "this peer is stopping")
+            raise
+        finally:
+            self._fail(failure)
+
+    def _fail(self, failure: PushFailed) -> None:
+        self.closed = self.closed or failure
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(self.closed)
+        self.call.cancel()
+
+
+class Forwarder:
+    """Pushes steps to next hops over one stream per address, and keeps their round trips."""
+
+    def __init__(self, security: ClientSecurity | None = None):
+        self.pool = ChannelPool(security)
+        self._links: dict[str, _Link] = {}
+        self.rtt_s: dict[str, float] = {}  # next hop address -> smoothed round trip (seconds)
+        self.pushed = 0
+
+    async def push(
+        self, target: swarm_pb2.Forward, step: swarm_pb2.Step, timeout: float | None = None
+    ) -> None:
+        """Deliver `step` to the session `target` names; PushFailed when it is not accepted."""
+        link = self._links.get(target.address)
+        if link is None or link.closed is not None:
+            link = self._links[target.address] = _Link(self.pool, target.address)
+        began = time.perf_counter()
+        ack_future = await link.send(swarm_pb2.PushRequest(push_id=target.push_id, step=step))
+        try:
+            async with asyncio.timeout(timeout or DEFAULT_TIMEOUT_S):
+                ack = await ack_future
+        except TimeoutError:
+            raise PushFailed(
+                target.address,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the next hop did not accept the step in time",
+            ) from None
+        if ack.code:
+            raise PushFailed(target.address, _status(ack.code), ack.message)
+        self._observe(target.address, time.perf_counter() - began)
+        self.pushed += 1
+
+    def _observe(self, address: str, seconds: float) -> None:
+        old = self.rtt_s.pop(address, None)  # re-inserted last: the dict stays ordered by use
+        self.rtt_s[address] = seconds if old is None else old + SMOOTHING * (seconds - old)
+        while len(self.rtt_s) > KEPT:
+            del self.rtt_s[next(iter(self.rtt_s))]
+
+    def nearest(self, count: int = ANNOUNCED) -> dict[str, float]:
+        """The `count` next hops with the shortest round trips, in milliseconds (rounded to 0.1)."""
+        best = sorted(self.rtt_s.items(), key=lambda item: item[1])[:count]
+        return {address: round(seconds * 1000.0, 1) for address, seconds in best}
+
+    async def close(self) -> None:
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await link.reader
+        await self.pool.close()
