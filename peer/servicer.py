@@ -468,7 +468,6 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             raise StepError(
                 grpc.StatusCode.NOT_FOUND, "no live session has this push_id (closed, or not opened here)"
             )
-        self.pushes_received += 1
         step = request.step
         own, onward = _split(step)
         await session.lock.acquire()
@@ -479,6 +478,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         except BaseException:
             session.lock.release()
             raise
+        self.pushes_received += 1  # accepted pushes only, comparable with the sender's count
         if not session.pushed_to:
             session.pushed_to = True
             if session.first_step_timer is not None:

@@ -357,7 +357,10 @@ def test_private_tls_swarm_serves_as_before_and_refuses_outsiders(private_tls_sw
             # the chats went peer to peer (push), the first peer's calls to the second admitted
             # by its membership check and over mutual TLS like a gateway's
             assert first.pushed_steps > 0 and peers[1].address in first.next_rtt_ms
-            assert (await peer_info(member, peers[1].address)).pushes_received == first.pushed_steps
+            # at least as many as the sender saw acked: an ack that outlives the sender's deadline
+            # under load is counted only here (the sender relays that step instead)
+            received = (await peer_info(member, peers[1].address)).pushes_received
+            assert received >= first.pushed_steps
             with pytest.raises(PeerError) as refused:
                 await peer_info(no_key, peers[0].address)
             assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
