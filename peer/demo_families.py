@@ -67,6 +67,19 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
         **_LLAMA_LIKE, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
         "norm_topk_prob": True, "mlp_only_layers": [0], "tie_word_embeddings": True,
     }),
+    # MLA with q and kv low-rank paths (v_head_dim != qk dims), YaRN with both mscales, 8 routed
+    # experts top-2 in 2 groups of which 1 is eligible, one shared expert, a dense first layer.
+    "deepseek_v3": ("DeepseekV3Config", {
+        **_SHAPE, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": 32, "kv_lora_rank": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+        "moe_intermediate_size": 32, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": True, "attention_bias": True,
+        "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024,
+            "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1,
+        },
+    }),
 }  # fmt: skip
 
 
@@ -100,6 +113,9 @@ def create_family_model(
                 for name, param in sorted(model.named_parameters()):
                     if name.endswith(".bias"):
                         param.copy_(0.1 * torch.randn_like(param))
+                for name, buffer in sorted(model.named_buffers()):
+                    if name.endswith("e_score_correction_bias"):  # DeepSeek's routing bias, init 0
+                        buffer.copy_(0.1 * torch.randn_like(buffer))
                     elif re.search(r"(norm|\bln_\w+)\.weight$", name):
                         param.add_(0.2 * torch.randn_like(param))
     model.generation_config.bos_token_id = BOS_ID

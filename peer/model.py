@@ -13,6 +13,7 @@ share a step without padding, which is what continuous batching needs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -36,6 +37,7 @@ from peer.families import (  # noqa: F401 - SUPPORTED_MODEL_TYPES is re-exported
     family_of,
     fused_qkv_order,
 )
+from peer import fp8
 from peer.gemm import linear
 from peer.kv_cache import KVCache
 from peer.tensor_codec import DTYPES
@@ -127,7 +129,21 @@ class SpanConfig:
     experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    moe_routing: str = "softmax"  # softmax top-k (MoE) | grouped_sigmoid (peer.grouped_moe)
     moe_layers: tuple[bool, ...] = ()  # per model layer: MoE or dense MLP
+    # ---- DeepSeek-V3 / Kimi K2 (peer.grouped_moe, peer.mla) ----
+    moe_groups: int = 1  # n_group: experts are chosen from the best topk_group groups
+    moe_topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_experts: int = 0  # n_shared_experts: one gated MLP of that many times the expert size
+    attention: str = "mha"  # mha | mla (multi-head latent attention)
+    q_lora_rank: int = 0  # 0: q_proj straight from the hidden state
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # DeepSeek's rotary pairs (x0, x1), (x2, x3), ...
+    fp8_block: tuple[int, ...] = ()  # block-wise FP8 checkpoint's tile, dequantized at load (peer.fp8)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike[str]) -> SpanConfig:
@@ -145,6 +161,7 @@ class SpanConfig:
         """Map a ``transformers`` config of any family in ``peer.families`` onto the switches."""
         family = family_of(hf_config.model_type)
         check_supported(family, hf_config)
+        fp8.check_quantization(hf_config)
         derived = family.derive(hf_config) if family.derive else {}
         heads = hf_config.num_attention_heads
         kv_heads = (
@@ -228,14 +245,26 @@ class SpanConfig:
                 or getattr(hf_config, "intermediate_size", 0)
             ),
             norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", True)),
+            moe_routing=family.moe_routing,
             moe_layers=moe_layers,
+            attention=family.attention,
+            fp8_block=fp8.block_size(hf_config) or (),
         )
-        fields.update({k: v for k, v in derived.items() if k in fields})
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields.update({k: v for k, v in derived.items() if k in known})
         return cls(**fields)
 
     def window(self, layer: int) -> int:
         """Sliding window of model layer ``layer`` (0: full attention)."""
         return self.layer_windows[layer] if self.layer_windows else 0
+
+    @property
+    def cache_geometry(self) -> tuple[int, int, int]:
+        """``(heads, dim, parts)`` of a session's cache per layer and token: keys and values of the
+        KV heads, or (MLA) one latent of ``kv_lora_rank + qk_rope_head_dim`` (``peer.mla``)."""
+        if self.attention == "mla":
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, 1
+        return self.num_key_value_heads, self.head_dim, 2
 
 
 def _layer_windows(family: Family, hf_config, layers: int) -> tuple[int, ...]:  # noqa: ANN001
@@ -539,10 +568,18 @@ class MoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dispatch(x, *self.route(x))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights, chosen)``, both ``[T, k]``: each row's experts and their fp32 weights."""
         probs = F.softmax(self.router(x).float(), dim=-1)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, chosen
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by expert: one matmul per chosen expert, scaled by the row's weight."""
         flat = chosen.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()  # one sync per layer
@@ -559,6 +596,25 @@ class MoE(nn.Module):
         return out
 
 
+def _attention(config: SpanConfig, layer_idx: int, model_layer: int) -> nn.Module:
+    """The attention kind of the family. MLA lives in its own module, built on this one's pieces
+    (hence the import here, not at the top)."""
+    if config.attention == "mla":
+        from peer.mla import LatentAttention
+
+        return LatentAttention(config, layer_idx, model_layer)
+    return Attention(config, layer_idx, model_layer)
+
+
+def _moe(config: SpanConfig) -> nn.Module:
+    """The mixture of experts of the family's routing (``SpanConfig.moe_routing``)."""
+    if config.moe_routing == "grouped_sigmoid":
+        from peer.grouped_moe import GroupedMoE
+
+        return GroupedMoE(config)
+    return MoE(config)
+
+
 class Block(nn.Module):
     """One decoder layer: pre-norm (Llama), sandwich norms (Gemma) or parallel (Falcon)."""
 
@@ -567,7 +623,7 @@ class Block(nn.Module):
         model_layer = layer_idx if model_layer is None else model_layer
         self.parallel, self.sandwich = config.parallel, config.sandwich_norms
         self.input_layernorm = make_norm(config)
-        self.self_attn = Attention(config, layer_idx, model_layer)
+        self.self_attn = _attention(config, layer_idx, model_layer)
         if self.parallel == "two_norms":
             self.mlp_layernorm = make_norm(config)
         elif not self.parallel:
@@ -576,7 +632,7 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = make_norm(config)
             self.post_feedforward_layernorm = make_norm(config)
         moe = config.mlp == "moe" and config.moe_layers[model_layer]
-        self.mlp = MoE(config) if moe else MLP(config, kind="gated" if config.mlp == "moe" else None)
+        self.mlp = _moe(config) if moe else MLP(config, kind="gated" if config.mlp == "moe" else None)
 
     def forward(
         self, x: torch.Tensor, rope: list[tuple[torch.Tensor, torch.Tensor]], plan: list[_SessionSlice]
@@ -593,6 +649,26 @@ class Block(nn.Module):
 
 
 # ---- the span -----------------------------------------------------------------------------------
+def _read_part(
+    model_dir: Path, index: dict[str, str], names: dict[str, str], dtype: torch.dtype, device: torch.device,
+    fp8_block: tuple[int, int] | None, fp32_parts: tuple[str, ...],
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One block's tensors in ``dtype`` on ``device``. Block-wise FP8 weights are dequantized on the
+    CPU in float32 first (``peer.fp8``), and a family's ``fp32_parts`` (DeepSeek's router, kept in
+    fp32 by transformers too) stay float32 whatever the compute dtype."""
+    if fp8_block is None and not fp32_parts:
+        return read_tensors(model_dir, index, names, dtype=dtype, device=device)
+    state = read_tensors(model_dir, index, names, dtype=torch.float32, device="cpu")
+    if fp8_block is not None:
+        state = fp8.dequantize_state(state, fp8_block)
+    return {
+        name: tensor.to(device=device, dtype=torch.float32 if name.endswith(fp32_parts) else dtype)
+        if tensor.is_floating_point()
+        else tensor.to(device)
+        for name, tensor in state.items()
+    }
+
+
 class BlockSpan(nn.Module):
     """Blocks ``[start, end)``; plus the embedding when first, the final norm and LM head when last.
 
@@ -679,8 +755,10 @@ class BlockSpan(nn.Module):
         bar = tqdm(
             groups, desc=f"loading blocks [{start}, {end})", unit="part", disable=not sys.stderr.isatty()
         )
+        family = family_of(config.model_type)
+        fp8_block = tuple(config.fp8_block) or None  # type: ignore[assignment]
         for prefix, names in bar:
-            state = read_tensors(model_dir, index, names, dtype=dtype, device=read_device)
+            state = _read_part(model_dir, index, names, dtype, read_device, fp8_block, family.fp32_parts)
             if prefix is None:  # embedding / final norm / head, read first while no block is quantized
                 result = span.load_state_dict(state, strict=False, assign=True)
                 if result.unexpected_keys:
@@ -747,10 +825,10 @@ class BlockSpan(nn.Module):
 
     def new_cache(self, capacity: int = 16, max_capacity: int | None = None) -> KVCache:
         """An empty cache for one session, in the span's dtype and device."""
-        heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
+        heads, head_dim, parts = self.config.cache_geometry
         windows = tuple(self.config.window(layer) for layer in range(self.start, self.end))
         return KVCache(
-            self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity, windows
+            self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity, windows, parts
         )
 
     # ---- compute ----
@@ -851,9 +929,9 @@ class BlockSpan(nn.Module):
             raise ValueError(f"inputs hold {inputs.shape[0]} tokens but lengths sum to {total}")
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("a cache appears twice in one step")
-        expected = (self.num_layers, self.config.num_key_value_heads, self.config.head_dim, self.dtype)
+        expected = (self.num_layers, *self.config.cache_geometry, self.dtype)
         for cache in caches:
-            if (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype) != expected:
+            if (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.parts, cache.dtype) != expected:
                 raise ValueError(f"{cache!r} does not belong to span [{self.start}, {self.end})")
 
 

@@ -1,0 +1,151 @@
+"""Multi-head latent attention (DeepSeek-V2/V3, Kimi K2), caching what it compresses.
+
+transformers' ``DeepseekV3Attention``, per token:
+
+* query: ``q_b_proj(q_a_layernorm(q_a_proj(x)))`` (or ``q_proj(x)`` without ``q_lora_rank``),
+  per head ``[q_nope (qk_nope_head_dim) | q_rope (qk_rope_head_dim)]``;
+* latent: ``kv_a_proj_with_mqa(x)`` = ``[c (kv_lora_rank) | k_rope (qk_rope_head_dim)]``, ``c``
+  through ``kv_a_layernorm``, ``k_rope`` rotated once and shared by every head;
+* keys and values per head come from the latent: ``kv_b_proj(c)`` = ``[k_nope | v]`` per head,
+  with ``W_UK`` the ``k_nope`` rows and ``W_UV`` the ``v`` rows of ``kv_b_proj``.
+
+**The cache keeps the latent** ``[c | k_rope]`` (``kv_lora_rank + qk_rope_head_dim`` numbers per
+token and layer, one "head" in a ``parts=1`` ``KVCache``), not the expanded keys and values:
+for DeepSeek-V3 that is 576 numbers instead of 128 heads x (192 + 128), 71x less, which is the
+point of the design. Rewind, reuse across turns and failover replay work on it like on any cache.
+
+Two exact ways to attend from it, picked per session and step by their cost (``absorbs``):
+
+* **absorbed** (decode): ``q_nope . k_nope = (q_nope W_UK) . c``, and ``probs @ v = (probs @ c)
+  W_UV^T``. So each query is folded into latent space once (``W_UK``), attends over the cached
+  latents directly, one key "head" shared by all query heads (SDPA with GQA), with ``c`` as the
+  values, and the result leaves latent space through ``W_UV``. Nothing is expanded per step.
+* **expanded** (prefill): ``kv_b_proj`` on every latent, then ordinary attention, as transformers
+  computes it; cheaper when the chunk has many queries for its keys.
+
+``kv_b_proj`` is a plain parameter (like the router), not an ``nn.Linear``: the absorbed form
+needs its rows, so ``--quant`` leaves it in the compute dtype; it is small (``kv_lora_rank x
+heads x (qk_nope + v)``).
+
+DeepSeek's RoPE: interleaved pairs when ``rope_interleave`` (transformers' rotation on the even
+and odd lanes, whose output is the de-interleaved halves: queries and keys get the same layout,
+so their dot product is the model's), YaRN frequencies and cos/sin factor from transformers'
+init, and the softmax scale times ``mscale ** 2`` (``peer.families._deepseek_v3``).
+The small norms on the low-rank paths use transformers' default epsilon (1e-6), not
+``rms_norm_eps``, as transformers builds them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peer.gemm import linear
+from peer.model import RMSNorm, SpanConfig, _SessionSlice, apply_rotary
+
+LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with its default eps
+
+
+class LatentUp(nn.Module):
+    """``kv_b_proj``: latent -> ``[k_nope | v]`` per head. A plain weight (see the module doc)."""
+
+    def __init__(self, rank: int, rows: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, rank))
+
+
+def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``apply_rotary_pos_emb_interleave`` for one tensor: pairs ``(x0, x1), ...``."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def absorbs(queries: int, keys: int, rank: int, nope: int, rope: int, v: int) -> bool:
+    """Whether the absorbed form costs fewer multiply-adds per head than expanding the keys.
+
+    Expanded: ``kv_b_proj`` on every key (``keys * rank * (nope + v)``) plus attention at the
+    expanded widths (``queries * keys * (nope + rope + v)``). Absorbed: fold and unfold each query
+    (``queries * rank * (nope + v)``) plus attention at latent width (``queries * keys * (2 *
+    rank + rope)``). One decoding query always absorbs; a long prefill expands.
+    """
+    expanded = keys * rank * (nope + v) + queries * keys * (nope + rope + v)
+    absorbed = queries * rank * (nope + v) + queries * keys * (2 * rank + rope)
+    return absorbed < expanded
+
+
+class LatentAttention(nn.Module):
+    """MLA for one layer, with ``peer.model.Attention``'s interface (packed rows, a plan)."""
+
+    alibi = False  # BlockSpan.load asks every attention
+
+    def __init__(self, config: SpanConfig, layer_idx: int, model_layer: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads = config.num_attention_heads
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.rank = config.kv_lora_rank
+        self.scaling = config.attn_scale or (self.nope + self.rope) ** -0.5
+        self.interleave = config.rope_interleave
+        hidden, q_dim = config.hidden_size, self.heads * (self.nope + self.rope)
+        if config.q_lora_rank:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=config.qkv_bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, q_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(hidden, q_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.rank + self.rope, bias=config.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
+        self.kv_b_proj = LatentUp(self.rank, self.heads * (self.nope + self.v_dim))
+        self.o_proj = nn.Linear(self.heads * self.v_dim, hidden, bias=config.o_bias)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return rotate_interleaved(x, cos, sin) if self.interleave else apply_rotary(x, cos, sin)
+
+    def forward(
+        self, x: torch.Tensor, rope: list[tuple[torch.Tensor, torch.Tensor]], plan: list[_SessionSlice]
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        if hasattr(self, "q_a_proj"):
+            q = linear(self.q_b_proj, self.q_a_layernorm(linear(self.q_a_proj, x)))
+        else:
+            q = linear(self.q_proj, x)
+        q_nope, q_rope = q.view(tokens, self.heads, self.nope + self.rope).split([self.nope, self.rope], -1)
+        latent, k_rope = linear(self.kv_a_proj_with_mqa, x).split([self.rank, self.rope], dim=-1)
+        cos, sin = rope[0]
+        q_rope = self._rotate(q_rope, cos.unsqueeze(1), sin.unsqueeze(1))  # [T, heads, rope]
+        new = torch.cat([self.kv_a_layernorm(latent), self._rotate(k_rope, cos, sin)], dim=-1)  # [T, rank + rope]
+
+        up = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = up[:, : self.nope], up[:, self.nope :]  # [heads, nope, rank], [heads, v, rank]
+        out = torch.empty(tokens, self.heads, self.v_dim, dtype=x.dtype, device=x.device)
+        for s in plan:
+            if s.length == 0:
+                continue
+            rows = slice(s.offset, s.offset + s.length)
+            cached, _ = s.cache.append(self.layer_idx, new[rows].unsqueeze(0))  # [1, 1, keys, rank + rope]
+            _, mask, causal = s.views[0]
+            keys = cached.shape[2]
+            if absorbs(s.length, keys, self.rank, self.nope, self.rope, self.v_dim):
+                folded = torch.einsum("nhd,hdr->hnr", q_nope[rows], w_uk)  # q_nope W_UK, [heads, n, rank]
+                query = torch.cat([folded, q_rope[rows].transpose(0, 1)], dim=-1).unsqueeze(0)
+                attn = F.scaled_dot_product_attention(
+                    query, cached, cached[..., : self.rank], attn_mask=mask, is_causal=causal,
+                    scale=self.scaling, enable_gqa=True,
+                )  # fmt: skip
+                out[rows] = torch.einsum("hnr,hvr->nhv", attn[0], w_uv)  # leave latent space: W_UV
+            else:
+                c, k_rot = cached[0, 0].split([self.rank, self.rope], dim=-1)
+                k_nope, v = F.linear(c, self.kv_b_proj.weight).view(keys, self.heads, -1).split(
+                    [self.nope, self.v_dim], dim=-1
+                )
+                k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(keys, self.heads, self.rope)], dim=-1)
+                query = torch.cat([q_nope[rows], q_rope[rows]], dim=-1)
+                attn = F.scaled_dot_product_attention(
+                    query.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                    v.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=causal, scale=self.scaling,
+                )  # fmt: skip
+                out[rows] = attn[0].transpose(0, 1)
+        return linear(self.o_proj, out.view(tokens, -1))
