@@ -113,11 +113,11 @@ def create_family_model(
                 for name, param in sorted(model.named_parameters()):
                     if name.endswith(".bias"):
                         param.copy_(0.1 * torch.randn_like(param))
+                    elif re.search(r"(norm|\bln_\w+)\.weight$", name):
+                        param.add_(0.2 * torch.randn_like(param))
                 for name, buffer in sorted(model.named_buffers()):
                     if name.endswith("e_score_correction_bias"):  # DeepSeek's routing bias, init 0
                         buffer.copy_(0.1 * torch.randn_like(buffer))
-                    elif re.search(r"(norm|\bln_\w+)\.weight$", name):
-                        param.add_(0.2 * torch.randn_like(param))
     model.generation_config.bos_token_id = BOS_ID
     model.generation_config.eos_token_id = [EOS_ID, IM_END_ID]
     model.generation_config.pad_token_id = PAD_ID
