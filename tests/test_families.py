@@ -164,7 +164,7 @@ def test_failover_replay_then_second_turn(arch, chain, model_dir, reference, hf_
     torch.testing.assert_close(spans[-1].logits(hidden), expected_logits[6:12], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gemma2", "bloom"])
+@pytest.mark.parametrize("arch", ["mixtral", "gemma2", "bloom", "deepseek_v3"])
 def test_packed_sessions_match_each_alone(arch, chain):
     """Two sessions decoding in one pack while a third prefills past the window: MoE rows of all
     three go through each expert together, and window masks are per session."""
@@ -235,6 +235,11 @@ def test_window_layers_hold_a_bounded_cache(chain):
             "rope_type",
         ),
         ("qwen2", {"layer_types": ["chunked_attention"] * 4}, "layer_types"),
+        ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func"),
+        ("deepseek_v3", {"topk_method": "greedy"}, "topk_method"),
+        ("deepseek_v3", {"num_key_value_heads": 2}, "num_key_value_heads"),
+        ("deepseek_v3", {"quantization_config": {"quant_method": "awq", "bits": 4}}, "quantization_config"),
+        ("llama", {"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config"),
     ],
 )
 def test_unsupported_config_field_is_named(arch, overrides, field):
@@ -294,3 +299,53 @@ def test_session_shorter_than_the_window(arch, chain, reference):
     tokens, logits = decode(spans, caches, step(spans, caches, prompt_of("short")), 2)  # 7 tokens held
     assert tokens == ref_tokens[:2]
     torch.testing.assert_close(torch.stack(logits), ref_logits[:2], atol=ATOL, rtol=0)
+
+
+# ---- DeepSeek-V3: the latent cache, both ways to attend, routing in fp32 ----------------------
+def test_mla_caches_the_latent_and_decodes_absorbed(chain, monkeypatch):
+    """A deepseek_v3 span's cache holds kv_lora_rank + qk_rope_head_dim numbers per token and
+    layer (one part, no values), what the memory budget counts; decoding one token takes the
+    absorbed form and a prefill the expanded one, and forcing either gives the same output."""
+    from peer import mla
+
+    spans = chain("deepseek_v3", "2-spans")
+    config = spans[0].config
+    cache = spans[0].new_cache()
+    latent = config.kv_lora_rank + config.qk_rope_head_dim
+    assert (cache.parts, cache.num_kv_heads, cache.head_dim) == (1, 1, latent)
+    assert cache.bytes_per_token == spans[0].num_layers * latent * 4
+    dims = (config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim)
+    assert mla.absorbs(1, 30, *dims) and not mla.absorbs(30, 30, *dims)
+
+    prompt = prompt_of("long")
+    outputs = {}
+    for forced in (True, False):
+        caches = fresh(spans)
+        monkeypatch.setattr(mla, "absorbs", lambda *args, _forced=forced: _forced)
+        logits = step(spans, caches, prompt)
+        outputs[forced] = torch.stack([logits, step(spans, caches, [int(logits.argmax())])])
+    torch.testing.assert_close(outputs[True], outputs[False], atol=1e-5, rtol=0)
+
+
+def test_deepseek_router_stays_fp32_and_experts_quantize(model_dir, reference):
+    """int8 on CPU: routed and shared experts are quantized Linears, kv_b_proj (needed whole by
+    the absorbed form) and the router are not; the router and its bias stay fp32 under a bf16
+    compute dtype as in transformers; int8 greedy decoding still mostly agrees with fp32."""
+    spans = [
+        BlockSpan.load(model_dir("deepseek_v3"), a, b, quant="int8", calibrate=False)
+        for a, b in SPLITS["2-spans"]
+    ]
+    moe = spans[0].layers[1].mlp
+    assert type(moe.experts[0].gate_proj) is not torch.nn.Linear
+    assert type(moe.shared_experts.down_proj) is not torch.nn.Linear
+    assert moe.router.weight.dtype == torch.float32
+    assert spans[0].layers[1].self_attn.kv_b_proj.weight.dtype == torch.float32
+    ref_tokens, _ = reference("deepseek_v3", "short")
+    caches = fresh(spans)
+    tokens, _ = decode(spans, caches, step(spans, caches, prompt_of("short")), 16)
+    assert sum(a == b for a, b in zip(tokens, ref_tokens, strict=False)) >= 8
+
+    bf16 = BlockSpan.load(model_dir("deepseek_v3"), 0, 2, dtype=torch.bfloat16, calibrate=False)
+    router = bf16.layers[1].mlp.router
+    assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
+    assert bf16.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.bfloat16
