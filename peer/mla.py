@@ -101,6 +101,22 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = LatentUp(self.rank, self.heads * (self.nope + self.v_dim))
         self.o_proj = nn.Linear(self.heads * self.v_dim, hidden, bias=config.o_bias)
 
+    def _expanded(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor, mask: torch.Tensor | None,
+        causal: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        """Attention as transformers computes it: every cached latent expanded through ``kv_b_proj``."""
+        keys = cached.shape[0]
+        c, k_rot = cached.split([self.rank, self.rope], dim=-1)
+        k_nope, v = F.linear(c, self.kv_b_proj.weight).view(keys, self.heads, -1).split([self.nope, self.v_dim], -1)
+        k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(keys, self.heads, self.rope)], dim=-1)
+        query = torch.cat([q_nope, q_rope], dim=-1)
+        attn = F.scaled_dot_product_attention(
+            query.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, is_causal=causal, scale=self.scaling,
+        )  # fmt: skip
+        return attn[0].transpose(0, 1)
+
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return rotate_interleaved(x, cos, sin) if self.interleave else apply_rotary(x, cos, sin)
 
@@ -120,32 +136,32 @@ class LatentAttention(nn.Module):
 
         up = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = up[:, : self.nope], up[:, self.nope :]  # [heads, nope, rank], [heads, v, rank]
+        dims = (self.rank, self.nope, self.rope, self.v_dim)
+        absorbed = [s.length > 0 and absorbs(s.length, s.cache.length + s.length, *dims) for s in plan]
         out = torch.empty(tokens, self.heads, self.v_dim, dtype=x.dtype, device=x.device)
-        for s in plan:
+        if any(absorbed):  # fold every query of the pack at once: one einsum, not one per session
+            folded = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)  # q_nope W_UK
+            latent_query = torch.cat([folded, q_rope], dim=-1).transpose(0, 1)  # [heads, T, rank + rope]
+            latent_out = torch.empty(tokens, self.heads, self.rank, dtype=x.dtype, device=x.device)
+        for s, absorb in zip(plan, absorbed, strict=True):
             if s.length == 0:
                 continue
             rows = slice(s.offset, s.offset + s.length)
             cached, _ = s.cache.append(self.layer_idx, new[rows].unsqueeze(0))  # [1, 1, keys, rank + rope]
             _, mask, causal = s.views[0]
-            keys = cached.shape[2]
-            if absorbs(s.length, keys, self.rank, self.nope, self.rope, self.v_dim):
-                folded = torch.einsum("nhd,hdr->hnr", q_nope[rows], w_uk)  # q_nope W_UK, [heads, n, rank]
-                query = torch.cat([folded, q_rope[rows].transpose(0, 1)], dim=-1).unsqueeze(0)
+            if absorb:
                 attn = F.scaled_dot_product_attention(
-                    query, cached, cached[..., : self.rank], attn_mask=mask, is_causal=causal,
-                    scale=self.scaling, enable_gqa=True,
+                    latent_query[:, rows].unsqueeze(0), cached, cached[..., : self.rank], attn_mask=mask,
+                    is_causal=causal, scale=self.scaling, enable_gqa=True,
                 )  # fmt: skip
-                out[rows] = torch.einsum("hnr,hvr->nhv", attn[0], w_uv)  # leave latent space: W_UV
+                latent_out[rows] = attn[0].transpose(0, 1)
             else:
-                c, k_rot = cached[0, 0].split([self.rank, self.rope], dim=-1)
-                k_nope, v = F.linear(c, self.kv_b_proj.weight).view(keys, self.heads, -1).split(
-                    [self.nope, self.v_dim], dim=-1
-                )
-                k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(keys, self.heads, self.rope)], dim=-1)
-                query = torch.cat([q_nope[rows], q_rope[rows]], dim=-1)
-                attn = F.scaled_dot_product_attention(
-                    query.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                    v.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=causal, scale=self.scaling,
-                )  # fmt: skip
-                out[rows] = attn[0].transpose(0, 1)
-        return linear(self.o_proj, out.view(tokens, -1))
+                out[rows] = self._expanded(q_nope[rows], q_rope[rows], cached[0, 0], mask, causal)
+        if all(absorbed):  # leave latent space through W_UV, for every absorbed row at once
+            out = torch.einsum("nhr,hvr->nhv", latent_out, w_uv)
+        elif any(absorbed):
+            rows = torch.cat([
+                torch.arange(s.offset, s.offset + s.length) for s, a in zip(plan, absorbed, strict=True) if a
+            ]).to(x.device)  # fmt: skip
+            out[rows] = torch.einsum("nhr,hvr->nhv", latent_out[rows], w_uv)
+        return linear(self.o_proj, out.reshape(tokens, -1))
