@@ -18,8 +18,9 @@ Two exact ways to attend from it, picked per session and step by their cost (``a
 
 * **absorbed** (decode): ``q_nope . k_nope = (q_nope W_UK) . c``, and ``probs @ v = (probs @ c)
   W_UV^T``. So each query is folded into latent space once (``W_UK``), attends over the cached
-  latents directly, one key "head" shared by all query heads (SDPA with GQA), with ``c`` as the
-  values, and the result leaves latent space through ``W_UV``. Nothing is expanded per step.
+  latents directly (one key "head" shared by all query heads: two plain matmuls with the heads
+  stacked as rows), with ``c`` as the values, and the result leaves latent space through
+  ``W_UV``. Nothing is expanded per step, not even per head.
 * **expanded** (prefill): ``kv_b_proj`` on every latent, then ordinary attention, as transformers
   computes it; cheaper when the chunk has many queries for its keys.
 
@@ -101,6 +102,26 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = LatentUp(self.rank, self.heads * (self.nope + self.v_dim))
         self.o_proj = nn.Linear(self.heads * self.v_dim, hidden, bias=config.o_bias)
 
+    def _absorbed(
+        self, query: torch.Tensor, cached: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        """Attention in latent space: ``query`` ``[heads, n, rank + rope]`` against the cached
+        latents ``[keys, rank + rope]``, which are also the values (their first ``rank`` lanes).
+
+        Written as two plain matmuls with every head's queries stacked as rows, because the one
+        key "head" is shared: SDPA's GQA path on the CPU would repeat the cache once per head,
+        the very expansion the latent cache exists to avoid. Softmax in fp32, as transformers'.
+        """
+        heads, n, _ = query.shape
+        keys = cached.shape[0]
+        scores = torch.matmul(query.reshape(heads * n, -1), cached.t()).view(heads, n, keys) * self.scaling
+        if causal:  # a chunk into an empty cache: its keys are its own tokens
+            mask = torch.ones(n, keys, dtype=torch.bool, device=query.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(probs.view(heads * n, keys), cached[:, : self.rank]).view(heads, n, self.rank)
+
     def _expanded(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor, mask: torch.Tensor | None,
         causal: bool,
@@ -150,11 +171,7 @@ class LatentAttention(nn.Module):
             cached, _ = s.cache.append(self.layer_idx, new[rows].unsqueeze(0))  # [1, 1, keys, rank + rope]
             _, mask, causal = s.views[0]
             if absorb:
-                attn = F.scaled_dot_product_attention(
-                    latent_query[:, rows].unsqueeze(0), cached, cached[..., : self.rank], attn_mask=mask,
-                    is_causal=causal, scale=self.scaling, enable_gqa=True,
-                )  # fmt: skip
-                latent_out[rows] = attn[0].transpose(0, 1)
+                latent_out[rows] = self._absorbed(latent_query[:, rows], cached[0, 0], mask, causal).transpose(0, 1)
             else:
                 out[rows] = self._expanded(q_nope[rows], q_rope[rows], cached[0, 0], mask, causal)
         if all(absorbed):  # leave latent space through W_UV, for every absorbed row at once
