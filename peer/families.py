@@ -145,7 +145,9 @@ def _deepseek_v3(hf: Any) -> dict[str, Any]:
             f"(latent attention expands to num_attention_heads={heads})"
         )
     if hf.n_routed_experts and hf.n_routed_experts % (hf.n_group or 1):
-        raise ValueError(f"config field n_group={hf.n_group} does not divide n_routed_experts={hf.n_routed_experts}")
+        raise ValueError(
+            f"config field n_group={hf.n_group} does not divide n_routed_experts={hf.n_routed_experts}"
+        )
     qk_head_dim = hf.qk_nope_head_dim + hf.qk_rope_head_dim
     scale = qk_head_dim**-0.5
     rope = dict(getattr(hf, "rope_parameters", None) or {})

@@ -46,7 +46,9 @@ def check_quantization(hf_config: Any) -> None:
             "(only block-wise fp8 checkpoints are dequantized at load)"
         )
     if config.get("fmt") not in _FP8_FORMATS:
-        raise ValueError(f"config field quantization_config.fmt={config.get('fmt')!r} is not supported (e4m3 only)")
+        raise ValueError(
+            f"config field quantization_config.fmt={config.get('fmt')!r} is not supported (e4m3 only)"
+        )
     size = config.get("weight_block_size")
     if size is not None and (len(size) != 2 or min(int(s) for s in size) < 1):
         raise ValueError(f"config field quantization_config.weight_block_size={size!r} is not supported")

@@ -38,12 +38,14 @@ The small norms on the low-rank paths use transformers' default epsilon (1e-6), 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peer.gemm import linear
-from peer.model import RMSNorm, SpanConfig, _SessionSlice, apply_rotary
+from peer.primitives import RMSNorm, apply_rotary
 
 LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with its default eps
 
@@ -82,7 +84,7 @@ class LatentAttention(nn.Module):
 
     alibi = False  # BlockSpan.load asks every attention
 
-    def __init__(self, config: SpanConfig, layer_idx: int, model_layer: int) -> None:
+    def __init__(self, config: Any, layer_idx: int) -> None:  # a peer.model.SpanConfig (which imports us)
         super().__init__()
         self.layer_idx = layer_idx
         self.heads = config.num_attention_heads
@@ -129,7 +131,9 @@ class LatentAttention(nn.Module):
         """Attention as transformers computes it: every cached latent expanded through ``kv_b_proj``."""
         keys = cached.shape[0]
         c, k_rot = cached.split([self.rank, self.rope], dim=-1)
-        k_nope, v = F.linear(c, self.kv_b_proj.weight).view(keys, self.heads, -1).split([self.nope, self.v_dim], -1)
+        k_nope, v = (
+            F.linear(c, self.kv_b_proj.weight).view(keys, self.heads, -1).split([self.nope, self.v_dim], -1)
+        )
         k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(keys, self.heads, self.rope)], dim=-1)
         query = torch.cat([q_nope, q_rope], dim=-1)
         attn = F.scaled_dot_product_attention(
@@ -142,8 +146,9 @@ class LatentAttention(nn.Module):
         return rotate_interleaved(x, cos, sin) if self.interleave else apply_rotary(x, cos, sin)
 
     def forward(
-        self, x: torch.Tensor, rope: list[tuple[torch.Tensor, torch.Tensor]], plan: list[_SessionSlice]
+        self, x: torch.Tensor, rope: list[tuple[torch.Tensor, torch.Tensor]], plan: list[Any]
     ) -> torch.Tensor:
+        """``plan``: ``peer.model._plan_attention``'s per-session slices of the pack."""
         tokens = x.shape[0]
         if hasattr(self, "q_a_proj"):
             q = linear(self.q_b_proj, self.q_a_layernorm(linear(self.q_a_proj, x)))
@@ -153,7 +158,9 @@ class LatentAttention(nn.Module):
         latent, k_rope = linear(self.kv_a_proj_with_mqa, x).split([self.rank, self.rope], dim=-1)
         cos, sin = rope[0]
         q_rope = self._rotate(q_rope, cos.unsqueeze(1), sin.unsqueeze(1))  # [T, heads, rope]
-        new = torch.cat([self.kv_a_layernorm(latent), self._rotate(k_rope, cos, sin)], dim=-1)  # [T, rank + rope]
+        new = torch.cat(
+            [self.kv_a_layernorm(latent), self._rotate(k_rope, cos, sin)], dim=-1
+        )  # [T, rank + rope]
 
         up = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = up[:, : self.nope], up[:, self.nope :]  # [heads, nope, rank], [heads, v, rank]
@@ -171,7 +178,9 @@ class LatentAttention(nn.Module):
             cached, _ = s.cache.append(self.layer_idx, new[rows].unsqueeze(0))  # [1, 1, keys, rank + rope]
             _, mask, causal = s.views[0]
             if absorb:
-                latent_out[rows] = self._absorbed(latent_query[:, rows], cached[0, 0], mask, causal).transpose(0, 1)
+                latent_out[rows] = self._absorbed(
+                    latent_query[:, rows], cached[0, 0], mask, causal
+                ).transpose(0, 1)
             else:
                 out[rows] = self._expanded(q_nope[rows], q_rope[rows], cached[0, 0], mask, causal)
         if all(absorbed):  # leave latent space through W_UV, for every absorbed row at once

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.model_dir import resolve_model_dir
-from peer import gemm
+from peer import fp8, gemm, grouped_moe, mla
 from peer import quant as quantization
 from peer.families import (  # noqa: F401 - SUPPORTED_MODEL_TYPES is re-exported
     SUPPORTED_MODEL_TYPES,
@@ -37,9 +37,9 @@ from peer.families import (  # noqa: F401 - SUPPORTED_MODEL_TYPES is re-exported
     family_of,
     fused_qkv_order,
 )
-from peer import fp8
 from peer.gemm import linear
 from peer.kv_cache import KVCache
+from peer.primitives import RMSNorm, apply_rotary, rotate_half  # noqa: F401 - re-exported
 from peer.tensor_codec import DTYPES
 from peer.weights import read_tensors, span_tensor_names, tensor_index
 
@@ -308,20 +308,6 @@ def _rope_frequencies(
 
 
 # ---- building blocks ----------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """Llama RMSNorm: statistics in fp32, then cast back BEFORE the weight multiply (as HF does)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
 class GemmaRMSNorm(RMSNorm):
     """Gemma's: the weight is an offset from 1, and the product is taken in fp32 before the cast."""
 
@@ -336,21 +322,6 @@ def make_norm(config: SpanConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "layer":
         return nn.LayerNorm(dim, eps=config.rms_norm_eps)
     return (GemmaRMSNorm if config.norm == "rms_gemma" else RMSNorm)(dim, config.rms_norm_eps)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """HF's (non-interleaved) rotary layout: the two halves of each head are the pair."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[T, heads, dim]``; with partial RoPE (Phi) only the first ``cos``-width dims."""
-    width = cos.shape[-1]
-    if width == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    head, rest = x[..., :width], x[..., width:]
-    return torch.cat((head * cos + rotate_half(head) * sin, rest), dim=-1)
 
 
 @dataclass
@@ -551,29 +522,48 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k mixture of experts (Mixtral, Qwen3-MoE) that batches: the pack's rows are grouped by
-    expert, so each expert chosen by any row multiplies all its rows in one matmul per pass.
+    """Top-k mixture of experts (Mixtral, Qwen3-MoE, DeepSeek-V3) that batches: the pack's rows are
+    grouped by expert, so each expert chosen by any row multiplies all its rows in one matmul per
+    pass.
 
-    Routing follows transformers: softmax over all experts in fp32, top-k, renormalised when
-    ``norm_topk_prob``. Experts are plain gated ``MLP``s, so they quantize like any Linear.
+    Routing follows transformers for the family (``SpanConfig.moe_routing``): ``softmax`` over all
+    experts in fp32, top-k, renormalised when ``norm_topk_prob`` (Mixtral, Qwen3-MoE); or
+    ``grouped_sigmoid`` (DeepSeek-V3, ``peer.grouped_moe``, whose router also holds the selection
+    bias). Shared experts (DeepSeek) see every row and are added after the routed ones. Experts
+    are plain gated ``MLP``s, so they quantize like any Linear.
     """
 
     def __init__(self, config: SpanConfig) -> None:
         super().__init__()
+        if config.moe_routing not in ("softmax", "grouped_sigmoid"):
+            raise ValueError(f"unknown MoE routing {config.moe_routing!r}")
         self.top_k = config.experts_per_tok
         self.normalize = config.norm_topk_prob
-        self.router = Router(config.hidden_size, config.num_experts)
-        self.experts = nn.ModuleList(
-            MLP(config, config.moe_intermediate_size, "gated") for _ in range(config.num_experts)
+        if config.moe_routing == "grouped_sigmoid":
+            self.router: nn.Module = grouped_moe.GroupedRouter(
+                config.hidden_size, config.num_experts, config.moe_groups, config.moe_topk_groups,
+                config.routed_scaling_factor,
+            )  # fmt: skip
+        else:
+            self.router = Router(config.hidden_size, config.num_experts)
+        inner = config.moe_intermediate_size
+        self.experts = nn.ModuleList(MLP(config, inner, "gated") for _ in range(config.num_experts))
+        self.shared_experts = (
+            MLP(config, inner * config.shared_experts, "gated") if config.shared_experts else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dispatch(x, *self.route(x))
+        out = self.dispatch(x, *self.route(x))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weights, chosen)``, both ``[T, k]``: each row's experts and their fp32 weights."""
-        probs = F.softmax(self.router(x).float(), dim=-1)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        logits = self.router(x)
+        if isinstance(self.router, grouped_moe.GroupedRouter):
+            return self.router.route(logits, self.top_k, self.normalize)
+        weights, chosen = torch.topk(F.softmax(logits.float(), dim=-1), self.top_k, dim=-1)  # [T, k]
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, chosen
@@ -597,22 +587,10 @@ class MoE(nn.Module):
 
 
 def _attention(config: SpanConfig, layer_idx: int, model_layer: int) -> nn.Module:
-    """The attention kind of the family. MLA lives in its own module, built on this one's pieces
-    (hence the import here, not at the top)."""
+    """The family's attention kind: multi-head (GQA, MQA) or DeepSeek's latent one (``peer.mla``)."""
     if config.attention == "mla":
-        from peer.mla import LatentAttention
-
-        return LatentAttention(config, layer_idx, model_layer)
+        return mla.LatentAttention(config, layer_idx)
     return Attention(config, layer_idx, model_layer)
-
-
-def _moe(config: SpanConfig) -> nn.Module:
-    """The mixture of experts of the family's routing (``SpanConfig.moe_routing``)."""
-    if config.moe_routing == "grouped_sigmoid":
-        from peer.grouped_moe import GroupedMoE
-
-        return GroupedMoE(config)
-    return MoE(config)
 
 
 class Block(nn.Module):
@@ -632,7 +610,7 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = make_norm(config)
             self.post_feedforward_layernorm = make_norm(config)
         moe = config.mlp == "moe" and config.moe_layers[model_layer]
-        self.mlp = _moe(config) if moe else MLP(config, kind="gated" if config.mlp == "moe" else None)
+        self.mlp = MoE(config) if moe else MLP(config, kind="gated" if config.mlp == "moe" else None)
 
     def forward(
         self, x: torch.Tensor, rope: list[tuple[torch.Tensor, torch.Tensor]], plan: list[_SessionSlice]

@@ -57,9 +57,12 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         if is_fp8_linear(name, tensor):
             weight, scale = quantize(tensor, BLOCK)
             stored[name], stored[name.removesuffix(".weight") + ".weight_scale_inv"] = weight, scale
-            dequantized[name] = weight.float() * scale.repeat_interleave(128, 0)[: tensor.shape[0]].repeat_interleave(
-                128, 1
-            )[:, : tensor.shape[1]]
+            dequantized[name] = (
+                weight.float()
+                * scale.repeat_interleave(128, 0)[: tensor.shape[0]].repeat_interleave(128, 1)[
+                    :, : tensor.shape[1]
+                ]
+            )
         else:
             stored[name] = dequantized[name] = tensor
     save_file(stored, fp8_dir / "model.safetensors", metadata={"format": "pt"})

@@ -87,7 +87,9 @@ async def _run_route(local: LocalSwarm, spans, prompt, kill=None):
     try:
         swarm = SwarmView(dht)
         route = await swarm.plan("m", 4, accept=lambda record: (record.start, record.end) in set(spans))
-        runner = RouteRunner(pool, route, 30.0, failover=FailurePolicy(replace_timeout=20.0).bind(swarm, "m", 4))
+        runner = RouteRunner(
+            pool, route, 30.0, failover=FailurePolicy(replace_timeout=20.0).bind(swarm, "m", 4)
+        )
         sampling = swarm_pb2.SamplingParams(temperature=0.0, logprobs=True, top_logprobs=5)
         params = GenerationParams(
             prompt_ids=prompt, max_new_tokens=DEEPSEEK_TOKENS, sampling=sampling, ignore_eos=True
@@ -112,7 +114,9 @@ def _assert_exact(events, expected) -> None:
         torch.testing.assert_close(got, expected_logprobs[position, top_ids], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("spans", [[(0, 2), (2, 4)], [(0, 1), (1, 2), (2, 4)]], ids=["2-peers", "3-peers-uneven"])
+@pytest.mark.parametrize(
+    "spans", [[(0, 2), (2, 4)], [(0, 1), (1, 2), (2, 4)]], ids=["2-peers", "3-peers-uneven"]
+)
 async def test_deepseek_through_peers_matches_transformers(deepseek_swarm, spans):
     local, _, prompt, expected = deepseek_swarm
     route, _, events = await _run_route(local, spans, prompt)
