@@ -93,6 +93,8 @@ class Family:
     refuse: tuple[Refusal, ...] = ()
     derive: Callable[[Any], dict[str, Any]] | None = None
     hf_class: str = ""  # transformers' class, named in docs and tests
+    # transformers' config class, for folders whose model_type transformers does not know (Kimi K2)
+    config_class: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -274,8 +276,11 @@ FAMILIES: dict[str, Family] = {
         ),
         derive=_deepseek_v3,
         hf_class="DeepseekV3ForCausalLM",
+        config_class="DeepseekV3Config",
     ),
 }
+# Kimi K2 ships DeepSeek-V3's architecture under its own model_type (with custom code we do not run)
+FAMILIES["kimi_k2"] = FAMILIES["deepseek_v3"]
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 

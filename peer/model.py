@@ -153,7 +153,15 @@ class SpanConfig:
         config_path = Path(model_dir) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"no config.json in {model_dir}")
-        family_of(json.loads(config_path.read_text()).get("model_type"))  # refuse before parsing
+        model_type = json.loads(config_path.read_text()).get("model_type")
+        family = family_of(model_type)  # refuse before parsing
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING and family.config_class:
+            # Kimi K2: DeepSeek-V3's config under a model_type only its custom code knows
+            import transformers
+
+            return cls.from_hf(getattr(transformers, family.config_class).from_pretrained(str(model_dir)))
         return cls.from_hf(AutoConfig.from_pretrained(str(model_dir)))
 
     @classmethod

@@ -349,3 +349,23 @@ def test_deepseek_router_stays_fp32_and_experts_quantize(model_dir, reference):
     router = bf16.layers[1].mlp.router
     assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
     assert bf16.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.bfloat16
+
+
+def test_kimi_k2_folder_is_served_as_deepseek_v3(model_dir, tmp_path):
+    """Kimi K2's folders say ``model_type: kimi_k2`` (custom code, unknown to transformers) and
+    keep the legacy ``rope_scaling``; the span reads them as DeepSeek-V3 and computes the same."""
+    import json
+    import shutil
+
+    source = model_dir("deepseek_v3")
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
+    config = json.loads((source / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(model_type="kimi_k2", rope_theta=rope.pop("rope_theta"))
+    config["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert SpanConfig.from_model_dir(tmp_path).attention == "mla"
+    kimi, deepseek = (BlockSpan.load(folder, 0, 4, calibrate=False) for folder in (tmp_path, source))
+    prompt = torch.tensor(prompt_of("long"))
+    outputs = [span(prompt, [span.new_cache()], [len(prompt)]) for span in (kimi, deepseek)]
+    assert torch.equal(outputs[0], outputs[1])
