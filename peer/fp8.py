@@ -28,7 +28,7 @@ _FP8_FORMATS = ("e4m3", None)
 def block_size(hf_config: Any) -> tuple[int, int] | None:
     """The FP8 tile of a block-wise FP8 checkpoint, or None when its weights are plain."""
     config = _quantization_config(hf_config)
-    if not config:
+    if not config or _method(config) != "fp8":
         return None
     rows, cols = config.get("weight_block_size") or (128, 128)
     return int(rows), int(cols)
@@ -39,7 +39,7 @@ def check_quantization(hf_config: Any) -> None:
     config = _quantization_config(hf_config)
     if config is None:
         return
-    method = config.get("quant_method")
+    method = _method(config)
     if method != "fp8":
         raise ValueError(
             f"config field quantization_config.quant_method={method!r} is not supported "
@@ -52,6 +52,11 @@ def check_quantization(hf_config: Any) -> None:
     size = config.get("weight_block_size")
     if size is not None and (len(size) != 2 or min(int(s) for s in size) < 1):
         raise ValueError(f"config field quantization_config.weight_block_size={size!r} is not supported")
+
+
+def _method(config: dict[str, Any]) -> Any:
+    method = config.get("quant_method")
+    return getattr(method, "value", method)  # transformers' QuantizationMethod enum or a string
 
 
 def _quantization_config(hf_config: Any) -> dict[str, Any] | None:
