@@ -336,6 +336,7 @@ class _SessionSlice:
     offset: int
     length: int
     views: dict[int, tuple[int, torch.Tensor | None, bool]]
+    first_layer: int = 0  # the span's layer index of the cache's layer 0 (a sub-span's cache starts later)
 
 
 def _band_mask(past: int, n: int, base: int, window: int, device: torch.device) -> torch.Tensor:
@@ -349,7 +350,7 @@ def _band_mask(past: int, n: int, base: int, window: int, device: torch.device) 
 
 
 def _plan_attention(
-    caches: Sequence[KVCache], lengths: Sequence[int], device: torch.device
+    caches: Sequence[KVCache], lengths: Sequence[int], device: torch.device, first_layer: int = 0
 ) -> list[_SessionSlice]:
     """Per-session attention masks, computed once per step and shared by all layers.
 
@@ -374,7 +375,7 @@ def _plan_attention(
             elif n > 1 or (window and past + 1 - base > window):
                 mask = _band_mask(past, n, base, window, device)
             views[window] = (base, mask, causal)
-        plan.append(_SessionSlice(cache, offset, n, views))
+        plan.append(_SessionSlice(cache, offset, n, views, first_layer))
         offset += n
     return plan
 
@@ -403,7 +404,9 @@ def _eager_attention(
 class Attention(nn.Module):
     def __init__(self, config: SpanConfig, layer_idx: int, model_layer: int) -> None:
         super().__init__()
-        self.layer_idx = layer_idx  # index inside the span = index inside its KVCache
+        # index inside the loaded span; inside a session's KVCache it is this minus the session's
+        # first layer (`_SessionSlice.first_layer`: a sub-span's cache holds only its own layers)
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -452,9 +455,10 @@ class Attention(nn.Module):
             if s.length == 0:
                 continue
             rows = slice(s.offset, s.offset + s.length)
-            k_all, v_all = s.cache.append(self.layer_idx, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+            layer = self.layer_idx - s.first_layer
+            k_all, v_all = s.cache.append(layer, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
             # the cache's window, not the config's: a session shorter than the window has none
-            window = s.cache.store_of(self.layer_idx)[0]
+            window = s.cache.store_of(layer)[0]
             base, mask, causal = s.views[window]
             if eager:
                 past = s.cache.length
@@ -719,6 +723,31 @@ class BlockSpan(nn.Module):
             gemm.calibrate(span.modules(), prepack=prepack)  # how to multiply small batches (peer.gemm)
         return span
 
+    def narrow(self, start: int, end: int) -> BlockSpan:
+        """Blocks ``[start, end)`` of this span as a span of their own, sharing its modules (no
+        weight is copied): what a session of a sub-span runs (docs/self-organizing.md, "Sub-spans").
+        It owns the embedding only when it starts the model and the final norm and LM head only
+        when it ends it, like a span loaded for those blocks. ValueError outside this span."""
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"[{start}, {end}) is not a non-empty part of span [{self.start}, {self.end})")
+        if (start, end) == (self.start, self.end):
+            return self
+        view = BlockSpan.__new__(BlockSpan)
+        nn.Module.__init__(view)
+        view.config, view.start, view.end = self.config, start, end
+        view.is_first, view.is_last = start == 0, end == self.config.num_hidden_layers
+        if view.is_first:  # start == 0, so this span starts the model too
+            view.embed_tokens = self.embed_tokens
+            if self.config.embed_norm:
+                view.embed_norm = self.embed_norm
+        view.layers = nn.ModuleList(self.layers[start - self.start : end - self.start])
+        if view.is_last:
+            view.norm, view.lm_head = self.norm, self.lm_head
+        view.register_buffer("inv_freq", self.inv_freq, persistent=False)
+        view.register_buffer("local_inv_freq", self.local_inv_freq, persistent=False)
+        view.quant = self.quant
+        return view.eval()
+
     def weight_bytes(self) -> dict[str, int]:
         """Resident weight bytes: ``{"per_block": mean over blocks, "blocks": sum, "total": all}``.
 
@@ -745,13 +774,17 @@ class BlockSpan(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].input_layernorm.weight.device
 
-    def new_cache(self, capacity: int = 16, max_capacity: int | None = None) -> KVCache:
-        """An empty cache for one session, in the span's dtype and device."""
+    def new_cache(
+        self, capacity: int = 16, max_capacity: int | None = None, unit_layers: int | None = None
+    ) -> KVCache:
+        """An empty cache for one session, in the span's dtype and device (`unit_layers`: see
+        `KVCache`)."""
         heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
         windows = tuple(self.config.window(layer) for layer in range(self.start, self.end))
         return KVCache(
-            self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity, windows
-        )
+            self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity, windows,
+            unit_layers,
+        )  # fmt: skip
 
     # ---- compute ----
     @torch.no_grad()
@@ -785,7 +818,8 @@ class BlockSpan(nn.Module):
             if self.config.local_inv_freq:
                 scale = self.config.local_attention_scaling
                 rope.append(self._rotary(positions, x.dtype, self.local_inv_freq, scale))
-        plan = _plan_attention(caches, lengths, device)
+        # a narrowed span's first block is not its cache's layer 0 in the loaded span (`narrow`)
+        plan = _plan_attention(caches, lengths, device, self.layers[0].self_attn.layer_idx)
         for layer in self.layers:
             x = layer(x, rope, plan)
         for cache, n in zip(caches, lengths, strict=True):
