@@ -30,11 +30,12 @@ shortest path in a DAG), no priority queue: 1000 peers on 64 blocks plan in a fe
 
 from __future__ import annotations
 
-import bisect
 import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from discovery.records import PeerRecord, PeerState
 
@@ -165,18 +166,45 @@ def _usable_peers(
 
 
 def _sub_span_edges(peers: list[_Peer], start: int, end: int) -> dict[int, list[tuple[int, int]]]:
-    """Edges by the block they start at: (end block, peer index). Each peer gives its whole
-    (clipped) span, and its prefixes and suffixes cut at the blocks where another usable peer's
-    span starts or ends: a cut anywhere else could only be joined by another sub-span, and a
-    route of three pieces where two would do costs a hop more. Middle pieces are not offered."""
-    cuts = sorted({start, end, *(p.start for p in peers), *(p.end for p in peers)})
+    """Edges by the block they start at: (end block, peer index).
+
+    Every peer gives its whole (clipped) span. Sub-spans: a peer's prefixes `[start, b)` and
+    suffixes `[b, end)`, cut at the blocks `b` where another usable peer's span starts or ends (a
+    cut anywhere else could only be joined by another cut piece; a middle piece would only add a
+    hop where a prefix or suffix does). In a big swarm that is ~2 edges per block of every peer
+    (20,000 for 1000 peers of ~10 blocks), too many to search in milliseconds, so for each pair of
+    blocks only the cheapest sub-span is kept, by relay cost (the gateway's round trip plus
+    compute): exact for relay, where a hop's cost does not depend on its neighbours; in push mode
+    a sub-span's peer is thus chosen without its announced next-hop round trips (whole spans keep
+    them all). The candidates are enumerated with numpy, not a Python loop."""
     edges: dict[int, list[tuple[int, int]]] = {}
     for index, peer in enumerate(peers):
         edges.setdefault(peer.start, []).append((peer.end, index))
-        inside = cuts[bisect.bisect_right(cuts, peer.start) : bisect.bisect_left(cuts, peer.end)]
-        for cut in inside:
-            edges[peer.start].append((cut, index))  # prefix [start, cut)
-            edges.setdefault(cut, []).append((peer.end, index))  # suffix [cut, end)
+    if not peers:
+        return edges
+    cuts = np.array(sorted({start, end, *(p.start for p in peers), *(p.end for p in peers)}))
+    starts = np.array([p.start for p in peers])
+    ends = np.array([p.end for p in peers])
+    network = np.array([p.network * p.jitter for p in peers])
+    per_block = np.array([p.per_block for p in peers])
+    owner, at = np.nonzero((cuts[None, :] > starts[:, None]) & (cuts[None, :] < ends[:, None]))
+    if owner.size == 0:
+        return edges
+    cut = cuts[at]
+    owner = np.concatenate([owner, owner])
+    froms = np.concatenate([starts[owner[: cut.size]], cut])  # prefixes, then suffixes
+    tos = np.concatenate([cut, ends[owner[: cut.size]]])
+    cost = network[owner] + per_block[owner] * (tos - froms)
+    pair = froms * (end + 1) + tos
+    cheapest = np.full((end + 1) * (end + 1), np.inf)
+    np.minimum.at(cheapest, pair, cost)
+    winners = np.flatnonzero(cost == cheapest[pair])
+    _, first = np.unique(pair[winners], return_index=True)  # one per pair when costs tie
+    kept = winners[first]
+    for begin, finish, index in zip(
+        froms[kept].tolist(), tos[kept].tolist(), owner[kept].tolist(), strict=True
+    ):
+        edges.setdefault(begin, []).append((finish, index))
     return edges
 
 
@@ -215,10 +243,11 @@ def _cheapest_push(
     announced to this one, else half the gateway's round trip to this one), the last hop adds
     half the gateway's round trip back. A node is an edge (a peer on some blocks); edges that end
     at a block are final before any edge leaves it, so the blocks in order are one sweep."""
-
-    def gateway_leg(peer: _Peer) -> float:
-        return peer.network / 2
-
+    # who announced a round trip to whom: address -> [(peer index, leg seconds)]
+    announcers: dict[str, list[tuple[int, float]]] = {}
+    for index, peer in enumerate(peers):
+        for address, ms in peer.record.next_rtt.items():
+            announcers.setdefault(address, []).append((index, ms / 2000.0))
     # node: (peer index, start block, end block, node before or -1);
     # arrivals: block -> (cost, node, peer index) of the partial routes that end there
     nodes: list[tuple[int, int, int, int]] = []
@@ -226,24 +255,32 @@ def _cheapest_push(
     for block in sorted(edges):
         if block >= end:
             continue
-        if block == start:
-            came = None
-        else:
+        came = None
+        if block != start:
             came = arrivals.get(block)
             if not came:
                 continue
             came.sort()
+            cheapest_of: dict[int, tuple[float, int]] = {}  # peer index -> its cheapest arrival here
+            for cost, node, index in reversed(came):
+                cheapest_of[index] = (cost, node)
         entered: dict[int, tuple[float, int]] = {}  # peer index -> (cost to enter it here, node before)
         for to, index in edges[block]:
             if index not in entered:
-                entered[index] = _enter(peers, index, came, gateway_leg)
+                peer = peers[index]
+                if came is None:
+                    entered[index] = (peer.network / 2, -1)
+                else:
+                    entered[index] = _enter(
+                        peers, peer, came, cheapest_of, announcers.get(peer.record.address, ())
+                    )
             cost, before = entered[index]
             nodes.append((index, block, to, before))
             arrivals.setdefault(to, []).append(
                 (cost + peers[index].compute(block, to), len(nodes) - 1, index)
             )
     done = min(
-        ((cost + gateway_leg(peers[index]), node) for cost, node, index in arrivals.get(end, ())),
+        ((cost + peers[index].network / 2, node) for cost, node, index in arrivals.get(end, ())),
         default=None,
     )
     if done is None:
@@ -258,23 +295,26 @@ def _cheapest_push(
 
 def _enter(
     peers: list[_Peer],
-    index: int,
-    came: list[tuple[float, int, int]] | None,
-    gateway_leg: Callable[[_Peer], float],
+    peer: _Peer,
+    came: list[tuple[float, int, int]],
+    cheapest_of: dict[int, tuple[float, int]],
+    announcers,
 ) -> tuple[float, int]:
-    """The cheapest way into peer `index` from `came` (the partial routes ending where it starts,
-    cheapest first; None: from the gateway), and the node it comes from (-1: the gateway)."""
-    peer = peers[index]
-    if came is None:
-        return gateway_leg(peer), -1
+    """The cheapest way into `peer` from `came` (the partial routes ending where it starts,
+    cheapest first; `cheapest_of`: the cheapest of each peer among them), and the node it comes
+    from. From a peer that announced no round trip to it the leg is half the gateway's round trip,
+    the same for all: the cheapest such arrival is the first in `came` that did not announce one.
+    The peers that did (`announcers`, a few) are looked up one by one."""
+    address = peer.record.address
     best, before = float("inf"), -1
     for cost, node, came_from in came:
-        if cost >= best:  # sorted, and a leg is never negative: no later arrival can do better
+        if address not in peers[came_from].record.next_rtt:
+            best, before = cost + peer.network / 2, node
             break
-        announced = peers[came_from].record.next_rtt.get(peer.record.address)
-        leg = announced / 2000.0 if announced is not None else gateway_leg(peer)
-        if cost + leg < best:
-            best, before = cost + leg, node
+    for came_from, leg in announcers:
+        arrival = cheapest_of.get(came_from)
+        if arrival is not None and arrival[0] + leg < best:
+            best, before = arrival[0] + leg, arrival[1]
     return best, before
 
 
