@@ -3,7 +3,9 @@
 Peers get random spans of 4-16 blocks (random starts), throughputs of 50-200 tokens/s, 0-3 live
 sessions, a measured gateway round trip of 1-50 ms, and 8 announced next-hop round trips each
 (`PeerRecord.next_rtt`), like the records a gateway plans from. Each plan is timed on its own
-(`gateway.routing.plan_route`, relay and push), median and 90th percentile over `--plans` plans.
+(`gateway.routing.plan_route`, relay and push): wall time (median and 90th percentile over
+`--plans` plans) and CPU time (median; on a loaded machine wall time also counts the waits for a
+core).
 Side by side in the same run, the same plans with whole spans only (the planner before sub-spans:
 no prefix or suffix edges), to show what the sub-span edges cost.
 
@@ -40,9 +42,17 @@ def swarm(peers: int, blocks: int, seed: int) -> tuple[list[PeerRecord], dict[st
         next_rtt = {other: rng.uniform(1.0, 80.0) for other in rng.sample(addresses, 8)}
         records.append(
             PeerRecord(
-                peer_id=f"peer{i}", address=address, model="m", start=start, end=start + length,
-                num_blocks=blocks, throughput=rng.uniform(50, 200), live_sessions=rng.randint(0, 3),
-                free_cache_tokens=100_000, expires_at=time.time() + 3600, next_rtt=next_rtt,
+                peer_id=f"peer{i}",
+                address=address,
+                model="m",
+                start=start,
+                end=start + length,
+                num_blocks=blocks,
+                throughput=rng.uniform(50, 200),
+                live_sessions=rng.randint(0, 3),
+                free_cache_tokens=100_000,
+                expires_at=time.time() + 3600,
+                next_rtt=next_rtt,
             )  # fmt: skip
         )
         rtt[address] = rng.uniform(0.001, 0.050)
@@ -58,11 +68,12 @@ def whole_spans_only(peers, start, end):
 
 
 def time_plans(records, rtt, blocks: int, plans: int, push: bool) -> dict:
-    times, hops, sub = [], [], 0
+    times, cpu, hops, sub = [], [], [], 0
     for seed in range(plans):
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         route = routing.plan_route(records, blocks, rng=random.Random(seed), rtt=rtt, push=push)
         times.append(time.perf_counter() - began)
+        cpu.append(time.process_time() - began_cpu)
         hops.append(len(route))
         by_id = {r.peer_id: r for r in records}
         sub += sum((h.start, h.end) != (by_id[h.peer_id].start, by_id[h.peer_id].end) for h in route)
@@ -70,6 +81,7 @@ def time_plans(records, rtt, blocks: int, plans: int, push: bool) -> dict:
     return {
         "median_ms": round(statistics.median(times) * 1000, 3),
         "p90_ms": round(times[int(0.9 * (len(times) - 1))] * 1000, 3),
+        "cpu_median_ms": round(statistics.median(cpu) * 1000, 3),
         "mean_hops": round(statistics.mean(hops), 2),
         "sub_span_hops_per_route": round(sub / plans, 2),
     }
@@ -85,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     records, rtt = swarm(args.peers, args.blocks, args.seed)
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(),
+        },
         "command": "python -m loadtests.bench_routing " + " ".join(sys.argv[1:] if argv is None else argv),
         "peers": args.peers,
         "blocks": args.blocks,
