@@ -116,6 +116,35 @@ def test_peer_boundaries_are_the_only_cuts():
     assert hops(plan_route(records, 8, rng=random.Random(0))) == [("big", 0, 5), ("tail", 5, 8)]
 
 
+# -- the peer's side, in process ----------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "bloom"])
+def test_narrowed_parts_of_a_span_compose_to_it_exactly(arch, tmp_path):
+    """`BlockSpan.narrow` parts [0, 1), [1, 3), [3, 4) of a loaded [0, 4) span, each with a cache of
+    its own layers only, give bit for bit the whole span's output: a prefill past the sliding
+    window (Gemma 3: windowed layers with their own RoPE table, sandwich norms; BLOOM: ALiBi),
+    then decode steps. The parts own the embedding / the final norm only at the model's ends."""
+    from peer.demo_families import WINDOW, create_family_model
+    from peer.model import BlockSpan
+
+    whole = BlockSpan.load(create_family_model(tmp_path / arch, arch), 0, 4)
+    parts = [whole.narrow(0, 1), whole.narrow(1, 3), whole.narrow(3, 4)]
+    assert [(p.is_first, p.is_last) for p in parts] == [(True, False), (False, False), (False, True)]
+    assert whole.narrow(0, 4) is whole
+    with pytest.raises(ValueError):
+        whole.narrow(2, 2)
+    whole_cache = whole.new_cache()
+    caches = [part.new_cache(unit_layers=4) for part in parts]
+    assert [cache.num_layers for cache in caches] == [1, 2, 1]
+    tokens = torch.randint(9, 300, (3 * WINDOW + 1,), generator=torch.Generator().manual_seed(2))
+    for step in [tokens, *tokens[:4].split(1)]:
+        expected = whole(step, [whole_cache], [len(step)])
+        hidden = step
+        for part, cache in zip(parts, caches, strict=True):
+            hidden = part(hidden, [cache], [len(step)])
+        assert torch.equal(hidden, expected)
+    assert whole_cache.length == caches[1].length == len(tokens) + 4
+
+
 # -- a swarm that needs a sub-span ------------------------------------------------------------------
 SPANS = [(0, 3), (2, 4)]
 
