@@ -235,9 +235,11 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         session.push_id = secrets.token_hex(16)
         self.push_targets[session.push_id] = session
         held = 0
-        if resumed and session.span is not view:  # kept meanwhile by a stream of other blocks
+        if resumed and session.span is not view:
+            # kept meanwhile by a stream of other blocks: its cache is of no use here; an empty one
+            # of these blocks instead (held 0 below: the caller replays), the rest set as for a resume
             session.cache = view.new_cache(max_capacity=request.max_length, unit_layers=span.num_layers)
-            session.span, resumed = view, False
+            session.span = view
             session.history.clear()
         if resumed:
             # Keep only the prefix the caller's sequence shares with what the cache holds.

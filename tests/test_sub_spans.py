@@ -271,6 +271,46 @@ def test_a_sub_span_session_reserves_its_share_and_bad_spans_are_refused(swarm):
     assert list(result.hidden.shape) == [3, 256] and result.cache_length == 3
 
 
+def test_a_kept_cache_resumes_only_on_the_same_blocks(swarm):
+    """A session's cache kept idle after its stream ends is reattached by a resume of the same
+    blocks (it holds their layers), not by one of other blocks of the same peer: that one starts
+    empty (cache_length 0, the caller replays) and computes its own blocks."""
+    first = next(child.address for child in swarm.children if child.name.startswith("peer-0-3"))
+    session_id = "sub-span-resume-" + "0" * 16
+    tokens = [5, 6, 7, 8]
+
+    async def opened(pool, blocks, resume: bool):
+        session = PeerSession(pool, first)
+        message = swarm_pb2.OpenSession(
+            session_id=session_id, start_block=blocks[0], end_block=blocks[1], max_length=16
+        )
+        if resume:
+            message.resume = True
+            message.resume_tokens.extend(tokens)
+        return session, (await session.open(message)).cache_length
+
+    async def scenario():
+        pool = ChannelPool()
+        try:
+            session, _ = await opened(pool, (0, 3), resume=False)
+            await session.step(swarm_pb2.Step(token_ids=tokens, position=0))
+            await session.close()
+            lengths = []
+            for _ in range(2):  # the first finds the [0, 3) cache, the second the first's [0, 1) one
+                # no wait for the stream before to end: a resume waits for a live session of its id
+                session, length = await opened(pool, (0, 1), resume=True)
+                lengths.append(length)
+                if length == 0:
+                    result = await session.step(swarm_pb2.Step(token_ids=tokens, position=0))
+                    assert result.cache_length == len(tokens)
+                await session.close()
+            return lengths
+        finally:
+            await pool.close()
+
+    assert asyncio.run(scenario()) == [0, len(tokens)]
+
+
 @pytest.mark.parametrize(
     ("push", "replacement_span"), [(True, (1, 4)), (False, (0, 4))], ids=["push", "relay"]
 )
