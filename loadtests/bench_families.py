@@ -31,7 +31,8 @@ from pathlib import Path
 from loadtests import bench_decode
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_ARCHS = "llama,mistral,qwen2,qwen3,gemma2,gemma3_text,phi3,falcon,bloom,mixtral,qwen3_moe"
+DEFAULT_ARCHS = "llama,mistral,qwen2,qwen3,gemma2,gemma3_text,phi3,falcon,bloom,mixtral,qwen3_moe,gpt_oss"
+MOE_ARCHS = ("mixtral", "qwen3_moe", "gpt_oss")
 _WIDE = {"vocab_size": 32000, "hidden_size": 768, "max_position_embeddings": 4096}
 _DENSE = {**_WIDE, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
           "intermediate_size": 2048, "head_dim": 64}  # fmt: skip
@@ -47,13 +48,15 @@ def bench_shape(arch: str) -> dict:
     shape = dict(_DENSE)
     if arch in ("llama", "qwen2", "phi3", "falcon"):
         shape.pop("head_dim")
-    if arch in ("mixtral", "qwen3_moe"):  # 4 experts of a third of the dense MLP: a similar size
+    if arch in MOE_ARCHS:  # 4 experts of a third of the dense MLP: a similar size
         shape.update(intermediate_size=768, moe_intermediate_size=768)
-        if arch == "mixtral":
+        if arch in ("mixtral", "gpt_oss"):  # their experts are intermediate_size wide
             shape.pop("moe_intermediate_size")
     if arch in ("mistral", "mixtral", "phi3", "qwen2", "gemma2", "gemma3_text"):
         shape["sliding_window"] = 256
-    if arch in ("gemma2", "gemma3_text"):
+    if arch == "gpt_oss":  # its own alternation (window layers first), YaRN as shipped
+        shape.update(sliding_window=256, swiglu_limit=7.0, rope_parameters=None)
+    if arch in ("gemma2", "gemma3_text", "gpt_oss"):
         shape["layer_types"] = ["sliding_attention", "full_attention"] * 6
         shape["query_pre_attn_scalar"] = 64
     if arch == "qwen2":
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result["kv_memory"] = kv_memory()
     save()
-    for arch in ("mixtral", "qwen3_moe"):
+    for arch in MOE_ARCHS:
         if arch in archs and not args.skip_moe:
             result.setdefault("moe_streams", {})[arch] = moe_streams(decode_args.model_dirs[arch])
             print(arch, result["moe_streams"][arch], flush=True)
