@@ -48,16 +48,19 @@ def sink_attention(
     """``q`` ``[heads, n, dim]``, ``k``/``v`` ``[kv_heads, keys, dim]``, bool ``mask`` ``[n, keys]``;
     ``sinks`` ``[heads]``. transformers' eager gpt-oss attention: additive mask, the sink column
     appended, the row max subtracted, softmax in the compute dtype, the sink column dropped."""
-    if k.shape[0] != q.shape[0]:
-        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
-        v = v.repeat_interleave(q.shape[0] // v.shape[0], dim=0)
-    scores = torch.matmul(q, k.transpose(1, 2)) * scale
+    heads, n, dim = q.shape
+    kv_heads, keys = k.shape[0], k.shape[1]
+    # The query heads of one KV group attend as one [group * n, dim] matrix: the same products
+    # as transformers' repeat_kv, without copying the group's keys and values per head.
+    grouped = q.reshape(kv_heads, heads // kv_heads * n, dim)
+    scores = (torch.matmul(grouped, k.transpose(1, 2)) * scale).view(heads, n, keys)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    sink = sinks.to(scores.dtype).reshape(-1, 1, 1).expand(-1, scores.shape[1], 1)
+    sink = sinks.to(scores.dtype).reshape(-1, 1, 1).expand(-1, n, 1)
     combined = torch.cat([scores, sink], dim=-1)
     combined = combined - combined.max(dim=-1, keepdim=True).values
     probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
-    return torch.matmul(probs.to(v.dtype), v)
+    out = torch.matmul(probs.to(v.dtype).reshape(kv_heads, heads // kv_heads * n, keys), v)
+    return out.view(heads, n, dim)
 
 
 def route_topk_softmax(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
