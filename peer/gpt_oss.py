@@ -43,9 +43,11 @@ class RMSNormFp32Product(nn.Module):
 
 
 def sink_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, sinks: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    sinks: torch.Tensor,
 ) -> torch.Tensor:
-    """``q`` ``[heads, n, dim]``, ``k``/``v`` ``[kv_heads, keys, dim]``, bool ``mask`` ``[n, keys]``;
+    """``q`` ``[heads, n, dim]``, ``k``/``v`` ``[kv_heads, keys, dim]``, bool ``mask`` ``[n, keys]``
+    (True = may attend) or None;
     ``sinks`` ``[heads]``. transformers' eager gpt-oss attention: additive mask, the sink column
     appended, the row max subtracted, softmax in the compute dtype, the sink column dropped."""
     heads, n, dim = q.shape
@@ -54,7 +56,8 @@ def sink_attention(
     # as transformers' repeat_kv, without copying the group's keys and values per head.
     grouped = q.reshape(kv_heads, heads // kv_heads * n, dim)
     scores = (torch.matmul(grouped, k.transpose(1, 2)) * scale).view(heads, n, keys)
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if mask is not None:  # None: every key is visible (one decode token, nothing out of window)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     sink = sinks.to(scores.dtype).reshape(-1, 1, 1).expand(-1, n, 1)
     combined = torch.cat([scores, sink], dim=-1)
     combined = combined - combined.max(dim=-1, keepdim=True).values

@@ -470,7 +470,9 @@ class Attention(nn.Module):
             base, mask, causal = s.views[window]
             if eager:
                 past = s.cache.length
-                if mask is None:  # built once per step, then shared by the later layers
+                # built once per step, then shared by the later layers; a decode step that sees
+                # every key needs none (sink attention skips it; the other eager kinds do not)
+                if mask is None and (causal or sinks is None):
                     mask = _band_mask(past, s.length, base, window, x.device)
                     s.views[window] = (base, mask, causal)
                 if sinks is not None:
