@@ -154,7 +154,6 @@ def _gpt_oss(hf: Any) -> dict[str, Any]:
     }
 
 
-
 FAMILIES: dict[str, Family] = {
     "llama": Family(hf_class="LlamaForCausalLM"),
     "mistral": Family(window_all_layers=True, qkv_bias=False, o_bias=False, hf_class="MistralForCausalLM"),

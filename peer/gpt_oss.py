@@ -43,7 +43,11 @@ class RMSNormFp32Product(nn.Module):
 
 
 def sink_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
     sinks: torch.Tensor,
 ) -> torch.Tensor:
     """``q`` ``[heads, n, dim]``, ``k``/``v`` ``[kv_heads, keys, dim]``, bool ``mask`` ``[n, keys]``
@@ -66,7 +70,9 @@ def sink_attention(
     return out.view(heads, n, dim)
 
 
-def route_topk_softmax(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def route_topk_softmax(
+    logits: torch.Tensor, top_k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """gpt-oss routing: the top-k router logits (bias included), softmaxed among themselves."""
     del normalize  # the softmax over the chosen k already sums to one
     values, chosen = torch.topk(logits, top_k, dim=-1)
@@ -99,7 +105,10 @@ def convert_block(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[st
     with the interleaved gate/up columns reordered to ``[gate | up]`` rows."""
     state = dict(state)
     for proj in ("gate_up_proj", "down_proj"):
-        blocks, scales = state.pop(f"{_EXPERTS}{proj}_blocks", None), state.pop(f"{_EXPERTS}{proj}_scales", None)
+        blocks, scales = (
+            state.pop(f"{_EXPERTS}{proj}_blocks", None),
+            state.pop(f"{_EXPERTS}{proj}_scales", None),
+        )
         if (blocks is None) != (scales is None):
             raise ValueError(f"checkpoint has only one of {proj}_blocks / {proj}_scales")
         if blocks is not None:

@@ -577,7 +577,10 @@ class MoE(nn.Module):
         inner = config.moe_intermediate_size
         if config.expert_mlp == "clamped_swiglu":
             alpha, limit = config.swiglu_alpha, config.swiglu_limit
-            experts = (gpt_oss.ClampedSwiGLU(config.hidden_size, inner, alpha, limit) for _ in range(config.num_experts))
+            experts = (
+                gpt_oss.ClampedSwiGLU(config.hidden_size, inner, alpha, limit)
+                for _ in range(config.num_experts)
+            )
         else:
             experts = (MLP(config, inner, "gated") for _ in range(config.num_experts))
         self.experts = nn.ModuleList(experts)

@@ -52,7 +52,9 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rounding, clamped to 6). Writes test folders in the shipped layout; values that are already
     representable (``dequantize_mxfp4`` of anything) come back exactly."""
     if weight.shape[-2] % GROUP:
-        raise ValueError(f"MXFP4 groups {GROUP} values along the input axis; {weight.shape[-2]} is not a multiple")
+        raise ValueError(
+            f"MXFP4 groups {GROUP} values along the input axis; {weight.shape[-2]} is not a multiple"
+        )
     w = weight.float().transpose(-1, -2)  # [..., out, in]
     groups = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP, GROUP)
     amax = groups.abs().amax(dim=-1)

@@ -37,7 +37,9 @@ def test_dequantize_matches_transformers():
         theirs = convert_moe_packed_tensors(blocks.clone(), scales.clone(), dtype=dtype)
         assert ours.shape == theirs.shape == (3, 128, 40) and ours.dtype == dtype
         assert torch.equal(ours, theirs)
-    assert set(torch.unique(dequantize_mxfp4(blocks, torch.full_like(scales, 127))).tolist()) == set(FP4_VALUES)
+    assert set(torch.unique(dequantize_mxfp4(blocks, torch.full_like(scales, 127))).tolist()) == set(
+        FP4_VALUES
+    )
 
 
 def test_quantize_round_trips_representable_values_and_refuses_bad_shapes():
@@ -76,7 +78,10 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     save_file(state, reference / "model.safetensors", metadata={"format": "pt"})
     save_file(packed, packed_dir / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((packed_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn"],
+    }
     (packed_dir / "config.json").write_text(json.dumps(config))
     return packed_dir, reference
 
