@@ -11,8 +11,8 @@ each FP8 weight by its tiles' scales there, drops the scales, and only then cast
 dtype: the block is the dequantized model, and ``--quant int8/nf4`` applies on top like on any
 checkpoint. Keeping FP8 on the GPU (an FP8 matmul) is not done.
 
-Every other ``quantization_config`` (AWQ, GPTQ, bitsandbytes, MXFP4, ...) is refused at start
-with one line naming the field: loading those tensors as plain weights would be silently wrong.
+Which ``quant_method`` a family reads is ``Family.shipped_quant`` (``fp8`` for DeepSeek-V3); any
+other is refused at start with one line naming the field (``peer.families.check_supported``).
 """
 
 from __future__ import annotations
@@ -35,16 +35,11 @@ def block_size(hf_config: Any) -> tuple[int, int] | None:
 
 
 def check_quantization(hf_config: Any) -> None:
-    """Raise ``ValueError`` (one line, naming the field) for a ``quantization_config`` we cannot load."""
+    """Raise ``ValueError`` (one line, naming the field) for an FP8 ``quantization_config`` whose
+    layout we do not read. Which methods a family reads at all is ``Family.shipped_quant``'s."""
     config = _quantization_config(hf_config)
-    if config is None:
+    if config is None or _method(config) != "fp8":
         return
-    method = _method(config)
-    if method != "fp8":
-        raise ValueError(
-            f"config field quantization_config.quant_method={method!r} is not supported "
-            "(only block-wise fp8 checkpoints are dequantized at load)"
-        )
     if config.get("fmt") not in _FP8_FORMATS:
         raise ValueError(
             f"config field quantization_config.fmt={config.get('fmt')!r} is not supported (e4m3 only)"

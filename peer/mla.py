@@ -175,7 +175,8 @@ class LatentAttention(nn.Module):
             if s.length == 0:
                 continue
             rows = slice(s.offset, s.offset + s.length)
-            cached, _ = s.cache.append(self.layer_idx, new[rows].unsqueeze(0))  # [1, 1, keys, rank + rope]
+            # [1, 1, keys, rank + rope]; a sub-span's cache starts at its own first layer
+            cached, _ = s.cache.append(self.layer_idx - s.first_layer, new[rows].unsqueeze(0))
             _, mask, causal = s.views[0]
             if absorb:
                 latent_out[rows] = self._absorbed(
