@@ -386,3 +386,19 @@ def test_kimi_k2_folder_is_served_as_deepseek_v3(model_dir, tmp_path):
     prompt = torch.tensor(prompt_of("long"))
     outputs = [span(prompt, [span.new_cache()], [len(prompt)]) for span in (kimi, deepseek)]
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_deepseek_sub_span_view_matches_a_span_of_its_own(model_dir, chain):
+    """A session of blocks [2, 4) on a peer that holds [0, 4) runs a narrowed view (sub-spans):
+    its latent cache holds only its own layers, and it computes what a span [2, 4) computes."""
+    first, own = chain("deepseek_v3", "2-spans")
+    view = BlockSpan.load(model_dir("deepseek_v3"), 0, 4, calibrate=False).narrow(2, 4)
+    prompt = prompt_of("long")
+    hidden = first(torch.tensor(prompt), [first.new_cache()], [len(prompt)])
+    caches = [own.new_cache(), view.new_cache()]
+    assert caches[1].num_layers == 2
+    outputs = [span(hidden, [cache], [len(prompt)]) for span, cache in zip((own, view), caches, strict=True)]
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)
+    step_hidden = hidden[-1:]
+    decoded = [span(step_hidden, [cache], [1]) for span, cache in zip((own, view), caches, strict=True)]
+    torch.testing.assert_close(decoded[1], decoded[0], atol=1e-6, rtol=0)
