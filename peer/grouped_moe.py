@@ -9,7 +9,7 @@ transformers' ``DeepseekV3TopkRouter`` ("noaux_tc"), step for step, in fp32:
 3. The ``top_k`` best eligible experts are chosen; their weights are the *unbiased* sigmoid scores,
    renormalised to sum to 1 when ``norm_topk_prob``, then times ``routed_scaling_factor``.
 
-The routed experts then run like every other mixture here (``peer.model.MoE.dispatch``: the pack's
+The routed experts then run like every other mixture here (``peer.model.MoE``: the pack's
 rows grouped per expert, one matmul per chosen expert per pass), and ``MoE`` adds the shared
 experts after, as transformers does. The router weight and the bias are plain fp32 tensors
 (``Family.fp32_parts``), so neither quantization nor a bf16 compute dtype moves routing.

@@ -13,7 +13,6 @@ share a step without padding, which is what continuous batching needs.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -263,8 +262,8 @@ class SpanConfig:
             attention=family.attention,
             fp8_block=fp8.block_size(hf_config) or (),
         )
-        known = {f.name for f in dataclasses.fields(cls)}
-        fields.update({k: v for k, v in derived.items() if k in known})
+        # a family's own switches (gpt-oss's sinks, routing...) come from derive, defaults elsewhere
+        fields.update({k: v for k, v in derived.items() if k in cls.__dataclass_fields__})
         return cls(**fields)
 
     def window(self, layer: int) -> int:
