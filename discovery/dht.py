@@ -557,6 +557,7 @@ class SwarmDHT:
         self._places: dict[tuple[str, str], tuple[float, int]] = {}
         self._written: dict[tuple[str, str], dict[int, float]] = {}
         self.last_read: dict[str, int] = {"shards": 0, "rounds": 0}  # of the last whole-model read
+        self._known_shards: dict[str, set[int]] = {}  # model -> shards with records at the last read
 
     # ---- lifecycle
 
@@ -710,13 +711,16 @@ class SwarmDHT:
         return shard
 
     async def _find_place(self, model: str, peer_id: str) -> int:
-        """From the root down `peer_id`'s path: the first shard where it ranks among the
-        `SHARD_CAPACITY` lowest of the peers there (one read of one shard per level)."""
+        """From the root down `peer_id`'s path (one read of one shard per level): the first shard
+        with room for it, or where it is already and ranks among the `SHARD_CAPACITY` lowest (a
+        shard that several peers joined at once sheds its highest-ranked ones)."""
         shard = ROOT
         while level_of(shard) < MAX_LEVEL:
             key = model_shard_key(model, shard)
             here = residents((await self._server.read_values([key]))[key])
-            if len(here) < SHARD_CAPACITY or ranks_within(peer_id, here):
+            if peer_id in here and ranks_within(peer_id, here):
+                return shard
+            if peer_id not in here and len(here) < SHARD_CAPACITY:
                 return shard
             shard = child_on_path(shard, peer_id)
         return shard
@@ -748,20 +752,30 @@ class SwarmDHT:
 
     async def model_entries(self, model: str) -> Entries:
         """Every entry of `model`'s shard tree, merged: breadth first from the root, one round of
-        parallel reads per level, into the children of every shard with `DESCEND_AT` records."""
+        parallel reads per level, into the children of every shard with `DESCEND_AT` records and
+        into every shard that held records at this node's last read of the model (when many
+        records of a shard expire together, the peers below it stay there until their next
+        review: a reader that knew them keeps reading them)."""
         self._require_started()
         merged: Entries = {}
-        level, shards, rounds = [ROOT], 0, 0
-        while level:
-            keys = [model_shard_key(model, shard) for shard in level]
-            values = await self._server.read_values(keys)
-            rounds, shards = rounds + 1, shards + len(level)
-            deeper = []
-            for shard, key in zip(level, keys, strict=True):
+        known = self._known_shards.get(model, set())
+        occupied: set[int] = set()
+        level, depth, shards, rounds = {ROOT}, 0, 0, 0
+        while level or any(level_of(s) >= depth for s in known):
+            level |= {s for s in known if level_of(s) == depth}
+            ordered = sorted(level)
+            keys = [model_shard_key(model, shard) for shard in ordered]
+            values = await self._server.read_values(keys) if keys else {}
+            rounds, shards = rounds + bool(keys), shards + len(keys)
+            deeper: set[int] = set()
+            for shard, key in zip(ordered, keys, strict=True):
                 merged = merge_entries(merged, values[key], self.clock())
+                if residents(values[key]):
+                    occupied.add(shard)
                 if should_descend(values[key]) and level_of(shard) < MAX_LEVEL:
-                    deeper.extend(children(shard))
-            level = deeper
+                    deeper.update(children(shard))
+            level, depth = deeper, depth + 1
+        self._known_shards[model] = occupied
         self.last_read = {"shards": shards, "rounds": rounds}
         return merged
 

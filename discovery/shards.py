@@ -10,18 +10,20 @@ The scheme: a binary tree of shards that splits where it is full
 -----------------------------------------------------------------
 A model's shards are numbered like a binary heap: shard 1 is the root, the children of shard ``s``
 are ``2s`` and ``2s + 1``; shard ``s`` is at level ``s.bit_length() - 1``. A peer's path down the
-tree is fixed by its id (the bits of ``sha1(peer_id)``, one per level), and so is its *rank*
-(the same hash as a number): a shard keeps its `SHARD_CAPACITY` lowest-ranked peers, and the
-others go one level down their path. A peer finds its place when it reviews (at its first
-announce and every `REVIEW_S` after): from the root down, the first shard on its path where it
-ranks among the `SHARD_CAPACITY` lowest of the peers there (itself included). So:
+tree is fixed by its id (the bits of ``sha1(peer_id)``, one per level), and so is its *rank* (the
+same hash as a number). A peer finds its place when it reviews (at its first announce and every
+`REVIEW_S` after): from the root down its path, the first shard with fewer than `SHARD_CAPACITY`
+peers, or the one it is in already if it ranks among the `SHARD_CAPACITY` lowest there (several
+peers that joined one shard at once overfill it; the highest-ranked leave at their next review, and
+every peer reading the same shard ranks the same way, so they agree on who goes). So:
 
 * the number of shards follows the swarm: one shard (the root) up to `SHARD_CAPACITY` peers,
   ``2**(L+1) - 1`` shards hold up to ``SHARD_CAPACITY * (2**(L+1) - 1)`` peers (L + 1 levels);
   1000 peers need 5 levels (31 shards of <= 48), 10,000 need 8;
-* no peer needs to know how many peers there are: a full shard is visible to all who read it, and
-  every peer that reads the same shard ranks the same way, so they agree on who moves down;
-* when peers leave, those below move up at their next review (a place above has opened).
+* no peer needs to know how many peers there are: a full shard is visible to all who read it;
+* when peers leave, those below move up at their next review (a place above has opened);
+* a full shard is never entered, so a shard grows past capacity only by peers joining it within
+  one review of each other (bounded by the value cap, about 85 records, before evictions).
 
 A reader walks the tree breadth first: the root, then the children of every shard that holds at
 least `DESCEND_AT` live records (half of capacity: a shard that has lost some peers may still have
