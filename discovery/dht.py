@@ -72,7 +72,12 @@ TAG_BYTES = 32  # HMAC-SHA256 tag appended to every datagram in a private swarm
 # reads only, not three or more crawl rounds first. A reuse is skipped when a node in it has stopped
 # answering or the routing table has changed while the crawl found fewer than k nodes.
 CRAWL_REUSE_S = 30.0
-READ_REPLICAS = 4  # nodes asked per key on a read; stores go to all k nearest
+READ_REPLICAS = 3  # nodes asked per key on a read; stores go to all k nearest
+REVIEW_REPLICAS = 2  # nodes asked per shard when a peer reviews its place (ids and counts only)
+# The `models` entry (a model exists, its block count) is re-stored this often rather than every
+# heartbeat, with a lifetime of two periods: with many peers per model it was half of every
+# heartbeat's bytes, for an entry that never changes.
+MODELS_REFRESH_S = 60.0
 VERIFIED_CACHE = 50_000  # signatures already checked, so re-reading a record costs no Ed25519 check
 
 
@@ -316,6 +321,7 @@ class _SwarmServer(Server):
         self.rpc_timeout = rpc_timeout
         self.swarm_key = swarm_key
         self.read_replicas = read_replicas
+        self.crawl_reuse_s = CRAWL_REUSE_S
         self._crawls: dict[bytes, tuple[float, int, list[Node]]] = {}  # region -> (when, contacts, nodes)
         self._verified: dict[str, str] = {}  # signature -> entry id, for entries already accepted
 
@@ -361,7 +367,7 @@ class _SwarmServer(Server):
         return nodes
 
     def _still_good(self, when: float, contacts: int, nodes: list[Node]) -> bool:
-        if time.monotonic() - when > CRAWL_REUSE_S:
+        if time.monotonic() - when > self.crawl_reuse_s:
             return False
         if len(nodes) < self.ksize and self.num_contacts() != contacts:
             return False  # a small network that has grown (or shrunk) since: the new ones may be nearer
@@ -409,7 +415,7 @@ class _SwarmServer(Server):
         """Merge of this node's entries and those of the nodes nearest to `key`."""
         return (await self.read_values([key]))[key]
 
-    async def read_values(self, keys: list[bytes]) -> dict[bytes, Entries]:
+    async def read_values(self, keys: list[bytes], *, replicas: int | None = None) -> dict[bytes, Entries]:
         """For each of `keys` (all in one region: shards of one model), the merge of this node's
         entries and those of the `read_replicas` nodes nearest to it, read in parallel.
 
@@ -421,7 +427,7 @@ class _SwarmServer(Server):
         checked again (an Ed25519 check costs ~50-200 us, a thousand records a read)."""
         if not keys:
             return {}
-        nodes = (await self.nearest_nodes(keys[0]))[: self.read_replicas]
+        nodes = (await self.nearest_nodes(keys[0]))[: replicas or self.read_replicas]
         gate = asyncio.Semaphore(self.READ_CONCURRENCY)
 
         async def ask(node: Node, key: bytes) -> object:
@@ -493,6 +499,13 @@ class _SwarmServer(Server):
         return kept
 
 
+def _fits(peer_id: str, here: list[str]) -> bool:
+    """A shard whose residents are `here` has room for `peer_id`, or holds it already and it ranks
+    among the `SHARD_CAPACITY` lowest there (a shard several peers joined at once sheds its
+    highest-ranked ones)."""
+    return ranks_within(peer_id, here) if peer_id in here else len(here) < SHARD_CAPACITY
+
+
 async def _resolve(host: str, port: int, family: int) -> tuple[str, int] | None:
     """kademlia needs IP addresses for bootstrap; resolve names (docker service names) here."""
     try:
@@ -558,6 +571,8 @@ class SwarmDHT:
         self._written: dict[tuple[str, str], dict[int, float]] = {}
         self.last_read: dict[str, int] = {"shards": 0, "rounds": 0}  # of the last whole-model read
         self._known_shards: dict[str, set[int]] = {}  # model -> shards with records at the last read
+        self._models_announced: dict[str, tuple[float, int]] = {}  # model -> (monotonic time, num_blocks)
+        self.models_refresh_s = MODELS_REFRESH_S
 
     # ---- lifecycle
 
@@ -687,16 +702,29 @@ class SwarmDHT:
         shard = await self._place(record.model, record.peer_id)
         written = self._written.setdefault(slot, {})
         written[shard] = max(written.get(shard, 0.0), record.expires_at)
-        model_entry = {"num_blocks": record.num_blocks, "expires_at": record.expires_at}
         entry = sign_entry(self.identity, record.peer_id, record.to_dict(), now)
         held, _ = await asyncio.gather(
             self._server.store_entries(model_shard_key(record.model, shard), {record.peer_id: entry}),
-            self._server.store_entries(
-                digest(MODELS_KEY), {record.model: sign_entry(self.identity, record.model, model_entry, now)}
-            ),
+            self._announce_model(record, now),
         )
         log.debug("announced %s in shard %d on %d node(s)", record.peer_id, shard, held)
         return held
+
+    async def _announce_model(self, record: PeerRecord, now: float) -> None:
+        """The `models` entry of `record.model`, at most every `MODELS_REFRESH_S` (see there)."""
+        last = self._models_announced.get(record.model)
+        if (
+            last is not None
+            and last[1] == record.num_blocks
+            and time.monotonic() - last[0] < self.models_refresh_s
+        ):
+            return
+        self._models_announced[record.model] = (time.monotonic(), record.num_blocks)
+        expires_at = max(record.expires_at, now + 2 * self.models_refresh_s)
+        entry = sign_entry(
+            self.identity, record.model, {"num_blocks": record.num_blocks, "expires_at": expires_at}, now
+        )
+        await self._server.store_entries(digest(MODELS_KEY), {record.model: entry})
 
     async def _place(self, model: str, peer_id: str) -> int:
         """The shard `peer_id` announces in: the last one found, reviewed every `review_s`."""
@@ -704,23 +732,32 @@ class SwarmDHT:
         placed = self._places.get(slot)
         if placed is not None and time.monotonic() - placed[0] < self.review_s:
             return placed[1]
-        shard = await self._find_place(model, peer_id)
+        shard = await self._review_place(model, peer_id, None if placed is None else placed[1])
         if placed is not None and placed[1] != shard:
             log.info("peer %s moves from shard %d to %d of %s", peer_id[:12], placed[1], shard, model)
         self._places[slot] = (time.monotonic(), shard)
         return shard
 
-    async def _find_place(self, model: str, peer_id: str) -> int:
-        """From the root down `peer_id`'s path (one read of one shard per level): the first shard
-        with room for it, or where it is already and ranks among the `SHARD_CAPACITY` lowest (a
-        shard that several peers joined at once sheds its highest-ranked ones)."""
-        shard = ROOT
+    async def _review_place(self, model: str, peer_id: str, current: int | None) -> int:
+        """Where `peer_id` belongs now. A peer below the root reads its shard and the parent only
+        (one round): it climbs when the parent has room, stays while it fits, else goes down."""
+        if current is None or current == ROOT:
+            return await self._find_place(model, peer_id, ROOT)
+        keys = [model_shard_key(model, current // 2), model_shard_key(model, current)]
+        values = await self._server.read_values(keys, replicas=REVIEW_REPLICAS)
+        if len(residents(values[keys[0]])) < SHARD_CAPACITY:
+            return await self._find_place(model, peer_id, ROOT)  # room above: climb as far as it goes
+        if _fits(peer_id, residents(values[keys[1]])):
+            return current
+        return await self._find_place(model, peer_id, child_on_path(current, peer_id))
+
+    async def _find_place(self, model: str, peer_id: str, shard: int) -> int:
+        """From `shard` down `peer_id`'s path (one read of one shard per level): the first shard it
+        fits in (`_fits`)."""
         while level_of(shard) < MAX_LEVEL:
             key = model_shard_key(model, shard)
-            here = residents((await self._server.read_values([key]))[key])
-            if peer_id in here and ranks_within(peer_id, here):
-                return shard
-            if peer_id not in here and len(here) < SHARD_CAPACITY:
+            here = residents((await self._server.read_values([key], replicas=REVIEW_REPLICAS))[key])
+            if _fits(peer_id, here):
                 return shard
             shard = child_on_path(shard, peer_id)
         return shard
