@@ -40,6 +40,7 @@ from discovery.entries import (
     decode_entries,
     is_departed,
     merge_entries,
+    merge_entries_into,
     records_from_entries,
     split_entries,
 )
@@ -304,7 +305,7 @@ class _SwarmServer(Server):
     """kademlia Server that stores per-entry chunks and reads by merging the k nearest nodes."""
 
     protocol_class = _SwarmProtocol
-    READ_CONCURRENCY = 8  # bounded so many ~48 KB replies do not overflow the UDP receive buffer
+    READ_CONCURRENCY = 16  # bounded so many <= 48 KB replies do not overflow the 1 MB UDP receive buffer
 
     def __init__(
         self,
@@ -570,7 +571,8 @@ class SwarmDHT:
         self._places: dict[tuple[str, str], tuple[float, int]] = {}
         self._written: dict[tuple[str, str], dict[int, float]] = {}
         self.last_read: dict[str, int] = {"shards": 0, "rounds": 0}  # of the last whole-model read
-        self._known_shards: dict[str, set[int]] = {}  # model -> shards with records at the last read
+        self._known_shards: dict[str, set[int]] = {}  # model -> shards read at the last read of it
+        self._parsed: dict[str, PeerRecord | None] = {}  # signature -> record (`records_from_entries`)
         self._models_announced: dict[str, tuple[float, int]] = {}  # model -> (monotonic time, num_blocks)
         self.models_refresh_s = MODELS_REFRESH_S
 
@@ -785,35 +787,44 @@ class SwarmDHT:
     async def peers(self, model: str) -> list[PeerRecord]:
         """Live (unexpired, not withdrawn) records for `model`, both states, sorted by span."""
         self._require_started()
-        return records_from_entries(await self.model_entries(model), model, self.clock())
+        entries = await self.model_entries(model)
+        if len(self._parsed) > VERIFIED_CACHE:
+            self._parsed.clear()
+        return records_from_entries(entries, model, self.clock(), self._parsed)
 
     async def model_entries(self, model: str) -> Entries:
-        """Every entry of `model`'s shard tree, merged: breadth first from the root, one round of
-        parallel reads per level, into the children of every shard with `DESCEND_AT` records and
-        into every shard that held records at this node's last read of the model (when many
-        records of a shard expire together, the peers below it stay there until their next
-        review: a reader that knew them keeps reading them)."""
+        """Every entry of `model`'s shard tree, merged.
+
+        The first round reads the root and every shard this node read at its last read of the
+        model, all at once (a gateway refreshing every second walks the tree in one round, not one
+        per level); each further round reads the children, not read yet, of every shard holding
+        `DESCEND_AT` records. Re-reading the shards known from the last read also keeps in view
+        the peers below a shard whose records expired together (they stay there until their next
+        review)."""
         self._require_started()
         merged: Entries = {}
-        known = self._known_shards.get(model, set())
-        occupied: set[int] = set()
-        level, depth, shards, rounds = {ROOT}, 0, 0, 0
-        while level or any(level_of(s) >= depth for s in known):
-            level |= {s for s in known if level_of(s) == depth}
+        read: set[int] = set()
+        known: set[int] = set()
+        level, rounds = {ROOT} | self._known_shards.get(model, set()), 0
+        while level:
             ordered = sorted(level)
             keys = [model_shard_key(model, shard) for shard in ordered]
-            values = await self._server.read_values(keys) if keys else {}
-            rounds, shards = rounds + bool(keys), shards + len(keys)
+            values = await self._server.read_values(keys)
+            rounds += 1
+            read.update(ordered)
+            now = self.clock()
             deeper: set[int] = set()
             for shard, key in zip(ordered, keys, strict=True):
-                merged = merge_entries(merged, values[key], self.clock())
+                merge_entries_into(merged, values[key], now)
                 if residents(values[key]):
-                    occupied.add(shard)
+                    known.add(shard)
                 if should_descend(values[key]) and level_of(shard) < MAX_LEVEL:
                     deeper.update(children(shard))
-            level, depth = deeper, depth + 1
-        self._known_shards[model] = occupied
-        self.last_read = {"shards": shards, "rounds": rounds}
+            known |= deeper
+            level = deeper - read
+        # next time: the shards with records, and the children of the full ones
+        self._known_shards[model] = known
+        self.last_read = {"shards": len(read), "rounds": rounds}
         return merged
 
     async def models(self) -> dict[str, int]:

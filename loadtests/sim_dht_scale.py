@@ -204,6 +204,7 @@ async def measure(args) -> dict:
     from gateway.routing import plan_route
     from gateway.swarm_view import SwarmView
 
+    out_load = {"load_at_start": os.getloadavg()}
     began = time.perf_counter()
     procs, boot_port = await start_workers(args)
     started_s = time.perf_counter() - began
@@ -214,7 +215,7 @@ async def measure(args) -> dict:
     joins = [json.loads(await proc.stdout.readline()) for proc in procs]
     print("announced:", joins, flush=True)
     boot = [("127.0.0.1", boot_port)]
-    out: dict = {"nodes_started_s": round(started_s, 1), "join": joins}
+    out: dict = {**out_load, "nodes_started_s": round(started_s, 1), "join": joins}
     try:
         gateway = SwarmDHT(rpc_timeout=2.0)
         await gateway.start("127.0.0.1", 0, boot)
@@ -261,15 +262,20 @@ async def measure(args) -> dict:
         out["gateway_snapshot"], found = await timed(lambda: view.peers(MODEL, fresh=True), args.reads)
         out["gateway_snapshot"]["min_records"] = min(map(len, found))
         records = found[-1]
-        plan_samples = {"relay": [], "push": []}
+        # wall time, and this process's CPU time: with the machine's load at 8-10 on 2 cores, a
+        # plan that takes 1 ms of CPU can take 10+ ms of wall time while this process waits its turn
+        plan_samples = {"relay": [], "push": [], "relay_cpu": [], "push_cpu": []}
         rng = random.Random(0)
         for _ in range(args.reads):
             for mode in ("relay", "push"):
-                begin = time.perf_counter()
+                begin, cpu = time.perf_counter(), time.process_time()
                 route = plan_route(records, NUM_BLOCKS, rng=rng, push=mode == "push")
                 plan_samples[mode].append(time.perf_counter() - begin)
-                assert route is not None, "the records cover the model"
+                plan_samples[mode + "_cpu"].append(time.process_time() - cpu)
+                if route is None:
+                    raise RuntimeError("the simulated records do not cover the model")
         out["route_planning"] = {mode: quantiles(s) for mode, s in plan_samples.items()}
+        out["route_planning"]["records"] = len(records)
         print(json.dumps({k: v for k, v in out.items() if k != "join"}, indent=1), flush=True)
         out["announce_traffic"] = await announce_traffic(args, boot)
         print("announce traffic:", out["announce_traffic"], flush=True)
