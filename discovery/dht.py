@@ -428,27 +428,44 @@ class _SwarmServer(Server):
         checked again (an Ed25519 check costs ~50-200 us, a thousand records a read)."""
         if not keys:
             return {}
-        nodes = (await self.nearest_nodes(keys[0]))[: replicas or self.read_replicas]
+        nearest = await self.nearest_nodes(keys[0])
+        count = replicas or self.read_replicas
+        nodes = nearest[:count]
         gate = asyncio.Semaphore(self.READ_CONCURRENCY)
+        answers = await self._ask_all(keys, nodes, gate)
+        # A key that none of its replicas answered in time is asked of the next nearest nodes
+        # once: under load a whole shard's answers can be late, and it would vanish from the read.
+        unanswered = [key for key in keys if not any(_found_value(r) is not None for r in answers[key][1])]
+        spare = nearest[count : 2 * count]
+        if unanswered and spare:
+            for key, (asked, results) in (await self._ask_all(unanswered, spare, gate)).items():
+                answers[key] = (answers[key][0] + asked, answers[key][1] + results)
+        now = self.storage.clock()
+        out: dict[bytes, Entries] = {}
+        answered = 0
+        for key in keys:
+            asked, results = answers[key]
+            out[key] = self._merge_answers(key, asked, results, now)
+            answered += sum(1 for result in results[: len(nodes)] if isinstance(result, tuple) and result[0])
+        if nodes and 2 * answered < len(nodes) * len(keys):
+            self.forget_crawl(keys[0])
+        return out
+
+    async def _ask_all(
+        self, keys: list[bytes], nodes: list[Node], gate: asyncio.Semaphore
+    ) -> dict[bytes, tuple[list[Node], list[Any]]]:
+        """`find_value` of every key on every node, the nearest node of every key first."""
 
         async def ask(node: Node, key: bytes) -> object:
             async with gate:
                 return await self.protocol.call_find_value(node, Node(key))
 
         calls: dict[bytes, list[asyncio.Future]] = {key: [] for key in keys}
-        for node in nodes:  # nearest first for every key
+        for node in nodes:
             for key in keys:
                 calls[key].append(asyncio.ensure_future(ask(node, key)))
-        answers = await asyncio.gather(*(_answered(self.protocol, calls[key]) for key in keys))
-        now = self.storage.clock()
-        out: dict[bytes, Entries] = {}
-        answered = 0
-        for key, results in zip(keys, answers, strict=True):
-            out[key] = self._merge_answers(key, nodes, results, now)
-            answered += sum(1 for result in results if isinstance(result, tuple) and result[0])
-        if nodes and 2 * answered < len(nodes) * len(keys):
-            self.forget_crawl(keys[0])
-        return out
+        results = await asyncio.gather(*(_answered(self.protocol, calls[key]) for key in keys))
+        return {key: (list(nodes), result) for key, result in zip(keys, results, strict=True)}
 
     def _merge_answers(self, key: bytes, nodes: list[Node], results: list[Any], now: float) -> Entries:
         merged = self.storage.entries(key)

@@ -83,14 +83,19 @@ def quantiles(samples: list[float]) -> dict[str, float]:
 
 
 async def timed(call, n: int, before=None) -> tuple[dict[str, float], list]:
-    samples, results = [], []
+    """Wall time of `n` calls, and this process's CPU time in them (the reader's own work; the
+    rest is the DHT nodes' answers, and waiting for a turn on a loaded machine)."""
+    samples, cpu, results = [], [], []
     for _ in range(n):
         if before is not None:
             before()
-        begin = time.perf_counter()
+        begin, cpu_begin = time.perf_counter(), time.process_time()
         results.append(await call())
         samples.append(time.perf_counter() - begin)
-    return quantiles(samples), results
+        cpu.append(time.process_time() - cpu_begin)
+    figures = quantiles(samples)
+    figures["reader_cpu_p50_ms"] = quantiles(cpu)["p50_ms"]
+    return figures, results
 
 
 # --------------------------------------------------------------------------- worker process
@@ -252,6 +257,7 @@ async def measure(args) -> dict:
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
         out["whole_model_warm"], found = await timed(whole, args.reads)
         out["whole_model_warm"]["min_records"] = min(map(len, found))
+        out["whole_model_warm"].update(gateway.last_read)  # shards and rounds of a warm read
         out["whole_model_cold_alpha3"], found = await timed(whole, args.reads // 2, cold)
         out["whole_model_cold_alpha3"]["min_records"] = min(map(len, found))
         server.alpha = args.wide_alpha
