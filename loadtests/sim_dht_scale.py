@@ -39,7 +39,7 @@ from pathlib import Path
 
 from common.identity import Identity
 from discovery.announcer import Announcer
-from discovery.dht import SwarmDHT
+from discovery.dht import READ_REPLICAS, SwarmDHT
 from discovery.records import PeerRecord
 from discovery.shards import ROOT, model_shard_key
 
@@ -258,6 +258,10 @@ async def measure(args) -> dict:
         out["whole_model_warm"], found = await timed(whole, args.reads)
         out["whole_model_warm"]["min_records"] = min(map(len, found))
         out["whole_model_warm"].update(gateway.last_read)  # shards and rounds of a warm read
+        server.read_replicas = 1  # side by side: what asking 3 replicas of every shard costs
+        out["whole_model_warm_1_replica"], found = await timed(whole, args.reads // 2)
+        out["whole_model_warm_1_replica"]["min_records"] = min(map(len, found))
+        server.read_replicas = READ_REPLICAS
         out["whole_model_cold_alpha3"], found = await timed(whole, args.reads // 2, cold)
         out["whole_model_cold_alpha3"]["min_records"] = min(map(len, found))
         server.alpha = args.wide_alpha
