@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from peer import gpt_oss
+
 
 @dataclass(frozen=True)
 class CheckpointNames:
@@ -89,6 +91,10 @@ class Family:
     names: CheckpointNames = LLAMA_NAMES
     refuse: tuple[Refusal, ...] = ()
     derive: Callable[[Any], dict[str, Any]] | None = None
+    # quantization_config methods whose checkpoints we read (dequantized at load); any other is refused
+    shipped_quant: tuple[str, ...] = ()
+    # one block's renamed checkpoint tensors -> the block's layout (gpt-oss's stacked experts)
+    convert_block: Callable[[dict[str, torch.Tensor], torch.dtype], dict[str, torch.Tensor]] | None = None
     hf_class: str = ""  # transformers' class, named in docs and tests
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -135,6 +141,18 @@ _MIXTRAL_RENAMES = (
     (r"^block_sparse_moe\.experts\.(\d+)\.w2\.", r"mlp.experts.\1.down_proj."),
 )
 _QWEN_MOE_RENAMES = ((r"^mlp\.gate\.", "mlp.router."),)
+
+
+def _gpt_oss(hf: Any) -> dict[str, Any]:
+    return {
+        "attn_sinks": True,
+        "router_bias": True,
+        "moe_routing": "topk_softmax",
+        "expert_mlp": "clamped_swiglu",
+        "swiglu_alpha": float(hf.swiglu_alpha),
+        "swiglu_limit": float(hf.swiglu_limit),
+    }
+
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(hf_class="LlamaForCausalLM"),
@@ -214,6 +232,14 @@ FAMILIES: dict[str, Family] = {
         names=CheckpointNames(renames=_QWEN_MOE_RENAMES),
         hf_class="Qwen3MoeForCausalLM",
     ),  # fmt: skip
+    "gpt_oss": Family(
+        norm="rms_fp32",
+        mlp="moe",
+        shipped_quant=("mxfp4",),
+        derive=_gpt_oss,
+        convert_block=gpt_oss.convert_block,
+        hf_class="GptOssForCausalLM",
+    ),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -225,7 +251,26 @@ def family_of(model_type: str | None) -> Family:
 
 
 def check_supported(family: Family, hf: Any) -> None:
-    """Raise ``ValueError`` naming the first config field whose value the block does not implement."""
+    """Raise ``ValueError`` naming the first config field whose value the block does not implement.
+
+    A ``quantization_config`` is refused unless the family reads that method's shipped format
+    (``Family.shipped_quant``, gpt-oss's MXFP4): read as plain weights, a GPTQ/AWQ/FP8/bitsandbytes
+    checkpoint would load garbage or fail deep in the loader instead of saying why.
+    """
+    quant_config = getattr(hf, "quantization_config", None)
+    if quant_config:
+        method = (
+            quant_config.get("quant_method")
+            if isinstance(quant_config, dict)
+            else getattr(quant_config, "quant_method", None)
+        )
+        method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+        if method not in family.shipped_quant:
+            supported = ", ".join(family.shipped_quant) or "none"
+            raise ValueError(
+                f"config field quantization_config (quant_method={method!r}) is not supported for "
+                f"{hf.model_type} (checkpoint formats read: {supported})"
+            )
     for refusal in family.refuse:
         value = getattr(hf, refusal.field, None)
         if not refusal.ok(value):

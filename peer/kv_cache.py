@@ -121,7 +121,11 @@ class KVCache:
         capacity: int = 16,
         max_capacity: int | None = None,
         windows: tuple[int, ...] | None = None,
+        unit_layers: int | None = None,
     ) -> None:
+        """`unit_layers`: the layers one budget unit (`bytes_per_token`) counts, by default this
+        cache's. A peer passes its whole span's, so a session that runs a sub-span of it (fewer
+        layers) is charged that fraction of a token's cost (`peer.servicer`, docs/self-organizing.md)."""
         sizes = {"num_layers": num_layers, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
         for name, value in sizes.items():
             if value <= 0:
@@ -135,7 +139,10 @@ class KVCache:
             raise ValueError(f"need one window >= 0 per layer, got {windows}")
         if max_capacity is not None:
             capacity = min(capacity, max_capacity)
+        if unit_layers is not None and unit_layers < num_layers:
+            raise ValueError(f"unit_layers must be >= num_layers ({num_layers}), got {unit_layers}")
         self.num_layers = num_layers
+        self.unit_layers = unit_layers or num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.windows = windows
@@ -179,7 +186,7 @@ class KVCache:
     def bytes_per_token(self) -> int:
         """Bytes one token costs across all layers, keys and values: the unit of the memory budget
         (`peer.memory`), which counts a window layer's trimmed store by `budget_tokens`."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self._kv.element_size()
+        return 2 * self.unit_layers * self.num_kv_heads * self.head_dim * self._kv.element_size()
 
     def budget_tokens(self, length: int, step: int) -> int:
         """The most this session ever allocates, in budget units (`bytes_per_token`), when it grows
@@ -191,7 +198,7 @@ class KVCache:
         for store in self._stores:
             most = min(length, max(store.bound, store.keep + step)) if store.window else length
             slots += len(store.layers) * most
-        return -(-slots // self.num_layers)
+        return -(-slots // self.unit_layers)
 
     @property
     def held_tokens(self) -> int:

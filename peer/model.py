@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.model_dir import resolve_model_dir
-from peer import gemm
+from peer import gemm, gpt_oss
 from peer import quant as quantization
 from peer.families import (  # noqa: F401 - SUPPORTED_MODEL_TYPES is re-exported
     SUPPORTED_MODEL_TYPES,
@@ -127,7 +127,13 @@ class SpanConfig:
     experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    moe_routing: str = "softmax"
     moe_layers: tuple[bool, ...] = ()  # per model layer: MoE or dense MLP
+    router_bias: bool = False  # gpt-oss
+    expert_mlp: str = "gated"  # gated | clamped_swiglu (gpt-oss)
+    swiglu_alpha: float = 0.0
+    swiglu_limit: float = 0.0
+    attn_sinks: bool = False  # gpt-oss: a learned per-head logit joins the softmax (peer.gpt_oss)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike[str]) -> SpanConfig:
@@ -230,7 +236,8 @@ class SpanConfig:
             norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", True)),
             moe_layers=moe_layers,
         )
-        fields.update({k: v for k, v in derived.items() if k in fields})
+        # a family's own switches (gpt-oss's sinks, routing...) come from derive, defaults elsewhere
+        fields.update({k: v for k, v in derived.items() if k in cls.__dataclass_fields__})
         return cls(**fields)
 
     def window(self, layer: int) -> int:
@@ -306,6 +313,8 @@ def make_norm(config: SpanConfig, dim: int | None = None) -> nn.Module:
     dim = dim or config.hidden_size
     if config.norm == "layer":
         return nn.LayerNorm(dim, eps=config.rms_norm_eps)
+    if config.norm == "rms_fp32":
+        return gpt_oss.RMSNormFp32Product(dim, config.rms_norm_eps)
     return (GemmaRMSNorm if config.norm == "rms_gemma" else RMSNorm)(dim, config.rms_norm_eps)
 
 
@@ -336,6 +345,7 @@ class _SessionSlice:
     offset: int
     length: int
     views: dict[int, tuple[int, torch.Tensor | None, bool]]
+    first_layer: int = 0  # the span's layer index of the cache's layer 0 (a sub-span's cache starts later)
 
 
 def _band_mask(past: int, n: int, base: int, window: int, device: torch.device) -> torch.Tensor:
@@ -349,7 +359,7 @@ def _band_mask(past: int, n: int, base: int, window: int, device: torch.device) 
 
 
 def _plan_attention(
-    caches: Sequence[KVCache], lengths: Sequence[int], device: torch.device
+    caches: Sequence[KVCache], lengths: Sequence[int], device: torch.device, first_layer: int = 0
 ) -> list[_SessionSlice]:
     """Per-session attention masks, computed once per step and shared by all layers.
 
@@ -374,7 +384,7 @@ def _plan_attention(
             elif n > 1 or (window and past + 1 - base > window):
                 mask = _band_mask(past, n, base, window, device)
             views[window] = (base, mask, causal)
-        plan.append(_SessionSlice(cache, offset, n, views))
+        plan.append(_SessionSlice(cache, offset, n, views, first_layer))
         offset += n
     return plan
 
@@ -403,7 +413,9 @@ def _eager_attention(
 class Attention(nn.Module):
     def __init__(self, config: SpanConfig, layer_idx: int, model_layer: int) -> None:
         super().__init__()
-        self.layer_idx = layer_idx  # index inside the span = index inside its KVCache
+        # index inside the loaded span; inside a session's KVCache it is this minus the session's
+        # first layer (`_SessionSlice.first_layer`: a sub-span's cache holds only its own layers)
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -427,6 +439,8 @@ class Attention(nn.Module):
         self.alibi = config.position == "alibi"
         if self.alibi:
             self.register_buffer("slopes", alibi_slopes(self.num_heads), persistent=False)
+        if config.attn_sinks:
+            self.sinks = nn.Parameter(torch.empty(self.num_heads))
 
     def forward(
         self, x: torch.Tensor, rope: list[tuple[torch.Tensor, torch.Tensor]], plan: list[_SessionSlice]
@@ -446,21 +460,31 @@ class Attention(nn.Module):
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        eager = self.alibi or bool(self.softcap)
+        sinks = getattr(self, "sinks", None)
+        eager = self.alibi or bool(self.softcap) or sinks is not None
         out = torch.empty(tokens, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
         for s in plan:
             if s.length == 0:
                 continue
             rows = slice(s.offset, s.offset + s.length)
-            k_all, v_all = s.cache.append(self.layer_idx, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+            layer = self.layer_idx - s.first_layer
+            k_all, v_all = s.cache.append(layer, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
             # the cache's window, not the config's: a session shorter than the window has none
-            window = s.cache.store_of(self.layer_idx)[0]
+            window = s.cache.store_of(layer)[0]
             base, mask, causal = s.views[window]
             if eager:
                 past = s.cache.length
-                if mask is None:  # built once per step, then shared by the later layers
+                # built once per step, then shared by the later layers; a decode step that sees
+                # every key needs none (sink attention skips it; the other eager kinds do not)
+                if mask is None and (causal or sinks is None):
                     mask = _band_mask(past, s.length, base, window, x.device)
                     s.views[window] = (base, mask, causal)
+                if sinks is not None:
+                    attn = gpt_oss.sink_attention(
+                        q[rows].transpose(0, 1), k_all[0], v_all[0], mask, self.scaling, sinks
+                    )
+                    out[rows] = attn.transpose(0, 1)
+                    continue
                 bias = None
                 if self.alibi:
                     positions = torch.arange(base, past + s.length, device=x.device, dtype=torch.float32)
@@ -513,36 +537,60 @@ class MLP(nn.Module):
 class Router(nn.Module):
     """Expert scores; a plain parameter, not an ``nn.Linear``, so quantization leaves routing exact."""
 
-    def __init__(self, hidden: int, experts: int) -> None:
+    def __init__(self, hidden: int, experts: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(experts, hidden))
+        self.bias = nn.Parameter(torch.empty(experts)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
+def route_softmax(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral / Qwen3-MoE: softmax over all experts in fp32, top-k, renormalised if asked."""
+    weights, chosen = torch.topk(F.softmax(logits.float(), dim=-1), top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, chosen
+
+
+# SpanConfig.moe_routing -> (router logits [T, E], k, norm_topk_prob) -> (weights [T, k], experts [T, k])
+ROUTINGS = {
+    "softmax": route_softmax,
+    "topk_softmax": gpt_oss.route_topk_softmax,
+}
 
 
 class MoE(nn.Module):
     """Top-k mixture of experts (Mixtral, Qwen3-MoE) that batches: the pack's rows are grouped by
     expert, so each expert chosen by any row multiplies all its rows in one matmul per pass.
 
-    Routing follows transformers: softmax over all experts in fp32, top-k, renormalised when
-    ``norm_topk_prob``. Experts are plain gated ``MLP``s, so they quantize like any Linear.
+    Routing is ``ROUTINGS[config.moe_routing]``, each following transformers for its family.
+    Experts are plain ``MLP``s (gpt-oss: ``peer.gpt_oss.ClampedSwiGLU``) of ``nn.Linear``, so
+    they quantize like any Linear.
     """
 
     def __init__(self, config: SpanConfig) -> None:
         super().__init__()
+        if config.moe_routing not in ROUTINGS:
+            raise ValueError(f"unknown MoE routing {config.moe_routing!r}; known: {sorted(ROUTINGS)}")
         self.top_k = config.experts_per_tok
         self.normalize = config.norm_topk_prob
-        self.router = Router(config.hidden_size, config.num_experts)
-        self.experts = nn.ModuleList(
-            MLP(config, config.moe_intermediate_size, "gated") for _ in range(config.num_experts)
-        )
+        self.route = ROUTINGS[config.moe_routing]
+        self.router = Router(config.hidden_size, config.num_experts, bias=config.router_bias)
+        inner = config.moe_intermediate_size
+        if config.expert_mlp == "clamped_swiglu":
+            alpha, limit = config.swiglu_alpha, config.swiglu_limit
+            experts = (
+                gpt_oss.ClampedSwiGLU(config.hidden_size, inner, alpha, limit)
+                for _ in range(config.num_experts)
+            )
+        else:
+            experts = (MLP(config, inner, "gated") for _ in range(config.num_experts))
+        self.experts = nn.ModuleList(experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = F.softmax(self.router(x).float(), dim=-1)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, chosen = self.route(self.router(x), self.top_k, self.normalize)  # [T, k]
         flat = chosen.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()  # one sync per layer
@@ -659,6 +707,7 @@ class BlockSpan(nn.Module):
             index, config.num_hidden_layers, start, end, tie_word_embeddings=config.tie_word_embeddings,
             names=names,
         )  # fmt: skip
+        convert_block = family_of(config.model_type).convert_block
         qkv_order = fused_qkv_order(
             config.qkv_layout, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         )
@@ -690,6 +739,8 @@ class BlockSpan(nn.Module):
                 continue
             block = span.layers[int(prefix.split(".")[1])]
             state = {name.removeprefix(prefix + "."): tensor for name, tensor in state.items()}
+            if convert_block is not None:  # gpt-oss: MXFP4 and stacked experts -> per-expert Linears
+                state = convert_block(state, dtype)
             if qkv_order is not None:  # BLOOM / Falcon per-head layouts -> [q | k | v] rows
                 for part in ("weight", "bias"):
                     if f"self_attn.qkv_proj.{part}" in state:
@@ -719,6 +770,31 @@ class BlockSpan(nn.Module):
             gemm.calibrate(span.modules(), prepack=prepack)  # how to multiply small batches (peer.gemm)
         return span
 
+    def narrow(self, start: int, end: int) -> BlockSpan:
+        """Blocks ``[start, end)`` of this span as a span of their own, sharing its modules (no
+        weight is copied): what a session of a sub-span runs (docs/self-organizing.md, "Sub-spans").
+        It owns the embedding only when it starts the model and the final norm and LM head only
+        when it ends it, like a span loaded for those blocks. ValueError outside this span."""
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"[{start}, {end}) is not a non-empty part of span [{self.start}, {self.end})")
+        if (start, end) == (self.start, self.end):
+            return self
+        view = BlockSpan.__new__(BlockSpan)
+        nn.Module.__init__(view)
+        view.config, view.start, view.end = self.config, start, end
+        view.is_first, view.is_last = start == 0, end == self.config.num_hidden_layers
+        if view.is_first:  # start == 0, so this span starts the model too
+            view.embed_tokens = self.embed_tokens
+            if self.config.embed_norm:
+                view.embed_norm = self.embed_norm
+        view.layers = nn.ModuleList(self.layers[start - self.start : end - self.start])
+        if view.is_last:
+            view.norm, view.lm_head = self.norm, self.lm_head
+        view.register_buffer("inv_freq", self.inv_freq, persistent=False)
+        view.register_buffer("local_inv_freq", self.local_inv_freq, persistent=False)
+        view.quant = self.quant
+        return view.eval()
+
     def weight_bytes(self) -> dict[str, int]:
         """Resident weight bytes: ``{"per_block": mean over blocks, "blocks": sum, "total": all}``.
 
@@ -745,13 +821,17 @@ class BlockSpan(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].input_layernorm.weight.device
 
-    def new_cache(self, capacity: int = 16, max_capacity: int | None = None) -> KVCache:
-        """An empty cache for one session, in the span's dtype and device."""
+    def new_cache(
+        self, capacity: int = 16, max_capacity: int | None = None, unit_layers: int | None = None
+    ) -> KVCache:
+        """An empty cache for one session, in the span's dtype and device (`unit_layers`: see
+        `KVCache`)."""
         heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
         windows = tuple(self.config.window(layer) for layer in range(self.start, self.end))
         return KVCache(
-            self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity, windows
-        )
+            self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity, windows,
+            unit_layers,
+        )  # fmt: skip
 
     # ---- compute ----
     @torch.no_grad()
@@ -785,7 +865,8 @@ class BlockSpan(nn.Module):
             if self.config.local_inv_freq:
                 scale = self.config.local_attention_scaling
                 rope.append(self._rotary(positions, x.dtype, self.local_inv_freq, scale))
-        plan = _plan_attention(caches, lengths, device)
+        # a narrowed span's first block is not its cache's layer 0 in the loaded span (`narrow`)
+        plan = _plan_attention(caches, lengths, device, self.layers[0].self_attn.layer_idx)
         for layer in self.layers:
             x = layer(x, rope, plan)
         for cache, n in zip(caches, lengths, strict=True):

@@ -65,10 +65,14 @@ def measure_pass_profile(span: BlockSpan, rounds: int = 24) -> PassProfile:
 
     def run(sessions: int) -> float:
         # One decode token per session, each with its own cache: a pass as the scheduler packs it.
+        # Distinct, seeded inputs: identical rows would all route to the same experts, and a MoE
+        # pass of 16 sessions would be timed at the cost of k experts instead of the many that
+        # 16 different tokens reach (so the fitted slope, and routes, would undercount the MoE).
+        generator = torch.Generator().manual_seed(sessions)
         inputs = (
-            torch.zeros(sessions, dtype=torch.long)
+            torch.randint(0, span.config.vocab_size, (sessions,), generator=generator)
             if span.is_first
-            else torch.zeros(sessions, hidden, dtype=span.dtype, device=span.device)
+            else torch.randn(sessions, hidden, generator=generator).to(dtype=span.dtype, device=span.device)
         )
         caches = [span.new_cache(capacity=4) for _ in range(sessions)]
         begin = time.perf_counter()

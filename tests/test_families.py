@@ -164,7 +164,7 @@ def test_failover_replay_then_second_turn(arch, chain, model_dir, reference, hf_
     torch.testing.assert_close(spans[-1].logits(hidden), expected_logits[6:12], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gemma2", "bloom"])
+@pytest.mark.parametrize("arch", ["mixtral", "gemma2", "bloom", "gpt_oss"])
 def test_packed_sessions_match_each_alone(arch, chain):
     """Two sessions decoding in one pack while a third prefills past the window: MoE rows of all
     three go through each expert together, and window masks are per session."""
@@ -235,6 +235,10 @@ def test_window_layers_hold_a_bounded_cache(chain):
             "rope_type",
         ),
         ("qwen2", {"layer_types": ["chunked_attention"] * 4}, "layer_types"),
+        # a quantized checkpoint is read only in a format the family knows (gpt-oss: MXFP4)
+        ("gpt_oss", {"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config"),
+        ("llama", {"quantization_config": {"quant_method": "mxfp4"}}, "quantization_config"),
+        ("gpt_oss", {"layer_types": ["chunked_attention"] * 4}, "layer_types"),
     ],
 )
 def test_unsupported_config_field_is_named(arch, overrides, field):
@@ -244,8 +248,8 @@ def test_unsupported_config_field_is_named(arch, overrides, field):
 
 
 def test_unknown_model_type_is_named(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "gpt_oss"}')
-    with pytest.raises(ValueError, match="model_type 'gpt_oss' is not supported"):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt_neox"}')
+    with pytest.raises(ValueError, match="model_type 'gpt_neox' is not supported"):
         SpanConfig.from_model_dir(tmp_path)
 
 
@@ -265,22 +269,30 @@ def test_moe_experts_quantize_like_any_linear(model_dir, reference):
     assert sum(a == b for a, b in zip(tokens, ref_tokens, strict=False)) >= 8
 
 
-def test_peer_start_names_the_unsupported_field(model_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("arch", "extra", "line"),
+    [
+        ("falcon", {"alibi": True}, "config field alibi=True is not supported for falcon (ALiBi on Falcon (falcon-rw))"),
+        ("gpt_oss", {"quantization_config": {"quant_method": "awq", "bits": 4}},
+         "config field quantization_config (quant_method='awq') is not supported for gpt_oss"
+         " (checkpoint formats read: mxfp4)"),
+    ],
+    ids=["falcon", "gpt_oss"],
+)  # fmt: skip
+def test_peer_start_names_the_unsupported_field(arch, extra, line, model_dir, tmp_path):
     """`swarm peer` on a folder whose config asks for what the block does not do: one line, exit 2."""
     import json
     import subprocess
     import sys
 
-    config = json.loads((model_dir("falcon") / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "alibi": True}))
+    config = json.loads((model_dir(arch) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **extra}))
     done = subprocess.run(
         [sys.executable, "-m", "swarm.cli", "peer", "--model", str(tmp_path), "--blocks", "0:2", "--dht", "127.0.0.1:1"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "swarm peer: error: config field alibi=True is not supported for falcon (ALiBi on Falcon (falcon-rw))"
-    ]
+    assert done.stderr.strip().splitlines() == [f"swarm peer: error: {line}"]
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "mistral"])

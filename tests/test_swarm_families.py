@@ -2,10 +2,11 @@
 window, found via the DHT and driven by the gateway's route runner, gives `transformers`'
 tokens, and the last span's log-probabilities agree to 1e-4 (fp32).
 
-Three families that exercise the most switches at once: Gemma 2 (alternating window layers,
+Four families that exercise the most switches at once: Gemma 2 (alternating window layers,
 soft-capping, sandwich norms, embedding scale), Qwen3-MoE (experts, q/k norms, a dense first
 layer, tied embeddings) and BLOOM (ALiBi, LayerNorm, fused per-head qkv, `transformer.h.N`
-names). The rest of the table is exact in-process (tests/test_families.py) through the same code.
+names), and gpt-oss (attention sinks, alternating windows, clamped SwiGLU experts with biases,
+top-k-then-softmax routing, YaRN) over three uneven peers. The rest of the table is exact in-process (tests/test_families.py) through the same code.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ CASES = [
     ("gemma2", [(0, 1), (1, 3), (3, 4)]),
     ("qwen3_moe", [(0, 2), (2, 4)]),
     ("bloom", [(0, 3), (3, 4)]),
+    ("gpt_oss", [(0, 1), (1, 3), (3, 4)]),
 ]
 
 
