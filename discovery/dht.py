@@ -1,7 +1,7 @@
 """The swarm's Kademlia node: kademlia's protocol and server with their faults fixed, and
 `SwarmDHT`, which announces, withdraws and looks up peer records (`discovery.records`) stored as
 merged entries (`discovery.entries`, `discovery.storage`), each signed by the peer it describes
-(`discovery.signing`).
+(`discovery.signing`), spread over a tree of shard keys per model (`discovery.shards`).
 
 In a private swarm (a swarm key, `common.swarm_key`) every datagram carries an HMAC-SHA256 tag
 under the swarm key, and datagrams without a valid tag are dropped before they are even decoded:
@@ -302,7 +302,8 @@ def _found_value(result: object) -> object | None:
 
 
 class _SwarmServer(Server):
-    """kademlia Server that stores per-entry chunks and reads by merging the k nearest nodes."""
+    """kademlia Server that stores per-entry chunks on the k nearest nodes and reads by merging the
+    answers of the nearest few (`read_values`)."""
 
     protocol_class = _SwarmProtocol
     READ_CONCURRENCY = 16  # bounded so many <= 48 KB replies do not overflow the 1 MB UDP receive buffer
