@@ -27,9 +27,9 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def complete(address: str, prompt: str = "Hello there", **extra) -> httpx.Response:
+def complete(address: str, prompt: str = "Hello there", headers: dict | None = None, **extra) -> httpx.Response:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, **extra}
-    return httpx.post(f"{address}/v1/completions", json=body, timeout=60)
+    return httpx.post(f"{address}/v1/completions", json=body, headers=headers, timeout=60)
 
 
 def banned(address: str) -> set[str]:
@@ -46,7 +46,10 @@ def test_stalled_peers_cost_no_503_while_a_replica_answers(make_swarm, demo_mode
     replicas = swarm.start_peers([(0, 4), (0, 4)], "--threads", "1", "--ttl", "60")
     gateway = swarm.start_gateway(None, "--step-timeout", "2", "--failover-timeout", "3")
     assert wait_until(lambda: complete(gateway.address).status_code == 200, 30)
-    first_response = complete(gateway.address)
+    # one conversation, pinned to its route: its next request goes to the stalled peer, whatever
+    # the gateway's round-trip probes have learnt about that peer meanwhile (new routes avoid it)
+    pinned = {"X-Session-Id": "stalled-peer-conversation"}
+    first_response = complete(gateway.address, headers=pinned)
     serving = first_response.headers["x-swarm-route"]
     statuses = [first_response.status_code]
     stalled = next(child for child in replicas if f"peer {serving} serving" in child.log())
@@ -55,7 +58,7 @@ def test_stalled_peers_cost_no_503_while_a_replica_answers(make_swarm, demo_mode
     try:
         deadline = time.monotonic() + 30
         while serving not in banned(gateway.address) and time.monotonic() < deadline:
-            statuses.append(complete(gateway.address).status_code)
+            statuses.append(complete(gateway.address, headers=pinned).status_code)
         assert serving in banned(gateway.address), "the stalled peer was never banned"
     finally:
         stalled.signal(signal.SIGCONT)
