@@ -14,6 +14,11 @@
   256-token chunks through ``prepare``/``append``/``commit``, the span's calls) for a model whose
   layers all have a 4096-token window in the config vs 512 (Mistral-style), and for Gemma-style
   alternation (every other layer windowed), each against the same geometry without windows.
+* ``mla_memory``: DeepSeek-V3's real geometry (``DeepseekV3Config()`` defaults: 61 layers, 128
+  heads) in bf16, one session at 4096 tokens: the latent cache a ``deepseek_v3`` peer holds
+  (``peer.mla``, filled through the cache's own calls) and what the memory budget reserves for it,
+  against the keys and values expanded per head (what a cache of transformers' expanded states
+  would hold: ``heads x (qk_nope + qk_rope + v)`` per token and layer).
 
     python -m loadtests.bench_families [--archs llama,mistral,...] [--new-tokens 48] [--repeats 2]
                                        [--out loadtests/results/families.json]
@@ -32,8 +37,10 @@ from pathlib import Path
 from loadtests import bench_decode
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_ARCHS = "llama,mistral,qwen2,qwen3,gemma2,gemma3_text,phi3,falcon,bloom,mixtral,qwen3_moe,gpt_oss"
-MOE_ARCHS = ("mixtral", "qwen3_moe", "gpt_oss")
+DEFAULT_ARCHS = (
+    "llama,mistral,qwen2,qwen3,gemma2,gemma3_text,phi3,falcon,bloom,mixtral,qwen3_moe,gpt_oss,deepseek_v3"
+)
+MOE_ARCHS = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3")
 _WIDE = {"vocab_size": 32000, "hidden_size": 768, "max_position_embeddings": 4096}
 _DENSE = {**_WIDE, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
           "intermediate_size": 2048, "head_dim": 64}  # fmt: skip
@@ -49,6 +56,10 @@ def bench_shape(arch: str) -> dict:
     shape = dict(_DENSE)
     if arch in ("llama", "qwen2", "phi3", "falcon"):
         shape.pop("head_dim")
+    if arch == "deepseek_v3":  # 8 routed experts of 256 + 1 shared, latent ranks 384 / 256
+        return {**_WIDE, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12,
+                "intermediate_size": 2048, "moe_intermediate_size": 256, "q_lora_rank": 384,
+                "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64}  # fmt: skip
     if arch in MOE_ARCHS:  # 4 experts of a third of the dense MLP: a similar size
         shape.update(intermediate_size=768, moe_intermediate_size=768)
         if arch in ("mixtral", "gpt_oss"):  # their experts are intermediate_size wide
@@ -126,6 +137,36 @@ def kv_memory(tokens: int = 4096, chunk: int = 256) -> list[dict]:
     return rows
 
 
+def mla_memory(tokens: int = 4096, chunk: int = 256) -> dict:
+    """Bytes of one DeepSeek-V3 session at ``tokens`` tokens: latent cache vs expanded heads."""
+    import torch
+    from transformers import DeepseekV3Config
+
+    from peer.kv_cache import KVCache
+    from peer.model import SpanConfig
+
+    config = SpanConfig.from_hf(DeepseekV3Config())
+    heads, dim, parts = config.cache_geometry
+    layers = config.num_hidden_layers
+    cache = KVCache(layers, heads, dim, torch.bfloat16, max_capacity=tokens, parts=parts)
+    latent = torch.zeros(heads, chunk, dim, dtype=torch.bfloat16)
+    for _ in range(0, tokens, chunk):
+        cache.prepare(chunk)
+        for layer in range(layers):
+            cache.append(layer, latent)
+        cache.commit(chunk)
+    per_head = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
+    expanded = tokens * layers * config.num_attention_heads * per_head * 2  # bf16
+    return {
+        "model": "DeepSeek-V3 geometry (61 layers, 128 heads, kv_lora_rank 512, rope 64, nope 128, v 128), bf16",
+        "tokens": tokens,
+        "latent_bytes_held": cache.nbytes,
+        "latent_bytes_reserved": cache.budget_tokens(tokens, chunk) * cache.bytes_per_token,
+        "expanded_bytes": expanded,
+        "ratio_expanded_over_latent": round(expanded / cache.nbytes, 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default=DEFAULT_ARCHS)
@@ -186,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=1, default=str))
 
     result["kv_memory"] = kv_memory()
+    result["mla_memory"] = mla_memory()
     save()
     for arch in (*MOE_ARCHS, "llama"):  # llama: the same ratio for a dense model, the machine's ceiling
         if arch in archs and not args.skip_moe:

@@ -105,7 +105,10 @@ def block_bytes(config: dict, bytes_per_weight: float) -> int:
     if config.get("attention_bias"):
         attention += head_dim * (heads + 2 * kv_heads) + hidden
     mlp = 3 * hidden * intermediate
-    experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    experts = int(
+        config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0
+    )
+    experts += int(config.get("n_shared_experts") or 0)  # DeepSeek: shared experts are held too
     if experts:  # expert biases (gpt-oss has them) and the router's row per expert included
         inner = int(config.get("moe_intermediate_size") or intermediate)
         mlp = max(mlp, experts * (3 * hidden * inner + 2 * inner + hidden) + experts * (hidden + 1))

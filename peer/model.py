@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.model_dir import resolve_model_dir
-from peer import gemm, gpt_oss
+from peer import fp8, gemm, gpt_oss, grouped_moe, mla
 from peer import quant as quantization
 from peer.families import (  # noqa: F401 - SUPPORTED_MODEL_TYPES is re-exported
     SUPPORTED_MODEL_TYPES,
@@ -38,6 +38,7 @@ from peer.families import (  # noqa: F401 - SUPPORTED_MODEL_TYPES is re-exported
 )
 from peer.gemm import linear
 from peer.kv_cache import KVCache
+from peer.primitives import RMSNorm, apply_rotary, rotate_half  # noqa: F401 - re-exported
 from peer.tensor_codec import DTYPES
 from peer.weights import read_tensors, span_tensor_names, tensor_index
 
@@ -127,13 +128,26 @@ class SpanConfig:
     experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
-    moe_routing: str = "softmax"
+    moe_routing: str = "softmax"  # ROUTINGS, or grouped_sigmoid (DeepSeek-V3, peer.grouped_moe)
     moe_layers: tuple[bool, ...] = ()  # per model layer: MoE or dense MLP
     router_bias: bool = False  # gpt-oss
     expert_mlp: str = "gated"  # gated | clamped_swiglu (gpt-oss)
     swiglu_alpha: float = 0.0
     swiglu_limit: float = 0.0
     attn_sinks: bool = False  # gpt-oss: a learned per-head logit joins the softmax (peer.gpt_oss)
+    # ---- DeepSeek-V3 / Kimi K2 (peer.grouped_moe, peer.mla) ----
+    moe_groups: int = 1  # n_group: experts are chosen from the best topk_group groups
+    moe_topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_experts: int = 0  # n_shared_experts: one gated MLP of that many times the expert size
+    attention: str = "mha"  # mha | mla (multi-head latent attention)
+    q_lora_rank: int = 0  # 0: q_proj straight from the hidden state
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # DeepSeek's rotary pairs (x0, x1), (x2, x3), ...
+    fp8_block: tuple[int, ...] = ()  # block-wise FP8 checkpoint's tile, dequantized at load (peer.fp8)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike[str]) -> SpanConfig:
@@ -143,7 +157,15 @@ class SpanConfig:
         config_path = Path(model_dir) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"no config.json in {model_dir}")
-        family_of(json.loads(config_path.read_text()).get("model_type"))  # refuse before parsing
+        model_type = json.loads(config_path.read_text()).get("model_type")
+        family = family_of(model_type)  # refuse before parsing
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING and family.config_class:
+            # Kimi K2: DeepSeek-V3's config under a model_type only its custom code knows
+            import transformers
+
+            return cls.from_hf(getattr(transformers, family.config_class).from_pretrained(str(model_dir)))
         return cls.from_hf(AutoConfig.from_pretrained(str(model_dir)))
 
     @classmethod
@@ -151,6 +173,7 @@ class SpanConfig:
         """Map a ``transformers`` config of any family in ``peer.families`` onto the switches."""
         family = family_of(hf_config.model_type)
         check_supported(family, hf_config)
+        fp8.check_quantization(hf_config)
         derived = family.derive(hf_config) if family.derive else {}
         heads = hf_config.num_attention_heads
         kv_heads = (
@@ -234,7 +257,10 @@ class SpanConfig:
                 or getattr(hf_config, "intermediate_size", 0)
             ),
             norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", True)),
+            moe_routing=family.moe_routing,
             moe_layers=moe_layers,
+            attention=family.attention,
+            fp8_block=fp8.block_size(hf_config) or (),
         )
         # a family's own switches (gpt-oss's sinks, routing...) come from derive, defaults elsewhere
         fields.update({k: v for k, v in derived.items() if k in cls.__dataclass_fields__})
@@ -243,6 +269,14 @@ class SpanConfig:
     def window(self, layer: int) -> int:
         """Sliding window of model layer ``layer`` (0: full attention)."""
         return self.layer_windows[layer] if self.layer_windows else 0
+
+    @property
+    def cache_geometry(self) -> tuple[int, int, int]:
+        """``(heads, dim, parts)`` of a session's cache per layer and token: keys and values of the
+        KV heads, or (MLA) one latent of ``kv_lora_rank + qk_rope_head_dim`` (``peer.mla``)."""
+        if self.attention == "mla":
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, 1
+        return self.num_key_value_heads, self.head_dim, 2
 
 
 def _layer_windows(family: Family, hf_config, layers: int) -> tuple[int, ...]:  # noqa: ANN001
@@ -286,20 +320,6 @@ def _rope_frequencies(
 
 
 # ---- building blocks ----------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """Llama RMSNorm: statistics in fp32, then cast back BEFORE the weight multiply (as HF does)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
 class GemmaRMSNorm(RMSNorm):
     """Gemma's: the weight is an offset from 1, and the product is taken in fp32 before the cast."""
 
@@ -316,21 +336,6 @@ def make_norm(config: SpanConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rms_fp32":
         return gpt_oss.RMSNormFp32Product(dim, config.rms_norm_eps)
     return (GemmaRMSNorm if config.norm == "rms_gemma" else RMSNorm)(dim, config.rms_norm_eps)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """HF's (non-interleaved) rotary layout: the two halves of each head are the pair."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[T, heads, dim]``; with partial RoPE (Phi) only the first ``cos``-width dims."""
-    width = cos.shape[-1]
-    if width == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    head, rest = x[..., :width], x[..., width:]
-    return torch.cat((head * cos + rotate_half(head) * sin, rest), dim=-1)
 
 
 @dataclass
@@ -562,22 +567,33 @@ ROUTINGS = {
 
 
 class MoE(nn.Module):
-    """Top-k mixture of experts (Mixtral, Qwen3-MoE) that batches: the pack's rows are grouped by
-    expert, so each expert chosen by any row multiplies all its rows in one matmul per pass.
+    """Top-k mixture of experts (Mixtral, Qwen3-MoE, DeepSeek-V3) that batches: the pack's rows are
+    grouped by expert, so each expert chosen by any row multiplies all its rows in one matmul per
+    pass.
 
-    Routing is ``ROUTINGS[config.moe_routing]``, each following transformers for its family.
+    Routing is ``ROUTINGS[config.moe_routing]``, each following transformers for its family, or
+    ``grouped_sigmoid`` (DeepSeek-V3, ``peer.grouped_moe``), whose router also holds the selection
+    bias and groups. Shared experts (DeepSeek) see every row and are added after the routed ones.
     Experts are plain ``MLP``s (gpt-oss: ``peer.gpt_oss.ClampedSwiGLU``) of ``nn.Linear``, so
     they quantize like any Linear.
     """
 
     def __init__(self, config: SpanConfig) -> None:
         super().__init__()
-        if config.moe_routing not in ROUTINGS:
-            raise ValueError(f"unknown MoE routing {config.moe_routing!r}; known: {sorted(ROUTINGS)}")
+        if config.moe_routing not in (*ROUTINGS, "grouped_sigmoid"):
+            known = sorted((*ROUTINGS, "grouped_sigmoid"))
+            raise ValueError(f"unknown MoE routing {config.moe_routing!r}; known: {known}")
         self.top_k = config.experts_per_tok
         self.normalize = config.norm_topk_prob
-        self.route = ROUTINGS[config.moe_routing]
-        self.router = Router(config.hidden_size, config.num_experts, bias=config.router_bias)
+        if config.moe_routing == "grouped_sigmoid":  # the router holds the bias and the groups
+            self.router: nn.Module = grouped_moe.GroupedRouter(
+                config.hidden_size, config.num_experts, config.moe_groups, config.moe_topk_groups,
+                config.routed_scaling_factor,
+            )  # fmt: skip
+            self.route = self.router.route
+        else:
+            self.route = ROUTINGS[config.moe_routing]
+            self.router = Router(config.hidden_size, config.num_experts, bias=config.router_bias)
         inner = config.moe_intermediate_size
         if config.expert_mlp == "clamped_swiglu":
             alpha, limit = config.swiglu_alpha, config.swiglu_limit
@@ -588,6 +604,9 @@ class MoE(nn.Module):
         else:
             experts = (MLP(config, inner, "gated") for _ in range(config.num_experts))
         self.experts = nn.ModuleList(experts)
+        self.shared_experts = (
+            MLP(config, inner * config.shared_experts, "gated") if config.shared_experts else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, chosen = self.route(self.router(x), self.top_k, self.normalize)  # [T, k]
@@ -604,7 +623,16 @@ class MoE(nn.Module):
                 y = expert(x[picked]) * scale[start : start + count, None]
                 out.index_add_(0, picked, y.to(x.dtype))
                 start += count
+        if self.shared_experts is not None:  # DeepSeek: every row, after the routed experts
+            out = out + self.shared_experts(x)
         return out
+
+
+def _attention(config: SpanConfig, layer_idx: int, model_layer: int) -> nn.Module:
+    """The family's attention kind: multi-head (GQA, MQA) or DeepSeek's latent one (``peer.mla``)."""
+    if config.attention == "mla":
+        return mla.LatentAttention(config, layer_idx)
+    return Attention(config, layer_idx, model_layer)
 
 
 class Block(nn.Module):
@@ -615,7 +643,7 @@ class Block(nn.Module):
         model_layer = layer_idx if model_layer is None else model_layer
         self.parallel, self.sandwich = config.parallel, config.sandwich_norms
         self.input_layernorm = make_norm(config)
-        self.self_attn = Attention(config, layer_idx, model_layer)
+        self.self_attn = _attention(config, layer_idx, model_layer)
         if self.parallel == "two_norms":
             self.mlp_layernorm = make_norm(config)
         elif not self.parallel:
@@ -641,6 +669,26 @@ class Block(nn.Module):
 
 
 # ---- the span -----------------------------------------------------------------------------------
+def _read_part(
+    model_dir: Path, index: dict[str, str], names: dict[str, str], dtype: torch.dtype, device: torch.device,
+    fp8_block: tuple[int, int] | None, fp32_parts: tuple[str, ...],
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One block's tensors in ``dtype`` on ``device``. Block-wise FP8 weights are dequantized on the
+    CPU in float32 first (``peer.fp8``), and a family's ``fp32_parts`` (DeepSeek's router, kept in
+    fp32 by transformers too) stay float32 whatever the compute dtype."""
+    if fp8_block is None and not fp32_parts:
+        return read_tensors(model_dir, index, names, dtype=dtype, device=device)
+    state = read_tensors(model_dir, index, names, dtype=torch.float32, device="cpu")
+    if fp8_block is not None:
+        state = fp8.dequantize_state(state, fp8_block)
+    return {
+        name: tensor.to(device=device, dtype=torch.float32 if name.endswith(fp32_parts) else dtype)
+        if tensor.is_floating_point()
+        else tensor.to(device)
+        for name, tensor in state.items()
+    }
+
+
 class BlockSpan(nn.Module):
     """Blocks ``[start, end)``; plus the embedding when first, the final norm and LM head when last.
 
@@ -728,8 +776,10 @@ class BlockSpan(nn.Module):
         bar = tqdm(
             groups, desc=f"loading blocks [{start}, {end})", unit="part", disable=not sys.stderr.isatty()
         )
+        family = family_of(config.model_type)
+        fp8_block = tuple(config.fp8_block) or None  # type: ignore[assignment]
         for prefix, names in bar:
-            state = read_tensors(model_dir, index, names, dtype=dtype, device=read_device)
+            state = _read_part(model_dir, index, names, dtype, read_device, fp8_block, family.fp32_parts)
             if prefix is None:  # embedding / final norm / head, read first while no block is quantized
                 result = span.load_state_dict(state, strict=False, assign=True)
                 if result.unexpected_keys:
@@ -826,11 +876,11 @@ class BlockSpan(nn.Module):
     ) -> KVCache:
         """An empty cache for one session, in the span's dtype and device (`unit_layers`: see
         `KVCache`)."""
-        heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
+        heads, head_dim, parts = self.config.cache_geometry
         windows = tuple(self.config.window(layer) for layer in range(self.start, self.end))
         return KVCache(
             self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity, windows,
-            unit_layers,
+            parts, unit_layers,
         )  # fmt: skip
 
     # ---- compute ----
@@ -932,9 +982,9 @@ class BlockSpan(nn.Module):
             raise ValueError(f"inputs hold {inputs.shape[0]} tokens but lengths sum to {total}")
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("a cache appears twice in one step")
-        expected = (self.num_layers, self.config.num_key_value_heads, self.config.head_dim, self.dtype)
+        expected = (self.num_layers, *self.config.cache_geometry, self.dtype)
         for cache in caches:
-            if (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype) != expected:
+            if (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.parts, cache.dtype) != expected:
                 raise ValueError(f"{cache!r} does not belong to span [{self.start}, {self.end})")
 
 

@@ -65,3 +65,11 @@ def test_memory_budget_in_blocks():
 def test_invalid_length_is_refused():
     with pytest.raises(ValueError):
         choose_span([], NUM_BLOCKS, 0)
+
+
+def test_block_bytes_counts_deepseek_routed_and_shared_experts():
+    """DeepSeek-V3 names its experts n_routed_experts and holds n_shared_experts beside them."""
+    config = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96,
+              "moe_intermediate_size": 32, "n_routed_experts": 8, "n_shared_experts": 1}  # fmt: skip
+    assert block_bytes(config, 4) >= 9 * 3 * 64 * 32 * 4
+    assert block_bytes({**config, "n_shared_experts": 0}, 4) < block_bytes(config, 4)
