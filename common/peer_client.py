@@ -57,6 +57,12 @@ class ChannelPool:
         """The call metadata: `extra` plus the membership credential when the swarm is private."""
         return (*extra, *self.security.metadata(method)) or None
 
+    async def discard(self, address: str) -> None:
+        """Close the channel to `address`, if any (a later `stub` opens a new one)."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close()
+
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:

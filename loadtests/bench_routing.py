@@ -6,6 +6,9 @@ sessions, a measured gateway round trip of 1-50 ms, and 8 announced next-hop rou
 (`gateway.routing.plan_route`, relay and push): wall time (median and 90th percentile over
 `--plans` plans) and CPU time (median; on a loaded machine wall time also counts the waits for a
 core).
+Plans reuse the snapshot's index (`routing.snapshot_index`, built by the first plan, as in the
+gateway, which plans every route of a refresh period from one snapshot); its build time is timed
+on its own (`snapshot_index`).
 Side by side in the same run, the same plans with whole spans only (the planner before sub-spans:
 no prefix or suffix edges), to show what the sub-span edges cost.
 
@@ -59,12 +62,27 @@ def swarm(peers: int, blocks: int, seed: int) -> tuple[list[PeerRecord], dict[st
     return records, rtt
 
 
-def whole_spans_only(peers, start, end):
+def whole_spans_only(peers, start, end, push=False):
     """The edges of the planner before sub-spans: each peer's (clipped) span, nothing else."""
     edges: dict[int, list[tuple[int, int]]] = {}
-    for index, peer in enumerate(peers):
-        edges.setdefault(peer.start, []).append((peer.end, index))
+    for index, (begin, finish) in enumerate(zip(peers.start, peers.end, strict=True)):
+        edges.setdefault(begin, []).append((finish, index))
     return edges
+
+
+def time_index(records, repeats: int = 20) -> dict:
+    """Building a snapshot's index (`routing.SnapshotIndex`): paid by the first plan of each
+    snapshot only, every later plan of it reuses the index."""
+    times, cpu = [], []
+    for _ in range(repeats):
+        began, began_cpu = time.perf_counter(), time.process_time()
+        routing.SnapshotIndex(records).announced_pairs()
+        times.append(time.perf_counter() - began)
+        cpu.append(time.process_time() - began_cpu)
+    return {
+        "median_ms": round(statistics.median(times) * 1000, 3),
+        "cpu_median_ms": round(statistics.median(cpu) * 1000, 3),
+    }
 
 
 def time_plans(records, rtt, blocks: int, plans: int, push: bool) -> dict:
@@ -108,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         "plans": args.plans,
         "rows": [],
     }
+    result["snapshot_index"] = time_index(records)
+    print(json.dumps({"snapshot_index": result["snapshot_index"]}))
     for push in (False, True):  # alternate the two planners so that load changes hit both alike
         for edges in ("sub-spans", "whole spans only"):
             if edges == "sub-spans":

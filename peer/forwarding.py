@@ -9,6 +9,13 @@ compute: that is the round trip this peer announces for the next hop (`nearest`)
 TCP's SRTT, which the gateway's planner uses as the cost of the edge between two hops in push mode
 (`gateway.routing`).
 
+Links do not pile up: in a churning swarm a peer pushes to many next hops over time, each link a
+stream and a channel. A link unused for `IDLE_S` is closed, with its channel, by a sweep that runs
+while links are open; at most `MAX_LINKS` stay open, the least recently used closed first when a
+new one would pass that (a link with pushes waiting on acks is never closed, so the bound may be
+passed for a moment). A later push to a closed link's address opens a new one, which costs a
+channel connect on that step: minutes idle make that rare, and a route's hops push every step.
+
 Concurrency contract: everything runs on the peer's event loop. A link's writes and the queue of
 acks it waits for change together under its lock, so acks match requests by order; its reader
 task resolves them. A link whose stream ends fails every push waiting on it and is replaced by a
@@ -35,6 +42,8 @@ DEFAULT_TIMEOUT_S = 10.0  # when the step names none (`Step.forward_timeout_ms`)
 SMOOTHING = 0.3  # weight of a new sample, as `gateway.rtt` and TCP's SRTT
 ANNOUNCED = 8  # next hops whose round trips go in the DHT record: the nearest ones
 KEPT = 256  # next hops remembered at most (the oldest are dropped)
+IDLE_S = 180.0  # a link unused this long is closed with its channel
+MAX_LINKS = 64  # open links at most; the least recently used is closed first
 
 
 class PushFailed(Exception):
@@ -60,10 +69,12 @@ class _Link:
         self.waiting: collections.deque[asyncio.Future] = collections.deque()
         self.lock = asyncio.Lock()
         self.closed: PushFailed | None = None
+        self.used = time.monotonic()  # last push: idle links are closed (`Forwarder._sweep`)
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def send(self, request: swarm_pb2.PushRequest) -> asyncio.Future:
         ack = asyncio.get_running_loop().create_future()
+        self.used = time.monotonic()
         async with self.lock:
             if self.closed is not None:
                 raise self.closed
@@ -100,6 +111,13 @@ class _Link:
         finally:
             self._fail(failure)
 
+    async def close(self, why: str) -> None:
+        """End the stream; a push still waiting on it fails (none does when it is idle)."""
+        self._fail(PushFailed(self.address, grpc.StatusCode.CANCELLED, why))
+        self.reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.reader
+
     def _fail(self, failure: PushFailed) -> None:
         self.closed = self.closed or failure
         while self.waiting:
@@ -112,19 +130,24 @@ class _Link:
 class Forwarder:
     """Pushes steps to next hops over one stream per address, and keeps their round trips."""
 
-    def __init__(self, security: ClientSecurity | None = None):
+    def __init__(
+        self, security: ClientSecurity | None = None, idle_s: float = IDLE_S, max_links: int = MAX_LINKS
+    ):
         self.pool = ChannelPool(security)
-        self._links: dict[str, _Link] = {}
+        self.idle_s = idle_s
+        self.max_links = max_links
+        # next hop address -> its link, least recently used first
+        self._links: collections.OrderedDict[str, _Link] = collections.OrderedDict()
+        self._sweeper: asyncio.Task | None = None  # closes idle links while there are any
         self.rtt_s: dict[str, float] = {}  # next hop address -> smoothed round trip (seconds)
         self.pushed = 0
+        self.links_closed = 0  # idle or least recently used links closed so far
 
     async def push(
         self, target: swarm_pb2.Forward, step: swarm_pb2.Step, timeout: float | None = None
     ) -> None:
         """Deliver `step` to the session `target` names; PushFailed when it is not accepted."""
-        link = self._links.get(target.address)
-        if link is None or link.closed is not None:
-            link = self._links[target.address] = _Link(self.pool, target.address)
+        link = await self._link(target.address)
         began = time.perf_counter()
         ack_future = await link.send(swarm_pb2.PushRequest(push_id=target.push_id, step=step))
         try:
@@ -141,6 +164,46 @@ class Forwarder:
         self._observe(target.address, time.perf_counter() - began)
         self.pushed += 1
 
+    async def _link(self, address: str) -> _Link:
+        """The open link to `address`, made the most recently used; a new one if there is none,
+        then closing the least recently used idle links beyond `max_links`."""
+        link = self._links.get(address)
+        if link is not None and link.closed is None:
+            self._links.move_to_end(address)
+            return link
+        self._links.pop(address, None)  # a broken one: its stream already ended
+        link = self._links[address] = _Link(self.pool, address)  # no await before: one per address
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        excess = len(self._links) - self.max_links
+        if excess > 0:
+            idle = [(a, old) for a, old in self._links.items() if a != address and not old.waiting]
+            for old_address, old in idle[:excess]:
+                await self._close_link(old_address, old, "least recently used push link")
+        return link
+
+    async def _sweep(self) -> None:
+        """Close links idle for `idle_s`, checking a few times per period, until none is open."""
+        while self._links:
+            await asyncio.sleep(self.idle_s / 4)
+            now = time.monotonic()
+            for address, link in list(self._links.items()):
+                if link.closed is not None or (not link.waiting and now - link.used >= self.idle_s):
+                    await self._close_link(address, link, "idle push link")
+
+    async def _close_link(self, address: str, link: _Link, why: str) -> None:
+        if self._links.get(address) is not link:
+            return  # replaced by a newer link meanwhile
+        del self._links[address]
+        self.links_closed += link.closed is None
+        await link.close(why)
+        if address not in self._links:  # no push opened a new link there meanwhile
+            await self.pool.discard(address)
+
+    def links(self) -> list[str]:
+        """Addresses of the open links, least recently used first."""
+        return [address for address, link in self._links.items() if link.closed is None]
+
     def _observe(self, address: str, seconds: float) -> None:
         old = self.rtt_s.pop(address, None)  # re-inserted last: the dict stays ordered by use
         self.rtt_s[address] = seconds if old is None else old + SMOOTHING * (seconds - old)
@@ -153,7 +216,11 @@ class Forwarder:
         return {address: round(seconds * 1000.0, 1) for address, seconds in best}
 
     async def close(self) -> None:
-        links, self._links = list(self._links.values()), {}
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        links, self._links = list(self._links.values()), collections.OrderedDict()
         for link in links:
             link.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -79,3 +79,42 @@ def test_push_plans_by_the_legs_a_pushed_token_travels():
     assert plan_route([record("a", 0, 2)], 4, push=True) is None
     route = plan_route(records, 4, start=2, end=4, push=True)
     assert [hop.peer_id for hop in route] == ["b"]
+
+
+def test_a_plan_from_the_cached_snapshot_index_equals_an_uncached_one():
+    """The index of a snapshot is built once and reused by every plan from the same records; a
+    plan from it is the plan from a fresh index (copies of the records, a cleared cache)."""
+    import dataclasses
+
+    from gateway import routing
+    from loadtests.bench_routing import swarm
+
+    records, rtt = swarm(200, 32, seed=3)
+    assert routing.snapshot_index(records) is routing.snapshot_index(list(records))
+    for seed in range(20):
+        for push in (False, True):
+            exclude = {f"peer{seed}", f"peer{seed + 50}"}
+            cached = plan_route(records, 32, rng=random.Random(seed), rtt=rtt, push=push, exclude=exclude,
+                                local_load={f"peer{seed + 1}": 2}, start=seed % 4)  # fmt: skip
+            routing._indexes.clear()
+            copies = [dataclasses.replace(r) for r in records]
+            fresh = plan_route(copies, 32, rng=random.Random(seed), rtt=rtt, push=push, exclude=exclude,
+                               local_load={f"peer{seed + 1}": 2}, start=seed % 4)  # fmt: skip
+            assert cached == fresh and cached, (seed, push)
+            assert not {hop.peer_id for hop in cached} & exclude
+
+
+def test_push_chooses_a_sub_span_by_its_announced_round_trip():
+    """Two equal [0, 3) peers, the nearer to the gateway (10 ms) measured nothing, the other
+    (12 ms) announced 1 ms to the fast [2, 4) peer, 50 ms from the gateway. Push cuts [0, 2) from
+    the announcer (6 + 6.7 + 0.5 + 1 + 25 ms), a part that pruning by the gateway's round trip
+    alone would give to the nearer peer (and then route through the announcer's whole span)."""
+    near = record("near", 0, 3, address="10.0.0.1:1")
+    announcer = record("announcer", 0, 3, address="10.0.0.2:1", next_rtt={"10.0.0.9:1": 1.0})
+    fast = record("fast", 2, 4, address="10.0.0.9:1", throughput=1000.0)
+    rtt = {"10.0.0.1:1": 0.010, "10.0.0.2:1": 0.012, "10.0.0.9:1": 0.050}
+    for seed in range(5):
+        push = plan_route([near, announcer, fast], 4, rtt=rtt, rng=random.Random(seed), push=True)
+        assert [(hop.peer_id, hop.start, hop.end) for hop in push] == [("announcer", 0, 2), ("fast", 2, 4)]
+        relay = plan_route([near, announcer, fast], 4, rtt=rtt, rng=random.Random(seed))
+        assert [(hop.peer_id, hop.start, hop.end) for hop in relay] == [("near", 0, 2), ("fast", 2, 4)]

@@ -106,12 +106,13 @@ def test_peer_boundaries_are_the_only_cuts():
         record("tail", 5, 8, num_blocks=8, throughput=1000.0),
         record("mid", 2, 3, num_blocks=8, throughput=10.0),
     ]
-    peers = routing._usable_peers(records, 0, 8, set(), 0, None, None, {}, random.Random(0))
+    snapshot = routing.snapshot_index(records)
+    peers = routing._usable_peers(snapshot, 0, 8, set(), 0, None, None, {}, random.Random(0))
     edges = routing._sub_span_edges(peers, 0, 8)
     blocks = {block for start, ends in edges.items() for block in (start, *(end for end, _ in ends))}
     assert blocks == {0, 2, 3, 5, 8}
     assert ("big", 0, 5) in {
-        (peers[i].record.peer_id, start, end) for start, ends in edges.items() for end, i in ends
+        (peers.record(i).peer_id, start, end) for start, ends in edges.items() for end, i in ends
     }
     assert hops(plan_route(records, 8, rng=random.Random(0))) == [("big", 0, 5), ("tail", 5, 8)]
 

@@ -1,0 +1,120 @@
+"""Push links do not pile up (peer.forwarding): idle ones close with their channels, and at most
+`max_links` stay open, the least recently used closed first. Real gRPC servers in this process
+that ack every push, and count the Push streams open on them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from peer.forwarding import Forwarder, PushFailed
+from protos import swarm_pb2, swarm_pb2_grpc
+from tests.conftest import wait_until_async
+
+
+class AckingPeer(swarm_pb2_grpc.PeerServicer):
+    """Accepts every pushed step; `open` counts the Push streams still open."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.received = 0
+
+    async def Push(self, request_iterator, context):
+        self.open += 1
+        try:
+            async for _ in request_iterator:
+                self.received += 1
+                yield swarm_pb2.PushAck()
+        finally:
+            self.open -= 1
+
+
+@pytest.fixture
+async def peers():
+    servers, servicers, addresses = [], [], []
+    for _ in range(3):
+        server = grpc.aio.server()
+        servicer = AckingPeer()
+        swarm_pb2_grpc.add_PeerServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        servicers.append(servicer)
+        addresses.append(f"127.0.0.1:{port}")
+    yield addresses, servicers
+    for server in servers:
+        await server.stop(None)
+
+
+async def push(forwarder: Forwarder, address: str) -> None:
+    await forwarder.push(swarm_pb2.Forward(address=address, push_id="p"), swarm_pb2.Step(), timeout=5)
+
+
+async def test_the_least_recently_used_link_is_closed_past_the_bound(peers):
+    (a, b, c), servicers = peers
+    forwarder = Forwarder(max_links=2, idle_s=60)
+    try:
+        for address in (a, b, a, c):  # a used again after b: b is the least recently used
+            await push(forwarder, address)
+        assert forwarder.links() == [a, c]
+        assert await wait_until_async(lambda: [s.open for s in servicers] == [1, 0, 1], timeout=5)
+        assert set(forwarder.pool._channels) == {a, c}, "the closed link's channel is closed too"
+        assert forwarder.links_closed == 1
+        await push(forwarder, b)  # a closed address opens a new link
+        assert forwarder.links() == [c, b]
+        assert [s.received for s in servicers] == [2, 2, 1]
+    finally:
+        await forwarder.close()
+
+
+async def test_idle_links_close_with_their_channels(peers):
+    (a, b, _), servicers = peers
+    forwarder = Forwarder(idle_s=0.4)
+    try:
+        await push(forwarder, a)
+        await push(forwarder, b)
+        for _ in range(3):  # a stays busy, b goes idle
+            await asyncio.sleep(0.2)
+            await push(forwarder, a)
+        assert await wait_until_async(
+            lambda: (
+                b not in forwarder.links() and b not in forwarder.pool._channels and servicers[1].open == 0
+            ),
+            timeout=5,
+        )
+        assert await wait_until_async(lambda: not forwarder.links(), timeout=5)
+        assert await wait_until_async(lambda: servicers[0].open == 0, timeout=5)
+        assert forwarder.pool._channels == {} and forwarder.links_closed >= 2
+        await push(forwarder, a)  # and pushing again works
+        assert forwarder.links() == [a] and servicers[0].received == 5
+    finally:
+        await forwarder.close()
+
+
+async def test_a_closed_link_fails_its_waiting_pushes():
+    """A link closed while a push waits on it (not the idle case) fails that push, not hangs."""
+    server = grpc.aio.server()
+
+    class Silent(swarm_pb2_grpc.PeerServicer):
+        async def Push(self, request_iterator, context):
+            async for _ in request_iterator:
+                await asyncio.sleep(30)  # never acks in time
+
+    swarm_pb2_grpc.add_PeerServicer_to_server(Silent(), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    forwarder = Forwarder()
+    try:
+        pending = asyncio.ensure_future(push(forwarder, address))
+        assert await wait_until_async(
+            lambda: forwarder.links() and forwarder._links[address].waiting, timeout=5
+        )
+        link = forwarder._links[address]
+        await forwarder._close_link(address, link, "test")
+        with pytest.raises(PushFailed, match="CANCELLED"):
+            await pending
+    finally:
+        await forwarder.close()
+        await server.stop(None)
