@@ -176,6 +176,7 @@ class PeerServer:
         self.batching: BatchingConfig | None = None
         self.meter: ThroughputMeter | None = None
         self.chose_span = False  # no --blocks: the span came from the DHT, and may move
+        self.moving_to: tuple[int, int] | None = None  # announced while a move runs (`move_to`)
         self.balancer: Balancer | None = None
         self._balancing: asyncio.Task | None = None
         self._refining: asyncio.Task | None = None  # `_refine_profile`
@@ -321,6 +322,8 @@ class PeerServer:
             expires_at=time.time() + self.config.ttl,
             metrics_port=self.metrics.port if self.metrics else 0,
             next_rtt=servicer.forwarder.nearest(),
+            auto_span=self.chose_span,
+            moving_to=self.moving_to,
         )
 
     async def _start_dht(self) -> None:
@@ -380,6 +383,7 @@ class PeerServer:
         if self._refining is not None:
             self._refining.cancel()
         servicer.draining = True
+        self.moving_to = (start, end)  # others count [start, end) as served from now on
         servicer.table.drop_idle()
         await self.announcer.announce_now()
         try:
@@ -387,12 +391,22 @@ class PeerServer:
         except TimeoutError:
             log.warning("sessions outlived the drain; staying on [%d, %d)", cfg.start, cfg.end)
             servicer.draining = False
+            self.moving_to = None
             await self.announcer.announce_now()
             return
         loop = asyncio.get_running_loop()
-        span = await loop.run_in_executor(None, self._load_span, start, end)
-        timer = await loop.run_in_executor(None, PassTimer, span)
-        profile = await loop.run_in_executor(None, measure_pass_profile, span, 24, PROFILE_SPREAD_S, timer)
+        try:
+            span = await loop.run_in_executor(None, self._load_span, start, end)
+            timer = await loop.run_in_executor(None, PassTimer, span)
+            profile = await loop.run_in_executor(
+                None, measure_pass_profile, span, 24, PROFILE_SPREAD_S, timer
+            )
+        except Exception:
+            log.exception("could not load [%d, %d); staying on [%d, %d)", start, end, cfg.start, cfg.end)
+            servicer.draining = False
+            self.moving_to = None
+            await self.announcer.announce_now()
+            return
         # no session is live, so no pass runs and no cache refers to the old span
         servicer.span = self.scheduler.span = span
         servicer.table.drop_idle()
@@ -402,6 +416,7 @@ class PeerServer:
         cfg.start, cfg.end = start, end
         servicer.moves += 1
         servicer.draining = False
+        self.moving_to = None
         await self.announcer.announce_now()
         log.info("now serving blocks [%d, %d)", start, end)
 
