@@ -1,6 +1,6 @@
 """Automatic block placement against the best hand placement, and recovery from a lost span.
 
-    python -m loadtests.bench_placement [--model bench|demo] [--streams 16] [--rounds 3]
+    python -m loadtests.bench_placement [--model bench|demo] [--streams 16] [--rounds 5]
 
 Two swarms of the same four peers (each with room for half of an 8-block model, `--num-blocks 4`)
 run side by side, each with its own DHT and gateway:

@@ -49,7 +49,7 @@ PROFILE_TOKENS = 16  # the second point of the start-up profile
 PROFILE_CONTEXT = 32  # tokens already in each profiled session's cache
 PROFILE_SPREAD_S = 1.0  # the profile's rounds are spread over this long (see `measure_pass_profile`)
 # The low quantile of real passes' ratios that scales the profile (see `ThroughputMeter.scale`).
-PASS_QUANTILE = 0.25
+PASS_QUANTILE = 0.1
 # How many passes weigh as much as the start-up profile: with n passes seen, the scale has moved
 # n / (n + PRIOR_PASSES) of the way from 1 to their ratio.
 PRIOR_PASSES = 4
