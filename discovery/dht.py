@@ -1,7 +1,7 @@
 """The swarm's Kademlia node: kademlia's protocol and server with their faults fixed, and
 `SwarmDHT`, which announces, withdraws and looks up peer records (`discovery.records`) stored as
 merged entries (`discovery.entries`, `discovery.storage`), each signed by the peer it describes
-(`discovery.signing`).
+(`discovery.signing`), spread over a tree of shard keys per model (`discovery.shards`).
 
 In a private swarm (a swarm key, `common.swarm_key`) every datagram carries an HMAC-SHA256 tag
 under the swarm key, and datagrams without a valid tag are dropped before they are even decoded:
@@ -34,16 +34,31 @@ from kademlia.utils import digest
 
 from common.identity import Identity
 from discovery.entries import (
+    MAX_VALUE_BYTES,
     MODELS_KEY,
     Entries,
     decode_entries,
     is_departed,
     merge_entries,
-    model_key,
+    merge_entries_into,
     records_from_entries,
     split_entries,
 )
 from discovery.records import PeerRecord, format_address, is_int
+from discovery.shards import (
+    MAX_LEVEL,
+    REVIEW_S,
+    ROOT,
+    SHARD_CAPACITY,
+    child_on_path,
+    children,
+    level_of,
+    model_shard_key,
+    ranks_within,
+    region_of,
+    residents,
+    should_descend,
+)
 from discovery.signing import accepted_entries, sign_entry
 from discovery.storage import MODELS_DIGEST, MergingStorage
 
@@ -53,6 +68,18 @@ DEFAULT_DHT_PORT = 8468
 TOMBSTONE_MARGIN_S = 0.001
 STRAGGLER_GRACE_S = 0.25  # see `_answered`; far above a loopback or LAN reply, about one WAN round trip
 TAG_BYTES = 32  # HMAC-SHA256 tag appended to every datagram in a private swarm
+# A crawl's k nearest nodes are reused this long by stores and reads of the same region (a model's
+# shards share one, `discovery.shards`): a heartbeat or a gateway refresh then costs its stores or
+# reads only, not three or more crawl rounds first. A reuse is skipped when a node in it has stopped
+# answering or the routing table has changed while the crawl found fewer than k nodes.
+CRAWL_REUSE_S = 30.0
+READ_REPLICAS = 3  # nodes asked per key on a read; stores go to all k nearest
+REVIEW_REPLICAS = 2  # nodes asked per shard when a peer reviews its place (ids and counts only)
+# The `models` entry (a model exists, its block count) is re-stored this often rather than every
+# heartbeat, with a lifetime of two periods: with many peers per model it was half of every
+# heartbeat's bytes, for an entry that never changes.
+MODELS_REFRESH_S = 60.0
+VERIFIED_CACHE = 50_000  # signatures already checked, so re-reading a record costs no Ed25519 check
 
 
 def datagram_tag(swarm_key: bytes, datagram: bytes) -> bytes:
@@ -275,10 +302,11 @@ def _found_value(result: object) -> object | None:
 
 
 class _SwarmServer(Server):
-    """kademlia Server that stores per-entry chunks and reads by merging the k nearest nodes."""
+    """kademlia Server that stores per-entry chunks on the k nearest nodes and reads by merging the
+    answers of the nearest few (`read_values`)."""
 
     protocol_class = _SwarmProtocol
-    READ_CONCURRENCY = 8  # bounded so many ~48 KB replies do not overflow the UDP receive buffer
+    READ_CONCURRENCY = 16  # bounded so many <= 48 KB replies do not overflow the 1 MB UDP receive buffer
 
     def __init__(
         self,
@@ -289,10 +317,15 @@ class _SwarmServer(Server):
         rpc_timeout: float,
         clock: Callable[[], float],
         swarm_key: bytes | None = None,
+        read_replicas: int = READ_REPLICAS,
     ):
         super().__init__(ksize=ksize, alpha=alpha, node_id=node_id, storage=MergingStorage(clock=clock))
         self.rpc_timeout = rpc_timeout
         self.swarm_key = swarm_key
+        self.read_replicas = read_replicas
+        self.crawl_reuse_s = CRAWL_REUSE_S
+        self._crawls: dict[bytes, tuple[float, int, list[Node]]] = {}  # region -> (when, contacts, nodes)
+        self._verified: dict[str, str] = {}  # signature -> entry id, for entries already accepted
 
     def _create_protocol(self) -> _SwarmProtocol:
         return _SwarmProtocol(self.node, self.storage, self.ksize, self.rpc_timeout, self.swarm_key)
@@ -319,9 +352,32 @@ class _SwarmServer(Server):
     def num_contacts(self) -> int:
         return sum(len(bucket) for bucket in self.protocol.router.buckets) if self.protocol else 0
 
-    async def nearest_nodes(self, key: bytes) -> list[Node]:
-        target = Node(key)
-        return await self._crawl(target, self.protocol.router.find_neighbors(target))
+    async def nearest_nodes(self, key: bytes, *, reuse: bool = True) -> list[Node]:
+        """The k nodes nearest to `key`'s region (`discovery.shards.region_of`), from a crawl at most
+        `CRAWL_REUSE_S` old when `reuse` and that crawl still looks right."""
+        region = region_of(key)
+        cached = self._crawls.get(region)
+        if reuse and cached is not None and self._still_good(*cached):
+            return cached[2]
+        contacts = self.num_contacts()
+        target = Node(region)
+        nodes = await self._crawl(target, self.protocol.router.find_neighbors(target))
+        if nodes:
+            self._crawls[region] = (time.monotonic(), contacts, nodes)
+        else:
+            self._crawls.pop(region, None)
+        return nodes
+
+    def _still_good(self, when: float, contacts: int, nodes: list[Node]) -> bool:
+        if time.monotonic() - when > self.crawl_reuse_s:
+            return False
+        if len(nodes) < self.ksize and self.num_contacts() != contacts:
+            return False  # a small network that has grown (or shrunk) since: the new ones may be nearer
+        return not any(self.protocol.is_unresponsive(node.id) for node in nodes)
+
+    def forget_crawl(self, key: bytes) -> None:
+        """Crawl again next time (most nodes of the last one did not answer)."""
+        self._crawls.pop(region_of(key), None)
 
     async def store_entries(self, key: bytes, entries: Entries) -> int:
         """Store on the k nearest nodes (and here when among them); returns how many hold it."""
@@ -332,8 +388,10 @@ class _SwarmServer(Server):
             self.storage.merge(key, entries)
             held += 1
         results = await _answered(self.protocol, [self._store_all(node, key, chunks) for node in nodes])
-        held += sum(result is True for result in results)
-        return held
+        stored = sum(result is True for result in results)
+        if 2 * stored < len(nodes):
+            self.forget_crawl(key)
+        return held + stored
 
     def _among_nearest(self, target: Node, nearest: list[Node]) -> bool:
         # Upstream stores locally only when closer than the farthest of the k found, so in a network
@@ -356,32 +414,115 @@ class _SwarmServer(Server):
         return await self.store_entries(dkey, entries) > 0
 
     async def get_entries(self, key: bytes) -> Entries:
-        """Merge of this node's entries and those of the k nodes nearest to `key`."""
-        merged = self.storage.entries(key)
-        nodes = await self.nearest_nodes(key)
-        target = Node(key)
+        """Merge of this node's entries and those of the nodes nearest to `key`."""
+        return (await self.read_values([key]))[key]
+
+    async def read_values(self, keys: list[bytes], *, replicas: int | None = None) -> dict[bytes, Entries]:
+        """For each of `keys` (all in one region: shards of one model), the merge of this node's
+        entries and those of the `read_replicas` nodes nearest to it, read in parallel.
+
+        Every key is asked of the same nodes (one crawl, or a recent one reused). The nearest node
+        of every key is asked first, then the second nearest..., so that a read bounded by
+        `READ_CONCURRENCY` has an answer for every key early (each key's stragglers get
+        `_answered`'s grace from its own first answer). Replicas mostly answer with the very same
+        string: it is decoded once; and an entry whose signature was already checked is not
+        checked again (an Ed25519 check costs ~50-200 us, a thousand records a read)."""
+        if not keys:
+            return {}
+        nearest = await self.nearest_nodes(keys[0])
+        count = replicas or self.read_replicas
+        nodes = nearest[:count]
         gate = asyncio.Semaphore(self.READ_CONCURRENCY)
-
-        async def ask(node: Node) -> object:
-            async with gate:
-                return await self.protocol.call_find_value(node, target)
-
-        results = await _answered(self.protocol, [ask(node) for node in nodes])
+        answers = await self._ask_all(keys, nodes, gate)
+        # A key that none of its replicas answered in time is asked of the next nearest nodes
+        # once: under load a whole shard's answers can be late, and it would vanish from the read.
+        unanswered = [key for key in keys if not any(_found_value(r) is not None for r in answers[key][1])]
+        spare = nearest[count : 2 * count]
+        if unanswered and spare:
+            for key, (asked, results) in (await self._ask_all(unanswered, spare, gate)).items():
+                answers[key] = (answers[key][0] + asked, answers[key][1] + results)
         now = self.storage.clock()
+        out: dict[bytes, Entries] = {}
+        answered = 0
+        for key in keys:
+            asked, results = answers[key]
+            out[key] = self._merge_answers(key, asked, results, now)
+            answered += sum(1 for result in results[: len(nodes)] if isinstance(result, tuple) and result[0])
+        if nodes and 2 * answered < len(nodes) * len(keys):
+            self.forget_crawl(keys[0])
+        return out
+
+    async def _ask_all(
+        self, keys: list[bytes], nodes: list[Node], gate: asyncio.Semaphore
+    ) -> dict[bytes, tuple[list[Node], list[Any]]]:
+        """`find_value` of every key on every node, the nearest node of every key first."""
+
+        async def ask(node: Node, key: bytes) -> object:
+            async with gate:
+                return await self.protocol.call_find_value(node, Node(key))
+
+        calls: dict[bytes, list[asyncio.Future]] = {key: [] for key in keys}
+        for node in nodes:
+            for key in keys:
+                calls[key].append(asyncio.ensure_future(ask(node, key)))
+        results = await asyncio.gather(*(_answered(self.protocol, calls[key]) for key in keys))
+        return {key: (list(nodes), result) for key, result in zip(keys, results, strict=True)}
+
+    def _merge_answers(self, key: bytes, nodes: list[Node], results: list[Any], now: float) -> Entries:
+        merged = self.storage.entries(key)
         rejected = self.storage.rejected
+        seen: set[str | bytes] = set()
         for node, result in zip(nodes, results, strict=True):
             value = _found_value(result)
             if value is None:
                 continue
+            if isinstance(value, str | bytes):
+                if value in seen:
+                    continue  # the same answer as another replica's: nothing new in it
+                seen.add(value)
+                if len(value) > MAX_VALUE_BYTES:
+                    log.warning("ignoring an oversized DHT value (%d bytes) from %s", len(value), node)
+                    rejected["oversize_value"] += 1
+                    continue
             entries = decode_entries(value)
             if entries is None:
                 log.warning("ignoring a malformed DHT value from %s", node)
                 rejected["malformed"] += 1
                 continue
             # a node's answer is network input like a store: forged entries are dropped here too
-            entries = accepted_entries(entries, now, rejected, any_signer=key == MODELS_DIGEST)
+            entries = self._accepted(entries, now, any_signer=key == MODELS_DIGEST)
             merged = merge_entries(merged, entries, now)
         return merged
+
+    def _accepted(self, entries: Entries, now: float, *, any_signer: bool) -> Entries:
+        """`accepted_entries`, skipping the checks of entries accepted before (same id, same
+        signature: the signature covers everything else, and the checks only get laxer with time).
+        Only entries checked strictly (signer = entry id) are remembered: one accepted under the
+        any-signer `models` key must not pass later as a peer's record."""
+        if any_signer:
+            return accepted_entries(entries, now, self.storage.rejected, any_signer=True)
+        kept, unknown = {}, {}
+        for entry_id, entry in entries.items():
+            sig = entry.get("sig")
+            if isinstance(sig, str) and self._verified.get(sig) == entry_id:
+                kept[entry_id] = entry
+            else:
+                unknown[entry_id] = entry
+        if unknown:
+            fresh = accepted_entries(unknown, now, self.storage.rejected)
+            if len(self._verified) + len(fresh) > VERIFIED_CACHE:
+                self._verified.clear()
+            for entry_id, entry in fresh.items():
+                self._verified[entry["sig"]] = entry_id
+            kept.update(fresh)
+        return kept
+
+
+def _fits(peer_id: str, here: list[str]) -> bool:
+    """A shard whose residents are `here` has room for `peer_id`, or holds it already and it ranks
+    among the `SHARD_CAPACITY` lowest there (a shard several peers joined at once sheds its
+    highest-ranked ones)."""
+    return ranks_within(peer_id, here) if peer_id in here else len(here) < SHARD_CAPACITY
 
 
 async def _resolve(host: str, port: int, family: int) -> tuple[str, int] | None:
@@ -416,6 +557,8 @@ class SwarmDHT:
         clock: Callable[[], float] = time.time,
         identity: Identity | None = None,
         swarm_key: bytes | None = None,
+        read_replicas: int = READ_REPLICAS,
+        review_s: float = REVIEW_S,
     ):
         # `clock`: the unix time records' expiry is judged by (tests pass a fake to age records)
         self.clock = clock
@@ -430,6 +573,7 @@ class SwarmDHT:
             rpc_timeout=rpc_timeout,
             clock=clock,
             swarm_key=swarm_key,
+            read_replicas=read_replicas,
         )
         self._bootstrap: list[tuple[str, int]] = []
         self._family = socket.AF_INET
@@ -438,6 +582,17 @@ class SwarmDHT:
         self._rebootstrap_interval = rebootstrap_interval
         self._maintenance: asyncio.Task | None = None
         self._last_expiry: dict[tuple[str, str], float] = {}  # (model, peer_id) -> last announced expiry
+        # where this node's peers sit in their model's shard tree (`discovery.shards`): (model,
+        # peer_id) -> (monotonic time of the last review, shard), and every shard a record was
+        # stored in -> its expiry there (a withdrawal tombstones all of those still alive)
+        self.review_s = review_s
+        self._places: dict[tuple[str, str], tuple[float, int]] = {}
+        self._written: dict[tuple[str, str], dict[int, float]] = {}
+        self.last_read: dict[str, int] = {"shards": 0, "rounds": 0}  # of the last whole-model read
+        self._known_shards: dict[str, set[int]] = {}  # model -> shards read at the last read of it
+        self._parsed: dict[str, PeerRecord | None] = {}  # signature -> record (`records_from_entries`)
+        self._models_announced: dict[str, tuple[float, int]] = {}  # model -> (monotonic time, num_blocks)
+        self.models_refresh_s = MODELS_REFRESH_S
 
     # ---- lifecycle
 
@@ -550,7 +705,8 @@ class SwarmDHT:
     # ---- records
 
     async def announce(self, record: PeerRecord) -> int:
-        """Store `record` under its model and the model under `models`; returns how many nodes hold it."""
+        """Store `record` in its shard of its model and the model under `models`; returns how many
+        nodes hold the record."""
         self._require_started()
         now = self.clock()
         if record.is_expired(now):
@@ -563,34 +719,131 @@ class SwarmDHT:
         slot = (record.model, record.peer_id)
         # Noted before sending: a withdrawal must outlive even an announce cancelled half-way.
         self._last_expiry[slot] = max(self._last_expiry.get(slot, 0.0), record.expires_at)
-        model_entry = {"num_blocks": record.num_blocks, "expires_at": record.expires_at}
+        shard = await self._place(record.model, record.peer_id)
+        written = self._written.setdefault(slot, {})
+        written[shard] = max(written.get(shard, 0.0), record.expires_at)
         entry = sign_entry(self.identity, record.peer_id, record.to_dict(), now)
         held, _ = await asyncio.gather(
-            self._server.store_entries(digest(model_key(record.model)), {record.peer_id: entry}),
-            self._server.store_entries(
-                digest(MODELS_KEY), {record.model: sign_entry(self.identity, record.model, model_entry, now)}
-            ),
+            self._server.store_entries(model_shard_key(record.model, shard), {record.peer_id: entry}),
+            self._announce_model(record, now),
         )
-        log.debug("announced %s on %d node(s)", record.peer_id, held)
+        log.debug("announced %s in shard %d on %d node(s)", record.peer_id, shard, held)
         return held
 
+    async def _announce_model(self, record: PeerRecord, now: float) -> None:
+        """The `models` entry of `record.model`, at most every `MODELS_REFRESH_S` (see there)."""
+        last = self._models_announced.get(record.model)
+        if (
+            last is not None
+            and last[1] == record.num_blocks
+            and time.monotonic() - last[0] < self.models_refresh_s
+        ):
+            return
+        self._models_announced[record.model] = (time.monotonic(), record.num_blocks)
+        expires_at = max(record.expires_at, now + 2 * self.models_refresh_s)
+        entry = sign_entry(
+            self.identity, record.model, {"num_blocks": record.num_blocks, "expires_at": expires_at}, now
+        )
+        await self._server.store_entries(digest(MODELS_KEY), {record.model: entry})
+
+    async def _place(self, model: str, peer_id: str) -> int:
+        """The shard `peer_id` announces in: the last one found, reviewed every `review_s`."""
+        slot = (model, peer_id)
+        placed = self._places.get(slot)
+        if placed is not None and time.monotonic() - placed[0] < self.review_s:
+            return placed[1]
+        shard = await self._review_place(model, peer_id, None if placed is None else placed[1])
+        if placed is not None and placed[1] != shard:
+            log.info("peer %s moves from shard %d to %d of %s", peer_id[:12], placed[1], shard, model)
+        self._places[slot] = (time.monotonic(), shard)
+        return shard
+
+    async def _review_place(self, model: str, peer_id: str, current: int | None) -> int:
+        """Where `peer_id` belongs now. A peer below the root reads its shard and the parent only
+        (one round): it climbs when the parent has room, stays while it fits, else goes down."""
+        if current is None or current == ROOT:
+            return await self._find_place(model, peer_id, ROOT)
+        keys = [model_shard_key(model, current // 2), model_shard_key(model, current)]
+        values = await self._server.read_values(keys, replicas=REVIEW_REPLICAS)
+        if len(residents(values[keys[0]])) < SHARD_CAPACITY:
+            return await self._find_place(model, peer_id, ROOT)  # room above: climb as far as it goes
+        if _fits(peer_id, residents(values[keys[1]])):
+            return current
+        return await self._find_place(model, peer_id, child_on_path(current, peer_id))
+
+    async def _find_place(self, model: str, peer_id: str, shard: int) -> int:
+        """From `shard` down `peer_id`'s path (one read of one shard per level): the first shard it
+        fits in (`_fits`)."""
+        while level_of(shard) < MAX_LEVEL:
+            key = model_shard_key(model, shard)
+            here = residents((await self._server.read_values([key], replicas=REVIEW_REPLICAS))[key])
+            if _fits(peer_id, here):
+                return shard
+            shard = child_on_path(shard, peer_id)
+        return shard
+
     async def withdraw(self, record: PeerRecord) -> int:
-        """Tombstone `record.peer_id` so it vanishes from lookups at once; returns how many nodes hold it."""
+        """Tombstone `record.peer_id` so it vanishes from lookups at once; returns how many nodes
+        hold the tombstone in its current shard. Every shard the record was stored in and may still
+        be alive in gets one (a peer that moved shards left a copy behind)."""
         self._require_started()
         slot = (record.model, record.peer_id)
         now = self.clock()
         until = max(record.expires_at, self._last_expiry.pop(slot, 0.0), now) + TOMBSTONE_MARGIN_S
         entry = {"departed": True, "expires_at": until}
         tombstone = {record.peer_id: sign_entry(self.identity, record.peer_id, entry, now)}
-        held = await self._server.store_entries(digest(model_key(record.model)), tombstone)
+        placed = self._places.pop(slot, None)
+        current = placed[1] if placed is not None else ROOT
+        written = self._written.pop(slot, {})
+        shards = [current] + sorted(s for s, expiry in written.items() if expiry > now and s != current)
+        held, *_ = await asyncio.gather(
+            *(self._server.store_entries(model_shard_key(record.model, s), tombstone) for s in shards)
+        )
         log.info("withdrew %s from %s on %d node(s)", record.peer_id, record.model, held)
         return held
 
     async def peers(self, model: str) -> list[PeerRecord]:
         """Live (unexpired, not withdrawn) records for `model`, both states, sorted by span."""
         self._require_started()
-        entries = await self._server.get_entries(digest(model_key(model)))
-        return records_from_entries(entries, model, self.clock())
+        entries = await self.model_entries(model)
+        if len(self._parsed) > VERIFIED_CACHE:
+            self._parsed.clear()
+        return records_from_entries(entries, model, self.clock(), self._parsed)
+
+    async def model_entries(self, model: str) -> Entries:
+        """Every entry of `model`'s shard tree, merged.
+
+        The first round reads the root and every shard this node read at its last read of the
+        model, all at once (a gateway refreshing every second walks the tree in one round, not one
+        per level); each further round reads the children, not read yet, of every shard holding
+        `DESCEND_AT` records. Re-reading the shards known from the last read also keeps in view
+        the peers below a shard whose records expired together (they stay there until their next
+        review)."""
+        self._require_started()
+        merged: Entries = {}
+        read: set[int] = set()
+        known: set[int] = set()
+        level, rounds = {ROOT} | self._known_shards.get(model, set()), 0
+        while level:
+            ordered = sorted(level)
+            keys = [model_shard_key(model, shard) for shard in ordered]
+            values = await self._server.read_values(keys)
+            rounds += 1
+            read.update(ordered)
+            now = self.clock()
+            deeper: set[int] = set()
+            for shard, key in zip(ordered, keys, strict=True):
+                merge_entries_into(merged, values[key], now)
+                if residents(values[key]):
+                    known.add(shard)
+                if should_descend(values[key]) and level_of(shard) < MAX_LEVEL:
+                    deeper.update(children(shard))
+            known |= deeper
+            level = deeper - read
+        # next time: the shards with records, and the children of the full ones
+        self._known_shards[model] = known
+        self.last_read = {"shards": len(read), "rounds": rounds}
+        return merged
 
     async def models(self) -> dict[str, int]:
         """Announced model ids -> blocks in the model."""

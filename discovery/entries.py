@@ -5,7 +5,9 @@ Record format
 Every DHT value is a JSON object of *entries*, ``{"<entry id>": {..., "expires_at": <unix time>}}``:
 
 * ``model:<model id>`` -> ``{peer_id: PeerRecord.to_dict()}``, one entry per block peer serving that
-  model. A departed peer's entry is a tombstone ``{"departed": true, "expires_at": t}``.
+  model. A departed peer's entry is a tombstone ``{"departed": true, "expires_at": t}``. Past
+  `discovery.shards.SHARD_CAPACITY` peers, a model's entries spread over a tree of shard keys next
+  to this one (`discovery.shards`); this key is its root.
 * ``models`` -> ``{model_id: {"num_blocks": n, "expires_at": t}}``, one entry per announced model.
 
 Every entry is also signed (``public_key``, ``signed_at``, ``sig``; see `discovery.signing`), and
@@ -40,8 +42,9 @@ Size limits
   merged values handed to other nodes (kademlia's hand-off to a new neighbour, the hourly republish)
   are split into several stores by `split_entries`.
 * A reply is one UDP datagram; over ~64 KB it is silently lost. The storage caps a merged value at
-  `MAX_VALUE_BYTES` (about 150 peer records per model) by evicting the entries that expire soonest,
-  and logs a warning when it does.
+  `MAX_VALUE_BYTES` (about 85 signed peer records of ~560 bytes) by evicting the entries that expire
+  soonest, and logs a warning when it does. A model's shards hold at most 48 records each, so the
+  cap is only reached by many peers joining one shard at once (`discovery.shards`).
 """
 
 from __future__ import annotations
@@ -123,12 +126,23 @@ def _supersedes(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
 def merge_entries(base: Entries, incoming: Entries, now: float) -> Entries:
     """Per entry id the later signature wins, then the later expiry (a tombstone on a tie);
     expired entries are dropped."""
-    merged = prune(base, now)
+    return merge_entries_into(prune(base, now), incoming, now)
+
+
+def _same_signed(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """One signed entry (read from another replica): nothing to compare."""
+    sig = a.get("sig")
+    return isinstance(sig, str) and sig == b.get("sig")
+
+
+def merge_entries_into(merged: Entries, incoming: Entries, now: float) -> Entries:
+    """`merge_entries` into `merged` itself (which must hold no expired entry), for a reader that
+    merges many values (a model's shards) without copying the growing result each time."""
     for key, entry in incoming.items():
         if entry["expires_at"] <= now:
             continue
         current = merged.get(key)
-        if current is None or _supersedes(entry, current):
+        if current is None or (not _same_signed(entry, current) and _supersedes(entry, current)):
             merged[key] = entry
     return merged
 
@@ -140,7 +154,7 @@ def _entry_items(entries: Entries) -> list[str]:
 def cap_entries(entries: Entries, limit: int = MAX_VALUE_BYTES) -> Entries:
     """Evict the entries that expire soonest until the encoded value fits in `limit` bytes.
 
-    Past ~150 peers per model the swarm would need sharded keys (e.g. ``model:<id>:<block>``).
+    A model's records are sharded (`discovery.shards`), so this is a safety net, not a limit.
     """
     size = len(encode_entries(entries))
     if size <= limit:
@@ -174,18 +188,34 @@ def split_entries(entries: Entries, limit: int = MAX_STORE_BYTES) -> list[str]:
     return chunks
 
 
-def records_from_entries(entries: Entries, model: str, now: float | None = None) -> list[PeerRecord]:
-    """Live, valid records for `model`, sorted by span then peer id; bad entries are skipped."""
+def records_from_entries(
+    entries: Entries, model: str, now: float | None = None, parsed: dict[str, PeerRecord | None] | None = None
+) -> list[PeerRecord]:
+    """Live, valid records for `model`, sorted by span then peer id; bad entries are skipped.
+
+    `parsed` (optional, kept by the caller between reads): signature -> the record parsed from
+    that signed entry (None: malformed). A signed entry never changes, and validating a thousand
+    records on every read cost a gateway ~50 ms."""
     now = time.time() if now is None else now
     records = []
     for peer_id, entry in entries.items():
         if is_departed(entry):
             continue
-        try:
-            record = PeerRecord.from_dict(entry)
-        except (ValueError, TypeError) as exc:
-            log.debug("ignoring malformed record %r for %s: %s", peer_id, model, exc)
-            continue
+        sig = entry.get("sig") if parsed is not None else None
+        if isinstance(sig, str) and sig in parsed:
+            record = parsed[sig]
+            if record is None:
+                continue
+        else:
+            try:
+                record = PeerRecord.from_dict(entry)
+            except (ValueError, TypeError) as exc:
+                log.debug("ignoring malformed record %r for %s: %s", peer_id, model, exc)
+                record = None
+            if isinstance(sig, str):
+                parsed[sig] = record
+            if record is None:
+                continue
         if record.peer_id != peer_id or record.model != model or record.is_expired(now):
             continue
         records.append(record)

@@ -54,6 +54,7 @@ class MergingStorage(ForgetfulStorage):
         self.clock = clock  # unix time, which entries' `expires_at` is measured in (tests pass a fake)
         self.data: OrderedDict[bytes, tuple[float, Entries]] = OrderedDict()
         self.max_value_bytes = max_value_bytes
+        self._encoded: dict[bytes, tuple[Entries, str]] = {}  # key -> (the entries encoded, JSON)
         self._last_cap_warning = -math.inf
 
     def __setitem__(self, key: bytes, value: object) -> None:
@@ -101,8 +102,15 @@ class MergingStorage(ForgetfulStorage):
         return dict(self._prune_key(key))
 
     def get(self, key: bytes, default: Any = None) -> Any:
-        entries = self.entries(key)
-        return encode_entries(entries) if entries else default
+        # Encoded once per change: a model's shards are read by every gateway every second.
+        self.cull()
+        live = self._prune_key(key)
+        if not live:
+            return default
+        cached = self._encoded.get(key)
+        if cached is None or cached[0] is not live:
+            cached = self._encoded[key] = (live, encode_entries(live))
+        return cached[1]
 
     def __getitem__(self, key: bytes) -> str:
         value = self.get(key)
@@ -113,7 +121,8 @@ class MergingStorage(ForgetfulStorage):
     def cull(self) -> None:
         cutoff = time.monotonic() - self.ttl
         while self.data and next(iter(self.data.values()))[0] <= cutoff:
-            self.data.popitem(last=False)
+            key, _ = self.data.popitem(last=False)
+            self._encoded.pop(key, None)
 
     def snapshot(self) -> list[tuple[bytes, Entries]]:
         """(key, entries) for every key with live entries, oldest write first."""
@@ -136,6 +145,7 @@ class MergingStorage(ForgetfulStorage):
         live = prune(entries, self.clock())
         if not live:
             del self.data[key]
+            self._encoded.pop(key, None)
         elif len(live) != len(entries):
             self.data[key] = (birthday, live)  # keeps its place in the age order
         return live

@@ -188,6 +188,12 @@ class SwarmView:
 
     @staticmethod
     def is_live(route: Route, records: list[PeerRecord], exclude: set[str] = frozenset()) -> bool:
-        """Every hop of `route` is an online peer among `records` and not in `exclude`."""
-        live = {record.peer_id for record in records if record.state == PeerState.ONLINE}
-        return all(hop.peer_id in live and hop.peer_id not in exclude for hop in route)
+        """Every hop of `route` is an online peer among `records`, not in `exclude`, that still
+        serves the hop's blocks (all of its span or a part: a sub-span)."""
+        live = {record.peer_id: record for record in records if record.state == PeerState.ONLINE}
+        return all(
+            hop.peer_id in live
+            and hop.peer_id not in exclude
+            and live[hop.peer_id].start <= hop.start < hop.end <= live[hop.peer_id].end
+            for hop in route
+        )

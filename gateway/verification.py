@@ -106,14 +106,15 @@ class Verifier:
         return Check(index, chain, sequence, len(token_ids), sample, allowed_mask, task)
 
     def _other_peer(self, failover: Failover, hop: Hop, avoid: set[str], tokens: int) -> Hop | None:
-        """A peer serving exactly `hop`'s blocks at its precision, not banned and not in `avoid`."""
+        """A peer serving `hop`'s blocks (all of its span or a part) at its precision, not banned
+        and not in `avoid`, as a hop on those blocks."""
         records = failover.known()
         own = _record(records, hop.peer_id)
         excluded = failover.excluded() | avoid
         candidates = [
             r
             for r in records
-            if (r.start, r.end) == (hop.start, hop.end)
+            if r.start <= hop.start < hop.end <= r.end
             and r.peer_id not in excluded
             and r.state == PeerState.ONLINE
             and r.free_cache_tokens >= tokens
@@ -122,7 +123,7 @@ class Verifier:
         if not candidates:
             return None
         record = self.rng.choice(candidates)
-        return Hop(record.peer_id, record.address, record.start, record.end)
+        return Hop(record.peer_id, record.address, hop.start, hop.end)
 
     # -- judging ------------------------------------------------------------------------------------
     async def judge(

@@ -3,7 +3,7 @@
 ``swarm demo-model --arch FAMILY`` and the family tests use this: each model is built by
 ``transformers``' own config and model classes for that family, with the family's features
 switched on (GQA, sliding windows shorter than a prompt, biases, q/k norms, soft-capping, partial
-RoPE, ALiBi, fused projections, 4 experts top-2), then written as a normal Hugging Face folder.
+RoPE, ALiBi, fused projections, 4 experts top-2, attention sinks), then written as a normal Hugging Face folder.
 
 Like ``peer.demo_model``, weights are transformers' init under a fixed seed (std 0.1 so greedy
 text varies); then biases and norm weights, which transformers initialises to 0 and 1, get seeded
@@ -67,6 +67,28 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
         **_LLAMA_LIKE, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
         "norm_topk_prob": True, "mlp_only_layers": [0], "tie_word_embeddings": True,
     }),
+    # YaRN (gpt-oss's own rope_parameters), sinks, biases, a clamp that bites at this scale
+    "gpt_oss": ("GptOssConfig", {
+        **_LLAMA_LIKE, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "sliding_window": WINDOW, "layer_types": _ALTERNATING, "swiglu_limit": 1.0,
+        "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": False, "original_max_position_embeddings": 128,
+        },
+    }),
+    # MLA with q and kv low-rank paths (v_head_dim != qk dims), YaRN with both mscales, 8 routed
+    # experts top-2 in 2 groups of which 1 is eligible, one shared expert, a dense first layer.
+    "deepseek_v3": ("DeepseekV3Config", {
+        **_SHAPE, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": 32, "kv_lora_rank": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+        "moe_intermediate_size": 32, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": True, "attention_bias": True,
+        "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024,
+            "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1,
+        },
+    }),
 }  # fmt: skip
 
 
@@ -98,10 +120,15 @@ def create_family_model(
         if perturb:
             with torch.no_grad():
                 for name, param in sorted(model.named_parameters()):
-                    if name.endswith(".bias"):
+                    if name.endswith((".bias", "_bias")):  # gpt-oss: experts.gate_up_proj_bias
                         param.copy_(0.1 * torch.randn_like(param))
+                    elif name.endswith(".sinks"):  # gpt-oss: sinks large enough to take a share
+                        param.copy_(torch.randn_like(param))
                     elif re.search(r"(norm|\bln_\w+)\.weight$", name):
                         param.add_(0.2 * torch.randn_like(param))
+                for name, buffer in sorted(model.named_buffers()):
+                    if name.endswith("e_score_correction_bias"):  # DeepSeek's routing bias, init 0
+                        buffer.copy_(0.1 * torch.randn_like(buffer))
     model.generation_config.bos_token_id = BOS_ID
     model.generation_config.eos_token_id = [EOS_ID, IM_END_ID]
     model.generation_config.pad_token_id = PAD_ID

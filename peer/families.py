@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from peer import gpt_oss
+
 
 @dataclass(frozen=True)
 class CheckpointNames:
@@ -82,6 +84,9 @@ class Family:
     qkv_layout: str = "separate"  # separate | fused ([q | k | v] rows) | per_head | kv_groups
     mlp: str = "gated"  # gated | gated_fused | plain | moe
     moe_names: str = "qwen"  # qwen: mlp.gate / mlp.experts.E.*_proj ; mixtral: block_sparse_moe.*
+    moe_routing: str = "softmax"  # softmax top-k | grouped_sigmoid (DeepSeek-V3, peer.grouped_moe)
+    attention: str = "mha"  # mha (multi-head, GQA, MQA) | mla (DeepSeek's latent attention, peer.mla)
+    fp32_parts: tuple[str, ...] = ()  # tensors kept in fp32 whatever the compute dtype (routers)
     position: str = "rope"  # rope | alibi
     window_all_layers: bool = False  # config.sliding_window applies to every layer (no layer_types)
     embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
@@ -89,7 +94,13 @@ class Family:
     names: CheckpointNames = LLAMA_NAMES
     refuse: tuple[Refusal, ...] = ()
     derive: Callable[[Any], dict[str, Any]] | None = None
+    # quantization_config methods whose checkpoints we read (dequantized at load); any other is refused
+    shipped_quant: tuple[str, ...] = ()
+    # one block's renamed checkpoint tensors -> the block's layout (gpt-oss's stacked experts)
+    convert_block: Callable[[dict[str, torch.Tensor], torch.dtype], dict[str, torch.Tensor]] | None = None
     hf_class: str = ""  # transformers' class, named in docs and tests
+    # transformers' config class, for folders whose model_type transformers does not know (Kimi K2)
+    config_class: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,6 +139,48 @@ def _bloom(hf: Any) -> dict[str, Any]:
     return {"intermediate_size": 4 * hf.hidden_size, "qkv_bias": True, "o_bias": True, "mlp_bias": True}
 
 
+def _deepseek_v3(hf: Any) -> dict[str, Any]:
+    """DeepSeek-V3 / R1 / Kimi K2: latent attention, grouped sigmoid routing, shared experts.
+
+    The softmax scale is ``qk_head_dim ** -0.5`` times DeepSeek's YaRN ``mscale(factor,
+    mscale_all_dim) ** 2`` when RoPE is scaled (transformers' ``yarn_apply_mscale``); cos/sin carry
+    the other YaRN factor (``attention_factor``), from transformers' own YaRN init.
+    """
+    heads = hf.num_attention_heads
+    if (hf.num_key_value_heads or heads) != heads:
+        raise ValueError(
+            f"config field num_key_value_heads={hf.num_key_value_heads} is not supported for deepseek_v3 "
+            f"(latent attention expands to num_attention_heads={heads})"
+        )
+    if hf.n_routed_experts and hf.n_routed_experts % (hf.n_group or 1):
+        raise ValueError(
+            f"config field n_group={hf.n_group} does not divide n_routed_experts={hf.n_routed_experts}"
+        )
+    qk_head_dim = hf.qk_nope_head_dim + hf.qk_rope_head_dim
+    scale = qk_head_dim**-0.5
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim"):
+        factor = float(rope["factor"])
+        mscale = 0.1 * float(rope["mscale_all_dim"]) * math.log(factor) + 1.0 if factor > 1 else 1.0
+        scale = scale * mscale * mscale
+    dense = int(hf.first_k_dense_replace or 0)
+    return {
+        "num_key_value_heads": heads,
+        "attn_scale": scale,
+        "moe_layers": tuple(bool(hf.n_routed_experts) and i >= dense for i in range(hf.num_hidden_layers)),
+        "moe_groups": int(hf.n_group or 1),
+        "moe_topk_groups": int(hf.topk_group or 1),
+        "routed_scaling_factor": float(hf.routed_scaling_factor),
+        "shared_experts": int(hf.n_shared_experts or 0),
+        "q_lora_rank": int(hf.q_lora_rank or 0),
+        "kv_lora_rank": int(hf.kv_lora_rank),
+        "qk_nope_head_dim": int(hf.qk_nope_head_dim),
+        "qk_rope_head_dim": int(hf.qk_rope_head_dim),
+        "v_head_dim": int(hf.v_head_dim),
+        "rope_interleave": bool(hf.rope_interleave),
+    }
+
+
 _MIXTRAL_RENAMES = (
     (r"^block_sparse_moe\.gate\.", "mlp.router."),
     (r"^block_sparse_moe\.experts\.(\d+)\.w1\.", r"mlp.experts.\1.gate_proj."),
@@ -135,6 +188,18 @@ _MIXTRAL_RENAMES = (
     (r"^block_sparse_moe\.experts\.(\d+)\.w2\.", r"mlp.experts.\1.down_proj."),
 )
 _QWEN_MOE_RENAMES = ((r"^mlp\.gate\.", "mlp.router."),)
+
+
+def _gpt_oss(hf: Any) -> dict[str, Any]:
+    return {
+        "attn_sinks": True,
+        "router_bias": True,
+        "moe_routing": "topk_softmax",
+        "expert_mlp": "clamped_swiglu",
+        "swiglu_alpha": float(hf.swiglu_alpha),
+        "swiglu_limit": float(hf.swiglu_limit),
+    }
+
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(hf_class="LlamaForCausalLM"),
@@ -214,7 +279,35 @@ FAMILIES: dict[str, Family] = {
         names=CheckpointNames(renames=_QWEN_MOE_RENAMES),
         hf_class="Qwen3MoeForCausalLM",
     ),  # fmt: skip
+    "gpt_oss": Family(
+        norm="rms_fp32",
+        mlp="moe",
+        shipped_quant=("mxfp4",),
+        derive=_gpt_oss,
+        convert_block=gpt_oss.convert_block,
+        hf_class="GptOssForCausalLM",
+    ),
+    "deepseek_v3": Family(  # also Kimi K2
+        mlp="moe",
+        moe_routing="grouped_sigmoid",
+        attention="mla",
+        qkv_bias=None,  # attention_bias: q_a_proj, kv_a_proj_with_mqa
+        o_bias=None,
+        fp32_parts=("mlp.router.weight", "mlp.router.e_score_correction_bias"),
+        names=CheckpointNames(renames=_QWEN_MOE_RENAMES),
+        refuse=(
+            Refusal("scoring_func", lambda v: v in (None, "sigmoid"), "expert scores other than sigmoid"),
+            Refusal("topk_method", lambda v: v in (None, "noaux_tc"), "routing other than noaux_tc"),
+            Refusal("moe_layer_freq", lambda v: v in (None, 1), "MoE on every k-th layer"),
+        ),
+        shipped_quant=("fp8",),  # block-wise FP8, dequantized at load (peer.fp8)
+        derive=_deepseek_v3,
+        hf_class="DeepseekV3ForCausalLM",
+        config_class="DeepseekV3Config",
+    ),
 }
+# Kimi K2 ships DeepSeek-V3's architecture under its own model_type (with custom code we do not run)
+FAMILIES["kimi_k2"] = FAMILIES["deepseek_v3"]
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
@@ -225,7 +318,26 @@ def family_of(model_type: str | None) -> Family:
 
 
 def check_supported(family: Family, hf: Any) -> None:
-    """Raise ``ValueError`` naming the first config field whose value the block does not implement."""
+    """Raise ``ValueError`` naming the first config field whose value the block does not implement.
+
+    A ``quantization_config`` is refused unless the family reads that method's shipped format
+    (``Family.shipped_quant``, gpt-oss's MXFP4): read as plain weights, a GPTQ/AWQ/FP8/bitsandbytes
+    checkpoint would load garbage or fail deep in the loader instead of saying why.
+    """
+    quant_config = getattr(hf, "quantization_config", None)
+    if quant_config:
+        method = (
+            quant_config.get("quant_method")
+            if isinstance(quant_config, dict)
+            else getattr(quant_config, "quant_method", None)
+        )
+        method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+        if method not in family.shipped_quant:
+            supported = ", ".join(family.shipped_quant) or "none"
+            raise ValueError(
+                f"config field quantization_config (quant_method={method!r}) is not supported for "
+                f"{hf.model_type} (checkpoint formats read: {supported})"
+            )
     for refusal in family.refuse:
         value = getattr(hf, refusal.field, None)
         if not refusal.ok(value):

@@ -31,6 +31,12 @@ amortised over that quarter (~4 rows copied per token). Trimmed rather than a ri
 SDPA call with a band mask and nothing wraps around. A rewind below what a window layer still
 holds is impossible (``can_truncate``); the caller replays the session from its start instead,
 which is exact, only slower.
+
+Latent caches (DeepSeek-V3's multi-head latent attention, ``peer.mla``): ``parts=1`` keeps one
+tensor per token instead of keys and values, ``[1, num_layers, 1, capacity, kv_lora_rank +
+qk_rope_head_dim]``, the compressed latent MLA attends from. Everything above (growth, commit,
+rewind, the budget's ``bytes_per_token``) is the same code with the leading dimension 1, so the
+memory budget counts the latent size, not expanded heads.
 """
 
 from __future__ import annotations
@@ -53,9 +59,9 @@ class _Store:
     slot ``i`` holding position ``base + i``."""
 
     def __init__(self, layers: list[int], window: int, shape: tuple[int, int], capacity: int,
-                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+                 dtype: torch.dtype, device: torch.device, parts: int = 2) -> None:  # fmt: skip
         self.layers, self.window, self.base = layers, window, 0
-        self.kv = _allocate((2, len(layers), shape[0], capacity, shape[1]), dtype, device)
+        self.kv = _allocate((parts, len(layers), shape[0], capacity, shape[1]), dtype, device)
 
     @property
     def keep(self) -> int:
@@ -108,7 +114,8 @@ class _Store:
 class KVCache:
     """Keys and values of one session for ``num_layers`` consecutive layers.
 
-    ``windows[i]`` is layer ``i``'s sliding window (0 or absent: full attention).
+    ``windows[i]`` is layer ``i``'s sliding window (0 or absent: full attention). ``parts`` is 2
+    (keys and values) or 1 (one latent per token, ``peer.mla``; ``append`` then takes no values).
     """
 
     def __init__(
@@ -121,7 +128,14 @@ class KVCache:
         capacity: int = 16,
         max_capacity: int | None = None,
         windows: tuple[int, ...] | None = None,
+        parts: int = 2,
+        unit_layers: int | None = None,
     ) -> None:
+        """`unit_layers`: the layers one budget unit (`bytes_per_token`) counts, by default this
+        cache's. A peer passes its whole span's, so a session that runs a sub-span of it (fewer
+        layers) is charged that fraction of a token's cost (`peer.servicer`, docs/self-organizing.md)."""
+        if parts not in (1, 2):
+            raise ValueError(f"parts must be 1 (latent) or 2 (keys and values), got {parts}")
         sizes = {"num_layers": num_layers, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
         for name, value in sizes.items():
             if value <= 0:
@@ -135,9 +149,13 @@ class KVCache:
             raise ValueError(f"need one window >= 0 per layer, got {windows}")
         if max_capacity is not None:
             capacity = min(capacity, max_capacity)
+        if unit_layers is not None and unit_layers < num_layers:
+            raise ValueError(f"unit_layers must be >= num_layers ({num_layers}), got {unit_layers}")
         self.num_layers = num_layers
+        self.unit_layers = unit_layers or num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.parts = parts
         self.windows = windows
         self.max_capacity = max_capacity
         self.length = 0
@@ -152,6 +170,7 @@ class KVCache:
                 capacity,
                 dtype,
                 torch.device(device),
+                parts,
             )  # fmt: skip
             for window in sorted(set(windows))
         ]
@@ -179,7 +198,7 @@ class KVCache:
     def bytes_per_token(self) -> int:
         """Bytes one token costs across all layers, keys and values: the unit of the memory budget
         (`peer.memory`), which counts a window layer's trimmed store by `budget_tokens`."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self._kv.element_size()
+        return self.parts * self.unit_layers * self.num_kv_heads * self.head_dim * self._kv.element_size()
 
     def budget_tokens(self, length: int, step: int) -> int:
         """The most this session ever allocates, in budget units (`bytes_per_token`), when it grows
@@ -191,7 +210,7 @@ class KVCache:
         for store in self._stores:
             most = min(length, max(store.bound, store.keep + step)) if store.window else length
             slots += len(store.layers) * most
-        return -(-slots // self.num_layers)
+        return -(-slots // self.unit_layers)
 
     @property
     def held_tokens(self) -> int:
@@ -220,9 +239,12 @@ class KVCache:
         """Before a step of ``n`` tokens: grow, and trim window layers, so no layer moves mid-step."""
         self.reserve(self.length + n)
 
-    def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Store the new ``k``/``v`` of one layer and return all keys/values of that layer.
 
+        A latent cache (``parts=1``) takes ``k`` alone and returns ``(latents, None)``.
         ``k`` and ``v`` are ``[num_kv_heads, n, head_dim]`` (or with a leading batch dim of 1);
         they land at positions ``[length, length + n)``. Returns views ``[1, heads, kept + n,
         head_dim]`` ready for SDPA, starting at position ``store_of(layer_idx)[1]`` (0 but on
@@ -230,18 +252,23 @@ class KVCache:
         """
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {self.num_layers} layers")
+        if (v is None) != (self.parts == 1):
+            raise ValueError("a latent cache takes no values; a key/value cache needs them")
         if k.dim() == 4:
-            k, v = k.squeeze(0), v.squeeze(0)
+            k = k.squeeze(0)
+            v = v.squeeze(0) if v is not None else None
         expected = (self.num_kv_heads, k.shape[1], self.head_dim)
-        if tuple(k.shape) != expected or tuple(v.shape) != expected:
-            raise ValueError(f"k/v must be {expected}, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if tuple(k.shape) != expected or (v is not None and tuple(v.shape) != expected):
+            got = tuple(k.shape) if v is None else (tuple(k.shape), tuple(v.shape))
+            raise ValueError(f"k/v must be {expected}, got {got}")
         end = self.length + k.shape[1]
         self.reserve(end)
         store, j = self._where[layer_idx]
         start, stop = self.length - store.base, end - store.base
         store.kv[0, j, :, start:stop] = k
-        store.kv[1, j, :, start:stop] = v
-        return store.kv[0, j, :, :stop].unsqueeze(0), store.kv[1, j, :, :stop].unsqueeze(0)
+        if v is not None:
+            store.kv[1, j, :, start:stop] = v
+        return self._views(store, j, stop)
 
     def commit(self, n: int) -> None:
         """Advance ``length`` by ``n`` once every layer has appended its ``n`` new tokens."""
@@ -270,12 +297,15 @@ class KVCache:
     def layer_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The committed keys and values of one layer, ``[1, heads, kept, head_dim]`` views."""
         store, j = self._where[layer_idx]
-        stop = self.length - store.base
-        return store.kv[0, j, :, :stop].unsqueeze(0), store.kv[1, j, :, :stop].unsqueeze(0)
+        return self._views(store, j, self.length - store.base)
+
+    def _views(self, store: _Store, j: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        values = store.kv[1, j, :, :stop].unsqueeze(0) if self.parts == 2 else None
+        return store.kv[0, j, :, :stop].unsqueeze(0), values
 
     def __repr__(self) -> str:
         return (
-            f"KVCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"KVCache(layers={self.num_layers}, parts={self.parts}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"length={self.length}, capacity={self.capacity}, dtype={self.dtype})"
         )
 

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.model_dir import resolve_model_dir
-from peer import gemm
+from peer import fp8, gemm, gpt_oss, grouped_moe, mla
 from peer import quant as quantization
 from peer.families import (  # noqa: F401 - SUPPORTED_MODEL_TYPES is re-exported
     SUPPORTED_MODEL_TYPES,
@@ -38,6 +38,7 @@ from peer.families import (  # noqa: F401 - SUPPORTED_MODEL_TYPES is re-exported
 )
 from peer.gemm import linear
 from peer.kv_cache import KVCache
+from peer.primitives import RMSNorm, apply_rotary, rotate_half  # noqa: F401 - re-exported
 from peer.tensor_codec import DTYPES
 from peer.weights import read_tensors, span_tensor_names, tensor_index
 
@@ -127,7 +128,26 @@ class SpanConfig:
     experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    moe_routing: str = "softmax"  # ROUTINGS, or grouped_sigmoid (DeepSeek-V3, peer.grouped_moe)
     moe_layers: tuple[bool, ...] = ()  # per model layer: MoE or dense MLP
+    router_bias: bool = False  # gpt-oss
+    expert_mlp: str = "gated"  # gated | clamped_swiglu (gpt-oss)
+    swiglu_alpha: float = 0.0
+    swiglu_limit: float = 0.0
+    attn_sinks: bool = False  # gpt-oss: a learned per-head logit joins the softmax (peer.gpt_oss)
+    # ---- DeepSeek-V3 / Kimi K2 (peer.grouped_moe, peer.mla) ----
+    moe_groups: int = 1  # n_group: experts are chosen from the best topk_group groups
+    moe_topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_experts: int = 0  # n_shared_experts: one gated MLP of that many times the expert size
+    attention: str = "mha"  # mha | mla (multi-head latent attention)
+    q_lora_rank: int = 0  # 0: q_proj straight from the hidden state
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # DeepSeek's rotary pairs (x0, x1), (x2, x3), ...
+    fp8_block: tuple[int, ...] = ()  # block-wise FP8 checkpoint's tile, dequantized at load (peer.fp8)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike[str]) -> SpanConfig:
@@ -137,7 +157,15 @@ class SpanConfig:
         config_path = Path(model_dir) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"no config.json in {model_dir}")
-        family_of(json.loads(config_path.read_text()).get("model_type"))  # refuse before parsing
+        model_type = json.loads(config_path.read_text()).get("model_type")
+        family = family_of(model_type)  # refuse before parsing
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING and family.config_class:
+            # Kimi K2: DeepSeek-V3's config under a model_type only its custom code knows
+            import transformers
+
+            return cls.from_hf(getattr(transformers, family.config_class).from_pretrained(str(model_dir)))
         return cls.from_hf(AutoConfig.from_pretrained(str(model_dir)))
 
     @classmethod
@@ -145,6 +173,7 @@ class SpanConfig:
         """Map a ``transformers`` config of any family in ``peer.families`` onto the switches."""
         family = family_of(hf_config.model_type)
         check_supported(family, hf_config)
+        fp8.check_quantization(hf_config)
         derived = family.derive(hf_config) if family.derive else {}
         heads = hf_config.num_attention_heads
         kv_heads = (
@@ -228,14 +257,26 @@ class SpanConfig:
                 or getattr(hf_config, "intermediate_size", 0)
             ),
             norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", True)),
+            moe_routing=family.moe_routing,
             moe_layers=moe_layers,
+            attention=family.attention,
+            fp8_block=fp8.block_size(hf_config) or (),
         )
-        fields.update({k: v for k, v in derived.items() if k in fields})
+        # a family's own switches (gpt-oss's sinks, routing...) come from derive, defaults elsewhere
+        fields.update({k: v for k, v in derived.items() if k in cls.__dataclass_fields__})
         return cls(**fields)
 
     def window(self, layer: int) -> int:
         """Sliding window of model layer ``layer`` (0: full attention)."""
         return self.layer_windows[layer] if self.layer_windows else 0
+
+    @property
+    def cache_geometry(self) -> tuple[int, int, int]:
+        """``(heads, dim, parts)`` of a session's cache per layer and token: keys and values of the
+        KV heads, or (MLA) one latent of ``kv_lora_rank + qk_rope_head_dim`` (``peer.mla``)."""
+        if self.attention == "mla":
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, 1
+        return self.num_key_value_heads, self.head_dim, 2
 
 
 def _layer_windows(family: Family, hf_config, layers: int) -> tuple[int, ...]:  # noqa: ANN001
@@ -279,20 +320,6 @@ def _rope_frequencies(
 
 
 # ---- building blocks ----------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """Llama RMSNorm: statistics in fp32, then cast back BEFORE the weight multiply (as HF does)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
 class GemmaRMSNorm(RMSNorm):
     """Gemma's: the weight is an offset from 1, and the product is taken in fp32 before the cast."""
 
@@ -306,22 +333,9 @@ def make_norm(config: SpanConfig, dim: int | None = None) -> nn.Module:
     dim = dim or config.hidden_size
     if config.norm == "layer":
         return nn.LayerNorm(dim, eps=config.rms_norm_eps)
+    if config.norm == "rms_fp32":
+        return gpt_oss.RMSNormFp32Product(dim, config.rms_norm_eps)
     return (GemmaRMSNorm if config.norm == "rms_gemma" else RMSNorm)(dim, config.rms_norm_eps)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """HF's (non-interleaved) rotary layout: the two halves of each head are the pair."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[T, heads, dim]``; with partial RoPE (Phi) only the first ``cos``-width dims."""
-    width = cos.shape[-1]
-    if width == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    head, rest = x[..., :width], x[..., width:]
-    return torch.cat((head * cos + rotate_half(head) * sin, rest), dim=-1)
 
 
 @dataclass
@@ -336,6 +350,7 @@ class _SessionSlice:
     offset: int
     length: int
     views: dict[int, tuple[int, torch.Tensor | None, bool]]
+    first_layer: int = 0  # the span's layer index of the cache's layer 0 (a sub-span's cache starts later)
 
 
 def _band_mask(past: int, n: int, base: int, window: int, device: torch.device) -> torch.Tensor:
@@ -349,7 +364,7 @@ def _band_mask(past: int, n: int, base: int, window: int, device: torch.device) 
 
 
 def _plan_attention(
-    caches: Sequence[KVCache], lengths: Sequence[int], device: torch.device
+    caches: Sequence[KVCache], lengths: Sequence[int], device: torch.device, first_layer: int = 0
 ) -> list[_SessionSlice]:
     """Per-session attention masks, computed once per step and shared by all layers.
 
@@ -374,7 +389,7 @@ def _plan_attention(
             elif n > 1 or (window and past + 1 - base > window):
                 mask = _band_mask(past, n, base, window, device)
             views[window] = (base, mask, causal)
-        plan.append(_SessionSlice(cache, offset, n, views))
+        plan.append(_SessionSlice(cache, offset, n, views, first_layer))
         offset += n
     return plan
 
@@ -403,7 +418,9 @@ def _eager_attention(
 class Attention(nn.Module):
     def __init__(self, config: SpanConfig, layer_idx: int, model_layer: int) -> None:
         super().__init__()
-        self.layer_idx = layer_idx  # index inside the span = index inside its KVCache
+        # index inside the loaded span; inside a session's KVCache it is this minus the session's
+        # first layer (`_SessionSlice.first_layer`: a sub-span's cache holds only its own layers)
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -427,6 +444,8 @@ class Attention(nn.Module):
         self.alibi = config.position == "alibi"
         if self.alibi:
             self.register_buffer("slopes", alibi_slopes(self.num_heads), persistent=False)
+        if config.attn_sinks:
+            self.sinks = nn.Parameter(torch.empty(self.num_heads))
 
     def forward(
         self, x: torch.Tensor, rope: list[tuple[torch.Tensor, torch.Tensor]], plan: list[_SessionSlice]
@@ -446,21 +465,31 @@ class Attention(nn.Module):
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        eager = self.alibi or bool(self.softcap)
+        sinks = getattr(self, "sinks", None)
+        eager = self.alibi or bool(self.softcap) or sinks is not None
         out = torch.empty(tokens, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
         for s in plan:
             if s.length == 0:
                 continue
             rows = slice(s.offset, s.offset + s.length)
-            k_all, v_all = s.cache.append(self.layer_idx, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+            layer = self.layer_idx - s.first_layer
+            k_all, v_all = s.cache.append(layer, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
             # the cache's window, not the config's: a session shorter than the window has none
-            window = s.cache.store_of(self.layer_idx)[0]
+            window = s.cache.store_of(layer)[0]
             base, mask, causal = s.views[window]
             if eager:
                 past = s.cache.length
-                if mask is None:  # built once per step, then shared by the later layers
+                # built once per step, then shared by the later layers; a decode step that sees
+                # every key needs none (sink attention skips it; the other eager kinds do not)
+                if mask is None and (causal or sinks is None):
                     mask = _band_mask(past, s.length, base, window, x.device)
                     s.views[window] = (base, mask, causal)
+                if sinks is not None:
+                    attn = gpt_oss.sink_attention(
+                        q[rows].transpose(0, 1), k_all[0], v_all[0], mask, self.scaling, sinks
+                    )
+                    out[rows] = attn.transpose(0, 1)
+                    continue
                 bias = None
                 if self.alibi:
                     positions = torch.arange(base, past + s.length, device=x.device, dtype=torch.float32)
@@ -513,36 +542,74 @@ class MLP(nn.Module):
 class Router(nn.Module):
     """Expert scores; a plain parameter, not an ``nn.Linear``, so quantization leaves routing exact."""
 
-    def __init__(self, hidden: int, experts: int) -> None:
+    def __init__(self, hidden: int, experts: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(experts, hidden))
+        self.bias = nn.Parameter(torch.empty(experts)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
+def route_softmax(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral / Qwen3-MoE: softmax over all experts in fp32, top-k, renormalised if asked."""
+    weights, chosen = torch.topk(F.softmax(logits.float(), dim=-1), top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, chosen
+
+
+# SpanConfig.moe_routing -> (router logits [T, E], k, norm_topk_prob) -> (weights [T, k], experts [T, k])
+ROUTINGS = {
+    "softmax": route_softmax,
+    "topk_softmax": gpt_oss.route_topk_softmax,
+}
 
 
 class MoE(nn.Module):
-    """Top-k mixture of experts (Mixtral, Qwen3-MoE) that batches: the pack's rows are grouped by
-    expert, so each expert chosen by any row multiplies all its rows in one matmul per pass.
+    """Top-k mixture of experts (Mixtral, Qwen3-MoE, DeepSeek-V3) that batches: the pack's rows are
+    grouped by expert, so each expert chosen by any row multiplies all its rows in one matmul per
+    pass.
 
-    Routing follows transformers: softmax over all experts in fp32, top-k, renormalised when
-    ``norm_topk_prob``. Experts are plain gated ``MLP``s, so they quantize like any Linear.
+    Routing is ``ROUTINGS[config.moe_routing]``, each following transformers for its family, or
+    ``grouped_sigmoid`` (DeepSeek-V3, ``peer.grouped_moe``), whose router also holds the selection
+    bias and groups. Shared experts (DeepSeek) see every row and are added after the routed ones.
+    Experts are plain ``MLP``s (gpt-oss: ``peer.gpt_oss.ClampedSwiGLU``) of ``nn.Linear``, so
+    they quantize like any Linear.
     """
 
     def __init__(self, config: SpanConfig) -> None:
         super().__init__()
+        if config.moe_routing not in (*ROUTINGS, "grouped_sigmoid"):
+            known = sorted((*ROUTINGS, "grouped_sigmoid"))
+            raise ValueError(f"unknown MoE routing {config.moe_routing!r}; known: {known}")
         self.top_k = config.experts_per_tok
         self.normalize = config.norm_topk_prob
-        self.router = Router(config.hidden_size, config.num_experts)
-        self.experts = nn.ModuleList(
-            MLP(config, config.moe_intermediate_size, "gated") for _ in range(config.num_experts)
+        if config.moe_routing == "grouped_sigmoid":  # the router holds the bias and the groups
+            self.router: nn.Module = grouped_moe.GroupedRouter(
+                config.hidden_size, config.num_experts, config.moe_groups, config.moe_topk_groups,
+                config.routed_scaling_factor,
+            )  # fmt: skip
+            self.route = self.router.route
+        else:
+            self.route = ROUTINGS[config.moe_routing]
+            self.router = Router(config.hidden_size, config.num_experts, bias=config.router_bias)
+        inner = config.moe_intermediate_size
+        if config.expert_mlp == "clamped_swiglu":
+            alpha, limit = config.swiglu_alpha, config.swiglu_limit
+            experts = (
+                gpt_oss.ClampedSwiGLU(config.hidden_size, inner, alpha, limit)
+                for _ in range(config.num_experts)
+            )
+        else:
+            experts = (MLP(config, inner, "gated") for _ in range(config.num_experts))
+        self.experts = nn.ModuleList(experts)
+        self.shared_experts = (
+            MLP(config, inner * config.shared_experts, "gated") if config.shared_experts else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = F.softmax(self.router(x).float(), dim=-1)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, chosen = self.route(self.router(x), self.top_k, self.normalize)  # [T, k]
         flat = chosen.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()  # one sync per layer
@@ -556,7 +623,16 @@ class MoE(nn.Module):
                 y = expert(x[picked]) * scale[start : start + count, None]
                 out.index_add_(0, picked, y.to(x.dtype))
                 start += count
+        if self.shared_experts is not None:  # DeepSeek: every row, after the routed experts
+            out = out + self.shared_experts(x)
         return out
+
+
+def _attention(config: SpanConfig, layer_idx: int, model_layer: int) -> nn.Module:
+    """The family's attention kind: multi-head (GQA, MQA) or DeepSeek's latent one (``peer.mla``)."""
+    if config.attention == "mla":
+        return mla.LatentAttention(config, layer_idx)
+    return Attention(config, layer_idx, model_layer)
 
 
 class Block(nn.Module):
@@ -567,7 +643,7 @@ class Block(nn.Module):
         model_layer = layer_idx if model_layer is None else model_layer
         self.parallel, self.sandwich = config.parallel, config.sandwich_norms
         self.input_layernorm = make_norm(config)
-        self.self_attn = Attention(config, layer_idx, model_layer)
+        self.self_attn = _attention(config, layer_idx, model_layer)
         if self.parallel == "two_norms":
             self.mlp_layernorm = make_norm(config)
         elif not self.parallel:
@@ -593,6 +669,26 @@ class Block(nn.Module):
 
 
 # ---- the span -----------------------------------------------------------------------------------
+def _read_part(
+    model_dir: Path, index: dict[str, str], names: dict[str, str], dtype: torch.dtype, device: torch.device,
+    fp8_block: tuple[int, int] | None, fp32_parts: tuple[str, ...],
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One block's tensors in ``dtype`` on ``device``. Block-wise FP8 weights are dequantized on the
+    CPU in float32 first (``peer.fp8``), and a family's ``fp32_parts`` (DeepSeek's router, kept in
+    fp32 by transformers too) stay float32 whatever the compute dtype."""
+    if fp8_block is None and not fp32_parts:
+        return read_tensors(model_dir, index, names, dtype=dtype, device=device)
+    state = read_tensors(model_dir, index, names, dtype=torch.float32, device="cpu")
+    if fp8_block is not None:
+        state = fp8.dequantize_state(state, fp8_block)
+    return {
+        name: tensor.to(device=device, dtype=torch.float32 if name.endswith(fp32_parts) else dtype)
+        if tensor.is_floating_point()
+        else tensor.to(device)
+        for name, tensor in state.items()
+    }
+
+
 class BlockSpan(nn.Module):
     """Blocks ``[start, end)``; plus the embedding when first, the final norm and LM head when last.
 
@@ -659,6 +755,7 @@ class BlockSpan(nn.Module):
             index, config.num_hidden_layers, start, end, tie_word_embeddings=config.tie_word_embeddings,
             names=names,
         )  # fmt: skip
+        convert_block = family_of(config.model_type).convert_block
         qkv_order = fused_qkv_order(
             config.qkv_layout, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         )
@@ -679,8 +776,10 @@ class BlockSpan(nn.Module):
         bar = tqdm(
             groups, desc=f"loading blocks [{start}, {end})", unit="part", disable=not sys.stderr.isatty()
         )
+        family = family_of(config.model_type)
+        fp8_block = tuple(config.fp8_block) or None  # type: ignore[assignment]
         for prefix, names in bar:
-            state = read_tensors(model_dir, index, names, dtype=dtype, device=read_device)
+            state = _read_part(model_dir, index, names, dtype, read_device, fp8_block, family.fp32_parts)
             if prefix is None:  # embedding / final norm / head, read first while no block is quantized
                 result = span.load_state_dict(state, strict=False, assign=True)
                 if result.unexpected_keys:
@@ -690,6 +789,8 @@ class BlockSpan(nn.Module):
                 continue
             block = span.layers[int(prefix.split(".")[1])]
             state = {name.removeprefix(prefix + "."): tensor for name, tensor in state.items()}
+            if convert_block is not None:  # gpt-oss: MXFP4 and stacked experts -> per-expert Linears
+                state = convert_block(state, dtype)
             if qkv_order is not None:  # BLOOM / Falcon per-head layouts -> [q | k | v] rows
                 for part in ("weight", "bias"):
                     if f"self_attn.qkv_proj.{part}" in state:
@@ -719,6 +820,31 @@ class BlockSpan(nn.Module):
             gemm.calibrate(span.modules(), prepack=prepack)  # how to multiply small batches (peer.gemm)
         return span
 
+    def narrow(self, start: int, end: int) -> BlockSpan:
+        """Blocks ``[start, end)`` of this span as a span of their own, sharing its modules (no
+        weight is copied): what a session of a sub-span runs (docs/self-organizing.md, "Sub-spans").
+        It owns the embedding only when it starts the model and the final norm and LM head only
+        when it ends it, like a span loaded for those blocks. ValueError outside this span."""
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"[{start}, {end}) is not a non-empty part of span [{self.start}, {self.end})")
+        if (start, end) == (self.start, self.end):
+            return self
+        view = BlockSpan.__new__(BlockSpan)
+        nn.Module.__init__(view)
+        view.config, view.start, view.end = self.config, start, end
+        view.is_first, view.is_last = start == 0, end == self.config.num_hidden_layers
+        if view.is_first:  # start == 0, so this span starts the model too
+            view.embed_tokens = self.embed_tokens
+            if self.config.embed_norm:
+                view.embed_norm = self.embed_norm
+        view.layers = nn.ModuleList(self.layers[start - self.start : end - self.start])
+        if view.is_last:
+            view.norm, view.lm_head = self.norm, self.lm_head
+        view.register_buffer("inv_freq", self.inv_freq, persistent=False)
+        view.register_buffer("local_inv_freq", self.local_inv_freq, persistent=False)
+        view.quant = self.quant
+        return view.eval()
+
     def weight_bytes(self) -> dict[str, int]:
         """Resident weight bytes: ``{"per_block": mean over blocks, "blocks": sum, "total": all}``.
 
@@ -745,13 +871,17 @@ class BlockSpan(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].input_layernorm.weight.device
 
-    def new_cache(self, capacity: int = 16, max_capacity: int | None = None) -> KVCache:
-        """An empty cache for one session, in the span's dtype and device."""
-        heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
+    def new_cache(
+        self, capacity: int = 16, max_capacity: int | None = None, unit_layers: int | None = None
+    ) -> KVCache:
+        """An empty cache for one session, in the span's dtype and device (`unit_layers`: see
+        `KVCache`)."""
+        heads, head_dim, parts = self.config.cache_geometry
         windows = tuple(self.config.window(layer) for layer in range(self.start, self.end))
         return KVCache(
-            self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity, windows
-        )
+            self.num_layers, heads, head_dim, self.dtype, self.device, capacity, max_capacity, windows,
+            parts, unit_layers,
+        )  # fmt: skip
 
     # ---- compute ----
     @torch.no_grad()
@@ -785,7 +915,8 @@ class BlockSpan(nn.Module):
             if self.config.local_inv_freq:
                 scale = self.config.local_attention_scaling
                 rope.append(self._rotary(positions, x.dtype, self.local_inv_freq, scale))
-        plan = _plan_attention(caches, lengths, device)
+        # a narrowed span's first block is not its cache's layer 0 in the loaded span (`narrow`)
+        plan = _plan_attention(caches, lengths, device, self.layers[0].self_attn.layer_idx)
         for layer in self.layers:
             x = layer(x, rope, plan)
         for cache, n in zip(caches, lengths, strict=True):
@@ -851,9 +982,9 @@ class BlockSpan(nn.Module):
             raise ValueError(f"inputs hold {inputs.shape[0]} tokens but lengths sum to {total}")
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("a cache appears twice in one step")
-        expected = (self.num_layers, self.config.num_key_value_heads, self.config.head_dim, self.dtype)
+        expected = (self.num_layers, *self.config.cache_geometry, self.dtype)
         for cache in caches:
-            if (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype) != expected:
+            if (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.parts, cache.dtype) != expected:
                 raise ValueError(f"{cache!r} does not belong to span [{self.start}, {self.end})")
 
 

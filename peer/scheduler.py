@@ -96,6 +96,8 @@ class StepWork:
     prompt_logprobs: int | None = None
     scored: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     pass_id: int = 0  # later spans: the route's first span's pass this step belongs to (0: unknown)
+    # the blocks this step runs: a sub-span of the peer's (`BlockSpan.narrow`); None: all of them
+    span: BlockSpan | None = None
 
     @property
     def remaining(self) -> int:
@@ -294,7 +296,8 @@ class BatchScheduler:
             self.steps += 1
             batch_tokens = sum(count for _, count in pieces)
             self.tokens += batch_tokens
-            if self.observe is not None:
+            # the announced throughput is the whole span's: a pass with sub-span steps ran fewer layers
+            if self.observe is not None and all(work.span in (None, self.span) for work, _ in pieces):
                 self.observe(len(pieces), batch_tokens, time.perf_counter() - begin, cpu_seconds)
             for (work, _), result in zip(pieces, results, strict=True):
                 if work.future.done():
@@ -321,7 +324,23 @@ class BatchScheduler:
 
     @torch.inference_mode()
     def _forward(self, pieces: list[tuple[StepWork, int]]) -> list[swarm_pb2.StepResult | StepFailed | None]:
-        span = self.span
+        """Run a pass. Sessions of different sub-spans run different layers, so each sub-span's
+        pieces go through their own forward, one after the other (one pass in the counts)."""
+        spans = {id(work.span or self.span): work.span or self.span for work, _ in pieces}
+        if len(spans) == 1:
+            return self._forward_span(next(iter(spans.values())), pieces)
+        results: list[swarm_pb2.StepResult | StepFailed | None] = [None] * len(pieces)
+        for key, span in spans.items():
+            indexes = [i for i, (work, _) in enumerate(pieces) if id(work.span or self.span) == key]
+            for i, result in zip(
+                indexes, self._forward_span(span, [pieces[i] for i in indexes]), strict=True
+            ):
+                results[i] = result
+        return results
+
+    def _forward_span(
+        self, span: BlockSpan, pieces: list[tuple[StepWork, int]]
+    ) -> list[swarm_pb2.StepResult | StepFailed | None]:
         inputs = torch.cat([work.inputs[work.done : work.done + count] for work, count in pieces])
         lengths = [count for _, count in pieces]
         hidden = span(inputs, [work.session.cache for work, _ in pieces], lengths)
@@ -357,7 +376,7 @@ class BatchScheduler:
             offset += length
             work.session.history.extend(work.token_ids[work.done : work.done + length])
             try:
-                result = self._finish(work, length, rows, logits_of.get(index), scored_of.get(index))
+                result = self._finish(span, work, length, rows, logits_of.get(index), scored_of.get(index))
             except StepFailed as exc:
                 result = exc
             except ValueError as exc:  # the sampler refuses what it was given (see peer.sampling)
@@ -370,6 +389,7 @@ class BatchScheduler:
 
     def _finish(
         self,
+        span: BlockSpan,
         work: StepWork,
         length: int,
         rows: torch.Tensor,
@@ -378,7 +398,7 @@ class BatchScheduler:
     ) -> swarm_pb2.StepResult | None:
         """One session's part of a pass, after the shared forward: its prompt scores, its sample
         and its `StepResult` (None while chunks remain). Raises for this session alone."""
-        span, session = self.span, work.session
+        session = work.session
         if scored is not None:
             if not bool(torch.isfinite(scored).all()):
                 raise StepFailed(

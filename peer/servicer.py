@@ -93,6 +93,7 @@ class Session:
     first_step_timer: asyncio.Timeout | None = None  # the stream's wait for a first step
     pushed_to: bool = False  # a step came through Push: the stream's first-step wait is over
     keep: bool = True  # keep the cache for a resume when the stream ends (not after a failed step)
+    span: BlockSpan | None = None  # the blocks this session runs (a sub-span of the peer's, or all)
 
 
 class PeerServicer(swarm_pb2_grpc.PeerServicer):
@@ -138,6 +139,8 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.push_targets: dict[str, Session] = {}  # Opened.push_id -> live session
         self.pushes_received = 0
         self._pushing: set[asyncio.Task] = set()
+        self._views: dict[tuple[int, int], BlockSpan] = {}  # sub-spans that sessions run (`_sub_span`)
+        self._views_of = span
 
     # -- bookkeeping -------------------------------------------------------------------------
     @property
@@ -160,11 +163,13 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"session_id must be at most {MAX_SESSION_ID_CHARS} characters",
             )
-        if (request.start_block, request.end_block) != (span.start, span.end):
+        if not span.start <= request.start_block < request.end_block <= span.end:
             raise StepError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"this peer serves blocks [{span.start}, {span.end}), not [{request.start_block}, {request.end_block})",
+                f"this peer serves blocks [{span.start}, {span.end}); a session may open all of them or a "
+                f"non-empty part, not [{request.start_block}, {request.end_block})",
             )
+        view = self._sub_span(request.start_block, request.end_block)
         max_positions = self.span.config.max_position_embeddings
         if not 0 < request.max_length <= max_positions:
             raise StepError(
@@ -181,7 +186,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                 )
             wire_dtype = tensor_codec.DTYPES[request.wire_dtype]
         sampler = None
-        if self.span.is_last:
+        if view.is_last:
             try:
                 sampler = Sampler(SamplingParams.from_message(request.sampling, self.span.config.vocab_size))
             except ValueError as exc:
@@ -190,11 +195,16 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         # the others get an id of their own that nobody else knows, and are not kept when closed.
         resumable = len(request.session_id) >= MIN_RESUMABLE_ID_CHARS
         session_id = request.session_id if resumable else uuid.uuid4().hex
+        resume = request.resume and resumable
+        kept = self.table.idle.get(session_id)
+        if kept is not None and kept.span is not view:
+            resume = False  # its cache holds other blocks' layers: start afresh (the caller replays)
 
         def make() -> Session:
             return Session(
                 session_id=session_id,
-                cache=self.span.new_cache(max_capacity=request.max_length),
+                cache=view.new_cache(max_capacity=request.max_length, unit_layers=span.num_layers),
+                span=view,
                 sampler=sampler,
                 max_length=request.max_length,
                 wire_dtype=wire_dtype,
@@ -212,7 +222,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.per_client[client] = opened + 1  # an open that waits for room counts too
         try:
             session, resumed = await self.table.admit(
-                self._budget_tokens(request.max_length), session_id, request.resume and resumable, make,
+                self._budget_tokens(request.max_length, view), session_id, resume, make,
                 lambda kept: kept.cache.budget_tokens(request.max_length, self.scheduler.max_batch_tokens),
             )  # fmt: skip
         except BudgetExhausted as exc:
@@ -225,6 +235,12 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         session.push_id = secrets.token_hex(16)
         self.push_targets[session.push_id] = session
         held = 0
+        if resumed and session.span is not view:
+            # kept meanwhile by a stream of other blocks: its cache is of no use here; an empty one
+            # of these blocks instead (held 0 below: the caller replays), the rest set as for a resume
+            session.cache = view.new_cache(max_capacity=request.max_length, unit_layers=span.num_layers)
+            session.span = view
+            session.history.clear()
         if resumed:
             # Keep only the prefix the caller's sequence shares with what the cache holds.
             held = _common_prefix(session.history, request.resume_tokens)
@@ -250,11 +266,23 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         )
         return session, held
 
-    def _budget_tokens(self, max_length: int) -> int:
-        """What a session of `max_length` tokens reserves (`KVCache.budget_tokens`): window layers
-        count their trimmed store, bounded by the scheduler's pass size for prefill chunks."""
-        probe = self.span.new_cache(capacity=1, max_capacity=max_length)
+    def _budget_tokens(self, max_length: int, view: BlockSpan) -> int:
+        """What a session of `max_length` tokens on the blocks of `view` reserves
+        (`KVCache.budget_tokens`): window layers count their trimmed store, bounded by the
+        scheduler's pass size for prefill chunks; a sub-span counts its own layers only, in units
+        of the whole span's token (so a session of half the blocks costs half)."""
+        probe = view.new_cache(capacity=1, max_capacity=max_length, unit_layers=self.span.num_layers)
         return probe.budget_tokens(max_length, self.scheduler.max_batch_tokens)
+
+    def _sub_span(self, start: int, end: int) -> BlockSpan:
+        """The span a session of blocks [start, end) runs, shared by every session of those blocks
+        (the scheduler packs the sessions of one span into one forward; `BlockSpan.narrow`)."""
+        if self._views_of is not self.span:  # the peer moved (peer.balancer): views of the old span go
+            self._views, self._views_of = {}, self.span
+        key = (start, end)
+        if key not in self._views:
+            self._views[key] = self.span.narrow(start, end)
+        return self._views[key]
 
     def _close(self, session: Session, keep: bool = True) -> None:
         # The cache itself is freed when the last reference goes: a forward pass already running
@@ -279,7 +307,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
     def _prepare_step(self, session: Session, step: swarm_pb2.Step) -> StepWork:
         """Check a step against the session and the span (StepError: INVALID_ARGUMENT), rewind the
         cache to its position, and build the scheduler's work item."""
-        span = self.span
+        span = session.span or self.span
         token_ids = list(step.token_ids)
         count = len(token_ids)
         if count == 0:
@@ -356,6 +384,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             future=asyncio.get_running_loop().create_future(),
             prompt_logprobs=scoring,
             pass_id=step.pass_id,
+            span=session.span,
         )
 
     # -- RPCs --------------------------------------------------------------------------------

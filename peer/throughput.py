@@ -103,10 +103,16 @@ class PassTimer:
 
     def _work(self, session: _ProfileSession, tokens: int, sample: bool) -> tuple[StepWork, int]:
         span = self.span
+        # Distinct, seeded inputs per session: identical rows would all route to the same experts,
+        # and a MoE pass of 16 sessions would be timed at the cost of k experts instead of the
+        # many that 16 different tokens reach (so the profile, and routes, would undercount it).
+        generator = torch.Generator().manual_seed(id(session) % (1 << 31) + tokens)
         inputs = (
-            torch.zeros(tokens, dtype=torch.long)
+            torch.randint(0, span.config.vocab_size, (tokens,), generator=generator)
             if span.is_first
-            else torch.zeros(tokens, span.config.hidden_size, dtype=span.dtype, device=span.device)
+            else torch.randn(tokens, span.config.hidden_size, generator=generator).to(
+                dtype=span.dtype, device=span.device
+            )
         )
         return StepWork(session, inputs, [0] * tokens, sample=sample, allowed=None, future=None), tokens
 

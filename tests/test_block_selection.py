@@ -95,3 +95,11 @@ def test_move_fields_in_records_are_validated_and_optional():
                 {"move_start": 1.5, "move_end": 2}, {"auto_span": "yes"}, {"auto_span": 1}):  # fmt: skip
         with pytest.raises(ValueError):
             PeerRecord.from_dict({**moving.to_dict(), **bad})
+
+
+def test_block_bytes_counts_deepseek_routed_and_shared_experts():
+    """DeepSeek-V3 names its experts n_routed_experts and holds n_shared_experts beside them."""
+    config = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96,
+              "moe_intermediate_size": 32, "n_routed_experts": 8, "n_shared_experts": 1}  # fmt: skip
+    assert block_bytes(config, 4) >= 9 * 3 * 64 * 32 * 4
+    assert block_bytes({**config, "n_shared_experts": 0}, 4) < block_bytes(config, 4)

@@ -164,7 +164,7 @@ def test_failover_replay_then_second_turn(arch, chain, model_dir, reference, hf_
     torch.testing.assert_close(spans[-1].logits(hidden), expected_logits[6:12], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gemma2", "bloom"])
+@pytest.mark.parametrize("arch", ["mixtral", "gemma2", "bloom", "gpt_oss", "deepseek_v3"])
 def test_packed_sessions_match_each_alone(arch, chain):
     """Two sessions decoding in one pack while a third prefills past the window: MoE rows of all
     three go through each expert together, and window masks are per session."""
@@ -235,6 +235,20 @@ def test_window_layers_hold_a_bounded_cache(chain):
             "rope_type",
         ),
         ("qwen2", {"layer_types": ["chunked_attention"] * 4}, "layer_types"),
+        # a quantized checkpoint is read only in a format the family knows (gpt-oss: MXFP4)
+        ("gpt_oss", {"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config"),
+        ("llama", {"quantization_config": {"quant_method": "mxfp4"}}, "quantization_config"),
+        ("gpt_oss", {"layer_types": ["chunked_attention"] * 4}, "layer_types"),
+        ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func"),
+        ("deepseek_v3", {"topk_method": "greedy"}, "topk_method"),
+        ("deepseek_v3", {"num_key_value_heads": 2}, "num_key_value_heads"),
+        ("deepseek_v3", {"quantization_config": {"quant_method": "awq", "bits": 4}}, "quantization_config"),
+        (
+            "deepseek_v3",
+            {"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}},
+            "quantization_config",
+        ),
+        ("llama", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
     ],
 )
 def test_unsupported_config_field_is_named(arch, overrides, field):
@@ -244,8 +258,8 @@ def test_unsupported_config_field_is_named(arch, overrides, field):
 
 
 def test_unknown_model_type_is_named(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "gpt_oss"}')
-    with pytest.raises(ValueError, match="model_type 'gpt_oss' is not supported"):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt_neox"}')
+    with pytest.raises(ValueError, match="model_type 'gpt_neox' is not supported"):
         SpanConfig.from_model_dir(tmp_path)
 
 
@@ -265,22 +279,30 @@ def test_moe_experts_quantize_like_any_linear(model_dir, reference):
     assert sum(a == b for a, b in zip(tokens, ref_tokens, strict=False)) >= 8
 
 
-def test_peer_start_names_the_unsupported_field(model_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("arch", "extra", "line"),
+    [
+        ("falcon", {"alibi": True}, "config field alibi=True is not supported for falcon (ALiBi on Falcon (falcon-rw))"),
+        ("gpt_oss", {"quantization_config": {"quant_method": "awq", "bits": 4}},
+         "config field quantization_config (quant_method='awq') is not supported for gpt_oss"
+         " (checkpoint formats read: mxfp4)"),
+    ],
+    ids=["falcon", "gpt_oss"],
+)  # fmt: skip
+def test_peer_start_names_the_unsupported_field(arch, extra, line, model_dir, tmp_path):
     """`swarm peer` on a folder whose config asks for what the block does not do: one line, exit 2."""
     import json
     import subprocess
     import sys
 
-    config = json.loads((model_dir("falcon") / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "alibi": True}))
+    config = json.loads((model_dir(arch) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **extra}))
     done = subprocess.run(
         [sys.executable, "-m", "swarm.cli", "peer", "--model", str(tmp_path), "--blocks", "0:2", "--dht", "127.0.0.1:1"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "swarm peer: error: config field alibi=True is not supported for falcon (ALiBi on Falcon (falcon-rw))"
-    ]
+    assert done.stderr.strip().splitlines() == [f"swarm peer: error: {line}"]
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "mistral"])
@@ -294,3 +316,89 @@ def test_session_shorter_than_the_window(arch, chain, reference):
     tokens, logits = decode(spans, caches, step(spans, caches, prompt_of("short")), 2)  # 7 tokens held
     assert tokens == ref_tokens[:2]
     torch.testing.assert_close(torch.stack(logits), ref_logits[:2], atol=ATOL, rtol=0)
+
+
+# ---- DeepSeek-V3: the latent cache, both ways to attend, routing in fp32 ----------------------
+def test_mla_caches_the_latent_and_decodes_absorbed(chain, monkeypatch):
+    """A deepseek_v3 span's cache holds kv_lora_rank + qk_rope_head_dim numbers per token and
+    layer (one part, no values), what the memory budget counts; decoding one token takes the
+    absorbed form and a prefill the expanded one, and forcing either gives the same output."""
+    from peer import mla
+
+    spans = chain("deepseek_v3", "2-spans")
+    config = spans[0].config
+    cache = spans[0].new_cache()
+    latent = config.kv_lora_rank + config.qk_rope_head_dim
+    assert (cache.parts, cache.num_kv_heads, cache.head_dim) == (1, 1, latent)
+    assert cache.bytes_per_token == spans[0].num_layers * latent * 4
+    dims = (config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim)
+    assert mla.absorbs(1, 30, *dims) and not mla.absorbs(30, 30, *dims)
+
+    prompt = prompt_of("long")
+    outputs = {}
+    for forced in (True, False):
+        caches = fresh(spans)
+        monkeypatch.setattr(mla, "absorbs", lambda *args, _forced=forced: _forced)
+        logits = step(spans, caches, prompt)
+        outputs[forced] = torch.stack([logits, step(spans, caches, [int(logits.argmax())])])
+    torch.testing.assert_close(outputs[True], outputs[False], atol=1e-5, rtol=0)
+
+
+def test_deepseek_router_stays_fp32_and_experts_quantize(model_dir, reference):
+    """int8 on CPU: routed and shared experts are quantized Linears, kv_b_proj (needed whole by
+    the absorbed form) and the router are not; the router and its bias stay fp32 under a bf16
+    compute dtype as in transformers; int8 greedy decoding still mostly agrees with fp32."""
+    spans = [
+        BlockSpan.load(model_dir("deepseek_v3"), a, b, quant="int8", calibrate=False)
+        for a, b in SPLITS["2-spans"]
+    ]
+    moe = spans[0].layers[1].mlp
+    assert type(moe.experts[0].gate_proj) is not torch.nn.Linear
+    assert type(moe.shared_experts.down_proj) is not torch.nn.Linear
+    assert moe.router.weight.dtype == torch.float32
+    assert spans[0].layers[1].self_attn.kv_b_proj.weight.dtype == torch.float32
+    ref_tokens, _ = reference("deepseek_v3", "short")
+    caches = fresh(spans)
+    tokens, _ = decode(spans, caches, step(spans, caches, prompt_of("short")), 16)
+    assert sum(a == b for a, b in zip(tokens, ref_tokens, strict=False)) >= 8
+
+    bf16 = BlockSpan.load(model_dir("deepseek_v3"), 0, 2, dtype=torch.bfloat16, calibrate=False)
+    router = bf16.layers[1].mlp.router
+    assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
+    assert bf16.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.bfloat16
+
+
+def test_kimi_k2_folder_is_served_as_deepseek_v3(model_dir, tmp_path):
+    """Kimi K2's folders say ``model_type: kimi_k2`` (custom code, unknown to transformers) and
+    keep the legacy ``rope_scaling``; the span reads them as DeepSeek-V3 and computes the same."""
+    import json
+    import shutil
+
+    source = model_dir("deepseek_v3")
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
+    config = json.loads((source / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(model_type="kimi_k2", rope_theta=rope.pop("rope_theta"))
+    config["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert SpanConfig.from_model_dir(tmp_path).attention == "mla"
+    kimi, deepseek = (BlockSpan.load(folder, 0, 4, calibrate=False) for folder in (tmp_path, source))
+    prompt = torch.tensor(prompt_of("long"))
+    outputs = [span(prompt, [span.new_cache()], [len(prompt)]) for span in (kimi, deepseek)]
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_deepseek_sub_span_view_matches_a_span_of_its_own(model_dir, chain):
+    """A session of blocks [2, 4) on a peer that holds [0, 4) runs a narrowed view (sub-spans):
+    its latent cache holds only its own layers, and it computes what a span [2, 4) computes."""
+    first, own = chain("deepseek_v3", "2-spans")
+    view = BlockSpan.load(model_dir("deepseek_v3"), 0, 4, calibrate=False).narrow(2, 4)
+    prompt = prompt_of("long")
+    hidden = first(torch.tensor(prompt), [first.new_cache()], [len(prompt)])
+    caches = [own.new_cache(), view.new_cache()]
+    assert caches[1].num_layers == 2
+    outputs = [span(hidden, [cache], [len(prompt)]) for span, cache in zip((own, view), caches, strict=True)]
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)
+    step_hidden = hidden[-1:]
+    decoded = [span(step_hidden, [cache], [1]) for span, cache in zip((own, view), caches, strict=True)]
+    torch.testing.assert_close(decoded[1], decoded[0], atol=1e-6, rtol=0)

@@ -116,3 +116,25 @@ def test_usable_inside_and_outside_inference_mode():
         append_all(cache, 3)  # grows inside inference mode
     append_all(cache, 1)
     assert cache.layer_kv(2)[0][0, 0, :, 0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_latent_cache_keeps_one_part_per_token():
+    """MLA's cache (``parts=1``): one tensor per token, no values; the budget unit and the
+    allocation are half of a key/value cache of the same width; rewinds work as for any cache."""
+    latent = KVCache(num_layers=2, num_kv_heads=1, head_dim=6, capacity=4, parts=1)
+    pair = KVCache(num_layers=2, num_kv_heads=1, head_dim=6, capacity=4)
+    assert latent.bytes_per_token * 2 == pair.bytes_per_token
+    assert latent.nbytes * 2 == pair.nbytes
+    rows = torch.arange(30, dtype=torch.float32).view(1, 5, 6)
+    for layer in range(2):
+        got, values = latent.append(layer, rows)
+        assert values is None and torch.equal(got[0], rows)
+    latent.commit(5)
+    latent.truncate(3)
+    assert torch.equal(latent.layer_kv(1)[0][0], rows[:, :3]) and latent.layer_kv(1)[1] is None
+    with pytest.raises(ValueError, match="latent cache takes no values"):
+        latent.append(0, rows, rows)
+    with pytest.raises(ValueError, match="needs them"):
+        pair.append(0, rows)
+    with pytest.raises(ValueError, match="parts"):
+        KVCache(num_layers=1, num_kv_heads=1, head_dim=6, parts=3)

@@ -2,18 +2,32 @@
 window, found via the DHT and driven by the gateway's route runner, gives `transformers`'
 tokens, and the last span's log-probabilities agree to 1e-4 (fp32).
 
-Three families that exercise the most switches at once: Gemma 2 (alternating window layers,
+Four families that exercise the most switches at once: Gemma 2 (alternating window layers,
 soft-capping, sandwich norms, embedding scale), Qwen3-MoE (experts, q/k norms, a dense first
 layer, tied embeddings) and BLOOM (ALiBi, LayerNorm, fused per-head qkv, `transformer.h.N`
-names). The rest of the table is exact in-process (tests/test_families.py) through the same code.
+names), and gpt-oss (attention sinks, alternating windows, clamped SwiGLU experts with biases,
+top-k-then-softmax routing, YaRN) over three uneven peers. The rest of the table is exact in-process (tests/test_families.py) through the same code.
+
+DeepSeek-V3 (latent attention caches, grouped routing, shared experts) shares one swarm of four
+peers between its tests: a 2-peer route, a 3-peer uneven route, and a failover whose replacement
+rebuilds the latent caches by replaying the history.
 """
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
+from common.peer_client import ChannelPool
+from discovery.dht import SwarmDHT
+from discovery.records import parse_address
+from gateway.failure_policy import FailurePolicy
+from gateway.generation import GenerationParams, RouteRunner, generate
+from gateway.swarm_view import SwarmView
 from peer.demo_families import WINDOW, create_family_model
+from protos import swarm_pb2
 from swarm.launcher import LocalSwarm
 from tests.conftest import HEARTBEAT, TTL
 from tests.test_swarm_exactness import NEW_TOKENS, reference, through_swarm
@@ -24,6 +38,7 @@ CASES = [
     ("gemma2", [(0, 1), (1, 3), (3, 4)]),
     ("qwen3_moe", [(0, 2), (2, 4)]),
     ("bloom", [(0, 3), (3, 4)]),
+    ("gpt_oss", [(0, 1), (1, 3), (3, 4)]),
 ]
 
 
@@ -44,3 +59,83 @@ async def test_family_through_peers_matches_transformers(arch, spans, tmp_path):
         top_ids = [token for token, _ in event.top_logprobs]
         got = torch.tensor([logprob for _, logprob in event.top_logprobs])
         torch.testing.assert_close(got, expected_logprobs[position, top_ids], atol=1e-4, rtol=0)
+
+
+# ---- DeepSeek-V3 (MLA latent caches, grouped routing): one swarm, three routes -----------------
+DEEPSEEK_PEERS = [(0, 2), (2, 4), (0, 1), (1, 2)]  # the [0, 2) peer is killed by the last test
+DEEPSEEK_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def deepseek_swarm(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("deepseek_v3")
+    model_dir = create_family_model(root / "model", "deepseek_v3")
+    prompt = torch.randint(9, 320, (3 * WINDOW,), generator=torch.Generator().manual_seed(3)).tolist()
+    with LocalSwarm(model_dir, workdir=root, heartbeat=HEARTBEAT, ttl=TTL, model_name="m") as local:
+        local.start_dht()
+        children = [local.spawn_peer(start, end, "--threads", "1") for start, end in DEEPSEEK_PEERS]
+        expected = reference(model_dir, prompt, DEEPSEEK_TOKENS)  # while the peers start
+        for child in children:
+            child.address = child.wait_for_line("PEER_READY", 120.0)
+        yield local, children, prompt, expected
+
+
+async def _run_route(local: LocalSwarm, spans, prompt, kill=None):
+    """Greedy decoding over the route made of exactly `spans`, failover on; `kill(events)` is
+    called after every token (to take a peer away mid-stream)."""
+    dht = SwarmDHT()
+    await dht.start("127.0.0.1", 0, [parse_address(local.dht_address)])
+    pool = ChannelPool()
+    try:
+        swarm = SwarmView(dht)
+        route = await swarm.plan("m", 4, accept=lambda record: (record.start, record.end) in set(spans))
+        runner = RouteRunner(
+            pool, route, 30.0, failover=FailurePolicy(replace_timeout=20.0).bind(swarm, "m", 4)
+        )
+        sampling = swarm_pb2.SamplingParams(temperature=0.0, logprobs=True, top_logprobs=5)
+        params = GenerationParams(
+            prompt_ids=prompt, max_new_tokens=DEEPSEEK_TOKENS, sampling=sampling, ignore_eos=True
+        )
+        events = []
+        async for event in generate(runner, params):
+            events.append(event)
+            if kill:
+                kill(events)
+        return route, runner.route, events
+    finally:
+        await pool.close()
+        dht.stop()
+
+
+def _assert_exact(events, expected) -> None:
+    expected_tokens, expected_logprobs = expected
+    assert [event.token_id for event in events] == expected_tokens
+    for position, event in enumerate(events):
+        top_ids = [token for token, _ in event.top_logprobs]
+        got = torch.tensor([logprob for _, logprob in event.top_logprobs])
+        torch.testing.assert_close(got, expected_logprobs[position, top_ids], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "spans", [[(0, 2), (2, 4)], [(0, 1), (1, 2), (2, 4)]], ids=["2-peers", "3-peers-uneven"]
+)
+async def test_deepseek_through_peers_matches_transformers(deepseek_swarm, spans):
+    local, _, prompt, expected = deepseek_swarm
+    route, _, events = await _run_route(local, spans, prompt)
+    assert [(hop.start, hop.end) for hop in route] == spans
+    _assert_exact(events, expected)
+
+
+async def test_deepseek_failover_replays_latent_caches_exactly(deepseek_swarm):
+    """The [0, 2) peer is SIGKILLed after 20 tokens: its blocks move to [0, 1) + [1, 2), which
+    rebuild their latent caches by replaying the history, and the stream stays transformers'."""
+    local, children, prompt, expected = deepseek_swarm
+
+    def kill(events):
+        if len(events) == 20:
+            children[0].signal(signal.SIGKILL)
+
+    route, final, events = await _run_route(local, [(0, 2), (2, 4)], prompt, kill)
+    assert [(hop.start, hop.end) for hop in route] == [(0, 2), (2, 4)]
+    assert [(hop.start, hop.end) for hop in final] == [(0, 1), (1, 2), (2, 4)]
+    _assert_exact(events, expected)
