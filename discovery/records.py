@@ -79,7 +79,8 @@ _STR_LIMITS = {
     "state": 16,
     "version": 64,
 }
-_INT_FIELDS = ("start", "end", "num_blocks", "free_cache_tokens", "live_sessions", "metrics_port")
+_INT_FIELDS = ("start", "end", "num_blocks", "free_cache_tokens", "live_sessions", "metrics_port", "move_start",
+               "move_end")  # fmt: skip
 _FLOAT_FIELDS = ("throughput", "expires_at", "tolerance")
 _MAY_BE_EMPTY = ("version",)
 
@@ -138,6 +139,13 @@ class PeerRecord:
     # nearest (`peer.forwarding`). The planner charges them for the edge between two hops in push
     # mode. Not hashed: a record's identity is its other fields.
     next_rtt: dict[str, float] = dataclasses.field(default_factory=dict, hash=False)
+    # The peer chose its span itself (no --blocks: `peer.block_selection`) and may move it.
+    auto_span: bool = False
+    # A move in progress (`peer.balancer`): the span [move_start, move_end) the peer is moving to,
+    # announced with `draining`; 0, 0 when not moving. Other peers count it as served already, so
+    # two peers do not both move onto the same gap. Records of older peers lack both: not moving.
+    move_start: int = 0
+    move_end: int = 0
 
     def __post_init__(self) -> None:
         for name, limit in _STR_LIMITS.items():
@@ -156,6 +164,15 @@ class PeerRecord:
             object.__setattr__(self, name, float(value))
         if not 0 <= self.start < self.end <= self.num_blocks:
             raise ValueError(f"span [{self.start}, {self.end}) is not inside 0..{self.num_blocks}")
+        if (self.move_start, self.move_end) != (
+            0,
+            0,
+        ) and not 0 <= self.move_start < self.move_end <= self.num_blocks:
+            raise ValueError(
+                f"move target [{self.move_start}, {self.move_end}) is not inside 0..{self.num_blocks}"
+            )
+        if not isinstance(self.auto_span, bool):
+            raise ValueError("auto_span must be true or false")
         if self.throughput < 0 or self.free_cache_tokens < 0 or self.live_sessions < 0:
             raise ValueError("throughput, free_cache_tokens and live_sessions must be >= 0")
         if not 0 <= self.tolerance <= 1:
@@ -189,6 +206,11 @@ class PeerRecord:
 
     def is_expired(self, now: float | None = None) -> bool:
         return self.expires_at <= (time.time() if now is None else now)
+
+    @property
+    def moving_to(self) -> tuple[int, int] | None:
+        """The span this peer is moving to, or None."""
+        return (self.move_start, self.move_end) if self.move_end > 0 else None
 
     @property
     def precision(self) -> str:

@@ -38,7 +38,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from common.logs import REQUEST_ID_HEADER, request_id_var, set_request_id
@@ -198,6 +198,18 @@ class _StateCollector(Collector):
             for peer_id, reason in sorted(policy.bans.convictions().items()):
                 convicted.add_metric([peer_id, reason], 1.0)
             yield convicted
+        swarm = getattr(gw, "swarm", None)
+        if swarm is not None:
+            yield CounterMetricFamily(
+                "swarm_gateway_peer_moves_seen",
+                "peers' moves to other blocks (peer.balancer) seen announced in the DHT",
+                value=swarm.moves_seen,
+            )
+            yield GaugeMetricFamily(
+                "swarm_gateway_peer_moves_in_progress",
+                "peers announcing a move to other blocks now",
+                value=swarm.moves_in_progress(),
+            )
         yield GaugeMetricFamily(
             "swarm_gateway_active_generations",
             "generations streaming through the swarm now",

@@ -1,7 +1,9 @@
 """The live swarm map: `GET /swarm` (a page) fed by `GET /swarm/api` (JSON).
 
 The JSON is what the gateway knows of each served model right now: every peer record from the DHT
-(its span, dtype and quantization, throughput, free cache, live sessions, state), checked against
+(its span and whether the peer chose it, a move in progress, dtype and quantization, throughput,
+free cache, live sessions, state, the round trips it measured to its next hops), the gateway's
+own round trip to it, checked against
 the peer itself with a short `Info` call so a peer that died without a goodbye shows as
 "unreachable" before its record expires; how many online peers cover each block; and the routes
 in use (generations running now and the last few finished, from `gateway.metrics`).
@@ -62,6 +64,8 @@ def peer_view(
     `rtt`: the gateway's measured round trip to the peer in seconds (gateway.rtt), None: not yet."""
     view = record.to_dict()
     view["rtt_ms"] = None if rtt is None else round(rtt * 1000, 2)
+    # where the peer is moving to (peer.balancer), [start, end); None: not moving
+    view["moving_to"] = list(record.moving_to) if record.moving_to else None
     view["convicted"] = convicted
     view["expires_in_s"] = round(max(0.0, record.expires_at - now), 1)
     view["banned"] = banned

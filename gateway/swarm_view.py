@@ -42,6 +42,8 @@ class SwarmView:
         self.local_load: Counter[str] = Counter()  # peer id -> sessions this gateway has open there
         self.rtt: dict[str, float] = {}  # peer address -> measured round trip, s (gateway.rtt fills it)
         self.push = False  # plan for push (hidden states peer to peer) rather than relay
+        # Peers' moves (`PeerRecord.moving_to`, peer.balancer) seen starting in lookups, for /metrics.
+        self.moves_seen = 0
         # Routes planned but whose sessions are not open yet: a burst of requests plans before any
         # of them opens, and without these every one of them would pick the same replica.
         self._reserved: dict[str, list[float]] = {}  # peer id -> monotonic times of reservations
@@ -78,6 +80,14 @@ class SwarmView:
         """Every peer address in the current snapshots (what `gateway.rtt` measures)."""
         return {record.address for _, records in self._cache.values() for record in records}
 
+    def moves_in_progress(self) -> int:
+        """Peers whose latest record in a snapshot announces a move (`PeerRecord.moving_to`)."""
+        return sum(
+            record.moving_to is not None
+            for cached in self._cache.values()
+            for record in self._unexpired(cached)
+        )
+
     def recent(self, model: str) -> bool:
         """The snapshot of `model` is from a lookup that ended within a few refresh periods: as
         good as a lookup now, but for a peer that joined since."""
@@ -109,7 +119,11 @@ class SwarmView:
             return self._unexpired(self._cache.get(model))
         self._cache[model] = (loop.time(), records)
         seen = self._seen.setdefault(model, {})
-        seen.update((record.peer_id, record) for record in records)
+        for record in records:
+            before = seen.get(record.peer_id)
+            if record.moving_to is not None and (before is None or before.moving_to != record.moving_to):
+                self.moves_seen += 1  # a move this gateway had not seen announced yet
+            seen[record.peer_id] = record
         return records
 
     def known(self, model: str, grace: float = 60.0) -> list[PeerRecord]:

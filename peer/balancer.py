@@ -4,8 +4,9 @@ Every `interval` seconds (times a random factor in [0.5, 1.5], so that peers sta
 not decide together) the balancer reads the model's records and asks `peer.block_selection.
 move_target` whether moving would raise the swarm's bottleneck enough. If so it looks again after
 a short random pause (another peer may have started moving meanwhile: it then announces
-`draining`, and its blocks count as unserved), and only then calls `move(start, end)`: the
-server drains (gateways move live sessions elsewhere, replaying them: no token lost), loads the
+`draining` and where it is going, `PeerRecord.moving_to`; its old blocks count as unserved and
+its new ones as served, so the two do not fill one gap together), and only then calls
+`move(start, end)`: the server announces the same, drains (gateways move live sessions elsewhere, replaying them: no token lost), loads the
 new span and announces again. After a move the peer waits at least `cooldown` seconds before
 the next one, so a swarm in flux does not make it hop back and forth.
 """

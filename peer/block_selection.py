@@ -11,8 +11,11 @@ swarm can give is bounded by the block that the least throughput serves (the *bo
   only when now / after < `BALANCE_QUALITY` (0.75, as Petals' `should_choose_other_blocks`), so
   small imbalances, which measurement noise alone produces, never make peers wander.
 
-Only `online` records count: a draining peer is leaving (or moving) and its blocks are about to
-be unserved, which is exactly what the others should see.
+Only `online` records count for the blocks they serve: a draining peer is leaving (or moving) and
+its blocks are about to be unserved, which is exactly what the others should see. A peer that is
+moving announces where to (`PeerRecord.moving_to`), and its throughput counts there already: a
+move takes a drain and a load, tens of seconds in which every other balancer would otherwise see
+the same gap and move onto it too.
 """
 
 from __future__ import annotations
@@ -27,12 +30,19 @@ BALANCE_QUALITY = 0.75
 
 
 def block_throughputs(records: Iterable[PeerRecord], num_blocks: int, skip: str = "") -> list[float]:
-    """tokens/s serving each block, summed over the online peers (but `skip`) that cover it."""
+    """tokens/s serving each block, summed over the online peers (but `skip`) that cover it, and
+    over the peers moving onto it (see the module docstring)."""
     served = [0.0] * num_blocks
     for record in records:
-        if record.state != PeerState.ONLINE or record.peer_id == skip or record.num_blocks != num_blocks:
+        if record.peer_id == skip or record.num_blocks != num_blocks:
             continue
-        for block in range(record.start, record.end):
+        if record.moving_to is not None:
+            start, end = record.moving_to
+        elif record.state == PeerState.ONLINE:
+            start, end = record.start, record.end
+        else:
+            continue
+        for block in range(start, end):
             served[block] += record.throughput
     return served
 

@@ -28,6 +28,8 @@ def describe(
     expires_at: float = 0.0,
     metrics_port: int = 0,
     next_rtt: dict[str, float] | None = None,
+    auto_span: bool = False,
+    moving_to: tuple[int, int] | None = None,
 ) -> PeerRecord:
     """The record of a peer serving `span` (its blocks, dtype and quantization) with this live state."""
     return PeerRecord(
@@ -47,5 +49,8 @@ def describe(
         expires_at=expires_at,
         metrics_port=metrics_port,
         next_rtt=dict(next_rtt or {}),
+        auto_span=auto_span,
+        move_start=moving_to[0] if moving_to else 0,
+        move_end=moving_to[1] if moving_to else 0,
         tolerance=default_tolerance(precision_name(dtype_name(span.dtype), span.quant)),
     )

@@ -81,7 +81,7 @@ class _LiveCollector(Collector):
             value=servicer.moves,
         )  # fmt: skip
         yield GaugeMetricFamily(
-            "swarm_peer_throughput_tokens_per_second", "batch-1 decode tokens/s fitted to recent forward passes (announced in the DHT, peer.throughput)",
+            "swarm_peer_throughput_tokens_per_second", "batch-1 decode tokens/s: the start-up profile scaled by recent forward passes, in thread CPU time (announced in the DHT, peer.throughput)",
             value=record.throughput,
         )  # fmt: skip
 
@@ -114,12 +114,18 @@ class PeerMetrics:
             "swarm_peer_tokens_processed", "tokens run through this peer's blocks", registry=r
         )
         self.steps = Counter("swarm_peer_forward_passes", "forward passes run", registry=r)
+        # against swarm_peer_step_seconds' sum: how much of a pass's wall time the machine's
+        # other work took (the announced throughput is fitted to this, `peer.throughput`)
+        self.cpu_seconds = Counter(
+            "swarm_peer_forward_cpu_seconds", "CPU time of the thread running forward passes", registry=r
+        )
         self.registry.register(_LiveCollector(servicer))
         self._httpd = None
         self.port = 0
 
-    def observe_batch(self, sessions: int, tokens: int, seconds: float) -> None:
+    def observe_batch(self, sessions: int, tokens: int, seconds: float, cpu_seconds: float = 0.0) -> None:
         self.step_seconds.observe(seconds)
+        self.cpu_seconds.inc(max(0.0, cpu_seconds))
         self.batch_sessions.observe(sessions)
         self.batch_tokens.observe(tokens)
         self.tokens.inc(tokens)

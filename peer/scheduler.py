@@ -144,7 +144,9 @@ class BatchScheduler:
         self._task: asyncio.Task | None = None
         self.steps = 0  # forward passes
         self.tokens = 0
-        self.observe = None  # called with (sessions, tokens, seconds) after each forward pass
+        # called with (sessions, tokens, seconds, cpu_seconds) after each forward pass: wall time,
+        # and the CPU time of the thread that ran it (`peer.throughput` announces from that)
+        self.observe = None
         self.session_steps = 0  # finished steps of sessions; > steps when passes were shared
 
     def start(self) -> None:
@@ -277,9 +279,11 @@ class BatchScheduler:
             pass_id = next(self._pass_ids)
             try:
                 if self._inline(pieces):
-                    results = self._forward(pieces)
+                    results, cpu_seconds = self._timed_forward(pieces)
                 else:
-                    results = await loop.run_in_executor(self._executor, self._forward, pieces)
+                    results, cpu_seconds = await loop.run_in_executor(
+                        self._executor, self._timed_forward, pieces
+                    )
             except Exception as exc:  # a bug or OOM must fail these steps, not the peer
                 log.exception("forward pass failed")
                 for work, _ in pieces:
@@ -294,7 +298,7 @@ class BatchScheduler:
             self.tokens += batch_tokens
             # the announced throughput is the whole span's: a pass with sub-span steps ran fewer layers
             if self.observe is not None and all(work.span in (None, self.span) for work, _ in pieces):
-                self.observe(len(pieces), batch_tokens, time.perf_counter() - begin)
+                self.observe(len(pieces), batch_tokens, time.perf_counter() - begin, cpu_seconds)
             for (work, _), result in zip(pieces, results, strict=True):
                 if work.future.done():
                     continue
@@ -309,6 +313,14 @@ class BatchScheduler:
                     result.pass_id = work.pass_id or pass_id
                     self._window.stepped(work.session, cohort=result.pass_id)
                     work.future.set_result(result)
+
+    def _timed_forward(self, pieces: list[tuple[StepWork, int]]) -> tuple[list, float]:
+        """`_forward` and the CPU time the running thread spent in it. Thread CPU time, not wall
+        time: it excludes the time the thread waited for a core that other processes held, so
+        two identical peers on one busy machine measure alike (`peer.throughput`)."""
+        begin = time.thread_time()
+        results = self._forward(pieces)
+        return results, time.thread_time() - begin
 
     @torch.inference_mode()
     def _forward(self, pieces: list[tuple[StepWork, int]]) -> list[swarm_pb2.StepResult | StepFailed | None]:

@@ -43,12 +43,21 @@ from peer.metrics import attach_metrics
 from peer.model import BlockSpan
 from peer.scheduler import BatchScheduler
 from peer.servicer import PeerServicer
-from peer.throughput import ThroughputMeter, measure_pass_profile
+from peer.throughput import (
+    PROFILE_SPREAD_S,
+    PassProfile,
+    PassTimer,
+    ThroughputMeter,
+    measure_pass_profile,
+)
 from protos import swarm_pb2_grpc
 
 log = logging.getLogger("peer")
 
 WITHDRAW_TIMEOUT_S = 2.0
+# An idle peer refines its start-up profile this often, this many times per span (peer.throughput)
+REFINE_INTERVAL_S = 2.0
+REFINE_ROUNDS = 30
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5}  # bytes per weight of a quantized span (block selection's budget)
 
 
@@ -167,8 +176,10 @@ class PeerServer:
         self.batching: BatchingConfig | None = None
         self.meter: ThroughputMeter | None = None
         self.chose_span = False  # no --blocks: the span came from the DHT, and may move
+        self.moving_to: tuple[int, int] | None = None  # announced while a move runs (`move_to`)
         self.balancer: Balancer | None = None
         self._balancing: asyncio.Task | None = None
+        self._refining: asyncio.Task | None = None  # `_refine_profile`
         self.port = 0
         self.identity: Identity | None = None
         self.member_check: MemberCheck | None = None
@@ -217,9 +228,7 @@ class PeerServer:
             forwarder=Forwarder(ClientSecurity(cfg.swarm_key, self.identity.public_key, cfg.tls)),
         )  # fmt: skip
         self.servicer.batching = self.batching.describe()
-        profile = await loop.run_in_executor(None, measure_pass_profile, span)
-        self.meter = ThroughputMeter(profile)
-        self.servicer.throughput = self.meter.tokens_per_second
+        await self._profile(span)
         self.member_check = MemberCheck(cfg.swarm_key) if cfg.swarm_key else None
         self.server = grpc.aio.server(
             options=[
@@ -256,10 +265,40 @@ class PeerServer:
         if cfg.dht_bootstrap is not None:
             await self._join_dht()
 
-    def _observe_pass(self, sessions: int, tokens: int, seconds: float) -> None:
-        """The scheduler's hook after each forward pass: metrics, and the announced throughput."""
-        self.metrics.observe_batch(sessions, tokens, seconds)
-        self.meter.observe(sessions, tokens, seconds)
+    async def _profile(self, span: BlockSpan) -> None:
+        """Measure the span's start-up profile and start announcing from it (`peer.throughput`)."""
+        loop = asyncio.get_running_loop()
+        timer = await loop.run_in_executor(None, PassTimer, span)
+        profile = await loop.run_in_executor(None, measure_pass_profile, span, 24, PROFILE_SPREAD_S, timer)
+        self._start_meter(profile, timer)
+
+    def _start_meter(self, profile: PassProfile, timer: PassTimer) -> None:
+        self.meter = ThroughputMeter(profile)
+        self.servicer.throughput = self.meter.tokens_per_second
+        if self._refining is not None:
+            self._refining.cancel()
+        self._refining = asyncio.get_running_loop().create_task(self._refine_profile(self.meter, timer))
+
+    async def _refine_profile(self, meter: ThroughputMeter, timer: PassTimer) -> None:
+        """Take a profile round now and then while no session is live (`ThroughputMeter.refine`),
+        on the forward thread, so it never runs beside a real pass."""
+        loop = asyncio.get_running_loop()
+        for _ in range(REFINE_ROUNDS):
+            await asyncio.sleep(REFINE_INTERVAL_S)
+            if self.servicer.sessions:
+                continue
+            try:
+                one, many = await loop.run_in_executor(self.scheduler._executor, timer.pair)
+            except RuntimeError:  # the executor shut down: the peer is stopping
+                return
+            meter.refine(one, many)
+            self.servicer.throughput = meter.tokens_per_second
+
+    def _observe_pass(self, sessions: int, tokens: int, seconds: float, cpu_seconds: float) -> None:
+        """The scheduler's hook after each forward pass: metrics (wall and CPU time), and the
+        announced throughput (CPU time: `peer.throughput`)."""
+        self.metrics.observe_batch(sessions, tokens, seconds, cpu_seconds)
+        self.meter.observe(sessions, tokens, cpu_seconds)
         self.servicer.throughput = self.meter.tokens_per_second
 
     @property
@@ -283,6 +322,8 @@ class PeerServer:
             expires_at=time.time() + self.config.ttl,
             metrics_port=self.metrics.port if self.metrics else 0,
             next_rtt=servicer.forwarder.nearest(),
+            auto_span=self.chose_span,
+            moving_to=self.moving_to,
         )
 
     async def _start_dht(self) -> None:
@@ -339,7 +380,10 @@ class PeerServer:
         """Serve [start, end) instead: drain (gateways replay live sessions elsewhere), load the new
         span, announce it. A session that outlives the drain timeout cancels the move."""
         cfg, servicer = self.config, self.servicer
+        if self._refining is not None:
+            self._refining.cancel()
         servicer.draining = True
+        self.moving_to = (start, end)  # others count [start, end) as served from now on
         servicer.table.drop_idle()
         await self.announcer.announce_now()
         try:
@@ -347,21 +391,32 @@ class PeerServer:
         except TimeoutError:
             log.warning("sessions outlived the drain; staying on [%d, %d)", cfg.start, cfg.end)
             servicer.draining = False
+            self.moving_to = None
             await self.announcer.announce_now()
             return
         loop = asyncio.get_running_loop()
-        span = await loop.run_in_executor(None, self._load_span, start, end)
-        profile = await loop.run_in_executor(None, measure_pass_profile, span)
+        try:
+            span = await loop.run_in_executor(None, self._load_span, start, end)
+            timer = await loop.run_in_executor(None, PassTimer, span)
+            profile = await loop.run_in_executor(
+                None, measure_pass_profile, span, 24, PROFILE_SPREAD_S, timer
+            )
+        except Exception:
+            log.exception("could not load [%d, %d); staying on [%d, %d)", start, end, cfg.start, cfg.end)
+            servicer.draining = False
+            self.moving_to = None
+            await self.announcer.announce_now()
+            return
         # no session is live, so no pass runs and no cache refers to the old span
         servicer.span = self.scheduler.span = span
         servicer.table.drop_idle()
         budget = cache_budget_tokens(span, cfg.cache_tokens, cfg.cache_bytes)
         servicer.cache_tokens = servicer.table.budget = budget
-        self.meter = ThroughputMeter(profile)
-        servicer.throughput = self.meter.tokens_per_second
+        self._start_meter(profile, timer)
         cfg.start, cfg.end = start, end
         servicer.moves += 1
         servicer.draining = False
+        self.moving_to = None
         await self.announcer.announce_now()
         log.info("now serving blocks [%d, %d)", start, end)
 
@@ -369,6 +424,8 @@ class PeerServer:
         """Graceful: refuse new sessions and announce `PeerState.DRAINING` in the DHT at once; flag every
         step result so gateways move live sessions elsewhere (they replay them on a replacement);
         wait until those sessions close or the drain timeout runs out; withdraw; exit."""
+        if self._refining is not None:
+            self._refining.cancel()
         if self._balancing is not None:
             self._balancing.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -22,11 +22,14 @@ COLUMNS = (
     ("peer", 16, False),
     ("address", 21, False),
     ("blocks", 9, False),
+    ("placed", 6, False),  # auto: chose its span itself (may move); pinned: --blocks
+    ("moving to", 9, False),  # a move in progress (peer.balancer)
     ("health", 11, False),
     ("sessions", 8, True),
     ("free cache", 10, True),
     ("tok/s", 8, True),
     ("rtt ms", 6, True),  # the gateway's measured round trip (gateway.rtt); "-" read from the DHT
+    ("next hops ms", 12, False),  # the round trips the peer measured to peers it pushed to
     ("dtype", 8, False),
     ("quant", 5, False),
     ("expires", 7, True),
@@ -41,6 +44,18 @@ def batching_cell(peer: dict[str, Any]) -> str:
         return "-"
     groups = batching.get("pipeline_groups", 1)
     return f"{'packed' if batching.get('prepacked') else 'plain'}, {groups} group{'s' if groups != 1 else ''}"
+
+
+def moving_cell(peer: dict[str, Any]) -> str:
+    """`[0,4)` while the peer moves there, else '-'."""
+    start, end = peer.get("move_start", 0), peer.get("move_end", 0)
+    return f"[{start},{end})" if end else "-"
+
+
+def next_rtt_cell(peer: dict[str, Any]) -> str:
+    """The nearest next hop's round trip and how many the peer announced: `0.4 (of 2)`."""
+    rtts = peer.get("next_rtt") or {}
+    return f"{min(rtts.values()):.1f} (of {len(rtts)})" if rtts else "-"
 
 
 def coverage_bar(peers: list[dict[str, Any]], num_blocks: int) -> str:
@@ -71,6 +86,10 @@ def format_models(models: list[dict[str, Any]], now: float | None = None) -> str
         state = "all blocks served" if total and not missing else f"blocks {missing} NOT served"
         lines.append(f"model {model['id']}: {total} blocks, {len(peers)} peers, {state}")
         lines.append(f"  coverage |{bar}|  (online peers per block, ! = none)")
+        moving = [peer for peer in peers if peer.get("move_end")]
+        if moving:
+            lines.append("  moves in progress: " + ", ".join(
+                f"{peer['peer_id'][:10]} [{peer['start']},{peer['end']}) -> {moving_cell(peer)}" for peer in moving))  # fmt: skip
         lines.append(_row([title for title, _, _ in COLUMNS]))
         for peer in sorted(peers, key=lambda p: (p["start"], p["end"], p["peer_id"])):
             expires = peer.get("expires_in_s", max(0.0, peer.get("expires_at", now) - now))
@@ -80,11 +99,14 @@ def format_models(models: list[dict[str, Any]], now: float | None = None) -> str
                         peer["peer_id"][:16],
                         peer["address"],
                         f"[{peer['start']},{peer['end']})",
+                        "auto" if peer.get("auto_span") else "pinned",
+                        moving_cell(peer),
                         peer.get("health", peer["state"]),
                         str(peer["live_sessions"]),
                         str(peer["free_cache_tokens"]),
                         f"{peer['throughput']:.1f}",
                         "-" if peer.get("rtt_ms") is None else f"{peer['rtt_ms']:.1f}",
+                        next_rtt_cell(peer),
                         peer["dtype"],
                         peer["quant"],
                         f"{expires:.0f}s",

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 MODEL = "m8"
 BALANCE_INTERVAL = 4.0
 PEER_FLAGS = ("--threads", "1", "--num-blocks", "4", "--balance-interval", str(BALANCE_INTERVAL),
-              "--drain-timeout", "10")  # fmt: skip
+              "--drain-timeout", "10", "--metrics-port", "0")  # fmt: skip
 BODY = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "Move the blocks."}],
@@ -96,3 +96,16 @@ def test_chosen_spans_cover_the_model_and_a_peer_moves_to_a_lost_span(model8, ma
     assert moved_at - killed_at[0] <= 2 * 1.5 * BALANCE_INTERVAL + 20
     assert not result.get("errors"), result.get("errors")
     assert result.get("text") == reference["text"]
+
+    # What operators see: every peer chose its span; the gateway saw the move announced (with its
+    # target) and counts it; the peer that moved counts its own move.
+    peers_now = httpx.get(f"{gateway.address}/swarm/api", timeout=10).json()["models"][0]["peers"]
+    live = [peer for peer in peers_now if peer["reachable"]]
+    assert live and all(peer["auto_span"] for peer in live), peers_now
+    gateway_metrics = httpx.get(f"{gateway.address}/metrics", timeout=10).text
+    seen = float(re.search(r"^swarm_gateway_peer_moves_seen_total (\S+)$", gateway_metrics, re.M).group(1))
+    assert seen >= 1, "the gateway's lookups saw the move's draining record with its target"
+    mover = next(peer for peer in live if peer["start"] == 0)
+    host = mover["address"].rsplit(":", 1)[0]
+    peer_metrics = httpx.get(f"http://{host}:{mover['metrics_port']}/metrics", timeout=10).text
+    assert re.search(r"^swarm_peer_moves_total 1\.0$", peer_metrics, re.M), peer_metrics[-2000:]

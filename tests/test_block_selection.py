@@ -67,6 +67,36 @@ def test_invalid_length_is_refused():
         choose_span([], NUM_BLOCKS, 0)
 
 
+def test_a_move_in_progress_counts_where_the_peer_goes():
+    """Two peers of [4, 8) both see [0, 4) lost; the one that decides first announces its move,
+    and the other then stays: both moving would leave [4, 8) bare."""
+    b, c = rec("b", 4, 8), rec("c", 4, 8)
+    assert move_target([b, c], b) == (0, 4) and move_target([b, c], c) == (0, 4)
+    b_moving = rec("b", 4, 8, state=PeerState.DRAINING, auto_span=True, move_start=0, move_end=4)
+    assert block_throughputs([b_moving], NUM_BLOCKS) == [100.0] * 4 + [0.0] * 4
+    assert move_target([b_moving, c], c) is None
+    assert choose_span([b_moving, c], NUM_BLOCKS, 4) == (0, 4)  # a newcomer: tie, lowest start
+    # three of [4, 8): the third stays while b's move is announced, and would follow b onto [0, 4)
+    # if b announced only `draining` (an older peer)
+    d = rec("d", 4, 8)
+    assert move_target([b_moving, c, d], d) is None
+    assert move_target([rec("b", 4, 8, state=PeerState.DRAINING), c, d], d) == (0, 4)
+
+
+def test_move_fields_in_records_are_validated_and_optional():
+    old = rec("a", 0, 4).to_dict()
+    for key in ("auto_span", "move_start", "move_end"):
+        old.pop(key)
+    parsed = PeerRecord.from_dict({**old, "some_future_field": 1})  # older and newer peers' records
+    assert parsed.auto_span is False and parsed.moving_to is None
+    moving = rec("a", 0, 4, auto_span=True, move_start=4, move_end=8)
+    assert PeerRecord.from_dict(moving.to_dict()) == moving and moving.moving_to == (4, 8)
+    for bad in ({"move_start": 4, "move_end": 4}, {"move_start": 0, "move_end": 9}, {"move_start": -1, "move_end": 2},
+                {"move_start": 1.5, "move_end": 2}, {"auto_span": "yes"}, {"auto_span": 1}):  # fmt: skip
+        with pytest.raises(ValueError):
+            PeerRecord.from_dict({**moving.to_dict(), **bad})
+
+
 def test_block_bytes_counts_deepseek_routed_and_shared_experts():
     """DeepSeek-V3 names its experts n_routed_experts and holds n_shared_experts beside them."""
     config = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96,

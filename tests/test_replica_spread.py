@@ -1,22 +1,27 @@
 """Equal replicas share the load: two identical peers started at the same time announce about the
-same throughput (measured from their real passes, not from one timing at start-up taken while the
-other loaded), and a burst of concurrent streams from one gateway spreads over both."""
+same throughput (in thread CPU time, which the other's loading and the machine's other processes
+do not inflate: `peer.throughput`), and a burst of concurrent streams from one gateway spreads
+over both."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import openai
 import pytest
 
 from common.peer_client import ChannelPool, peer_info
+from gateway.rtt import WINDOW_ROUNDS
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 
 MODEL = "m"
 STREAMS = 8
+RTT_INTERVAL_S = 2.0  # RttTracker's default
+MAX_RATIO = 1.25  # identical replicas' announced throughputs, the faster over the slower
 
 
 async def _stream(client: openai.AsyncOpenAI) -> tuple[str, str]:
@@ -44,11 +49,6 @@ async def _announced(addresses: list[str]) -> list[float]:
         await pool.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="identical replicas can still announce throughputs up to 2.5x apart (goal 20 %, issue 18 open); "
-    "a clean-clone run split 8 streams 1:7",
-)
 def test_concurrent_streams_spread_over_two_identical_replicas(demo_model, make_swarm):
     swarm = make_swarm(demo_model, model_name=MODEL)
     swarm.start_dht()
@@ -60,21 +60,36 @@ def test_concurrent_streams_spread_over_two_identical_replicas(demo_model, make_
     async def burst() -> list[tuple[str, str]]:
         return await asyncio.gather(*(_stream(client) for _ in range(STREAMS)))
 
+    def _replica_rtts(gateway) -> list[float]:
+        peers = httpx.get(f"{gateway.address}/swarm/api", timeout=10).json()["models"][0]["peers"]
+        return [peer["rtt_ms"] for peer in peers if peer["start"] == 2]
+
     def both_replicas_listed() -> bool:
         models = httpx.get(f"{gateway.address}/swarm/api", timeout=10).json()["models"]
         return sum(1 for peer in models[0]["peers"] if peer["start"] == 2) == 2
 
     assert wait_until(both_replicas_listed, timeout=15)
+    # The gateway's round trips to both: the least of a few rounds (gateway.rtt), as a gateway that
+    # has run a while knows them. On this loaded machine one round alone can be 1 ms for one
+    # replica and 3 for the other, more than the compute of their blocks.
+    time.sleep(WINDOW_ROUNDS * RTT_INTERVAL_S)
+    rtt_before = _replica_rtts(gateway)
+    # Before any pass: the start-up profiles alone, measured while the other replica loaded.
+    before = sorted(asyncio.run(_announced([r.address for r in replicas])), reverse=True)
     results = asyncio.run(burst())
     texts = {text for _, text in results}
     assert len(texts) == 1, "greedy streams of one prompt must agree whichever replica served them"
     replica_ids = {route.split(",")[1] for route, _ in results}
     per_replica = [sum(route.split(",")[1] == rid for route, _ in results) for rid in replica_ids]
-    assert len(replica_ids) == 2 and max(per_replica) <= 6, per_replica
 
-    # Both replicas have now served passes: their announced figures come from those timings. The
-    # goal is within ~20 % and it is NOT met yet: on this shared 2-core machine the figures came
-    # out 1.0-2.5x apart in today's runs (6.6x with the old single timing at start-up), so this
-    # bound only catches a regression to that.
+    # Both replicas have now served passes, which scale their profiles (6.6x apart with the old
+    # wall-clock timing at start-up, 1.0-2.5x with a wall-clock fit of real passes).
     fast, slow = sorted(asyncio.run(_announced([r.address for r in replicas])), reverse=True)
-    assert slow > 0 and fast / slow <= 3.0, (fast, slow)
+    print(f"announced tok/s before passes {before}, ratio {before[0] / before[1]:.3f}; "
+          f"after {[fast, slow]}, ratio {fast / slow:.3f}; streams per replica {per_replica}; "
+          f"gateway rtt ms {rtt_before}")  # fmt: skip
+    assert len(replica_ids) == 2 and max(per_replica) <= 6, per_replica
+    # `before` is not bounded: start-up profiles taken side by side while the other replica loads
+    # were up to 1.6x apart at load 6-10 on this machine; idle rounds (`ThroughputMeter.refine`)
+    # and then the passes close the gap.
+    assert slow > 0 and fast / slow <= MAX_RATIO, (fast, slow)

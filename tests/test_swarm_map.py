@@ -101,6 +101,10 @@ def test_status_table_from_the_gateway_lists_every_peer(gateway, peer_ids):
         assert re.search(rf"^  {peer_id[:16]} .*online", table, re.M), (peer_id, table)
     for span in ("[0,2)", "[2,4)", "[0,4)"):
         assert span in table
+    # started with --blocks: pinned, not moving; the gateway's round trip measured
+    for peer_id in peer_ids.values():
+        assert re.search(rf"^  {peer_id[:16]} .*\) +pinned +- +online", table, re.M), (peer_id, table)
+    assert "moves in progress" not in table
 
 
 def test_api_shows_peers_coverage_and_routes(gateway, peer_ids):
@@ -119,6 +123,7 @@ def test_api_shows_peers_coverage_and_routes(gateway, peer_ids):
         assert peer["health"] == "online" and peer["reachable"] is True
         assert peer["dtype"] == "float32" and peer["quant"] == "none" and peer["throughput"] > 0
         assert peer["free_cache_tokens"] > 0 and peer["metrics_port"] > 0
+        assert peer["auto_span"] is False and peer["moving_to"] is None  # --blocks: pinned
     measured = _wait(lambda: all(p["rtt_ms"] for p in _api(gateway)["models"][0]["peers"]), timeout=10)
     assert measured, "the gateway measures its round trip to every peer (gateway.rtt)"
     recent = [route for route in model["routes"]["recent"] if route["request_id"] == "map-route-1"]
