@@ -32,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 
+from loadtests.swarm_bench import write_marked_section
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL_ID = "bench-bench"
 
@@ -178,7 +180,9 @@ def run(args: argparse.Namespace) -> dict:
         peers = swarm.start_peers(split, *flags)
         # Under a burst of 32 prefills a step queues behind several full passes on these shared
         # cores; the default 10 s step deadline would call that a dead peer (and ban it).
-        gateway = swarm.start_gateway(None, "--step-timeout", str(args.step_timeout))
+        gateway = swarm.start_gateway(
+            None, "--step-timeout", str(args.step_timeout), *(["--relay"] if args.relay else [])
+        )
         base = gateway.address
         for _ in range(120):  # the gateway lists the model once the DHT shows both peers
             import httpx
@@ -360,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--split", choices=["balanced", "even"], default="balanced",
                         help="blocks per peer: balanced as `swarm up` does (the LM head counted), or even")  # fmt: skip
+    parser.add_argument(
+        "--relay",
+        action="store_true",
+        help="hidden states go through the gateway between hops (the default is push)",
+    )
     parser.add_argument("--step-timeout", type=float, default=300.0, help="the gateway's per-step deadline")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "batching.json")
@@ -388,7 +397,9 @@ def write_outputs(results: dict, out: Path, docs: str) -> list[str]:
     if docs:
         path = Path(docs)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(markdown(results, results["command"]))
+        # the latest run's figures, between markers: the write-up around them is kept
+        body = markdown(results, results["command"]).split("\n", 1)[1]  # without its title
+        write_marked_section(path, "bench_batching:latest", body, "## Latest run")
         written.append(str(path))
     return written
 

@@ -50,9 +50,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtests.swarm_bench import write_marked_section
+
 REPO = Path(__file__).resolve().parent.parent
-DOCS_START = "<!-- bench_decode:table:start -->"
-DOCS_END = "<!-- bench_decode:table:end -->"
 # A fixed prompt; its text is tokenized by each model's own tokenizer (16 tokens or so).
 PROMPT = "The lighthouse keeper climbed the stairs every evening at six and"
 
@@ -555,15 +555,9 @@ def markdown_table(results: dict) -> str:
 
 def update_docs(path: Path, table: str, command: str) -> None:
     """Replace the table between the markers in the write-up (or append a section with them)."""
-    block = f"{DOCS_START}\nReproduce: `{command}`\n\n{table}\n{DOCS_END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if DOCS_START in text and DOCS_END in text:
-        head, rest = text.split(DOCS_START, 1)
-        text = head + block + rest.split(DOCS_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Decode ms/token\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_marked_section(
+        path, "bench_decode:table", f"Reproduce: `{command}`\n\n{table}", "## Decode ms/token"
+    )
 
 
 def machine_info(threads: int) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import httpx
 
@@ -28,3 +29,19 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def round1(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
+
+def write_marked_section(path: Path, name: str, block: str, heading: str) -> None:
+    """Put `block` between the `name` markers of the write-up at `path`, or append it under
+    `heading` when the markers are not there yet: a benchmark updates its figures and keeps the
+    analysis written around them."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    marked = f"{start}\n{block.strip()}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + marked + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n{marked}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
