@@ -26,20 +26,14 @@ from torch import nn
 
 from peer.gemm import linear
 from peer.mxfp4 import dequantize_mxfp4
+from peer.primitives import RMSNorm
 
 
-class RMSNormFp32Product(nn.Module):
+class RMSNormFp32Product(RMSNorm):
     """gpt-oss's RMSNorm: the weight multiplies the fp32 statistics, the cast comes last."""
 
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * x32).to(x.dtype)
+        return (self.weight * self.normalized_fp32(x)).to(x.dtype)
 
 
 def sink_attention(
