@@ -182,6 +182,14 @@ async def run_route(local: LocalSwarm, prompt: list[int], push: bool, act=None, 
     pool = ChannelPool()
     try:
         view = SwarmView(dht)
+        # plan over live peers only: a peer an earlier test killed stays listed until its record
+        # expires, and a route through it would fail over before `act` runs
+        live = {child.address for child in local.children if child.process.poll() is None}
+
+        async def only_live_listed() -> bool:
+            return all(record.address in live for record in await dht.peers("m"))
+
+        await wait_until_async(only_live_listed, 4 * TTL, interval=0.5)
         route = await view.plan("m", 4)
         if planned is not None:
             await asyncio.to_thread(planned)
