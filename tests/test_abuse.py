@@ -27,7 +27,9 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def complete(address: str, prompt: str = "Hello there", headers: dict | None = None, **extra) -> httpx.Response:
+def complete(
+    address: str, prompt: str = "Hello there", headers: dict | None = None, **extra
+) -> httpx.Response:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, **extra}
     return httpx.post(f"{address}/v1/completions", json=body, headers=headers, timeout=60)
 
