@@ -530,6 +530,12 @@ def test_a_peer_from_another_compose_project_becomes_routable(deployment, refere
     # Its span's last replica in the first project goes: only the joined peer can serve it now.
     for service in ("peer1", "peer2"):
         deployment.compose(deployment.main, "kill", service, timeout=120, check=False)
+
+    def killed_ones_gone() -> bool:  # else the chat may plan through one, then fail over
+        peers = {peer["address"]: peer for peer in swarm_api(deployment.base_url)["peers"]}
+        return not any(peers.get(f"{service}:50051", {}).get("reachable") for service in ("peer1", "peer2"))
+
+    wait_for(killed_ones_gone, 60, "the killed peers stayed listed as reachable")
     result = stream_chat(deployment.base_url)
     assert result["tokens"] == reference["tokens"]
     recent = swarm_api(deployment.base_url)["routes"]["recent"][0]
