@@ -437,6 +437,9 @@ async def observe_generation(
                     last[piece.index] = now
                     tokens_out.inc(count)
                     entry.completion_tokens += count
+                if piece.outcome is not None and piece.index == 0:
+                    # a failover may have replaced hops: the map shows the route that served it
+                    entry.hops = hop_dicts(piece.outcome.route)
                 if log_prompts and piece.text:
                     texts.setdefault(piece.index, []).append(piece.text)
                 yield piece

@@ -193,7 +193,7 @@ def test_sigkill_mid_stream_continues_exactly(swarm, reference, position):
 
     received_before = _pushes_received(swarm, SPANS[1])
     session = f"killed-{position}"
-    result = swarm.stream(kill, headers={"X-Session-Id": session})
+    result = swarm.stream(kill, headers={"X-Session-Id": session, "X-Request-Id": session})
     swarm.replace(victims[0])
     assert result.errors == [] and result.done
     assert result.text == reference
@@ -209,6 +209,10 @@ def test_sigkill_mid_stream_continues_exactly(swarm, reference, position):
     pinned = [hop["peer_id"] for hop in pin["route"]]
     dead = result.route[position]
     assert dead not in pinned and pinned[:position] == result.route[:position]
+    # the swarm map records the route that served the request, not the one first planned
+    routes = httpx.get(f"{swarm.gateway.address}/swarm/api", timeout=10).json()["models"][0]["routes"]
+    (served,) = [route for route in routes["recent"] if route["request_id"] == session]
+    assert [hop["peer_id"] for hop in served["hops"]] == pinned
 
 
 def test_hung_peer_is_detected_by_the_step_deadline(swarm, reference):
