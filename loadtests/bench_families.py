@@ -81,12 +81,28 @@ def moe_streams(model_dir: Path, streams: int = 16, steps: int = 16, repeats: in
 
     The two are interleaved ``repeats`` times and the best of each kept: on a shared machine
     contention only ever adds time, and one sample of each once gave 3.8x and 4.8x for the same
-    model a minute apart."""
+    model a minute apart. Each span multiplies its small batches as a peer started with the
+    default flags would (`peer.batching_config`: the packed weight copy when it fits the memory
+    budget), so the figure is what `swarm peer` gives."""
     import torch
 
+    from peer import gemm
+    from peer.batching_config import available_memory_bytes, choose_prepack
     from peer.model import BlockSpan, last_token_rows
 
-    spans = [BlockSpan.load(model_dir, a, b) for a, b in ((0, 6), (6, 12))]
+    spans, batching = [], []
+    for start, end in ((0, 6), (6, 12)):
+        span = BlockSpan.load(model_dir, start, end, calibrate=False)
+        packed_bytes = gemm.packable_bytes(span.modules())
+        prepack, reason = choose_prepack(
+            None,
+            packable=packed_bytes > 0 and gemm.can_pack(),
+            packed_bytes=packed_bytes,
+            available_bytes=available_memory_bytes(),
+        )
+        gemm.calibrate(span.modules(), prepack=prepack)
+        spans.append(span)
+        batching.append(("prepack" if prepack else "no prepack") + f" ({reason})")
 
     def run(sessions: int) -> float:
         caches = [[span.new_cache() for _ in range(sessions)] for span in spans]
@@ -106,7 +122,7 @@ def moe_streams(model_dir: Path, streams: int = 16, steps: int = 16, repeats: in
     one, many = max(a for a, _ in pairs), max(b for _, b in pairs)
     return {"streams": streams, "tokens_per_s_1": round(one, 2), f"tokens_per_s_{streams}": round(many, 2),
             "ratio": round(many / one, 2), "steps": steps, "repeats": repeats,
-            "paired_ratios": [round(b / a, 2) for a, b in pairs]}  # fmt: skip
+            "paired_ratios": [round(b / a, 2) for a, b in pairs], "batching": batching}  # fmt: skip
 
 
 def kv_memory(tokens: int = 4096, chunk: int = 256) -> list[dict]:

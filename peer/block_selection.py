@@ -99,32 +99,6 @@ def blocks_that_fit(per_block_bytes: int, budget_bytes: int, num_blocks: int) ->
     return max(1, min(num_blocks, budget_bytes // per_block_bytes))
 
 
-def block_bytes(config: dict, bytes_per_weight: float) -> int:
-    """Weight bytes of one transformer block of a Llama-shaped `config.json` (attention and MLP
-    matrices and two norms), at `bytes_per_weight` (4 fp32, 2 bf16/fp16, 1 int8, 0.5 nf4).
-
-    A mixture-of-experts block counts EVERY expert and the router (Mixtral, Qwen3-MoE, gpt-oss):
-    a token uses a few, but the peer holds them all; with 4-128 experts a block is that many times
-    a dense one, and counting one expert would start a peer with more blocks than fit."""
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    intermediate = int(config.get("intermediate_size") or 4 * hidden)
-    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    if config.get("attention_bias"):
-        attention += head_dim * (heads + 2 * kv_heads) + hidden
-    mlp = 3 * hidden * intermediate
-    experts = int(
-        config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0
-    )
-    experts += int(config.get("n_shared_experts") or 0)  # DeepSeek: shared experts are held too
-    if experts:  # expert biases (gpt-oss has them) and the router's row per expert included
-        inner = int(config.get("moe_intermediate_size") or intermediate)
-        mlp = max(mlp, experts * (3 * hidden * inner + 2 * inner + hidden) + experts * (hidden + 1))
-    return int((attention + mlp + 2 * hidden) * bytes_per_weight)
-
-
 def available_memory_bytes() -> int:
     """Memory free now (the default budget of a peer that chooses its blocks)."""
     try:

@@ -668,6 +668,24 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def block_bytes(config: SpanConfig, bytes_per_weight: float) -> int:
+    """Weight bytes of the model's largest block at `bytes_per_weight` (4 fp32, 2 bf16/fp16, 1 int8,
+    0.5 nf4): what a peer that picks its own blocks plans its memory with (`peer.block_selection`).
+
+    The block is built from the family table on the meta device (no memory, no weights read) and
+    its parameters counted, so every family's shape is in it: latent attention's low-rank
+    projections, fused qkv, biases, sinks, and every expert (a token uses a few, but the peer holds
+    them all; counting one would start a peer with more blocks than fit). Layers differ only in
+    being dense or MoE (DeepSeek's first layers are dense), so one layer of each kind is built."""
+    flags = config.moe_layers or (False,)
+    largest = 0
+    for moe in set(flags):
+        with torch.device("meta"):
+            block = Block(config, 0, flags.index(moe))
+        largest = max(largest, sum(p.numel() for p in block.parameters()))
+    return int(largest * bytes_per_weight)
+
+
 # ---- the span -----------------------------------------------------------------------------------
 def _read_part(
     model_dir: Path, index: dict[str, str], names: dict[str, str], dtype: torch.dtype, device: torch.device,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -36,11 +35,11 @@ from peer.batching_config import (
     choose_prepack,
 )
 from peer.block_selection import available_memory_bytes as free_memory_bytes
-from peer.block_selection import block_bytes, blocks_that_fit, choose_span
+from peer.block_selection import blocks_that_fit, choose_span
 from peer.forwarding import Forwarder
 from peer.identity import describe
 from peer.metrics import attach_metrics
-from peer.model import BlockSpan
+from peer.model import BlockSpan, SpanConfig, block_bytes
 from peer.scheduler import BatchScheduler
 from peer.servicer import PeerServicer
 from peer.throughput import (
@@ -353,8 +352,8 @@ class PeerServer:
         cfg = self.config
         if not cfg.dht_bootstrap:
             raise ValueError("a peer without --blocks chooses them from the DHT: give --dht")
-        model_config = json.loads((Path(cfg.model_dir) / "config.json").read_text())
-        num_blocks = int(model_config["num_hidden_layers"])
+        model_config = SpanConfig.from_model_dir(cfg.model_dir)  # refuses an unsupported family
+        num_blocks = model_config.num_hidden_layers
         length = cfg.num_blocks
         if length <= 0:
             budget = cfg.memory_budget or free_memory_bytes()

@@ -88,7 +88,9 @@ PROCESS_FIXTURES = frozenset({
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())) or "LocalSwarm" in _source_of(item):
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())) or "LocalSwarm" in _source_of(
+            item
+        ):
             item.add_marker(pytest.mark.slow)
     try:
         import torch

@@ -6,7 +6,6 @@ import pytest
 
 from discovery.records import PeerRecord, PeerState
 from peer.block_selection import (
-    block_bytes,
     block_throughputs,
     blocks_that_fit,
     choose_span,
@@ -54,9 +53,7 @@ def test_a_peer_moves_to_an_uncovered_span_but_not_for_a_small_gain():
 
 
 def test_memory_budget_in_blocks():
-    config = {"hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 2816}
-    per_block = block_bytes(config, 4)
-    assert per_block == (1024 * 64 * 64 + 3 * 1024 * 2816 + 2048) * 4
+    per_block = 12_000_000  # peer.model.block_bytes, checked per family in tests/test_families.py
     assert blocks_that_fit(per_block, 3 * per_block + 1, NUM_BLOCKS) == 3
     assert blocks_that_fit(per_block, 100 * per_block, NUM_BLOCKS) == NUM_BLOCKS
     assert blocks_that_fit(per_block, 1, NUM_BLOCKS) == 1
@@ -95,11 +92,3 @@ def test_move_fields_in_records_are_validated_and_optional():
                 {"move_start": 1.5, "move_end": 2}, {"auto_span": "yes"}, {"auto_span": 1}):  # fmt: skip
         with pytest.raises(ValueError):
             PeerRecord.from_dict({**moving.to_dict(), **bad})
-
-
-def test_block_bytes_counts_deepseek_routed_and_shared_experts():
-    """DeepSeek-V3 names its experts n_routed_experts and holds n_shared_experts beside them."""
-    config = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96,
-              "moe_intermediate_size": 32, "n_routed_experts": 8, "n_shared_experts": 1}  # fmt: skip
-    assert block_bytes(config, 4) >= 9 * 3 * 64 * 32 * 4
-    assert block_bytes({**config, "n_shared_experts": 0}, 4) < block_bytes(config, 4)

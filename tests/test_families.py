@@ -17,9 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from peer import quant as quantization
 from peer.demo_families import ARCHS, WINDOW, create_family_model, family_config
 from peer.kv_cache import REWIND_SLACK, CacheRewindError, KVCache
-from peer.model import BlockSpan, SpanConfig, last_token_rows
+from peer.model import BlockSpan, SpanConfig, block_bytes, last_token_rows
 
 NEW_TOKENS = 48
 ATOL = 1e-4
@@ -162,6 +163,16 @@ def test_failover_replay_then_second_turn(arch, chain, model_dir, reference, hf_
     for span, span_cache in zip(spans, caches, strict=True):
         hidden = span(hidden, [span_cache], [6])
     torch.testing.assert_close(spans[-1].logits(hidden), expected_logits[6:12], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_block_bytes_is_what_a_loaded_block_holds(arch, chain):
+    """The memory plan of a peer that picks its own blocks (`peer.model.block_bytes`) is its
+    largest loaded block: every expert, latent attention's projections, fused and biased layers."""
+    spans = chain(arch, "2-spans")
+    held = max(quantization.resident_bytes(layer) for span in spans for layer in span.layers)
+    planned = block_bytes(spans[0].config, 4)
+    assert abs(planned - held) / held < 0.01, (planned, held)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "gemma2", "bloom", "gpt_oss", "deepseek_v3"])

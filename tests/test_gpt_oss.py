@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from peer.block_selection import block_bytes
 from peer.demo_families import create_family_model
 from peer.model import BlockSpan
 from peer.mxfp4 import FP4_VALUES, dequantize_mxfp4, quantize_mxfp4
@@ -123,19 +122,6 @@ def test_experts_quantize_int8_and_router_stays_exact(folders):
     ours, _ = decode(spans, caches, step(spans, caches, prompt_of("short")), 16)
     ref, _ = decode(full, full_caches, step(full, full_caches, prompt_of("short")), 16)
     assert sum(a == b for a, b in zip(ours, ref, strict=True)) >= 8
-
-
-def test_block_bytes_counts_every_expert(folders):
-    """The memory plan of a peer that picks its own blocks: a gpt-oss block's weights are what a
-    loaded block holds (all 4 experts), not a dense block's."""
-    _, reference = folders
-    config = json.loads((reference / "config.json").read_text())
-    held = BlockSpan.load(reference, 1, 3, calibrate=False).weight_bytes()["per_block"]
-    planned = block_bytes(config, 4)
-    assert abs(planned - held) / held < 0.01
-    dense = block_bytes({k: v for k, v in config.items() if k != "num_local_experts"}, 4)
-    one_expert = 3 * config["hidden_size"] * config["intermediate_size"] * 4
-    assert planned - dense > 3 * one_expert  # 4 experts where a dense block has one MLP
 
 
 def test_throughput_profile_reaches_many_experts(folders, monkeypatch):

@@ -17,16 +17,12 @@ import pytest
 import torch
 
 from common.peer_client import ChannelPool, PeerError, PeerSession, peer_info
-from discovery.dht import SwarmDHT
-from discovery.records import PeerRecord, parse_address
-from gateway.failure_policy import FailurePolicy
-from gateway.generation import GenerationParams, RouteRunner, generate
+from discovery.records import PeerRecord
 from gateway.routing import plan_route
-from gateway.swarm_view import SwarmView
 from protos import swarm_pb2
 from swarm.launcher import LocalSwarm
 from tests.conftest import HEARTBEAT, TTL, wait_until_async
-from tests.test_swarm_exactness import TOP, reference
+from tests.test_swarm_exactness import assert_exact, reference, through_swarm
 
 NEW_TOKENS = 24
 
@@ -174,56 +170,24 @@ def expected(demo_model, prompt):
 
 
 async def run_route(local: LocalSwarm, prompt: list[int], push: bool, act=None, planned=None):
-    """Plan over the swarm's DHT, call `planned()` (in a thread), generate NEW_TOKENS greedily
-    with failover on, and call `act(route)` (in a thread) after the fourth token. Returns the
-    first route, the events and the runner."""
-    dht = SwarmDHT()
-    await dht.start("127.0.0.1", 0, [parse_address(local.dht_address)])
-    pool = ChannelPool()
-    try:
-        view = SwarmView(dht)
-        # plan over live peers only: a peer an earlier test killed stays listed until its record
-        # expires, and a route through it would fail over before `act` runs
-        live = {child.address for child in local.children if child.process.poll() is None}
+    """NEW_TOKENS greedily over live peers, failover on; `act(route)` after the fourth token."""
 
-        async def only_live_listed() -> bool:
-            return all(record.address in live for record in await dht.peers("m"))
+    def after_event(events, route):
+        if len(events) == 4 and act is not None:
+            act(route)
 
-        await wait_until_async(only_live_listed, 4 * TTL, interval=0.5)
-        route = await view.plan("m", 4)
-        if planned is not None:
-            await asyncio.to_thread(planned)
-        failover = FailurePolicy(replace_timeout=10.0).bind(view, "m", 4)
-        sampling = swarm_pb2.SamplingParams(temperature=0.0, logprobs=True, top_logprobs=TOP)
-        params = GenerationParams(
-            prompt_ids=prompt, max_new_tokens=NEW_TOKENS, sampling=sampling, ignore_eos=True
-        )
-        runner = RouteRunner(pool, route, 5.0, failover=failover, push=push)
-        events = []
-        async for event in generate(runner, params):
-            events.append(event)
-            if len(events) == 4 and act is not None:
-                await asyncio.to_thread(act, route)
-        return route, events, runner
-    finally:
-        await pool.close()
-        dht.stop()
-
-
-def assert_exact(events, expected) -> None:
-    tokens, logprobs = expected
-    assert [event.token_id for event in events] == tokens
-    for step, event in enumerate(events):
-        assert abs(event.logprob - logprobs[step, event.token_id].item()) < 1e-4
-        assert [token for token, _ in event.top_logprobs] == logprobs[step].topk(TOP).indices.tolist()
+    return await through_swarm(
+        local, "m", 4, prompt, push, new_tokens=NEW_TOKENS, failover_timeout=10.0, step_timeout=5.0,
+        live_only=True, planned=planned, after_event=after_event,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("push", [True, False], ids=["push", "relay"])
 def test_a_route_through_a_sub_span_is_exact(swarm, prompt, expected, push):
-    route, events, runner = asyncio.run(run_route(swarm, prompt, push))
-    assert [(hop.start, hop.end) for hop in route] in ([(0, 2), (2, 4)], [(0, 3), (3, 4)])
-    assert runner.pushed_steps == (NEW_TOKENS if push else 0)  # the next hop's session is a sub-span
-    assert_exact(events, expected)
+    run = asyncio.run(run_route(swarm, prompt, push))
+    assert [(hop.start, hop.end) for hop in run.route] in ([(0, 2), (2, 4)], [(0, 3), (3, 4)])
+    assert run.runner.pushed_steps == (NEW_TOKENS if push else 0)  # the next hop's session is a sub-span
+    assert_exact(run.events, expected)
 
 
 def test_a_sub_span_session_reserves_its_share_and_bad_spans_are_refused(swarm):
@@ -338,10 +302,11 @@ def test_failover_onto_another_sub_span_is_exact(swarm, prompt, expected, push, 
         victim.signal(signal.SIGKILL)
         killed.append(victim)
 
-    route, events, runner = asyncio.run(run_route(swarm, prompt, push, act=kill, planned=start_replacement))
+    run = asyncio.run(run_route(swarm, prompt, push, act=kill, planned=start_replacement))
+    route = run.route
     assert killed and killed[0].process.poll() is not None, "the victim outlived the stream"
-    last = runner.route[-1]
+    last = run.runner.route[-1]
     assert last.address == started[0].address and last.end == 4
     # on the lost hop's blocks (or the end of them, if the planner split them), a part of its span
     assert route[-1].start <= last.start and replacement_span[0] < last.start
-    assert_exact(events, expected)
+    assert_exact(run.events, expected)

@@ -7,6 +7,7 @@ exact, and the push runs are checked to have pushed every step."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,11 +15,13 @@ import torch
 from common.peer_client import ChannelPool
 from discovery.dht import SwarmDHT
 from discovery.records import parse_address
+from gateway.failure_policy import FailurePolicy
 from gateway.generation import GenerationParams, RouteRunner, generate
+from gateway.routing import Route
 from gateway.swarm_view import SwarmView
 from protos import swarm_pb2
 from swarm.launcher import LocalSwarm
-from tests.conftest import HEARTBEAT, TTL
+from tests.conftest import HEARTBEAT, TTL, wait_until_async
 
 NEW_TOKENS = 64
 TOP = 5
@@ -45,25 +48,83 @@ def reference(model_dir, prompt: list[int], new_tokens: int = NEW_TOKENS) -> tup
     return tokens, logprobs
 
 
+@dataclass
+class SwarmRun:
+    route: Route  # as first planned; `runner.route` is the route after any failover
+    events: list
+    runner: RouteRunner
+
+
 async def through_swarm(
-    local: LocalSwarm, model_id: str, num_blocks: int, prompt: list[int], push: bool = True
-):
+    local: LocalSwarm,
+    model_id: str,
+    num_blocks: int,
+    prompt: list[int],
+    push: bool = True,
+    *,
+    new_tokens: int = NEW_TOKENS,
+    spans: list[tuple[int, int]] | None = None,
+    failover_timeout: float | None = None,
+    step_timeout: float = 30.0,
+    live_only: bool = False,
+    planned=None,
+    after_event=None,
+) -> SwarmRun:
+    """Greedy decoding of `prompt` through the swarm's peers, found via its DHT and driven by the
+    gateway's own route runner, with logprobs and the top `TOP` alternatives.
+
+    `spans`: plan only over peers whose span is one of these. `failover_timeout`: failover on,
+    replacing a lost hop within that many seconds. `live_only`: first wait until the DHT lists
+    only peers that are alive (one an earlier test killed stays listed until its record expires,
+    and a route through it would fail over on its own). `planned()` runs once the route is planned,
+    `after_event(events, route)` after every token; both in a thread, as they may start or kill
+    processes."""
     dht = SwarmDHT()
     await dht.start("127.0.0.1", 0, [parse_address(local.dht_address)])
     pool = ChannelPool()
     try:
-        swarm = SwarmView(dht)
-        route = await swarm.plan(model_id, num_blocks)
+        view = SwarmView(dht)
+        if live_only:
+            live = {child.address for child in local.children if child.process.poll() is None}
+
+            async def only_live_listed() -> bool:
+                return all(record.address in live for record in await dht.peers(model_id))
+
+            await wait_until_async(only_live_listed, 4 * TTL, interval=0.5)
+        accept = None if spans is None else (lambda record: (record.start, record.end) in set(spans))
+        route = await view.plan(model_id, num_blocks, accept=accept)
+        if planned is not None:
+            await asyncio.to_thread(planned)
+        failover = None
+        if failover_timeout is not None:
+            failover = FailurePolicy(replace_timeout=failover_timeout).bind(view, model_id, num_blocks)
         sampling = swarm_pb2.SamplingParams(temperature=0.0, logprobs=True, top_logprobs=TOP)
         params = GenerationParams(
-            prompt_ids=prompt, max_new_tokens=NEW_TOKENS, sampling=sampling, ignore_eos=True
+            prompt_ids=prompt, max_new_tokens=new_tokens, sampling=sampling, ignore_eos=True
         )
-        runner = RouteRunner(pool, route, 30.0, push=push)
-        events = [event async for event in generate(runner, params)]
-        return route, events, runner.pushed_steps
+        runner = RouteRunner(pool, route, step_timeout, failover=failover, push=push)
+        events = []
+        async for event in generate(runner, params):
+            events.append(event)
+            if after_event is not None:
+                await asyncio.to_thread(after_event, events, route)
+        return SwarmRun(route, events, runner)
     finally:
         await pool.close()
         dht.stop()
+
+
+def assert_exact(events, expected: tuple[list[int], torch.Tensor]) -> None:
+    """`events` are `reference`'s tokens, and each one's logprob and top alternatives (ids and
+    values) agree with its log-probabilities to 1e-4."""
+    expected_tokens, expected_logprobs = expected
+    assert [event.token_id for event in events] == expected_tokens
+    for step, event in enumerate(events):
+        top_ids = [token for token, _ in event.top_logprobs]
+        got = torch.tensor([logprob for _, logprob in event.top_logprobs])
+        torch.testing.assert_close(got, expected_logprobs[step, top_ids], atol=1e-4, rtol=0)
+        assert top_ids == expected_logprobs[step].topk(TOP).indices.tolist()
+        assert abs(event.logprob - expected_logprobs[step, event.token_id].item()) < 1e-4
 
 
 @pytest.mark.parametrize(
@@ -86,20 +147,12 @@ async def test_greedy_tokens_and_logprobs_match_transformers(
     with LocalSwarm(model_dir, workdir=tmp_path, heartbeat=HEARTBEAT, ttl=TTL, model_name="m") as local:
         local.start_dht()
         local.start_peers(spans, "--threads", "1", *flags)
-        route, events, pushed = await through_swarm(local, "m", num_blocks, prompt, push)
+        run = await through_swarm(local, "m", num_blocks, prompt, push)
 
-    assert [(hop.start, hop.end) for hop in route] == spans
+    assert [(hop.start, hop.end) for hop in run.route] == spans
     # every step (the prefill, then one per sampled token but the last) went peer to peer, or none
-    assert pushed == (NEW_TOKENS if push else 0)
-    expected_tokens, expected_logprobs = reference(model_dir, prompt)
-    assert [event.token_id for event in events] == expected_tokens
-    for step, event in enumerate(events):
-        top_ids = [token for token, _ in event.top_logprobs]
-        got = torch.tensor([logprob for _, logprob in event.top_logprobs])
-        want = expected_logprobs[step, top_ids]
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-        assert top_ids == expected_logprobs[step].topk(TOP).indices.tolist()
-        assert abs(event.logprob - expected_logprobs[step, event.token_id].item()) < 1e-4
+    assert run.runner.pushed_steps == (NEW_TOKENS if push else 0)
+    assert_exact(run.events, reference(model_dir, prompt))
 
 
 # -- prompt logprobs (completions' echo + logprobs) ------------------------------------------------

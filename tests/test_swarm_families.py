@@ -20,17 +20,10 @@ import signal
 import pytest
 import torch
 
-from common.peer_client import ChannelPool
-from discovery.dht import SwarmDHT
-from discovery.records import parse_address
-from gateway.failure_policy import FailurePolicy
-from gateway.generation import GenerationParams, RouteRunner, generate
-from gateway.swarm_view import SwarmView
 from peer.demo_families import WINDOW, create_family_model
-from protos import swarm_pb2
 from swarm.launcher import LocalSwarm
 from tests.conftest import HEARTBEAT, TTL
-from tests.test_swarm_exactness import NEW_TOKENS, reference, through_swarm
+from tests.test_swarm_exactness import NEW_TOKENS, assert_exact, reference, through_swarm
 
 pytestmark = pytest.mark.slow
 
@@ -49,16 +42,11 @@ async def test_family_through_peers_matches_transformers(arch, spans, tmp_path):
     with LocalSwarm(model_dir, workdir=tmp_path, heartbeat=HEARTBEAT, ttl=TTL, model_name="m") as local:
         local.start_dht()
         local.start_peers(spans, "--threads", "1")
-        route, events, _ = await through_swarm(local, "m", spans[-1][1], prompt)
+        run = await through_swarm(local, "m", spans[-1][1], prompt)
 
-    assert [(hop.start, hop.end) for hop in route] == spans
-    expected_tokens, expected_logprobs = reference(model_dir, prompt)
-    assert [event.token_id for event in events] == expected_tokens
-    assert len(events) == NEW_TOKENS
-    for position, event in enumerate(events):
-        top_ids = [token for token, _ in event.top_logprobs]
-        got = torch.tensor([logprob for _, logprob in event.top_logprobs])
-        torch.testing.assert_close(got, expected_logprobs[position, top_ids], atol=1e-4, rtol=0)
+    assert [(hop.start, hop.end) for hop in run.route] == spans
+    assert len(run.events) == NEW_TOKENS
+    assert_exact(run.events, reference(model_dir, prompt))
 
 
 # ---- DeepSeek-V3 (MLA latent caches, grouped routing): one swarm, three routes -----------------
@@ -80,40 +68,12 @@ def deepseek_swarm(tmp_path_factory: pytest.TempPathFactory):
         yield local, children, prompt, expected
 
 
-async def _run_route(local: LocalSwarm, spans, prompt, kill=None):
-    """Greedy decoding over the route made of exactly `spans`, failover on; `kill(events)` is
-    called after every token (to take a peer away mid-stream)."""
-    dht = SwarmDHT()
-    await dht.start("127.0.0.1", 0, [parse_address(local.dht_address)])
-    pool = ChannelPool()
-    try:
-        swarm = SwarmView(dht)
-        route = await swarm.plan("m", 4, accept=lambda record: (record.start, record.end) in set(spans))
-        runner = RouteRunner(
-            pool, route, 30.0, failover=FailurePolicy(replace_timeout=20.0).bind(swarm, "m", 4)
-        )
-        sampling = swarm_pb2.SamplingParams(temperature=0.0, logprobs=True, top_logprobs=5)
-        params = GenerationParams(
-            prompt_ids=prompt, max_new_tokens=DEEPSEEK_TOKENS, sampling=sampling, ignore_eos=True
-        )
-        events = []
-        async for event in generate(runner, params):
-            events.append(event)
-            if kill:
-                kill(events)
-        return route, runner.route, events
-    finally:
-        await pool.close()
-        dht.stop()
-
-
-def _assert_exact(events, expected) -> None:
-    expected_tokens, expected_logprobs = expected
-    assert [event.token_id for event in events] == expected_tokens
-    for position, event in enumerate(events):
-        top_ids = [token for token, _ in event.top_logprobs]
-        got = torch.tensor([logprob for _, logprob in event.top_logprobs])
-        torch.testing.assert_close(got, expected_logprobs[position, top_ids], atol=1e-4, rtol=0)
+async def _deepseek_run(local: LocalSwarm, spans, prompt, kill=None):
+    """Over exactly `spans`, failover on; `kill(events, route)` after every token."""
+    return await through_swarm(
+        local, "m", 4, prompt, new_tokens=DEEPSEEK_TOKENS, spans=spans, failover_timeout=20.0,
+        after_event=kill,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -121,9 +81,9 @@ def _assert_exact(events, expected) -> None:
 )
 async def test_deepseek_through_peers_matches_transformers(deepseek_swarm, spans):
     local, _, prompt, expected = deepseek_swarm
-    route, _, events = await _run_route(local, spans, prompt)
-    assert [(hop.start, hop.end) for hop in route] == spans
-    _assert_exact(events, expected)
+    run = await _deepseek_run(local, spans, prompt)
+    assert [(hop.start, hop.end) for hop in run.route] == spans
+    assert_exact(run.events, expected)
 
 
 async def test_deepseek_failover_replays_latent_caches_exactly(deepseek_swarm):
@@ -131,11 +91,11 @@ async def test_deepseek_failover_replays_latent_caches_exactly(deepseek_swarm):
     rebuild their latent caches by replaying the history, and the stream stays transformers'."""
     local, children, prompt, expected = deepseek_swarm
 
-    def kill(events):
+    def kill(events, _route):
         if len(events) == 20:
             children[0].signal(signal.SIGKILL)
 
-    route, final, events = await _run_route(local, [(0, 2), (2, 4)], prompt, kill)
-    assert [(hop.start, hop.end) for hop in route] == [(0, 2), (2, 4)]
-    assert [(hop.start, hop.end) for hop in final] == [(0, 1), (1, 2), (2, 4)]
-    _assert_exact(events, expected)
+    run = await _deepseek_run(local, [(0, 2), (2, 4)], prompt, kill)
+    assert [(hop.start, hop.end) for hop in run.route] == [(0, 2), (2, 4)]
+    assert [(hop.start, hop.end) for hop in run.runner.route] == [(0, 1), (1, 2), (2, 4)]
+    assert_exact(run.events, expected)
