@@ -88,7 +88,9 @@ def test_fp8_folder_loads_to_the_dequantized_weights(folders, start, end):
         assert torch.equal(got_state[name], tensor), name
     hidden = torch.tensor([5, 6, 7, 8]) if start == 0 else torch.randn(4, got.config.hidden_size)
     out = [span(hidden, [span.new_cache()], [4]) for span in (got, want)]
-    assert torch.equal(out[0], out[1])
+    # the weights are equal bit for bit (above); a pass may still round differently, since MKL picks
+    # its kernels by the weights' memory alignment, which differs between the two folders' files
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
 
 
 def test_dequantize_tiles_a_ragged_weight():
