@@ -4,8 +4,9 @@ Concurrency contract
 --------------------
 * The scheduler owns the model and every KV cache while a forward pass runs: passes run one at a
   time, in its single worker thread, so caches need no locks. The one exception runs on the event
-  loop's thread instead (`_inline`: a decode step of the only live session), which blocks the loop
-  for that pass, so no bookkeeping can run beside it either. Steps of different sessions that are
+  loop's thread instead (`_inline`: a decode step of the only live session; run by `submit`
+  itself when the scheduler is idle, `_can_run_now`), which blocks the loop for that pass, so no
+  bookkeeping can run beside it either. Steps of different sessions that are
   waiting at the same moment run as one packed forward pass (continuous batching); a session has
   at most one step in flight because the gateway waits for each result.
 * Steps arrive validated (`peer.servicer` checks them at the edge and answers INVALID_ARGUMENT);
@@ -142,6 +143,7 @@ class BatchScheduler:
         self._pass_ids = itertools.count(int.from_bytes(os.urandom(5), "big") << 20)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._task: asyncio.Task | None = None
+        self._idle = False  # `_run` waits for a first step with nothing queued (`_can_run_now`)
         self.steps = 0  # forward passes
         self.tokens = 0
         # called with (sessions, tokens, seconds, cpu_seconds) after each forward pass: wall time,
@@ -173,8 +175,24 @@ class BatchScheduler:
     async def submit(self, work: StepWork) -> swarm_pb2.StepResult:
         self._live.add(id(work.session))
         self._window.arrived(work.session)
-        self._queue.put_nowait(work)
+        if self._can_run_now(work):
+            self._run_now(work)  # resolves the future: the await below does not yield
+        else:
+            self._queue.put_nowait(work)
         return await work.future
+
+    def _can_run_now(self, work: StepWork) -> bool:
+        """Whether `submit` may run `work`'s pass itself, on the event loop's thread: the pass
+        `_run` would run inline (`_inline`), with the scheduler idle (waiting for a first step,
+        nothing queued, carried or deferred, no pass running). It saves the two loop turns of
+        the hand-off to the scheduler's task and back, a few tenths of a millisecond of every
+        hop of a lone stream."""
+        return (
+            self._idle
+            and self._queue.empty()
+            and len(self._live) <= 1
+            and work.remaining <= min(INLINE_MAX_TOKENS, self.max_batch_tokens)
+        )
 
     def _pack(self, waiting: list[StepWork]) -> tuple[list[tuple[StepWork, int]], list[StepWork]]:
         """Choose (work, tokens) pieces for one pass; the rest waits. Shortest first, so decode
@@ -227,7 +245,11 @@ class BatchScheduler:
         far less than two of 4. A lone stream never waits (no other session is expected)."""
         waiting, self._carry, self._deferred = [*self._carry, *self._deferred], [], []
         if not waiting:
-            waiting.append(await self._queue.get())
+            self._idle = True  # `submit` may run a lone step's pass itself meanwhile
+            try:
+                waiting.append(await self._queue.get())
+            finally:
+                self._idle = False
         while not self._queue.empty():
             waiting.append(self._queue.get_nowait())
         self._update_split()
@@ -273,10 +295,7 @@ class BatchScheduler:
             pieces, self._carry = self._pack(waiting)
             if not pieces:
                 continue
-            begin = time.perf_counter()
-            for work, _ in pieces:
-                work.session.in_forward = True
-            pass_id = next(self._pass_ids)
+            begin, pass_id = self._begin(pieces)
             try:
                 if self._inline(pieces):
                     results, cpu_seconds = self._timed_forward(pieces)
@@ -285,34 +304,66 @@ class BatchScheduler:
                         self._executor, self._timed_forward, pieces
                     )
             except Exception as exc:  # a bug or OOM must fail these steps, not the peer
-                log.exception("forward pass failed")
-                for work, _ in pieces:
-                    if not work.future.done():
-                        work.future.set_exception(ForwardFailed(str(exc)))
+                self._fail(pieces, exc)
                 continue
             finally:
                 for work, _ in pieces:
                     work.session.in_forward = False
-            self.steps += 1
-            batch_tokens = sum(count for _, count in pieces)
-            self.tokens += batch_tokens
-            # the announced throughput is the whole span's: a pass with sub-span steps ran fewer layers
-            if self.observe is not None and all(work.span in (None, self.span) for work, _ in pieces):
-                self.observe(len(pieces), batch_tokens, time.perf_counter() - begin, cpu_seconds)
-            for (work, _), result in zip(pieces, results, strict=True):
-                if work.future.done():
-                    continue
-                if isinstance(result, StepFailed):  # this session alone; see `_finish`
-                    work.future.set_exception(result)
-                elif result is None:  # more chunks to go
-                    self._carry.append(work)
-                else:
-                    self.session_steps += 1
-                    # A later span groups sessions as the route's first span did, so that the
-                    # groups a pipeline keeps (`--pipeline-groups`) stay apart here too.
-                    result.pass_id = work.pass_id or pass_id
-                    self._window.stepped(work.session, cohort=result.pass_id)
-                    work.future.set_result(result)
+            self._complete(pieces, results, begin, cpu_seconds, pass_id)
+
+    def _run_now(self, work: StepWork) -> None:
+        """`_run`'s pass for `work` alone, run by `submit` itself (see `_can_run_now`)."""
+        pieces = [(work, work.remaining)]
+        begin, pass_id = self._begin(pieces)
+        try:
+            results, cpu_seconds = self._timed_forward(pieces)
+        except Exception as exc:  # a bug or OOM must fail this step, not the peer
+            self._fail(pieces, exc)
+            return
+        finally:
+            work.session.in_forward = False
+        self._complete(pieces, results, begin, cpu_seconds, pass_id)
+
+    def _begin(self, pieces: list[tuple[StepWork, int]]) -> tuple[float, int]:
+        for work, _ in pieces:
+            work.session.in_forward = True
+        return time.perf_counter(), next(self._pass_ids)
+
+    def _fail(self, pieces: list[tuple[StepWork, int]], exc: Exception) -> None:
+        log.exception("forward pass failed")
+        for work, _ in pieces:
+            if not work.future.done():
+                work.future.set_exception(ForwardFailed(str(exc)))
+
+    def _complete(
+        self,
+        pieces: list[tuple[StepWork, int]],
+        results: list,
+        begin: float,
+        cpu_seconds: float,
+        pass_id: int,
+    ) -> None:
+        """Count the pass and hand each step its result (or queue its next chunk)."""
+        self.steps += 1
+        batch_tokens = sum(count for _, count in pieces)
+        self.tokens += batch_tokens
+        # the announced throughput is the whole span's: a pass with sub-span steps ran fewer layers
+        if self.observe is not None and all(work.span in (None, self.span) for work, _ in pieces):
+            self.observe(len(pieces), batch_tokens, time.perf_counter() - begin, cpu_seconds)
+        for (work, _), result in zip(pieces, results, strict=True):
+            if work.future.done():
+                continue
+            if isinstance(result, StepFailed):  # this session alone; see `_finish`
+                work.future.set_exception(result)
+            elif result is None:  # more chunks to go
+                self._carry.append(work)
+            else:
+                self.session_steps += 1
+                # A later span groups sessions as the route's first span did, so that the
+                # groups a pipeline keeps (`--pipeline-groups`) stay apart here too.
+                result.pass_id = work.pass_id or pass_id
+                self._window.stepped(work.session, cohort=result.pass_id)
+                work.future.set_result(result)
 
     def _timed_forward(self, pieces: list[tuple[StepWork, int]]) -> tuple[list, float]:
         """`_forward` and the CPU time the running thread spent in it. Thread CPU time, not wall
