@@ -80,6 +80,22 @@ class _LiveCollector(Collector):
             "swarm_peer_moves", "times this peer moved to other blocks to rebalance the swarm (peer.balancer)",
             value=servicer.moves,
         )  # fmt: skip
+        forwarder = servicer.forwarder
+        yield CounterMetricFamily(
+            "swarm_peer_pushes", "steps this peer pushed to a next hop that accepted them (peer.forwarding)",
+            value=forwarder.pushed,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "swarm_peer_pushes_received", "pushed steps this peer accepted from a previous hop",
+            value=servicer.pushes_received,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "swarm_peer_push_links", "open Push streams to next hops", value=len(forwarder.links())
+        )
+        yield CounterMetricFamily(
+            "swarm_peer_push_links_closed", "Push links closed as idle or least recently used",
+            value=forwarder.links_closed,
+        )  # fmt: skip
         yield GaugeMetricFamily(
             "swarm_peer_throughput_tokens_per_second", "batch-1 decode tokens/s: the start-up profile scaled by recent forward passes, in thread CPU time (announced in the DHT, peer.throughput)",
             value=record.throughput,

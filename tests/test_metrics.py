@@ -179,6 +179,21 @@ def test_peer_metrics_show_live_sessions_and_forward_passes(swarm, gateway):
         assert value(new, "swarm_peer_batch_tokens_sum") > value(old, "swarm_peer_batch_tokens_sum")
         info = [labels for (name, labels) in new if name == "swarm_peer_info"]
         assert len(info) == 1 and dict(info[0])["model"] == MODEL
+    # push (the default): the first peer pushed the steps to the second, which accepted them
+    after = {url: scrape(url) for url in urls}
+    pushed = {
+        url: value(after[url], "swarm_peer_pushes_total") - value(old, "swarm_peer_pushes_total")
+        for url, old in zip(urls, before, strict=True)
+    }
+    pusher = max(pushed, key=pushed.get)
+    (receiver,) = set(urls) - {pusher}
+    received = value(after[receiver], "swarm_peer_pushes_received_total") - value(
+        before[urls.index(receiver)], "swarm_peer_pushes_received_total"
+    )
+    assert pushed[pusher] > 0 and pushed[receiver] == 0 and received >= pushed[pusher]
+    assert value(after[pusher], "swarm_peer_push_links") == 1
+    assert value(after[receiver], "swarm_peer_push_links") == 0
+    assert value(after[pusher], "swarm_peer_push_links_closed_total") == 0
 
 
 def test_one_request_id_in_gateway_and_every_peer_log(swarm, gateway):
