@@ -87,22 +87,16 @@ def moe_streams(model_dir: Path, streams: int = 16, steps: int = 16, repeats: in
     import torch
 
     from peer import gemm
-    from peer.batching_config import available_memory_bytes, choose_prepack
     from peer.model import BlockSpan, last_token_rows
+    from peer.server import PeerConfig, choose_batching
 
     spans, batching = [], []
     for start, end in ((0, 6), (6, 12)):
         span = BlockSpan.load(model_dir, start, end, calibrate=False)
-        packed_bytes = gemm.packable_bytes(span.modules())
-        prepack, reason = choose_prepack(
-            None,
-            packable=packed_bytes > 0 and gemm.can_pack(),
-            packed_bytes=packed_bytes,
-            available_bytes=available_memory_bytes(),
-        )
-        gemm.calibrate(span.modules(), prepack=prepack)
+        config = choose_batching(span, PeerConfig(model_dir, model_dir.name, start, end))  # no flags
+        gemm.calibrate(span.modules(), prepack=config.prepack)
         spans.append(span)
-        batching.append(("prepack" if prepack else "no prepack") + f" ({reason})")
+        batching.append(config.describe())
 
     def run(sessions: int) -> float:
         caches = [[span.new_cache() for _ in range(sessions)] for span in spans]

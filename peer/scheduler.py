@@ -176,7 +176,7 @@ class BatchScheduler:
         self._live.add(id(work.session))
         self._window.arrived(work.session)
         if self._can_run_now(work):
-            self._run_now(work)  # resolves the future: the await below does not yield
+            self._run_inline([(work, work.remaining)])  # resolves the future: no yield below
         else:
             self._queue.put_nowait(work)
         return await work.future
@@ -295,39 +295,40 @@ class BatchScheduler:
             pieces, self._carry = self._pack(waiting)
             if not pieces:
                 continue
+            if self._inline(pieces):
+                self._run_inline(pieces)
+                continue
             begin, pass_id = self._begin(pieces)
             try:
-                if self._inline(pieces):
-                    results, cpu_seconds = self._timed_forward(pieces)
-                else:
-                    results, cpu_seconds = await loop.run_in_executor(
-                        self._executor, self._timed_forward, pieces
-                    )
+                results, cpu_seconds = await loop.run_in_executor(self._executor, self._timed_forward, pieces)
             except Exception as exc:  # a bug or OOM must fail these steps, not the peer
                 self._fail(pieces, exc)
                 continue
             finally:
-                for work, _ in pieces:
-                    work.session.in_forward = False
+                self._end(pieces)
             self._complete(pieces, results, begin, cpu_seconds, pass_id)
 
-    def _run_now(self, work: StepWork) -> None:
-        """`_run`'s pass for `work` alone, run by `submit` itself (see `_can_run_now`)."""
-        pieces = [(work, work.remaining)]
+    def _run_inline(self, pieces: list[tuple[StepWork, int]]) -> None:
+        """A pass on the event loop's thread (`_inline`), from `_run` or from `submit` itself
+        (`_can_run_now`)."""
         begin, pass_id = self._begin(pieces)
         try:
             results, cpu_seconds = self._timed_forward(pieces)
-        except Exception as exc:  # a bug or OOM must fail this step, not the peer
+        except Exception as exc:  # a bug or OOM must fail these steps, not the peer
             self._fail(pieces, exc)
             return
         finally:
-            work.session.in_forward = False
+            self._end(pieces)
         self._complete(pieces, results, begin, cpu_seconds, pass_id)
 
     def _begin(self, pieces: list[tuple[StepWork, int]]) -> tuple[float, int]:
         for work, _ in pieces:
             work.session.in_forward = True
         return time.perf_counter(), next(self._pass_ids)
+
+    def _end(self, pieces: list[tuple[StepWork, int]]) -> None:
+        for work, _ in pieces:
+            work.session.in_forward = False
 
     def _fail(self, pieces: list[tuple[StepWork, int]], exc: Exception) -> None:
         log.exception("forward pass failed")
