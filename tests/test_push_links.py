@@ -1,6 +1,7 @@
 """Push links do not pile up (peer.forwarding): idle ones close with their channels, and at most
 `max_links` stay open, the least recently used closed first. Real gRPC servers in this process
-that ack every push, and count the Push streams open on them."""
+that ack every push, and count the Push streams open on them. A link spreads the pushes of a
+pass over a few streams."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import grpc
 import pytest
 
-from peer.forwarding import Forwarder, PushFailed
+from peer.forwarding import STREAMS_PER_LINK, Forwarder, PushFailed
 from protos import swarm_pb2, swarm_pb2_grpc
 from tests.conftest import wait_until_async
 
@@ -118,3 +119,22 @@ async def test_a_closed_link_fails_its_waiting_pushes():
     finally:
         await forwarder.close()
         await server.stop(None)
+
+
+async def test_a_pass_of_pushes_goes_out_side_by_side(peers):
+    """The 8 pushes of a pass, sent at once, use several streams of the link (gRPC takes one write
+    at a time per stream), at most STREAMS_PER_LINK; every push is acked, and a lone push after
+    them reuses an open stream."""
+    (a, _, _), servicers = peers
+    forwarder = Forwarder()
+    try:
+        await asyncio.gather(*(push(forwarder, a) for _ in range(8)))
+        streams = len(forwarder._links[a].streams)
+        assert 1 < streams <= STREAMS_PER_LINK
+        assert servicers[0].received == 8 and servicers[0].open == streams
+        await push(forwarder, a)
+        assert len(forwarder._links[a].streams) == streams and servicers[0].received == 9
+        assert forwarder.pushed == 9
+    finally:
+        await forwarder.close()
+    assert await wait_until_async(lambda: servicers[0].open == 0, timeout=5)
