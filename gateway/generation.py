@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 
+from common import trace
 from common.peer_client import ChannelPool, PeerError, PeerSession
 from gateway.answer_checks import malformed
 from gateway.failure_policy import BadAnswer, Failover, FailoverEvent, Verdict
@@ -390,6 +391,7 @@ class RouteRunner:
                 session = self.sessions[i]
                 if session is None:
                     raise PeerError(self.route[i].address, None, "session is not open")
+                trace.mark("gateway.send")
                 await self._with_deadline(self.route[i], session.send(step))
             except PeerError as exc:
                 raise _HopFailure(i, exc) from exc
@@ -427,6 +429,7 @@ class RouteRunner:
         self._rebuild_upto = -1
         if pushed:
             self.pushed_steps += 1
+        trace.mark("gateway.result")
         return results
 
     async def _chain_answers(self, first: int, end: int, seq: int) -> dict[int, swarm_pb2.StepResult]:

@@ -38,6 +38,7 @@ from typing import Protocol
 
 import torch
 
+from common import trace
 from peer import tensor_codec
 from peer.batch_window import BatchWindow
 from peer.kv_cache import KVCache
@@ -370,9 +371,12 @@ class BatchScheduler:
         """`_forward` and the CPU time the running thread spent in it. Thread CPU time, not wall
         time: it excludes the time the thread waited for a core that other processes held, so
         two identical peers on one busy machine measure alike (`peer.throughput`)."""
+        trace.mark("peer.forward_start")
         begin = time.thread_time()
         results = self._forward(pieces)
-        return results, time.thread_time() - begin
+        cpu_seconds = time.thread_time() - begin
+        trace.mark("peer.forward_end")
+        return results, cpu_seconds
 
     @torch.inference_mode()
     def _forward(self, pieces: list[tuple[StepWork, int]]) -> list[swarm_pb2.StepResult | StepFailed | None]:

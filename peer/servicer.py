@@ -42,6 +42,7 @@ import grpc
 import numpy as np
 import torch
 
+from common import trace
 from common.logs import REQUEST_ID_HEADER, set_request_id
 from discovery.records import PeerRecord
 from peer import tensor_codec
@@ -444,6 +445,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                                 grpc.StatusCode.FAILED_PRECONDITION, "open a session before stepping"
                             )
                         first_step_due = None
+                        trace.mark("peer.step_in")
                         step = request.step
                         own, onward = _split(step)
                         async with session.lock:
@@ -453,6 +455,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         if onward is not None:
                             await self._forward(step, onward, result)
                         async with session.writing:
+                            trace.mark("peer.result_out")
                             await context.write(swarm_pb2.InferenceResponse(result=result))
                     elif kind == "close":
                         break
@@ -479,10 +482,12 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         gateway on each session's own stream (`_finish_push`)."""
         while True:
             request = await context.read()
+            trace.mark("peer.push_in")
             if request is grpc.aio.EOF:
                 return
             try:
                 await self._accept_push(request)
+                trace.mark("peer.push_accepted")
                 ack = swarm_pb2.PushAck()
             except StepError as exc:
                 ack = swarm_pb2.PushAck(code=exc.code.value[0], message=exc.message)
@@ -539,6 +544,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             return
         try:
             async with session.writing:
+                trace.mark("peer.result_out")
                 await stream.write(swarm_pb2.InferenceResponse(result=result))
         except Exception as exc:  # noqa: BLE001 - the stream ended; the gateway sees that itself
             log.debug("could not answer a pushed step: %s", exc)

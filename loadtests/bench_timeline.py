@@ -1,0 +1,147 @@
+"""Where one token's time goes through gateway + 2 peers: a timeline of hand-offs across processes.
+
+    python -m loadtests.bench_timeline [--new-tokens 300] [--relay]
+
+Starts a local swarm on the bench model (DHT, peers [0, 5) and [5, 8) with one thread each, as
+`swarm up` splits it; a gateway) with `SWARM_TRACE_DIR` set, so every process stamps its
+hand-offs (`common.trace`): the gateway sending a step and having the result, a peer reading a
+step or a push, accepting a push, starting and ending its forward pass, writing a result. One
+greedy stream of `--new-tokens` tokens goes through the gateway's HTTP API; then the stamps of all
+processes are sorted into one timeline and every gap between consecutive stamps is named by its
+two ends (`peer0.forward_end -> peer1.push_in`: the push on the wire and in gRPC). Medians of
+each gap and of the token's whole cycle go to `loadtests/results/timeline.json`, the same spans'
+passes back to back in this process beside them (what `generate()`'s pace is made of).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SPLIT = [(0, 5), (5, 8)]
+
+
+def gaps(stamps: list[tuple[float, str]]) -> dict[str, list[float]]:
+    """ms between consecutive stamps of the merged timeline, by `a -> b`."""
+    out: dict[str, list[float]] = collections.defaultdict(list)
+    for (t0, a), (t1, b) in zip(stamps, stamps[1:], strict=False):
+        out[f"{a} -> {b}"].append((t1 - t0) * 1000)
+    return out
+
+
+def read_stamps(trace_dir: Path, names: dict[int, str]) -> list[tuple[float, str]]:
+    stamps = []
+    for path in trace_dir.glob("*.txt"):
+        who = names.get(int(path.stem))
+        if who is None:
+            continue  # the DHT node
+        for line in path.read_text().splitlines():
+            at, label = line.split()
+            stamps.append((float(at), f"{who}.{label.split('.', 1)[1]}"))
+    return sorted(stamps)
+
+
+def spans_back_to_back(model_dir: Path, passes: int = 150) -> list[float]:
+    """Median ms of each span's one-token pass, the spans run one after the other in this process."""
+    import torch
+
+    from peer.model import BlockSpan
+
+    spans = [BlockSpan.load(model_dir, start, end) for start, end in SPLIT]
+    caches = [span.new_cache() for span in spans]
+    times: list[list[float]] = [[] for _ in spans]
+    x = torch.tensor([5, 6, 7, 8])
+    with torch.inference_mode():
+        for step in range(passes):
+            for i, (span, cache) in enumerate(zip(spans, caches, strict=True)):
+                began = time.perf_counter()
+                x = span(x, [cache], [x.shape[0]])
+                if span.is_last:
+                    x = span.logits(x[-1:]).argmax(-1)
+                if step >= 10:
+                    times[i].append((time.perf_counter() - began) * 1000)
+    return [round(statistics.median(t), 3) for t in times]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=300)
+    parser.add_argument("--relay", action="store_true", help="the gateway carries hidden states between hops")
+    parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "timeline.json")
+    args = parser.parse_args(argv)
+    if args.new_tokens < 20:
+        parser.error("need --new-tokens >= 20")
+    import httpx
+    import torch
+
+    from peer.demo_model import ensure_demo_model
+    from swarm.launcher import DEFAULT_CACHE, LocalSwarm
+
+    torch.set_num_threads(1)
+    model_dir = ensure_demo_model(DEFAULT_CACHE, preset="bench")
+    trace_dir = Path(tempfile.mkdtemp(prefix="swarm-trace-"))
+    os.environ["SWARM_TRACE_DIR"] = str(trace_dir)  # the children inherit it
+    load_before = os.getloadavg()
+    swarm = LocalSwarm(model_dir, log_level="WARNING", model_name="bench")
+    try:
+        swarm.start_dht()
+        peers = [swarm.start_peer(start, end, "--threads", "1") for start, end in SPLIT]
+        gateway = swarm.start_gateway(None, *(["--relay"] if args.relay else []))
+        names = {peer.process.pid: f"peer{i}" for i, peer in enumerate(peers)}
+        names[gateway.process.pid] = "gateway"
+        body = {"model": "bench", "prompt": "The swarm", "max_tokens": args.new_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        with httpx.Client(timeout=300) as client:
+            for tokens in (16, args.new_tokens):  # a warm-up stream, then the traced one
+                with client.stream(
+                    "POST", f"{gateway.address}/v1/completions", json={**body, "max_tokens": tokens}
+                ) as r:
+                    r.raise_for_status()
+                    for _ in r.iter_lines():
+                        pass
+                if tokens == 16:
+                    time.sleep(0.5)
+                    started = time.monotonic()
+    finally:
+        swarm.stop()  # SIGTERM: each process writes its last stamps at exit
+    del os.environ["SWARM_TRACE_DIR"]
+    stamps = [(at, label) for at, label in read_stamps(trace_dir, names) if at >= started]
+    sends = [at for at, label in stamps if label == "gateway.send"]
+    cycle = [(b - a) * 1000 for a, b in zip(sends, sends[1:], strict=False)]
+    table = {
+        name: {"n": len(values), "median_ms": round(statistics.median(values), 3)}
+        for name, values in gaps(stamps).items()
+        if len(values) >= args.new_tokens // 2  # the token's path; rarer pairs are interleavings
+    }
+    result = {
+        "benchmark": "timeline",
+        "command": "python -m loadtests.bench_timeline " + " ".join(argv if argv is not None else []),
+        "mode": "relay" if args.relay else "push",
+        "spans": SPLIT,
+        "new_tokens": args.new_tokens,
+        "token_cycle_ms": round(statistics.median(cycle), 3) if cycle else None,
+        "gaps": dict(sorted(table.items(), key=lambda item: -item[1]["n"])),
+        "spans_back_to_back_ms": spans_back_to_back(model_dir),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(
+        f"token cycle {result['token_cycle_ms']} ms; spans back to back {result['spans_back_to_back_ms']} ms"
+    )
+    for name, entry in result["gaps"].items():
+        print(f"  {entry['median_ms']:8.3f} ms  {name}  (n={entry['n']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
