@@ -13,22 +13,30 @@ from __future__ import annotations
 
 import atexit
 import os
+import threading
 import time
 
 FLUSH_EVERY = 256
 _DIR = os.environ.get("SWARM_TRACE_DIR") or None
 _marks: list[str] = []
+_lock = threading.Lock()  # a peer marks from its event loop and from its forward thread
 
 
 def mark(label: str) -> None:
     if _DIR is None:
         return
-    _marks.append(f"{time.monotonic():.6f} {label}\n")
-    if len(_marks) >= FLUSH_EVERY:
-        _flush()
+    with _lock:
+        _marks.append(f"{time.monotonic():.6f} {label}\n")
+        if len(_marks) >= FLUSH_EVERY:
+            _write()
 
 
 def _flush() -> None:
+    with _lock:
+        _write()
+
+
+def _write() -> None:
     if not _marks:
         return
     with open(os.path.join(_DIR, f"{os.getpid()}.txt"), "a") as out:
