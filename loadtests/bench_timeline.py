@@ -48,26 +48,14 @@ def read_stamps(trace_dir: Path, names: dict[int, str]) -> list[tuple[float, str
     return sorted(stamps)
 
 
-def spans_back_to_back(model_dir: Path, passes: int = 150) -> list[float]:
-    """Median ms of each span's one-token pass, the spans run one after the other in this process."""
-    import torch
-
+def spans_back_to_back(model_dir: Path, new_tokens: int) -> list[float]:
+    """ms per token of each span, the spans decoding one after the other in this process, as
+    `bench_decode`'s `spans` mode times them (its figure for generate()'s pace without the swarm)."""
+    from loadtests.bench_decode import run_spans
     from peer.model import BlockSpan
 
     spans = [BlockSpan.load(model_dir, start, end) for start, end in SPLIT]
-    caches = [span.new_cache() for span in spans]
-    times: list[list[float]] = [[] for _ in spans]
-    x = torch.tensor([5, 6, 7, 8])
-    with torch.inference_mode():
-        for step in range(passes):
-            for i, (span, cache) in enumerate(zip(spans, caches, strict=True)):
-                began = time.perf_counter()
-                x = span(x, [cache], [x.shape[0]])
-                if span.is_last:
-                    x = span.logits(x[-1:]).argmax(-1)
-                if step >= 10:
-                    times[i].append((time.perf_counter() - began) * 1000)
-    return [round(statistics.median(t), 3) for t in times]
+    return [round(ms, 3) for ms in run_spans(spans, [5, 6, 7, 8], new_tokens).hops_ms]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": args.new_tokens,
         "token_cycle_ms": round(statistics.median(cycle), 3) if cycle else None,
         "gaps": dict(sorted(table.items(), key=lambda item: -item[1]["n"])),
-        "spans_back_to_back_ms": spans_back_to_back(model_dir),
+        "spans_back_to_back_ms": spans_back_to_back(model_dir, args.new_tokens),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
