@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", default=DEFAULT_ARCHS)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--modes", default="http,reference,spans",
+                        help="bench_decode's modes; spans (the peers' compute in this process) splits the "
+                        "gap to generate() into compute and messages")  # fmt: skip
     parser.add_argument("--skip-decode", action="store_true", help="only the MoE and memory figures")
     parser.add_argument("--skip-moe", action="store_true", help="keep the MoE figures of --out")
     parser.add_argument("--start-timeout", type=float, default=600.0, help="per peer, on a loaded machine")
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "--repeats",
             str(args.repeats),
             "--modes",
-            "http,reference",
+            args.modes,
             "--warmup-tokens",
             "8",
             "--docs",
