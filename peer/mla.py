@@ -162,8 +162,7 @@ class LatentAttention(nn.Module):
             [self.kv_a_layernorm(latent), self._rotate(k_rope, cos, sin)], dim=-1
         )  # [T, rank + rope]
 
-        # unflatten, not view: `peer.gemm` may keep the weight as a transposed view of [in, out] memory
-        up = self.kv_b_proj.weight.unflatten(0, (self.heads, self.nope + self.v_dim))
+        up = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = up[:, : self.nope], up[:, self.nope :]  # [heads, nope, rank], [heads, v, rank]
         dims = (self.rank, self.nope, self.rope, self.v_dim)
         absorbed = [s.length > 0 and absorbs(s.length, s.cache.length + s.length, *dims) for s in plan]

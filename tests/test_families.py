@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from peer import gemm
 from peer import quant as quantization
 from peer.demo_families import ARCHS, WINDOW, create_family_model, family_config
 from peer.kv_cache import REWIND_SLACK, CacheRewindError, KVCache
@@ -127,6 +128,28 @@ def test_greedy_matches_transformers(arch, kind, split, chain, reference):
     assert tokens == ref_tokens
     torch.testing.assert_close(torch.stack(logits), ref_logits, atol=ATOL, rtol=0)
     assert float(torch.stack(logits).std(dim=0).max()) > 1e-2  # logits move: the comparison bites
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_weights_laid_out_transposed_still_match_transformers(arch, model_dir, reference, monkeypatch):
+    """Every Linear re-laid [in, out] in memory (`peer.gemm`, what a peer does where one row
+    multiplies faster so), a span holding both the tied embedding and the head included: the
+    tokens and logits still match, and the modules that read a weight themselves (MLA's
+    ``kv_b_proj``) read it right."""
+    monkeypatch.setattr(gemm, "prefers_transposed_layout", lambda weight: True)
+    monkeypatch.setattr(gemm, "measure_plan", lambda weight, packed=None: {})
+    spans = [BlockSpan.load(model_dir(arch), a, b, calibrate=False) for a, b in [(0, 4)]]
+    gemm.calibrate(spans[0].modules())
+    linears = [m for m in spans[0].modules() if type(m) is torch.nn.Linear]
+    head = spans[0].lm_head.weight
+    tied = head.untyped_storage().data_ptr() == spans[0].embed_tokens.weight.untyped_storage().data_ptr()
+    relaid = [m for m in linears if not m.weight.is_contiguous()]
+    assert len(relaid) == len(linears) - tied, "every Linear but a head shared with the embedding"
+    ref_tokens, ref_logits = reference(arch, "short")
+    caches = fresh(spans)
+    tokens, logits = decode(spans, caches, step(spans, caches, prompt_of("short")), NEW_TOKENS)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(torch.stack(logits), ref_logits, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -91,3 +91,35 @@ def test_prepack_keeps_a_packed_copy_only_where_the_plan_uses_it_and_counts_its_
 def test_measured_plans_only_name_measured_buckets_and_known_ways():
     plan = gemm.measure_plan(torch.randn(128, 64))
     assert set(plan) <= set(gemm.BUCKETS) and set(plan.values()) <= {"transposed"}
+
+
+def test_calibrate_relays_a_preferring_shape_once_and_keeps_shared_weights(monkeypatch):
+    """A shape whose single row multiplies faster [in, out] in memory gets that layout: the same
+    values seen as [out, in], the same products; a weight another module shares (a tied
+    embedding) keeps its layout; calibrating again changes nothing."""
+    asked = []
+    monkeypatch.setattr(gemm, "prefers_transposed_layout", lambda w: asked.append(tuple(w.shape)) or True)
+    monkeypatch.setattr(gemm, "measure_plan", lambda w, packed=None: {})
+    a, b = nn.Linear(32, 48), nn.Linear(32, 48)
+    embed = nn.Embedding(48, 32)
+    tied = nn.Linear(32, 48, bias=False)
+    tied.weight = embed.weight
+    before = a.weight.detach().clone()
+    x = torch.randn(3, 32)
+    expected = F.linear(x, before, a.bias)
+    gemm.calibrate([a, b, embed, tied])
+    assert asked == [(48, 32)], "one measurement per distinct shape"
+    assert not a.weight.is_contiguous() and a.weight.t().is_contiguous() and not b.weight.is_contiguous()
+    assert torch.equal(a.weight, before) and a.weight.shape == (48, 32)
+    torch.testing.assert_close(gemm.linear(a, x), expected, rtol=1e-6, atol=1e-6)
+    assert tied.weight.is_contiguous() and tied.weight is embed.weight
+    relaid = a.weight
+    gemm.calibrate([a])
+    assert a.weight is relaid and a.weight.data_ptr() == relaid.data_ptr()
+
+
+def test_measuring_the_layout_leaves_the_weight_alone():
+    weight = torch.randn(256, 128)
+    before = weight.clone()
+    assert isinstance(gemm.prefers_transposed_layout(weight), bool)
+    assert weight.is_contiguous() and torch.equal(weight, before), "measured on a copy"
