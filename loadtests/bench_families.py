@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             result["decode"][arch]["same_text_as_reference"] = one["modes"]["http"].get(
                 "same_text_as_reference"
             )
+            if "spans" in one["modes"]:  # the peers' compute alone: the gap splits into compute and messages
+                result["decode"][arch]["spans_ms_per_token"] = one["modes"]["spans"]["decode_ms_per_token"]
             print(arch, result["decode"][arch], flush=True)
             save()
     save()

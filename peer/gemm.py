@@ -39,7 +39,10 @@ float32 rounding (~1e-6 relative), as any change of batch size already does.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
+import sys
 import time
 from collections.abc import Callable, Iterable
 
@@ -147,6 +150,25 @@ def transposed_layout(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous().t()
 
 
+_MADV_DONTNEED = 4  # Linux
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Give back the resident pages lying wholly inside `tensor`'s bytes, which nothing may read
+    again. A span's weights are views of the checkpoint file mapped whole (``safe_open``), and the
+    mapping lives while any of its tensors does: without this, the pages a re-laid weight was read
+    from would stay in the peer's RSS beside its new copy (clean file pages the kernel could drop,
+    but counted, and a peer's RSS is what operators watch). Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return
+    begin = tensor.data_ptr()
+    first = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (begin + tensor.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
 @torch.inference_mode()
 def prefers_transposed_layout(weight: torch.Tensor) -> bool:
     """Whether one row multiplies faster by `weight` laid out ``[in, out]`` in memory (timed on a
@@ -182,10 +204,10 @@ def calibrate(modules: Iterable[nn.Module], prepack: bool = False) -> dict[tuple
         log.warning("--prepack: this torch build has no oneDNN prepacked matmul; using the plain weights")
         prepack = False
     modules = list(modules)
-    holders: dict[int, int] = {}  # storage -> parameters on it: a shared weight keeps its layout
+    holders: dict[int, int] = {}  # storage -> tensors on it: a shared weight keeps its layout
     for module in modules:
-        for param in module.parameters(recurse=False):
-            key = param.untyped_storage().data_ptr()
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            key = tensor.untyped_storage().data_ptr()
             holders[key] = holders.get(key, 0) + 1
     layouts: dict[tuple[int, int], bool] = {}
     found: dict[tuple[int, int], dict[int, str]] = {}
@@ -197,7 +219,10 @@ def calibrate(modules: Iterable[nn.Module], prepack: bool = False) -> dict[tuple
             layouts[shape] = prefers_transposed_layout(module.weight)
         alone = holders[module.weight.untyped_storage().data_ptr()] == 1
         if layouts[shape] and alone and module.weight.is_contiguous():  # not already re-laid
-            module.weight.data = transposed_layout(module.weight.data)
+            old = module.weight.data
+            module.weight.data = transposed_layout(old)
+            release_pages(old)  # `alone`: the old tensor was this parameter's only
+            del old
         # a packed copy is made to measure a new shape, and for later layers only if it is used
         uses_packed = prepack and (shape not in found or "packed" in found[shape].values())
         packed = (

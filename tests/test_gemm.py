@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,3 +126,27 @@ def test_measuring_the_layout_leaves_the_weight_alone():
     before = weight.clone()
     assert isinstance(gemm.prefers_transposed_layout(weight), bool)
     assert weight.is_contiguous() and torch.equal(weight, before), "measured on a copy"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise: Linux")
+def test_released_pages_of_a_mapped_weight_leave_the_rss_and_its_values_intact(tmp_path):
+    """A checkpoint tensor is a view of the mapped file: once re-laid, the pages it was read from
+    leave the peer's RSS (a private file mapping reads them again if anything did)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(4096, 4096)}, str(tmp_path / "w.safetensors"))  # 64 MiB
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as handle:
+        weight = handle.get_tensor("w")
+    total = float(weight.sum())  # every page read
+    before = rss_file_kib()
+    gemm.release_pages(weight)
+    assert before - rss_file_kib() > 48 * 1024
+    assert float(weight.sum()) == total
+
+
+def rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
