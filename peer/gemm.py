@@ -25,13 +25,13 @@ plan and keep their own forward.
 ``W`` as ``[out, in]`` rows; BLAS then computes one row as ``out`` dot products. Stored the other
 way round (``[in, out]`` memory, the Parameter a transposed view of it, so every caller still sees
 ``[out, in]``), the same product is an accumulation over contiguous rows of ``W.T``, which MKL's
-fp32 kernel streams faster (AMD EPYC, 1 thread, weights cold in cache: 768 x 768 0.82x the time,
-1024 x 1024 0.89x, 2816 x 1024 0.65x, the 32000 x 1024 LM head 0.70x; 2 to 128 rows within a few
-percent either way; ``loadtests/results/gemm_layout.json``). `calibrate` times both layouts for
-one row on each distinct shape and re-lays the weights of that shape where the transposed one wins
-by LAYOUT_GAIN; then it measures the ways above on the layout kept. Same memory (the old storage is
-freed), and a weight shared with another module (a tied embedding, which gathers rows) keeps its
-layout.
+fp32 kernel streams faster (AMD EPYC, 1 thread, weights cold in cache: 768 x 768 0.69x the time,
+1024 x 1024 0.90x, 2816 x 1024 0.69x, the 32000 x 1024 LM head 0.77x; 2 to 128 rows 0.83-1.11x,
+mostly within a few percent; ``python -m loadtests.bench_gemm_layout``). `calibrate` times both
+layouts for one row on each distinct shape and re-lays the weights of that shape where the
+transposed one wins by LAYOUT_GAIN; then it measures the ways above on the layout kept. Same memory
+(the old copy's pages are given back, `release_pages`), and a weight shared with another module (a
+tied embedding, which gathers rows) keeps its layout.
 
 All ways and layouts compute the same dot products with different blocking, so results agree to
 float32 rounding (~1e-6 relative), as any change of batch size already does.
