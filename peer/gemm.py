@@ -153,13 +153,27 @@ def transposed_layout(weight: torch.Tensor) -> torch.Tensor:
 _MADV_DONTNEED = 4  # Linux
 
 
+def _last_on_its_storage(tensor: torch.Tensor) -> bool:
+    """Whether no other tensor uses `tensor`'s storage (False when torch cannot say). Besides the
+    tensor, the storage object made to ask holds a reference, and so does the tensor's own base
+    when it is a view (``safe_open`` hands out views of a flat tensor)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
+    own = 2 + (tensor._base is not None)
+    return use_count(tensor.untyped_storage()._cdata) <= own
+
+
 def release_pages(tensor: torch.Tensor) -> None:
-    """Give back the resident pages lying wholly inside `tensor`'s bytes, which nothing may read
-    again. A span's weights are views of the checkpoint file mapped whole (``safe_open``), and the
-    mapping lives while any of its tensors does: without this, the pages a re-laid weight was read
-    from would stay in the peer's RSS beside its new copy (clean file pages the kernel could drop,
-    but counted, and a peer's RSS is what operators watch). Linux only; elsewhere a no-op."""
+    """Give back the resident pages lying wholly inside `tensor`'s bytes, which is about to be
+    dropped; nothing happens while another tensor shares its storage. A span's weights are views of
+    the checkpoint file as mapped by ``safe_open``, and the mapping lives while any of its tensors
+    does: without this, the pages a re-laid weight was read from stayed in the peer's RSS beside
+    its new copy (clean file pages the kernel could drop, but counted, and a peer's RSS is what
+    operators watch). Linux only; elsewhere a no-op."""
     if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return
+    if not _last_on_its_storage(tensor):
         return
     begin = tensor.data_ptr()
     first = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -221,7 +235,7 @@ def calibrate(modules: Iterable[nn.Module], prepack: bool = False) -> dict[tuple
         if layouts[shape] and alone and module.weight.is_contiguous():  # not already re-laid
             old = module.weight.data
             module.weight.data = transposed_layout(old)
-            release_pages(old)  # `alone`: the old tensor was this parameter's only
+            release_pages(old)
             del old
         # a packed copy is made to measure a new shape, and for later layers only if it is used
         uses_packed = prepack and (shape not in found or "packed" in found[shape].values())
