@@ -28,7 +28,7 @@ way round (``[in, out]`` memory, the Parameter a transposed view of it, so every
 fp32 kernel streams faster (AMD EPYC, 1 thread, weights cold in cache: 768 x 768 0.69x the time,
 1024 x 1024 0.90x, 2816 x 1024 0.69x, the 32000 x 1024 LM head 0.77x; 2 to 128 rows 0.83-1.11x,
 mostly within a few percent; ``python -m loadtests.bench_gemm_layout``). `calibrate` times both
-layouts for one row on each distinct shape and re-lays the weights of that shape where the
+layouts for one row on each distinct shape (the median of paired rounds) and re-lays the weights of that shape where the
 transposed one wins by LAYOUT_GAIN; then it measures the ways above on the layout kept. Same memory
 (the old copy's pages are given back, `release_pages`), and a weight shared with another module (a
 tied embedding, which gathers rows) keeps its layout.
@@ -42,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -56,6 +57,11 @@ BUCKETS = (2, 4, 8, 16, 32, 64)  # row counts measured; n rows use the bucket of
 MIN_GAIN = 0.85  # another way must take at most this share of F.linear's time to be used
 LAYOUT_GAIN = 0.95  # the transposed layout must take at most this share of the plain one's time
 FLUSH_BYTES = 64 << 20  # written between timings of a layout, so the weight is read from memory
+LAYOUT_ROUNDS = 11  # paired timings per shape: ~0.13 s a shape
+# Smaller weights keep their layout unmeasured: one row through a 256 x 256 weight takes ~10 us,
+# where the call's own jitter is as large as any difference, so the choice flipped between loads
+# (0.81-1.10 the time over eight of them), and such weights are a small share of any pass.
+MIN_LAYOUT_BYTES = 512 << 10
 PACK_HINT = 16  # the batch size oneDNN's blocked layout is tuned for (it serves every size)
 _REPS = 2
 
@@ -131,18 +137,24 @@ def _time(fn) -> float:  # noqa: ANN001
     return best
 
 
-def _time_cold(fns: list, flush: torch.Tensor, reps: int = 5) -> list[float]:  # noqa: ANN001
-    """Best time of each of `fns` over `reps` rounds, the rounds interleaving them (a drift of
-    the machine hits all alike), each run after `flush` is rewritten: a layer's weight is read
-    from memory in a pass (the other layers' weights evict it), not from a warm cache."""
-    best = [float("inf")] * len(fns)
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
+def _paired_ratio(plain, other, flush: torch.Tensor, rounds: int = LAYOUT_ROUNDS) -> float:  # noqa: ANN001
+    """The median over `rounds` rounds of `other`'s time ÷ `plain`'s, timed back to back in each
+    round, each run after `flush` is rewritten: a layer's weight is read from memory in a pass
+    (the other layers' weights evict it), not from a warm cache. The median of paired ratios, not
+    the ratio of each one's best run: a drift of the machine hits both runs of a round alike, and
+    one lucky run decides nothing, so twin peers on one machine choose alike (with the best of 5
+    runs each, one shape's choice flipped between loads; twins then served at different speeds)."""
+    plain(), other()  # warm-up: first touch of the kernels
+    ratios = []
+    for _ in range(rounds):
+        times = []
+        for fn in (plain, other):
             flush.add_(1.0)
             begin = time.perf_counter()
             fn()
-            best[i] = min(best[i], time.perf_counter() - begin)
-    return best
+            times.append(time.perf_counter() - begin)
+        ratios.append(times[1] / times[0])
+    return statistics.median(ratios)
 
 
 def transposed_layout(weight: torch.Tensor) -> torch.Tensor:
@@ -184,14 +196,13 @@ def release_pages(tensor: torch.Tensor) -> None:
 
 
 @torch.inference_mode()
-def prefers_transposed_layout(weight: torch.Tensor) -> bool:
+def prefers_transposed_layout(weight: torch.Tensor, flush: torch.Tensor | None = None) -> bool:
     """Whether one row multiplies faster by `weight` laid out ``[in, out]`` in memory (timed on a
-    copy, weights cold)."""
+    copy, weights cold; `flush` is the buffer rewritten between runs, FLUSH_BYTES by default)."""
     relaid = transposed_layout(weight)
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
-    flush = torch.zeros(FLUSH_BYTES // 4)
-    plain, other = _time_cold([lambda: F.linear(x, weight), lambda: F.linear(x, relaid)], flush)
-    return other <= LAYOUT_GAIN * plain
+    flush = torch.zeros(FLUSH_BYTES // 4) if flush is None else flush
+    return _paired_ratio(lambda: F.linear(x, weight), lambda: F.linear(x, relaid), flush) <= LAYOUT_GAIN
 
 
 @torch.inference_mode()
@@ -224,13 +235,17 @@ def calibrate(modules: Iterable[nn.Module], prepack: bool = False) -> dict[tuple
             key = tensor.untyped_storage().data_ptr()
             holders[key] = holders.get(key, 0) + 1
     layouts: dict[tuple[int, int], bool] = {}
+    flush = None  # made for the first eligible layer: one buffer serves every shape
     found: dict[tuple[int, int], dict[int, str]] = {}
     for module in modules:
         if not _eligible(module):
             continue
         shape = tuple(module.weight.shape)
-        if shape not in layouts:
-            layouts[shape] = prefers_transposed_layout(module.weight)
+        if shape not in layouts and module.weight.nbytes < MIN_LAYOUT_BYTES:
+            layouts[shape] = False
+        elif shape not in layouts:
+            flush = torch.zeros(FLUSH_BYTES // 4) if flush is None else flush
+            layouts[shape] = prefers_transposed_layout(module.weight, flush)
         alone = holders[module.weight.untyped_storage().data_ptr()] == 1
         if layouts[shape] and alone and module.weight.is_contiguous():  # not already re-laid
             old = module.weight.data
@@ -250,4 +265,10 @@ def calibrate(modules: Iterable[nn.Module], prepack: bool = False) -> dict[tuple
         if "packed" in found[shape].values():
             # only kept where used: a second copy of the weight (a buffer, so weight_bytes counts it)
             module.register_buffer("packed_weight", packed, persistent=False)
+    if layouts:
+        log.info(
+            "weight layouts: [in, out] for %s; [out, in] for %s",
+            sorted(shape for shape, relaid in layouts.items() if relaid) or "none",
+            sorted(shape for shape, relaid in layouts.items() if not relaid) or "none",
+        )
     return found

@@ -136,7 +136,8 @@ def test_weights_laid_out_transposed_still_match_transformers(arch, model_dir, r
     multiplies faster so), a span holding both the tied embedding and the head included: the
     tokens and logits still match, and the modules that read a weight themselves (MLA's
     ``kv_b_proj``) read it right."""
-    monkeypatch.setattr(gemm, "prefers_transposed_layout", lambda weight: True)
+    monkeypatch.setattr(gemm, "prefers_transposed_layout", lambda weight, flush=None: True)
+    monkeypatch.setattr(gemm, "MIN_LAYOUT_BYTES", 0)
     monkeypatch.setattr(gemm, "measure_plan", lambda weight, packed=None: {})
     spans = [BlockSpan.load(model_dir(arch), 0, 4, calibrate=False)]  # first and last: embedding and head
     gemm.calibrate(spans[0].modules())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -101,8 +102,11 @@ def test_calibrate_relays_a_preferring_shape_once_and_keeps_shared_weights(monke
     values seen as [out, in], the same products; a weight another module shares (a tied
     embedding) keeps its layout; calibrating again changes nothing."""
     asked = []
-    monkeypatch.setattr(gemm, "prefers_transposed_layout", lambda w: asked.append(tuple(w.shape)) or True)
+    monkeypatch.setattr(
+        gemm, "prefers_transposed_layout", lambda w, flush=None: asked.append(tuple(w.shape)) or True
+    )
     monkeypatch.setattr(gemm, "measure_plan", lambda w, packed=None: {})
+    monkeypatch.setattr(gemm, "MIN_LAYOUT_BYTES", 0)
     a, b = nn.Linear(32, 48), nn.Linear(32, 48)
     embed = nn.Embedding(48, 32)
     tied = nn.Linear(32, 48, bias=False)
@@ -119,6 +123,20 @@ def test_calibrate_relays_a_preferring_shape_once_and_keeps_shared_weights(monke
     relaid = a.weight
     gemm.calibrate([a])
     assert a.weight is relaid and a.weight.data_ptr() == relaid.data_ptr()
+
+
+def test_small_weights_keep_their_layout_unmeasured(monkeypatch):
+    """Below MIN_LAYOUT_BYTES the timing is noise (module doc): no measurement, no re-lay."""
+    asked = []
+    monkeypatch.setattr(
+        gemm, "prefers_transposed_layout", lambda w, flush=None: asked.append(tuple(w.shape)) or True
+    )
+    monkeypatch.setattr(gemm, "measure_plan", lambda w, packed=None: {})
+    side = math.isqrt(gemm.MIN_LAYOUT_BYTES // 4 - 1) + 1  # the least square weight measured
+    small, large = nn.Linear(side - 1, side - 1), nn.Linear(side, side)
+    gemm.calibrate([small, large])
+    assert asked == [(side, side)]
+    assert small.weight.is_contiguous() and not large.weight.is_contiguous()
 
 
 def test_measuring_the_layout_leaves_the_weight_alone():

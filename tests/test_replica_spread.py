@@ -21,7 +21,10 @@ pytestmark = pytest.mark.slow
 MODEL = "m"
 STREAMS = 8
 RTT_INTERVAL_S = 2.0  # RttTracker's default
-MAX_RATIO = 1.25  # identical replicas' announced throughputs, the faster over the slower
+# Identical replicas' announced throughputs, the faster over the slower. Measured after the burst:
+# 1.00-1.22 over 16 runs on an idle 2-core machine, 1.34 once in CI under the full suite (CPU time
+# still grows with what shares the caches). The designs this guards against gave 2.5x and 6.6x.
+MAX_RATIO = 1.5
 
 
 async def _stream(client: openai.AsyncOpenAI) -> tuple[str, str]:
