@@ -2,7 +2,7 @@
 
 A hop whose step carries `Step.forward` hands its output to the next hop on a `Peer.Push` stream:
 a link of a few long-lived streams per next hop address (`_Link`), shared by every session that
-pushes there, each request answered by one `PushAck` in order on its stream (protos/swarm.proto says why a stream rather than
+pushes there, each request (one step, or a pass's steps) answered by one `PushAck` in order on its stream (protos/swarm.proto says why a stream rather than
 a unary call per step). A request is acked as soon as the next hop has validated and queued the
 step, so the time to its ack measures the link plus a little bookkeeping, not the next hop's
 compute: that is the round trip this peer announces for the next hop (`nearest`), smoothed like
@@ -72,13 +72,21 @@ class _Link:
     the bench model at 16 streams (stamps in the scheduler, ~400 passes): the next hop's wait from
     the first push of a pass to its start went from 2.9 to 2.1 ms (median) of a ~32 ms pass, and
     the two peers' busy shares from 69 / 74 % to 74 / 76 %; the benchmark's tokens/s moved less
-    than its run-to-run noise."""
+    than its run-to-run noise.
+
+    Once the next hop's acks say it takes batches (`PushAck.batches`), the steps pushed in one
+    turn of the event loop go as one request (`_flush`): a pass's results wake their sessions'
+    coroutines together, so a pass's pushes become one message and one ack. Until then (the
+    link's first push, or a next hop that predates batches) each step is its own request."""
 
     def __init__(self, pool: ChannelPool, address: str):
         self.pool = pool
         self.address = address
         self.streams = [_Stream(pool, address)]
         self.used = time.monotonic()  # last push: idle links are closed (`Forwarder._sweep`)
+        self.batches = False  # the next hop takes `PushRequest.more` (its acks say so)
+        self._batch: list[tuple[str, swarm_pb2.Step, asyncio.Future]] = []  # waiting for `_flush`
+        self._flushing: set[asyncio.Task] = set()
 
     @property
     def closed(self) -> PushFailed | None:
@@ -89,11 +97,56 @@ class _Link:
 
     @property
     def waiting(self) -> list[asyncio.Future]:
-        """Acks the link still owes, over all its streams."""
-        return [ack for stream in self.streams for ack in stream.waiting]
+        """Acks the link still owes, over all its streams, and steps waiting to go in a batch."""
+        return [ack for stream in self.streams for ack in stream.waiting] + [v for *_, v in self._batch]
 
-    async def send(self, request: swarm_pb2.PushRequest) -> asyncio.Future:
+    async def send(self, push_id: str, step: swarm_pb2.Step) -> asyncio.Future:
+        """Send `step` for the session `push_id`; a future of its verdict (`PushAck` or
+        `PushVerdict`: `code`, `message`). Once the next hop has said it takes batches, the steps
+        sent in one turn of the event loop (a pass's, all woken together) go as one request."""
         self.used = time.monotonic()
+        if not self.batches:
+            ack = await self._send(swarm_pb2.PushRequest(push_id=push_id, step=step))
+            ack.add_done_callback(self._learn)
+            return ack
+        verdict = asyncio.get_running_loop().create_future()
+        self._batch.append((push_id, step, verdict))
+        if len(self._batch) == 1:  # a task's first step runs after this turn's ready callbacks
+            self._flushing.add(task := asyncio.get_running_loop().create_task(self._flush()))
+            task.add_done_callback(self._flushing.discard)
+        return verdict
+
+    def _learn(self, ack: asyncio.Future) -> None:
+        if not ack.cancelled() and ack.exception() is None and ack.result().batches:
+            self.batches = True
+
+    async def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        (push_id, step, _), rest = batch[0], batch[1:]
+        request = swarm_pb2.PushRequest(
+            push_id=push_id, step=step, more=[swarm_pb2.PushEntry(push_id=p, step=s) for p, s, _ in rest]
+        )
+        try:
+            ack = await (await self._send(request))
+        except PushFailed as failure:
+            for *_, verdict in batch:
+                if not verdict.done():
+                    verdict.set_exception(failure)
+            return
+        verdicts = [ack, *ack.more]
+        for i, (*_, verdict) in enumerate(batch):
+            if verdict.done():  # its pusher gave up waiting
+                continue
+            if i < len(verdicts):
+                verdict.set_result(verdicts[i])
+            else:
+                verdict.set_exception(
+                    PushFailed(
+                        self.address, grpc.StatusCode.INTERNAL, "the next hop left a batched step unanswered"
+                    )
+                )
+
+    async def _send(self, request: swarm_pb2.PushRequest) -> asyncio.Future:
         open_streams = [stream for stream in self.streams if stream.closed is None]
         if not open_streams:
             raise self.closed
@@ -198,7 +251,7 @@ class Forwarder:
         """Deliver `step` to the session `target` names; PushFailed when it is not accepted."""
         link = await self._link(target.address)
         began = time.perf_counter()
-        ack_future = await link.send(swarm_pb2.PushRequest(push_id=target.push_id, step=step))
+        ack_future = await link.send(target.push_id, step)
         try:
             async with asyncio.timeout(timeout or DEFAULT_TIMEOUT_S):
                 ack = await ack_future

@@ -89,6 +89,10 @@ class _LiveCollector(Collector):
             "swarm_peer_pushes_received", "pushed steps this peer accepted from a previous hop",
             value=servicer.pushes_received,
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "swarm_peer_push_requests_received", "Push requests those steps came in (a pass's steps share one)",
+            value=servicer.push_requests_received,
+        )  # fmt: skip
         yield GaugeMetricFamily(
             "swarm_peer_push_links", "open Push streams to next hops", value=len(forwarder.links())
         )

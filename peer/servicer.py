@@ -139,6 +139,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.forwarder = forwarder or Forwarder()  # pushes to next hops (peer.forwarding)
         self.push_targets: dict[str, Session] = {}  # Opened.push_id -> live session
         self.pushes_received = 0
+        self.push_requests_received = 0  # requests those came in (`PushRequest.more` batches them)
         self._pushing: set[asyncio.Task] = set()
         self._views: dict[tuple[int, int], BlockSpan] = {}  # sub-spans that sessions run (`_sub_span`)
         self._views_of = span
@@ -478,31 +479,40 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
     async def Push(self, request_iterator, context: grpc.aio.ServicerContext):
         """Steps from a previous hop of push chains (one stream per pushing peer, any sessions):
         each is validated and queued, then acknowledged in order (`PushAck.code` 0); one that
-        cannot be accepted is acked with its status, and the stream goes on. Results go to the
-        gateway on each session's own stream (`_finish_push`)."""
+        cannot be accepted is acked with its status, and the stream goes on. A request may carry
+        a pass's steps (`PushRequest.more`), answered by one ack. Results go to the gateway on
+        each session's own stream (`_finish_push`)."""
         while True:
             request = await context.read()
             trace.mark("peer.push_in")
             if request is grpc.aio.EOF:
                 return
-            try:
-                await self._accept_push(request)
-                trace.mark("peer.push_accepted")
-                ack = swarm_pb2.PushAck()
-            except StepError as exc:
-                ack = swarm_pb2.PushAck(code=exc.code.value[0], message=exc.message)
-            await context.write(ack)
+            self.push_requests_received += 1
+            verdicts = []
+            for push_id, step in (
+                (request.push_id, request.step),
+                *((e.push_id, e.step) for e in request.more),
+            ):
+                try:
+                    await self._accept_push(push_id, step)
+                    verdicts.append(swarm_pb2.PushVerdict())
+                except StepError as exc:
+                    verdicts.append(swarm_pb2.PushVerdict(code=exc.code.value[0], message=exc.message))
+            trace.mark("peer.push_accepted")
+            first = verdicts[0]
+            await context.write(
+                swarm_pb2.PushAck(code=first.code, message=first.message, more=verdicts[1:], batches=True)
+            )
 
-    async def _accept_push(self, request: swarm_pb2.PushRequest) -> None:
+    async def _accept_push(self, push_id: str, step: swarm_pb2.Step) -> None:
         """Validate and queue a pushed step (StepError when refused). The session's lock is held
         from here until the scheduler has run it; it is free unless a step the gateway gave up
         on still runs (then this stream's later pushes wait for that one step too)."""
-        session = self.push_targets.get(request.push_id)
+        session = self.push_targets.get(push_id)
         if session is None:
             raise StepError(
                 grpc.StatusCode.NOT_FOUND, "no live session has this push_id (closed, or not opened here)"
             )
-        step = request.step
         own, onward = _split(step)
         await session.lock.acquire()
         try:
@@ -594,6 +604,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             batching=self.batching,
             pushed_steps=self.forwarder.pushed,
             pushes_received=self.pushes_received,
+            push_requests_received=self.push_requests_received,
             next_rtt_ms=self.forwarder.nearest(),
         )
 

@@ -108,6 +108,16 @@ class Forward(_message.Message):
     def __init__(self, address: _Optional[str] = ..., push_id: _Optional[str] = ...) -> None: ...
 
 class PushRequest(_message.Message):
+    __slots__ = ("push_id", "step", "more")
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    push_id: str
+    step: Step
+    more: _containers.RepeatedCompositeFieldContainer[PushEntry]
+    def __init__(self, push_id: _Optional[str] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., more: _Optional[_Iterable[_Union[PushEntry, _Mapping]]] = ...) -> None: ...
+
+class PushEntry(_message.Message):
     __slots__ = ("push_id", "step")
     PUSH_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +126,18 @@ class PushRequest(_message.Message):
     def __init__(self, push_id: _Optional[str] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
 
 class PushAck(_message.Message):
+    __slots__ = ("code", "message", "more", "batches")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    more: _containers.RepeatedCompositeFieldContainer[PushVerdict]
+    batches: bool
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., more: _Optional[_Iterable[_Union[PushVerdict, _Mapping]]] = ..., batches: _Optional[bool] = ...) -> None: ...
+
+class PushVerdict(_message.Message):
     __slots__ = ("code", "message")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -210,7 +232,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("peer_id", "model", "start_block", "end_block", "num_blocks", "dtype", "quant", "live_sessions", "free_cache_tokens", "throughput", "version", "state", "idle_sessions", "cache_budget_tokens", "tokens_processed", "forward_passes", "steps", "evictions", "prepacked", "pipeline_groups", "batching", "pushed_steps", "pushes_received", "next_rtt_ms")
+    __slots__ = ("peer_id", "model", "start_block", "end_block", "num_blocks", "dtype", "quant", "live_sessions", "free_cache_tokens", "throughput", "version", "state", "idle_sessions", "cache_budget_tokens", "tokens_processed", "forward_passes", "steps", "evictions", "prepacked", "pipeline_groups", "batching", "pushed_steps", "pushes_received", "next_rtt_ms", "push_requests_received")
     class NextRttMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +264,7 @@ class InfoResponse(_message.Message):
     PUSHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     PUSHES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     NEXT_RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_REQUESTS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     model: str
     start_block: int
@@ -266,4 +289,5 @@ class InfoResponse(_message.Message):
     pushed_steps: int
     pushes_received: int
     next_rtt_ms: _containers.ScalarMap[str, float]
-    def __init__(self, peer_id: _Optional[str] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., live_sessions: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., idle_sessions: _Optional[int] = ..., cache_budget_tokens: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., evictions: _Optional[int] = ..., prepacked: _Optional[bool] = ..., pipeline_groups: _Optional[int] = ..., batching: _Optional[str] = ..., pushed_steps: _Optional[int] = ..., pushes_received: _Optional[int] = ..., next_rtt_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    push_requests_received: int
+    def __init__(self, peer_id: _Optional[str] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., live_sessions: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., idle_sessions: _Optional[int] = ..., cache_budget_tokens: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., evictions: _Optional[int] = ..., prepacked: _Optional[bool] = ..., pipeline_groups: _Optional[int] = ..., batching: _Optional[str] = ..., pushed_steps: _Optional[int] = ..., pushes_received: _Optional[int] = ..., next_rtt_ms: _Optional[_Mapping[str, float]] = ..., push_requests_received: _Optional[int] = ...) -> None: ...

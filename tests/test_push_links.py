@@ -1,7 +1,7 @@
 """Push links do not pile up (peer.forwarding): idle ones close with their channels, and at most
 `max_links` stay open, the least recently used closed first. Real gRPC servers in this process
 that ack every push, and count the Push streams open on them. A link spreads the pushes of a
-pass over a few streams."""
+pass over a few streams, or, to a next hop that takes batches, sends them as one request."""
 
 from __future__ import annotations
 
@@ -30,6 +30,35 @@ class AckingPeer(swarm_pb2_grpc.PeerServicer):
                 yield swarm_pb2.PushAck()
         finally:
             self.open -= 1
+
+
+class BatchingPeer(swarm_pb2_grpc.PeerServicer):
+    """Takes batches as a peer does (`PushAck.batches`); refuses the push ids in `refused`."""
+
+    def __init__(self, refused: frozenset[str] = frozenset()) -> None:
+        self.refused = refused
+        self.requests: list[list[str]] = []  # the push ids of each request
+
+    async def Push(self, request_iterator, context):
+        async for request in request_iterator:
+            ids = [request.push_id, *(entry.push_id for entry in request.more)]
+            self.requests.append(ids)
+            verdicts = [
+                swarm_pb2.PushVerdict(code=grpc.StatusCode.NOT_FOUND.value[0], message="gone")
+                if push_id in self.refused
+                else swarm_pb2.PushVerdict()
+                for push_id in ids
+            ]
+            first = verdicts[0]
+            yield swarm_pb2.PushAck(code=first.code, message=first.message, more=verdicts[1:], batches=True)
+
+
+async def _serve(servicer) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    swarm_pb2_grpc.add_PeerServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    return server, address
 
 
 @pytest.fixture
@@ -138,3 +167,42 @@ async def test_a_pass_of_pushes_goes_out_side_by_side(peers):
     finally:
         await forwarder.close()
     assert await wait_until_async(lambda: servicers[0].open == 0, timeout=5)
+
+
+async def test_a_pass_of_pushes_goes_as_one_request_once_the_next_hop_takes_batches():
+    """The link's first push goes alone and learns from its ack that the next hop takes batches;
+    then the pushes of one turn of the event loop (a pass's) go as one request, each push gets
+    its own verdict (one refused among them fails that push alone), and the pushes of later
+    turns go in requests of their own."""
+    servicer = BatchingPeer(refused=frozenset({"gone"}))
+    server, address = await _serve(servicer)
+    forwarder = Forwarder()
+
+    async def push_to(push_id: str) -> None:
+        target = swarm_pb2.Forward(address=address, push_id=push_id)
+        await forwarder.push(target, swarm_pb2.Step(position=len(push_id)), timeout=5)
+
+    try:
+        await push_to("first")
+        ids = [f"s{i}" for i in range(7)]
+        results = await asyncio.gather(*(push_to(i) for i in (*ids, "gone")), return_exceptions=True)
+        assert results[:-1] == [None] * 7
+        assert isinstance(results[-1], PushFailed) and results[-1].code == grpc.StatusCode.NOT_FOUND
+        await asyncio.gather(*(push_to(i) for i in ids[:3]))
+        assert servicer.requests == [["first"], [*ids, "gone"], ids[:3]]
+        assert forwarder.pushed == 1 + 7 + 3 and len(forwarder._links[address].streams) == 1
+    finally:
+        await forwarder.close()
+        await server.stop(None)
+
+
+async def test_a_next_hop_that_predates_batches_gets_one_request_per_step(peers):
+    """`AckingPeer` never says `batches`: a pass's pushes go as requests of one step each."""
+    (a, _, _), servicers = peers
+    forwarder = Forwarder()
+    try:
+        await push(forwarder, a)
+        await asyncio.gather(*(push(forwarder, a) for _ in range(8)))
+        assert servicers[0].received == 9 and not forwarder._links[a].batches
+    finally:
+        await forwarder.close()

@@ -149,6 +149,13 @@ def test_concurrent_sessions_stay_in_phase_across_the_pipeline(peers):
         # 16 rounds of 6 (6 steps a pass) in the best case; without the window the sessions drift
         # into groups and it took 55 passes (1.7 a pass); a loaded CI machine has given 3.8
         assert steps / passes >= 3.2, f"{steps} steps in {passes} passes"
+    # push (the default): each pass's steps went to the second peer as one request (PushRequest.more)
+    received = after[1].pushes_received - before[1].pushes_received
+    requests = after[1].push_requests_received - before[1].push_requests_received
+    assert received == sessions * max_new
+    # the first push of the link goes alone (it learns that the next hop takes batches); 16 rounds
+    # of 6 in phase make 17 requests at best
+    assert received / requests >= 3.2, f"{received} steps in {requests} push requests"
 
 
 def test_pipeline_groups_take_turns_and_stay_apart_on_the_later_peer(demo_model, tmp_path):
