@@ -27,9 +27,13 @@ way round (``[in, out]`` memory, the Parameter a transposed view of it, so every
 ``[out, in]``), the same product is an accumulation over contiguous rows of ``W.T``, which MKL's
 fp32 kernel streams faster (AMD EPYC, 1 thread, weights cold in cache: 768 x 768 0.69x the time,
 1024 x 1024 0.90x, 2816 x 1024 0.69x, the 32000 x 1024 LM head 0.77x; 2 to 128 rows 0.83-1.11x,
-mostly within a few percent; ``python -m loadtests.bench_gemm_layout``). `calibrate` times both
-layouts for one row on each distinct shape (the median of paired rounds) and re-lays the weights of that shape where the
-transposed one wins by LAYOUT_GAIN; then it measures the ways above on the layout kept. Same memory
+mostly within a few percent; ``python -m loadtests.bench_gemm_layout``, best runs; as the median
+of paired rounds, which is what `calibrate` goes by, 1024 x 1024 0.88-1.04, 2816 x 1024 0.89-0.98,
+the LM head 0.79-0.86 over six loads). `calibrate` times both layouts for one row on each
+distinct shape of at least MIN_LAYOUT_BYTES and re-lays the weights of that shape where the
+transposed one wins by LAYOUT_GAIN; then it measures the ways above on the layout kept. A shape
+whose median sits near LAYOUT_GAIN may go either way from one load to the next, at a cost of a
+few percent of its own products either way. Same memory
 (the old copy's pages are given back, `release_pages`), and a weight shared with another module (a
 tied embedding, which gathers rows) keeps its layout.
 
