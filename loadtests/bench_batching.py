@@ -9,6 +9,10 @@ In one run, against one machine's noise:
   API. Aggregate output tokens/s, and each level as a multiple of the 1-stream figure.
 * **reference**: `transformers` `generate()` in this process on a batch of C prompts of the same
   length, greedy, exactly --output-len new tokens: batch*tokens / wall time, and the same multiple.
+  Measured right after the swarm's level C, the swarm idle meanwhile (its peers' start-up profile
+  rounds over by then): the two figures of a level are seconds apart, so the machine's drift
+  over the run (on these shared machines the reference moved 105 -> 154 tok/s between two runs
+  minutes apart) weighs on both alike.
 * **second turn**: a conversation whose first user message is ~--history tokens; TTFT of its
   second turn (which resumes the peers' caches and sends only the new tokens) against the first
   turn's; median over --conversations conversations, plain OpenAI requests (no session header).
@@ -145,6 +149,7 @@ def run(args: argparse.Namespace) -> dict:
     from common.peer_client import ChannelPool
     from loadtests.loadgen import LoadConfig, run_load
     from peer.demo_model import ensure_demo_model
+    from peer.server import REFINE_INTERVAL_S, REFINE_ROUNDS
     from swarm.launcher import LocalSwarm, balanced_split, num_blocks_of, split_blocks
 
     model_dir = ensure_demo_model(args.cache_dir, preset="bench")
@@ -178,6 +183,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.pipeline_groups != "auto":
             flags += ["--pipeline-groups", args.pipeline_groups]
         peers = swarm.start_peers(split, *flags)
+        peers_ready = time.monotonic()
         # Under a burst of 32 prefills a step queues behind several full passes on these shared
         # cores; the default 10 s step deadline would call that a dead peer (and ban it).
         gateway = swarm.start_gateway(
@@ -196,8 +202,16 @@ def run(args: argparse.Namespace) -> dict:
                              input_len=args.input_len, output_len=args.output_len, progress=False)  # fmt: skip
             return asyncio.run(run_load(cfg))
 
+        torch.set_num_threads(args.ref_threads)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        reference_throughput(model, config["vocab_size"], 1, args.input_len, 4)  # warm-up
         load(1, 1)  # warm-up
+        # idle peers take profile rounds for their first minute (peer.server), which would cost
+        # the reference a few percent of the cores: start once they are over
+        settle = REFINE_INTERVAL_S * REFINE_ROUNDS + 2 - (time.monotonic() - peers_ready)
+        time.sleep(max(0.0, settle))
         swarm_rows = []
+        ref_rows = []
         peaks: list[int] = []
         addresses = [peer.address for peer in peers]
         for level in args.levels:
@@ -222,6 +236,9 @@ def run(args: argparse.Namespace) -> dict:
                 f"steps/pass {swarm_rows[-1]['steps_per_pass']}",
                 flush=True,
             )
+            rate = reference_throughput(model, config["vocab_size"], level, args.input_len, args.output_len)
+            ref_rows.append({"batch": level, "output_tok_s": rate})
+            print(f"ref    B={level:>3}: {rate:8.1f} tok/s", flush=True)
         base_rate = swarm_rows[0]["output_tok_s"]
         for row in swarm_rows:
             row["x_vs_1"] = row["output_tok_s"] / base_rate if base_rate else 0.0
@@ -246,14 +263,6 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         swarm.stop()
 
-    torch.set_num_threads(args.ref_threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    reference_throughput(model, config["vocab_size"], 1, args.input_len, 4)  # warm-up
-    ref_rows = []
-    for level in args.levels:
-        rate = reference_throughput(model, config["vocab_size"], level, args.input_len, args.output_len)
-        ref_rows.append({"batch": level, "output_tok_s": rate})
-        print(f"ref    B={level:>3}: {rate:8.1f} tok/s", flush=True)
     for row in ref_rows:
         row["x_vs_1"] = row["output_tok_s"] / ref_rows[0]["output_tok_s"]
     results["reference"] = ref_rows
