@@ -298,7 +298,7 @@ def markdown(results: dict, command: str) -> str:
         f'Model: random Llama "bench" preset (hidden {results["model"]["hidden"]}, {results["model"]["layers"]} layers, '
         f"~156M params, fp32) over 2 local peers {results['model']['spans']}, each with `--threads {s['threads']}`, "
         f"`--cache-tokens {s['cache_tokens']}` and {peer_batching_flags(s)}, gateway `--step-timeout {s['step_timeout']}`; reference `transformers` `generate()` with "
-        f"{s['ref_threads']} torch threads in one process. Machine: {results['machine']['cpu_count']} CPU cores "
+        f"{s['ref_threads']} torch threads in one process, measured right after the swarm's level of the same size. Machine: {results['machine']['cpu_count']} CPU cores "
         f"(shared with other work, so figures are noisy). Requests: {s['input_len']} prompt tokens in, exactly "
         f"{s['output_len']} tokens out, greedy; 2×C requests per level. Finished {results.get('finished_at', '')}.",
         "",
