@@ -387,7 +387,6 @@ class RouteRunner:
                 # below the step deadline: a hop that cannot reach the next says so before the
                 # gateway would blame it for the silence (see Step.forward_timeout_ms)
                 step.forward_timeout_ms = max(1, int(self.step_timeout * 500))
-                step.quiet_forward = True  # only the last hop's answer is awaited (swarm.proto)
             try:
                 session = self.sessions[i]
                 if session is None:

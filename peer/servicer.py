@@ -455,8 +455,6 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         result.seq = step.seq
                         if onward is not None:
                             await self._forward(step, onward, result)
-                            if _needless_ack(step, result):
-                                continue
                         async with session.writing:
                             trace.mark("peer.result_out")
                             await context.write(swarm_pb2.InferenceResponse(result=result))
@@ -545,8 +543,6 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             result.seq = step.seq
             if onward is not None:
                 await self._forward(step, onward, result)
-                if _needless_ack(step, result):
-                    return
         except StepFailed as exc:
             session.keep = False  # its cache may hold what the failed step wrote
             code = grpc.StatusCode.INVALID_ARGUMENT if exc.bad_input else grpc.StatusCode.INTERNAL
@@ -656,7 +652,6 @@ def _split(step: swarm_pb2.Step) -> tuple[swarm_pb2.Step, swarm_pb2.Step | None]
         forward=step.forward[1:],
         seq=step.seq,
         forward_timeout_ms=step.forward_timeout_ms,
-        quiet_forward=step.quiet_forward,
     )
     for name in LAST_SPAN_FIELDS:
         if name == "prompt_logprobs" and not step.HasField(name):
@@ -667,11 +662,6 @@ def _split(step: swarm_pb2.Step) -> tuple[swarm_pb2.Step, swarm_pb2.Step | None]
         else:
             setattr(onward, name, value)
     return own, onward
-
-
-def _needless_ack(step: swarm_pb2.Step, result: swarm_pb2.StepResult) -> bool:
-    """A plain "forwarded" answer the gateway asked to be spared (`Step.quiet_forward`)."""
-    return step.quiet_forward and result.forwarded and not result.draining
 
 
 def _failed(seq: int, code: grpc.StatusCode, message: str) -> swarm_pb2.StepResult:

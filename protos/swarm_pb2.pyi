@@ -74,7 +74,7 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., max_length: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., resume: _Optional[bool] = ..., resume_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("token_ids", "hidden", "position", "sample", "allowed_token_ids", "prompt_logprobs", "pass_id", "allowed_token_mask", "forward", "seq", "forward_timeout_ms", "quiet_forward")
+    __slots__ = ("token_ids", "hidden", "position", "sample", "allowed_token_ids", "prompt_logprobs", "pass_id", "allowed_token_mask", "forward", "seq", "forward_timeout_ms")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -86,7 +86,6 @@ class Step(_message.Message):
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     FORWARD_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
-    QUIET_FORWARD_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     hidden: Tensor
     position: int
@@ -98,8 +97,7 @@ class Step(_message.Message):
     forward: _containers.RepeatedCompositeFieldContainer[Forward]
     seq: int
     forward_timeout_ms: int
-    quiet_forward: bool
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., sample: _Optional[bool] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[int] = ..., pass_id: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ..., forward: _Optional[_Iterable[_Union[Forward, _Mapping]]] = ..., seq: _Optional[int] = ..., forward_timeout_ms: _Optional[int] = ..., quiet_forward: _Optional[bool] = ...) -> None: ...
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., sample: _Optional[bool] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[int] = ..., pass_id: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ..., forward: _Optional[_Iterable[_Union[Forward, _Mapping]]] = ..., seq: _Optional[int] = ..., forward_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class Forward(_message.Message):
     __slots__ = ("address", "push_id")

@@ -353,35 +353,6 @@ def test_replay_after_eviction_gives_the_same_output(client, peers):
     assert fresh.choices[0].message.content == two.choices[0].message.content
 
 
-def test_a_quiet_push_leaves_out_the_first_hops_ack(peers):
-    """`Step.quiet_forward`: the first hop pushes the step on and answers its own stream only when
-    there is something to say; without the flag it acks "forwarded". The last hop answers both."""
-
-    async def scenario():
-        pool = ChannelPool()
-        first, last = PeerSession(pool, peers[0]), PeerSession(pool, peers[1])
-        try:
-            await first.open(swarm_pb2.OpenSession(start_block=0, end_block=2, max_length=64))
-            await last.open(swarm_pb2.OpenSession(start_block=2, end_block=4, max_length=64))
-            onward = [swarm_pb2.Forward(address=peers[1], push_id=last.push_id)]
-            answers = []
-            for seq, (tokens, quiet) in enumerate((([5, 6, 7], True), ([8], False)), start=1):
-                step = swarm_pb2.Step(token_ids=tokens, position=3 * (seq - 1), sample=True, seq=seq,
-                                      forward=onward, quiet_forward=quiet)  # fmt: skip
-                await first.send(step)
-                answers.append(await last.receive(seq))
-            # the first hop's stream: its first answer is the ack of step 2, none came for step 1
-            ack = (await first._exchange(None)).result
-            return answers, ack
-        finally:
-            await first.close()
-            await last.close()
-
-    answers, ack = asyncio.run(scenario())
-    assert [answer.seq for answer in answers] == [1, 2] and not any(answer.forwarded for answer in answers)
-    assert ack.seq == 2 and ack.forwarded and not ack.HasField("hidden")
-
-
 # -- the budget -----------------------------------------------------------------------------------
 def test_open_waits_for_room_then_fails_with_resource_exhausted(peers):
     async def scenario():
