@@ -128,7 +128,12 @@ class _Link:
         )
         try:
             ack = await (await self._send(request))
-        except PushFailed as failure:
+        except Exception as exc:  # noqa: BLE001 - every push of the batch must hear of it
+            failure = (
+                exc
+                if isinstance(exc, PushFailed)
+                else PushFailed(self.address, grpc.StatusCode.UNAVAILABLE, f"batched push failed: {exc}")
+            )
             for *_, verdict in batch:
                 if not verdict.done():
                     verdict.set_exception(failure)
