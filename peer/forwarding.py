@@ -47,6 +47,23 @@ MAX_LINKS = 64  # open links at most; the least recently used is closed first
 STREAMS_PER_LINK = 4  # pushes in flight at once to one next hop (see `_Link`)
 
 
+def entries_of(request: swarm_pb2.PushRequest) -> list[tuple[str, swarm_pb2.Step]]:
+    """A request's (push_id, step) pairs in order: its own, then `more` (protos/swarm.proto)."""
+    return [(request.push_id, request.step), *((entry.push_id, entry.step) for entry in request.more)]
+
+
+def ack_for(verdicts: list[swarm_pb2.PushVerdict]) -> swarm_pb2.PushAck:
+    """The one ack of a request's steps: the first's verdict in its own fields, the rest in
+    `more`, and `batches` (this peer takes them); `verdicts_of` reads it back."""
+    first = verdicts[0]
+    return swarm_pb2.PushAck(code=first.code, message=first.message, more=verdicts[1:], batches=True)
+
+
+def verdicts_of(ack: swarm_pb2.PushAck) -> list:
+    """An ack's verdicts in request order (each has `code` and `message`)."""
+    return [ack, *ack.more]
+
+
 class PushFailed(Exception):
     """The next hop did not accept a pushed step: its status, or ours when it did not answer."""
 
@@ -138,7 +155,7 @@ class _Link:
                 if not verdict.done():
                     verdict.set_exception(failure)
             return
-        verdicts = [ack, *ack.more]
+        verdicts = verdicts_of(ack)
         for i, (*_, verdict) in enumerate(batch):
             if verdict.done():  # its pusher gave up waiting
                 continue

@@ -245,11 +245,12 @@ def calibrate(modules: Iterable[nn.Module], prepack: bool = False) -> dict[tuple
         if not _eligible(module):
             continue
         shape = tuple(module.weight.shape)
-        if shape not in layouts and module.weight.nbytes < MIN_LAYOUT_BYTES:
-            layouts[shape] = False
-        elif shape not in layouts:
-            flush = torch.zeros(FLUSH_BYTES // 4) if flush is None else flush
-            layouts[shape] = prefers_transposed_layout(module.weight, flush)
+        if shape not in layouts:
+            if module.weight.nbytes < MIN_LAYOUT_BYTES:
+                layouts[shape] = False
+            else:
+                flush = torch.zeros(FLUSH_BYTES // 4) if flush is None else flush
+                layouts[shape] = prefers_transposed_layout(module.weight, flush)
         alone = holders[module.weight.untyped_storage().data_ptr()] == 1
         if layouts[shape] and alone and module.weight.is_contiguous():  # not already re-laid
             old = module.weight.data

@@ -46,7 +46,7 @@ from common import trace
 from common.logs import REQUEST_ID_HEADER, set_request_id
 from discovery.records import PeerRecord
 from peer import tensor_codec
-from peer.forwarding import Forwarder, PushFailed
+from peer.forwarding import Forwarder, PushFailed, ack_for, entries_of
 from peer.kv_cache import KVCache
 from peer.memory import BudgetExhausted, SessionTable, session_tag
 from peer.model import BlockSpan
@@ -489,20 +489,14 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                 return
             self.push_requests_received += 1
             verdicts = []
-            for push_id, step in (
-                (request.push_id, request.step),
-                *((e.push_id, e.step) for e in request.more),
-            ):
+            for push_id, step in entries_of(request):
                 try:
                     await self._accept_push(push_id, step)
                     verdicts.append(swarm_pb2.PushVerdict())
                 except StepError as exc:
                     verdicts.append(swarm_pb2.PushVerdict(code=exc.code.value[0], message=exc.message))
             trace.mark("peer.push_accepted")
-            first = verdicts[0]
-            await context.write(
-                swarm_pb2.PushAck(code=first.code, message=first.message, more=verdicts[1:], batches=True)
-            )
+            await context.write(ack_for(verdicts))
 
     async def _accept_push(self, push_id: str, step: swarm_pb2.Step) -> None:
         """Validate and queue a pushed step (StepError when refused). The session's lock is held

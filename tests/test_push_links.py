@@ -10,7 +10,7 @@ import asyncio
 import grpc
 import pytest
 
-from peer.forwarding import STREAMS_PER_LINK, Forwarder, PushFailed
+from peer.forwarding import STREAMS_PER_LINK, Forwarder, PushFailed, ack_for, entries_of
 from protos import swarm_pb2, swarm_pb2_grpc
 from tests.conftest import wait_until_async
 
@@ -41,16 +41,16 @@ class BatchingPeer(swarm_pb2_grpc.PeerServicer):
 
     async def Push(self, request_iterator, context):
         async for request in request_iterator:
-            ids = [request.push_id, *(entry.push_id for entry in request.more)]
+            ids = [push_id for push_id, _ in entries_of(request)]
             self.requests.append(ids)
-            verdicts = [
-                swarm_pb2.PushVerdict(code=grpc.StatusCode.NOT_FOUND.value[0], message="gone")
-                if push_id in self.refused
-                else swarm_pb2.PushVerdict()
-                for push_id in ids
-            ]
-            first = verdicts[0]
-            yield swarm_pb2.PushAck(code=first.code, message=first.message, more=verdicts[1:], batches=True)
+            yield ack_for(
+                [
+                    swarm_pb2.PushVerdict(code=grpc.StatusCode.NOT_FOUND.value[0], message="gone")
+                    if push_id in self.refused
+                    else swarm_pb2.PushVerdict()
+                    for push_id in ids
+                ]
+            )
 
 
 async def _serve(servicer) -> tuple[grpc.aio.Server, str]:
