@@ -1,6 +1,6 @@
 """Where one token's time goes through gateway + 2 peers: a timeline of hand-offs across processes.
 
-    python -m loadtests.bench_timeline [--new-tokens 300] [--relay]
+    python -m loadtests.bench_timeline [--new-tokens 300] [--relay] [--streams 1]
 
 Starts a local swarm on the bench model (DHT, peers [0, 5) and [5, 8) with one thread each, as
 `swarm up` splits it; a gateway) with `SWARM_TRACE_DIR` set, so every process stamps its
@@ -11,6 +11,12 @@ processes are sorted into one timeline and every gap between consecutive stamps 
 two ends (`peer0.forward_end -> peer1.push_in`: the push on the wire and in gRPC). Medians of
 each gap and of the token's whole cycle go to `loadtests/results/timeline.json`, the same spans'
 passes back to back in this process beside them (what `generate()`'s pace is made of).
+
+With `--streams N` (N > 1), N streams decode at once and the gaps interleave; what is reported
+then is the pipeline (`pipeline` in the JSON): each peer's passes (median ms) and the share of
+the traced time it spent in them, its idle time between passes, and the hand-offs that decide
+how soon a peer can start its next pass: peer0's pass end -> peer1 has the pushed steps, and
+peer1's pass end -> the gateway has the first result -> peer0 starts its next pass.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import collections
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +42,50 @@ def gaps(stamps: list[tuple[float, str]]) -> dict[str, list[float]]:
     for (t0, a), (t1, b) in zip(stamps, stamps[1:], strict=False):
         out[f"{a} -> {b}"].append((t1 - t0) * 1000)
     return out
+
+
+def pipeline(stamps: list[tuple[float, str]]) -> dict:
+    """The passes and hand-offs of a many-stream timeline (module doc, `--streams`)."""
+
+    def passes(peer: str) -> list[tuple[float, float]]:
+        out, begin = [], None
+        for at, label in stamps:
+            if label == f"{peer}.forward_start":
+                begin = at
+            elif label == f"{peer}.forward_end" and begin is not None:
+                out.append((begin, at))
+                begin = None
+        return out
+
+    def after(label: str, at: float) -> float | None:
+        return next((t for t, name in stamps if name == label and t >= at), None)
+
+    def median_ms(values) -> float | None:  # noqa: ANN001
+        values = [v for v in values if v is not None]
+        return round(statistics.median(values) * 1000, 2) if values else None
+
+    first, last = passes("peer0"), passes("peer1")
+    if not first or not last:
+        return {}
+    window = stamps[-1][0] - stamps[0][0]
+    report: dict = {}
+    for name, runs in (("peer0", first), ("peer1", last)):
+        report[f"{name}_passes"] = len(runs)
+        report[f"{name}_pass_ms"] = median_ms(end - begin for begin, end in runs)
+        report[f"{name}_busy_share"] = round(sum(end - begin for begin, end in runs) / window, 3)
+        report[f"{name}_idle_between_passes_ms"] = median_ms(
+            b[0] - a[1] for a, b in zip(runs, runs[1:], strict=False)
+        )
+    report["peer0_end_to_peer1_push_in_ms"] = median_ms(
+        (at - end) if (at := after("peer1.push_in", end)) else None for _, end in first
+    )
+    report["peer1_end_to_gateway_result_ms"] = median_ms(
+        (at - end) if (at := after("gateway.result", end)) else None for _, end in last
+    )
+    report["peer1_end_to_peer0_start_ms"] = median_ms(
+        (at - end) if (at := after("peer0.forward_start", end)) else None for _, end in last
+    )
+    return report
 
 
 def read_stamps(trace_dir: Path, names: dict[int, str]) -> list[tuple[float, str]]:
@@ -62,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=300)
     parser.add_argument("--relay", action="store_true", help="the gateway carries hidden states between hops")
+    parser.add_argument("--streams", type=int, default=1, help="concurrent streams (see the module doc)")
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "timeline.json")
     args = parser.parse_args(argv)
     if args.new_tokens < 20:
@@ -86,17 +139,23 @@ def main(argv: list[str] | None = None) -> int:
         names[gateway.process.pid] = "gateway"
         body = {"model": "bench", "prompt": "The swarm", "max_tokens": args.new_tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True}  # fmt: skip
-        with httpx.Client(timeout=300) as client:
-            for tokens in (16, args.new_tokens):  # a warm-up stream, then the traced one
-                with client.stream(
+
+        def stream(tokens: int) -> None:
+            with (
+                httpx.Client(timeout=300) as client,
+                client.stream(
                     "POST", f"{gateway.address}/v1/completions", json={**body, "max_tokens": tokens}
-                ) as r:
-                    r.raise_for_status()
-                    for _ in r.iter_lines():
-                        pass
-                if tokens == 16:
-                    time.sleep(0.5)
-                    started = time.monotonic()
+                ) as r,
+            ):
+                r.raise_for_status()
+                for _ in r.iter_lines():
+                    pass
+
+        stream(16)  # a warm-up stream, then the traced ones
+        time.sleep(0.5)
+        started = time.monotonic()
+        with ThreadPoolExecutor(args.streams) as pool:
+            list(pool.map(stream, [args.new_tokens] * args.streams))
     finally:
         swarm.stop()  # SIGTERM: each process writes its last stamps at exit
     del os.environ["SWARM_TRACE_DIR"]
@@ -110,12 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = {
         "benchmark": "timeline",
-        "command": "python -m loadtests.bench_timeline " + " ".join(argv if argv is not None else []),
+        "streams": args.streams,
+        "command": "python -m loadtests.bench_timeline "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "mode": "relay" if args.relay else "push",
         "spans": SPLIT,
         "new_tokens": args.new_tokens,
-        "token_cycle_ms": round(statistics.median(cycle), 3) if cycle else None,
+        # one stream's send-to-send time; with many streams the sends interleave
+        "token_cycle_ms": round(statistics.median(cycle), 3) if cycle and args.streams == 1 else None,
         "gaps": dict(sorted(table.items(), key=lambda item: -item[1]["n"])),
+        "pipeline": pipeline(stamps) if args.streams > 1 else None,
         "spans_back_to_back_ms": spans_back_to_back(model_dir, args.new_tokens),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
@@ -126,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"token cycle {result['token_cycle_ms']} ms; spans back to back {result['spans_back_to_back_ms']} ms"
     )
+    if result["pipeline"]:
+        for name, value in result["pipeline"].items():
+            print(f"  {name}: {value}")
+        return 0
     for name, entry in result["gaps"].items():
         print(f"  {entry['median_ms']:8.3f} ms  {name}  (n={entry['n']})")
     return 0

@@ -1,0 +1,122 @@
+"""What a decode pass costs against the rows in it: the figure that decides how a pipeline should
+batch its sessions on a CPU.
+
+Loads the bench model's spans as `swarm up` splits them over two peers, each calibrated as a peer
+calibrates at load (`peer.gemm`: weight layouts, and the packed copy a default peer keeps when it
+has the memory), and times one decode pass of R sessions (one new token each, on a cache of
+--context tokens) for R in --rows, with one thread and then with two. Per span and row count:
+the median ms of a pass, ms per row, and what splitting that pass in two costs
+(``2 * pass(R / 2) / pass(R)``): the price of the first span's pipeline groups
+(`peer.batching_config`), which keep both peers busy by running half the sessions at a time.
+
+    python -m loadtests.bench_pass_rows [--rows 1,2,4,8,16,32] [--passes 30]
+        [--out loadtests/results/pass_rows.json]
+
+A pass of few rows reads every weight once and uses little of the arithmetic the core has, so
+its cost grows much slower than its rows (bandwidth-bound at 1 row, the small-batch kernels
+after that); when that growth is slow, two passes of half the rows cost close to two passes of
+the whole, and splitting the rows between peers (pipeline) loses against splitting each
+weight's columns between threads (what `transformers` does with 2 threads on one batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pass_ms(span, rows: int, context: int, passes: int) -> float:  # noqa: ANN001
+    """Median ms of one decode pass of `rows` sessions, each holding `context` tokens."""
+    import torch
+
+    config = span.config
+    caches = [span.new_cache(capacity=context + passes + 8) for _ in range(rows)]
+    with torch.inference_mode():
+        if span.is_first:
+            prompt = torch.randint(0, config.vocab_size, (rows * context,))
+        else:
+            prompt = torch.randn(rows * context, config.hidden_size)
+        span(prompt, caches, [context] * rows)
+        times = []
+        for _ in range(passes + 3):
+            x = (
+                torch.randint(0, config.vocab_size, (rows,))
+                if span.is_first
+                else torch.randn(rows, config.hidden_size)
+            )
+            begin = time.perf_counter()
+            hidden = span(x, caches, [1] * rows)
+            if span.is_last:
+                span.logits(hidden)  # one LM-head row per session, as the scheduler samples
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times[3:]) * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,2,4,8,16,32")
+    parser.add_argument("--passes", type=int, default=30)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "pass_rows.json")
+    args = parser.parse_args(argv)
+    import torch
+
+    from peer import gemm
+    from peer.batching_config import available_memory_bytes, choose_prepack
+    from peer.demo_model import ensure_demo_model
+    from peer.model import BlockSpan
+    from swarm.launcher import DEFAULT_CACHE, balanced_split
+
+    rows = [int(r) for r in args.rows.split(",")]
+    model_dir = ensure_demo_model(args.cache_dir or DEFAULT_CACHE, preset="bench")
+    result: dict = {
+        "benchmark": "pass_rows",
+        "command": "python -m loadtests.bench_pass_rows",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "loadavg_before": os.getloadavg(),
+        "context": args.context,
+        "spans": [],
+    }
+    for start, end in balanced_split(model_dir, 2):
+        span = BlockSpan.load(model_dir, start, end, calibrate=False)
+        prepack, _ = choose_prepack(  # as a peer with no --prepack flag chooses
+            None,
+            packable=gemm.can_pack() and gemm.packable_bytes(span.modules()) > 0,
+            packed_bytes=gemm.packable_bytes(span.modules()),
+            available_bytes=available_memory_bytes(),
+        )
+        torch.set_num_threads(1)  # the peer calibrates with the thread it serves with
+        gemm.calibrate(span.modules(), prepack=prepack)
+        entry: dict = {"blocks": [start, end], "prepack": prepack, "threads": {}}
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            costs = {r: pass_ms(span, r, args.context, args.passes) for r in rows}
+            table = []
+            for r in rows:
+                row = {"rows": r, "pass_ms": round(costs[r], 2), "ms_per_row": round(costs[r] / r, 3)}
+                if r // 2 in costs and r % 2 == 0:
+                    row["two_halves_over_one"] = round(2 * costs[r // 2] / costs[r], 2)
+                table.append(row)
+                print(f"blocks [{start}, {end}) threads {threads} rows {r:3d}: {costs[r]:7.2f} ms"
+                      + (f"  two passes of {r // 2}: {row['two_halves_over_one']:.2f}x" if "two_halves_over_one" in row else ""),
+                      flush=True)  # fmt: skip
+            entry["threads"][str(threads)] = table
+        result["spans"].append(entry)
+    result["loadavg_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
