@@ -9,8 +9,8 @@ the median ms of a pass, ms per row, and what splitting that pass in two costs
 (``2 * pass(R / 2) / pass(R)``): the price of the first span's pipeline groups
 (`peer.batching_config`), which keep both peers busy by running half the sessions at a time.
 
-    python -m loadtests.bench_pass_rows [--rows 1,2,4,8,16,32] [--passes 30]
-        [--out loadtests/results/pass_rows.json]
+    python -m loadtests.bench_pass_rows [--rows 1,2,4,8,16,32] [--passes 30] [--threads 1,2]
+        [--model-dir DIR] [--out loadtests/results/pass_rows.json]
 
 A pass of few rows reads every weight once and uses little of the arithmetic the core has, so
 its cost grows much slower than its rows (bandwidth-bound at 1 row, the small-batch kernels
@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="another model (default: the bench model)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "pass_rows.json")
     args = parser.parse_args(argv)
     import torch
@@ -77,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     from swarm.launcher import DEFAULT_CACHE, balanced_split
 
     rows = [int(r) for r in args.rows.split(",")]
-    model_dir = ensure_demo_model(args.cache_dir or DEFAULT_CACHE, preset="bench")
+    model_dir = args.model_dir or ensure_demo_model(args.cache_dir or DEFAULT_CACHE, preset="bench")
     result: dict = {
         "benchmark": "pass_rows",
-        "command": "python -m loadtests.bench_pass_rows",
+        "command": "python -m loadtests.bench_pass_rows "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "loadavg_before": os.getloadavg(),
         "context": args.context,

@@ -30,3 +30,55 @@ def test_a_benchmark_run_keeps_the_write_up_around_its_figures(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Write-up\n\nAnalysis that a run must keep.\n")
     assert "| run | 2 |" in text and "| run | 1 |" not in text and text.count("## Latest run") == 1
+
+
+def test_the_many_stream_timeline_reports_passes_and_hand_offs():
+    from loadtests.bench_timeline import pipeline
+
+    ms = 0.001
+    stamps = []
+    for k in range(3):  # peer0 passes of 30 ms every 70 ms; peer1's follow 2 ms after the push
+        t = k * 70 * ms
+        stamps += [
+            (t, "peer0.forward_start"),
+            (t + 30 * ms, "peer0.forward_end"),
+            (t + 31 * ms, "peer1.push_in"),
+            (t + 32 * ms, "peer1.forward_start"),
+            (t + 62 * ms, "peer1.forward_end"),
+            (t + 63 * ms, "gateway.result"),
+        ]
+    stamps.append((3 * 70 * ms, "peer0.forward_start"))
+    report = pipeline(sorted(stamps))
+    assert report["peer0_passes"] == 3 and report["peer1_passes"] == 3
+    assert report["peer0_pass_ms"] == 30.0 and report["peer1_pass_ms"] == 30.0
+    assert report["peer0_idle_between_passes_ms"] == 40.0
+    assert report["peer0_end_to_peer1_push_in_ms"] == 1.0
+    assert report["peer1_end_to_gateway_result_ms"] == 1.0
+    assert report["peer1_end_to_peer0_start_ms"] == 8.0
+    assert report["peer0_busy_share"] == round(90 / 210, 3)
+
+
+def test_the_many_stream_timeline_needs_both_peers_passes():
+    from loadtests.bench_timeline import pipeline
+
+    assert pipeline([(0.0, "peer0.forward_start"), (0.01, "peer0.forward_end")]) == {}
+
+
+def test_pass_rows_times_every_span_at_every_row_count(tiny_model, tmp_path):
+    from loadtests import bench_pass_rows
+
+    out = tmp_path / "pass_rows.json"
+    args = ["--model-dir", str(tiny_model), "--rows", "1,2,4", "--passes", "2", "--threads", "1"]
+    assert bench_pass_rows.main([*args, "--context", "8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    spans = result["spans"]
+    assert (
+        spans[0]["blocks"][0] == 0
+        and spans[-1]["blocks"][1]
+        == json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    )
+    for span in spans:
+        table = span["threads"]["1"]
+        assert [row["rows"] for row in table] == [1, 2, 4]
+        assert all(row["pass_ms"] > 0 for row in table)
+        assert "two_halves_over_one" not in table[0] and table[2]["two_halves_over_one"] > 0
