@@ -92,19 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         "spans": [],
     }
     for start, end in balanced_split(model_dir, 2):
-        span = BlockSpan.load(model_dir, start, end, calibrate=False)
-        prepack, _ = choose_prepack(  # as a peer with no --prepack flag chooses
-            None,
-            packable=gemm.can_pack() and gemm.packable_bytes(span.modules()) > 0,
-            packed_bytes=gemm.packable_bytes(span.modules()),
-            available_bytes=available_memory_bytes(),
-        )
-        torch.set_num_threads(1)  # the peer calibrates with the thread it serves with
-        gemm.calibrate(span.modules(), prepack=prepack)
-        entry: dict = {"blocks": [start, end], "prepack": prepack, "threads": {}}
+        entry: dict = {"blocks": [start, end], "threads": {}}
         for threads in (int(t) for t in args.threads.split(",")):
+            # loaded and calibrated anew for each thread count, as a peer started with that many
+            # calibrates with them (the fastest way for a row count depends on the threads)
             torch.set_num_threads(threads)
+            span = BlockSpan.load(model_dir, start, end, calibrate=False)
+            prepack, _ = choose_prepack(  # as a peer with no --prepack flag chooses
+                None,
+                packable=gemm.can_pack() and gemm.packable_bytes(span.modules()) > 0,
+                packed_bytes=gemm.packable_bytes(span.modules()),
+                available_bytes=available_memory_bytes(),
+            )
+            gemm.calibrate(span.modules(), prepack=prepack)
+            entry["prepack"] = prepack
             costs = {r: pass_ms(span, r, args.context, args.passes) for r in rows}
+            del span
             table = []
             for r in rows:
                 row = {"rows": r, "pass_ms": round(costs[r], 2), "ms_per_row": round(costs[r] / r, 3)}
