@@ -22,6 +22,7 @@ peer1's pass end -> the gateway has the first result -> peer0 starts its next pa
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import json
 import os
@@ -57,8 +58,15 @@ def pipeline(stamps: list[tuple[float, str]]) -> dict:
                 begin = None
         return out
 
-    def after(label: str, at: float) -> float | None:
-        return next((t for t, name in stamps if name == label and t >= at), None)
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    for at, label in stamps:  # sorted, so each label's list is too
+        times[label].append(at)
+
+    def wait(label: str, at: float) -> float | None:
+        """Seconds from `at` to the next `label` stamp (None: none came)."""
+        later = times[label]
+        i = bisect.bisect_left(later, at)
+        return later[i] - at if i < len(later) else None
 
     def median_ms(values) -> float | None:  # noqa: ANN001
         values = [v for v in values if v is not None]
@@ -76,15 +84,9 @@ def pipeline(stamps: list[tuple[float, str]]) -> dict:
         report[f"{name}_idle_between_passes_ms"] = median_ms(
             b[0] - a[1] for a, b in zip(runs, runs[1:], strict=False)
         )
-    report["peer0_end_to_peer1_push_in_ms"] = median_ms(
-        (at - end) if (at := after("peer1.push_in", end)) else None for _, end in first
-    )
-    report["peer1_end_to_gateway_result_ms"] = median_ms(
-        (at - end) if (at := after("gateway.result", end)) else None for _, end in last
-    )
-    report["peer1_end_to_peer0_start_ms"] = median_ms(
-        (at - end) if (at := after("peer0.forward_start", end)) else None for _, end in last
-    )
+    report["peer0_end_to_peer1_push_in_ms"] = median_ms(wait("peer1.push_in", end) for _, end in first)
+    report["peer1_end_to_gateway_result_ms"] = median_ms(wait("gateway.result", end) for _, end in last)
+    report["peer1_end_to_peer0_start_ms"] = median_ms(wait("peer0.forward_start", end) for _, end in last)
     return report
 
 
