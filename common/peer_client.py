@@ -101,6 +101,10 @@ class PeerSession:
     async def send(self, step: swarm_pb2.Step) -> None:
         await self._exchange(swarm_pb2.InferenceRequest(step=step), read=False)
 
+    async def halt(self) -> None:
+        """End the session's decode loop (`Halt`, protos/swarm.proto); nothing is answered."""
+        await self._exchange(swarm_pb2.InferenceRequest(halt=swarm_pb2.Halt()), read=False)
+
     async def receive(self, seq: int = 0) -> swarm_pb2.StepResult:
         """The result of the step numbered `seq`, sent here or pushed to this hop by the previous
         one. Results of other steps are stale (a push given up on, then retried) and skipped; a

@@ -13,6 +13,15 @@ the gateway carries them on itself, and relays that edge from then on. Replays (
 rebuild) push too, but a chain never crosses the boundary where the rebuilt hops end (the hop
 after it takes only the step's rows). Steps checked by the verifier go by relay: the check
 compares every hop's hidden states.
+
+Decode loop (`Step.loop`, docs/self-organizing.md): a decode step whose chain is the whole route
+asks the last hop to push the next step straight back to the first hop, with a budget and the stop
+ids. From then on the gateway only reads: each `step` of the loop's token finds its step already
+running and waits for its answers as for any chain (`_loop_next`), so a token no longer crosses the
+gateway between two steps. The loop ends when its budget is spent, a stop id is sampled, the first
+hop refuses it (the gateway `Halt`ed it to move a draining hop), or a hop fails; the gateway then
+sends the next step itself. Its length is drawn up front so that the verifier's next checked step
+(relayed) comes right after it. Closing the runner ends a loop too: a closed session refuses it.
 """
 
 from __future__ import annotations
@@ -55,6 +64,15 @@ class PromptLogprobs:
     `tokens[i]` scores prompt token i+1 (its id, logprob and the best alternatives there)."""
 
     tokens: list[TokenEvent]
+
+
+@dataclass
+class LoopPlan:
+    """What a decode loop may run without the gateway (`Step.loop`): up to `remaining` steps after
+    the one that starts it, ending early after a sampled id in `stop_ids`."""
+
+    remaining: int
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -174,6 +192,15 @@ class RouteRunner:
         self._relayed: set[tuple[str, str]] = set()  # (peer, next peer) edges that could not push
         self._seq = 0  # numbers steps (`Step.seq`), so a stale answer is told from the current one
         self.pushed_steps = 0  # steps in which at least one hop pushed to the next
+        # decode loop: the last hop pushed the step after the last one to the first hop (it runs
+        # already, for the token `_loop_token`); `_loop_ok` False once a loop push failed for
+        # another reason than a halt; `_halted` a Halt was sent for the running loop
+        self._loop_next = False
+        self._loop_token = -1
+        self._loop_ok = True
+        self._halted = False
+        self._check_due = False  # the verifier picked the step after the current loop
+        self.looped_steps = 0  # steps the gateway did not send (the last hop pushed them)
 
     @property
     def tokens(self) -> list[int]:
@@ -287,26 +314,40 @@ class RouteRunner:
         sample: bool = True,
         allowed_mask: bytes | None = None,
         prompt_logprobs: int | None = None,
+        plan: LoopPlan | None = None,
     ) -> swarm_pb2.StepResult:
         """One step through the route; the last span's result. With `prompt_logprobs` the result's
-        `prompt_logprobs` scores `token_ids[1:]` (also when a failover replayed more)."""
+        `prompt_logprobs` scores `token_ids[1:]` (also when a failover replayed more). With `plan`
+        (a decode step) the step may start a decode loop; while one runs, the step of its token is
+        already under way and this only waits for its answers."""
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline = None
         check = None
+        looped, self._loop_next = self._loop_next, False
+        if looped and list(token_ids) != [self._loop_token]:
+            raise RuntimeError(
+                f"the route's decode loop already runs token {self._loop_token}, not {token_ids}"
+            )
         if (
-            self.verifier is not None
+            not looped
+            and self.verifier is not None
             and self._rebuild_upto < 0
             and prompt_logprobs is None
-            and self.verifier.pick()
+            and (self._check_due or self.verifier.pick())
         ):
+            self._check_due = False
             check = self.verifier.start(self, list(token_ids), sample, allowed_mask)
+        chain_loop = None
+        if not looped and check is None and self._may_loop(plan, sample, allowed_mask, prompt_logprobs):
+            chain_loop = self._loop_for(plan)
         try:
             while True:
                 try:
                     results = await self._pass(
-                        list(token_ids), sample, allowed_mask, prompt_logprobs, push=check is None
-                    )
+                        list(token_ids), sample, allowed_mask, prompt_logprobs, push=check is None,
+                        chain_loop=chain_loop, looped=looped,
+                    )  # fmt: skip
                     if check is not None:
                         # The check ran beside the step on other sessions; its verdict comes before
                         # the token is released: a checked step never hands on an answer that failed.
@@ -315,6 +356,7 @@ class RouteRunner:
                             raise _HopFailure(*guilty)
                     break
                 except _HopFailure as failure:
+                    looped = False  # the retry is the gateway's own step, after a replay
                     if check is not None:  # the route changes: a check of the old one proves nothing
                         check.task.cancel()
                         check = None
@@ -326,6 +368,7 @@ class RouteRunner:
                 check.task.cancel()
         self.history.extend(token_ids)
         self._measured(loop.time() - began)
+        self._loop_went_on(results[-1])
         if self.failover is not None:
             draining = [
                 i
@@ -333,10 +376,64 @@ class RouteRunner:
                 if result.draining or (session is not None and session.draining)
             ]
             if draining and loop.time() >= self._next_migration:
-                self._next_migration = loop.time() + 1.0  # a lookup per token would be wasteful
-                for index in reversed(draining):
-                    await self._migrate(index)
+                if self._loop_next:  # its next step is under way: stop the loop, move once it has
+                    await self._halt()
+                else:
+                    self._next_migration = loop.time() + 1.0  # a lookup per token would be wasteful
+                    for index in reversed(draining):
+                        await self._migrate(index)
         return results[-1]
+
+    def _may_loop(
+        self, plan: LoopPlan | None, sample: bool, allowed_mask: bytes | None, prompt_logprobs: int | None
+    ) -> bool:
+        """Whether a step may start a decode loop: a plain sampled decode step with budget left,
+        pushing, on a route the last loop did not fail on, with no replay pending."""
+        return (
+            plan is not None
+            and plan.remaining > 0
+            and sample
+            and not allowed_mask
+            and prompt_logprobs is None
+            and self.push
+            and self._loop_ok
+            and self._rebuild_upto < 0
+        )
+
+    def _loop_for(self, plan: LoopPlan) -> swarm_pb2.Loop | None:
+        """The decode loop a step starts (`_pass` adds the hops when its chain is the whole route),
+        as long as the verifier's next check lets it: the step after the loop is the checked one."""
+        remaining = plan.remaining
+        if self.verifier is not None:
+            run = self.verifier.unpicked_run(remaining)
+            if run < remaining:
+                self._check_due, remaining = True, run
+        if remaining <= 0:
+            return None
+        return swarm_pb2.Loop(remaining=remaining, stop_ids=plan.stop_ids)
+
+    def _loop_went_on(self, result: swarm_pb2.StepResult) -> None:
+        """Note from the last hop's answer whether the loop runs the next step already."""
+        self._loop_next = result.looped
+        self._loop_token = result.token_id
+        if result.looped:
+            self.looped_steps += 1
+            return
+        self._halted = False
+        if result.forward_error_code and result.forward_error_code != grpc.StatusCode.ABORTED.value[0]:
+            # it cannot reach the first hop (or refused otherwise): no loops on this route
+            log.info(
+                "decode loop stopped (%s); the gateway sends each step from now on", result.forward_error
+            )
+            self._loop_ok = False
+
+    async def _halt(self) -> None:
+        """Ask the first hop to stop the running loop; the answers that follow say when it has."""
+        if self._halted or not self.sessions or self.sessions[0] is None:
+            return
+        self._halted = True
+        with contextlib.suppress(PeerError):
+            await self._with_deadline(self.route[0], self.sessions[0].halt())
 
     async def _pass(
         self,
@@ -345,8 +442,12 @@ class RouteRunner:
         allowed_mask: bytes | None = None,
         prompt_logprobs: int | None = None,
         push: bool = True,
+        chain_loop: swarm_pb2.Loop | None = None,
+        looped: bool = False,
     ) -> list[swarm_pb2.StepResult]:
-        """One step through every hop; hops up to `_rebuild_upto` replay the whole history."""
+        """One step through every hop; hops up to `_rebuild_upto` replay the whole history.
+        `chain_loop`: start a decode loop when the first chain is the whole route. `looped`: the
+        last hop already pushed this step to the first (a loop runs): send nothing, read the answers."""
         position = len(self.history)
         everything = self.history + token_ids
         upto = self._rebuild_upto
@@ -383,18 +484,24 @@ class RouteRunner:
                 )
             for k in range(i + 1, end + 1):
                 step.forward.add(address=self.route[k].address, push_id=self.sessions[k].push_id)
-            if end > i:
+            if chain_loop is not None and i == 0 and end == last and not rebuild:
+                step.loop.CopyFrom(chain_loop)
+                step.loop.id = seq  # unique in this runner; the first hop takes this loop's steps only
+                for k in range(end + 1):
+                    step.loop.hops.add(address=self.route[k].address, push_id=self.sessions[k].push_id)
+            if end > i or step.HasField("loop"):
                 # below the step deadline: a hop that cannot reach the next says so before the
                 # gateway would blame it for the silence (see Step.forward_timeout_ms)
                 step.forward_timeout_ms = max(1, int(self.step_timeout * 500))
-            try:
-                session = self.sessions[i]
-                if session is None:
-                    raise PeerError(self.route[i].address, None, "session is not open")
-                trace.mark("gateway.send")
-                await self._with_deadline(self.route[i], session.send(step))
-            except PeerError as exc:
-                raise _HopFailure(i, exc) from exc
+            if not (looped and i == 0):  # else the last hop pushed it to the first already
+                try:
+                    session = self.sessions[i]
+                    if session is None:
+                        raise PeerError(self.route[i].address, None, "session is not open")
+                    trace.mark("gateway.send")
+                    await self._with_deadline(self.route[i], session.send(step))
+                except PeerError as exc:
+                    raise _HopFailure(i, exc) from exc
             if end == i:
                 try:
                     answers = {i: await self._with_deadline(self.route[i], self.sessions[i].receive(seq))}
@@ -737,6 +844,9 @@ async def generate(
                     for item in result.prompt_logprobs
                 ]
             )
+        # a decode loop may run until the budget is spent or an end of sequence is sampled;
+        # a constraint masks every step, so its steps go one by one
+        stop_ids = () if params.ignore_eos else tuple(params.eos_token_ids)
         for produced in range(1, params.max_new_tokens + 1):
             event = TokenEvent(
                 token_id=result.token_id,
@@ -758,7 +868,9 @@ async def generate(
             if event.finish_reason:
                 return
             result = await runner.step(
-                [event.token_id], allowed_mask=constraint and constraint.allowed_bits()
+                [event.token_id],
+                allowed_mask=constraint and constraint.allowed_bits(),
+                plan=LoopPlan(params.max_new_tokens - produced - 1, stop_ids) if constraint is None else None,
             )
     finally:
         await runner.close()

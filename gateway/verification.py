@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -79,6 +80,17 @@ class Verifier:
 
     def pick(self) -> bool:
         return self.fraction > 0 and self.rng.random() < self.fraction
+
+    def unpicked_run(self, limit: int) -> int:
+        """How many steps in a row `pick` would pass over, at most `limit`: one draw for a run of
+        steps (geometric, as `limit` calls of `pick` would give), for a decode loop that fixes its
+        length before it starts. Below `limit`: the step after the run is to be checked."""
+        if self.fraction <= 0:
+            return limit
+        if self.fraction >= 1:
+            return 0
+        run = math.log(1.0 - self.rng.random()) / math.log(1.0 - self.fraction)
+        return int(min(run, limit))
 
     # -- starting a check -------------------------------------------------------------------------
     def start(

@@ -93,6 +93,10 @@ class _LiveCollector(Collector):
             "swarm_peer_push_requests_received", "Push requests those steps came in (a pass's steps share one)",
             value=servicer.push_requests_received,
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "swarm_peer_looped_steps", "decode-loop steps this peer, a last hop, pushed back to a first hop",
+            value=servicer.looped_steps,
+        )  # fmt: skip
         yield GaugeMetricFamily(
             "swarm_peer_push_links", "open Push streams to next hops", value=len(forwarder.links())
         )

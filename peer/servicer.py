@@ -26,6 +26,11 @@ Concurrency contract
   gateway's retry of that step arrives: the retry waits, then rewinds the cache), and
   `Session.writing` keeps the two writers of its stream apart. A pushed step that fails after it
   was accepted is answered on the stream with `StepResult.error_code` instead of ending it.
+* Decode loop (`Step.loop`): the last hop of a looping chain pushes the next step back to the first
+  hop (`_loop_back`) while it holds its stream's `writing` lock, and writes its own answer after
+  the push was accepted or refused: the next step's answer, which may come back to this very
+  stream, cannot overtake it. The first hop takes such a step only while its session's `loop_id`
+  (set by every step the gateway sends on the stream, cleared by `Halt`) names that loop.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ class Session:
     first_step_timer: asyncio.Timeout | None = None  # the stream's wait for a first step
     pushed_to: bool = False  # a step came through Push: the stream's first-step wait is over
     keep: bool = True  # keep the cache for a resume when the stream ends (not after a failed step)
+    loop_id: int = 0  # the decode loop whose pushed-back steps this first hop takes (0: none)
     span: BlockSpan | None = None  # the blocks this session runs (a sub-span of the peer's, or all)
 
 
@@ -140,6 +146,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         self.push_targets: dict[str, Session] = {}  # Opened.push_id -> live session
         self.pushes_received = 0
         self.push_requests_received = 0  # requests those came in (`PushRequest.more` batches them)
+        self.looped_steps = 0  # decode-loop steps this last hop pushed back to a first hop, accepted
         self._pushing: set[asyncio.Task] = set()
         self._views: dict[tuple[int, int], BlockSpan] = {}  # sub-spans that sessions run (`_sub_span`)
         self._views_of = span
@@ -449,6 +456,8 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         trace.mark("peer.step_in")
                         step = request.step
                         own, onward = _split(step)
+                        # the gateway's own step starts or ends a decode loop here (see Step.loop)
+                        session.loop_id = step.loop.id if step.HasField("loop") else 0
                         async with session.lock:
                             result = await self.scheduler.submit(self._prepare_step(session, own))
                         result.draining = self.draining  # asks the gateway to move this session
@@ -456,8 +465,13 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         if onward is not None:
                             await self._forward(step, onward, result)
                         async with session.writing:
+                            if onward is None:
+                                await self._loop_back(step, result)
                             trace.mark("peer.result_out")
                             await context.write(swarm_pb2.InferenceResponse(result=result))
+                    elif kind == "halt":
+                        if session is not None:
+                            session.loop_id = 0
                     elif kind == "close":
                         break
                     else:
@@ -508,6 +522,12 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                 grpc.StatusCode.NOT_FOUND, "no live session has this push_id (closed, or not opened here)"
             )
         own, onward = _split(step)
+        # only a decode loop pushes to a route's first hop, and only the loop its gateway runs now
+        if (session.span or self.span).is_first and (not step.loop.id or step.loop.id != session.loop_id):
+            raise StepError(
+                grpc.StatusCode.ABORTED,
+                "this session runs no such decode loop (the gateway halted it or sent a step since)",
+            )
         await session.lock.acquire()
         try:
             if session.stream is None:
@@ -548,6 +568,8 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             return
         try:
             async with session.writing:
+                if onward is None and not result.error_code:
+                    await self._loop_back(step, result)
                 trace.mark("peer.result_out")
                 await stream.write(swarm_pb2.InferenceResponse(result=result))
         except Exception as exc:  # noqa: BLE001 - the stream ended; the gateway sees that itself
@@ -571,6 +593,38 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             return
         result.ClearField("hidden")
         result.forwarded = True
+
+    async def _loop_back(self, step: swarm_pb2.Step, result: swarm_pb2.StepResult) -> None:
+        """Decode loop, the last hop: push the step after `step` (the token just sampled, at the
+        next position) to the route's first hop, unless the loop is over (no budget left, a stop id
+        sampled). Accepted: `result.looped`; refused or unreachable: `result.forward_error`, and
+        the gateway sends the next step itself."""
+        if not step.HasField("loop") or not step.sample or not step.loop.hops:
+            return
+        loop = step.loop
+        if loop.remaining <= 0 or result.token_id in loop.stop_ids:
+            return
+        following = swarm_pb2.Step(
+            token_ids=[result.token_id],
+            position=step.position + len(step.token_ids),
+            sample=True,
+            forward=loop.hops[1:],
+            seq=step.seq + 1,
+            forward_timeout_ms=step.forward_timeout_ms,
+        )
+        following.loop.CopyFrom(loop)
+        following.loop.remaining = loop.remaining - 1
+        timeout = step.forward_timeout_ms / 1000.0 if step.forward_timeout_ms > 0 else None
+        try:
+            await self.forwarder.push(loop.hops[0], following, timeout)
+        except PushFailed as exc:
+            if exc.code != grpc.StatusCode.ABORTED:
+                log.info("could not push a decode loop's next step to %s: %s", exc.address, exc)
+            result.forward_error = f"{exc.address}: {exc.code.name}: {exc.message}"
+            result.forward_error_code = exc.code.value[0]
+            return
+        result.looped = True
+        self.looped_steps += 1
 
     async def Info(self, request, context):
         record = self.describe()
@@ -599,6 +653,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             pushed_steps=self.forwarder.pushed,
             pushes_received=self.pushes_received,
             push_requests_received=self.push_requests_received,
+            looped_steps=self.looped_steps,
             next_rtt_ms=self.forwarder.nearest(),
         )
 
@@ -647,6 +702,8 @@ def _split(step: swarm_pb2.Step) -> tuple[swarm_pb2.Step, swarm_pb2.Step | None]
         seq=step.seq,
         forward_timeout_ms=step.forward_timeout_ms,
     )
+    if step.HasField("loop"):
+        onward.loop.CopyFrom(step.loop)
     for name in LAST_SPAN_FIELDS:
         if name == "prompt_logprobs" and not step.HasField(name):
             continue

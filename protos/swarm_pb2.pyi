@@ -74,7 +74,7 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., max_length: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., resume: _Optional[bool] = ..., resume_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("token_ids", "hidden", "position", "sample", "allowed_token_ids", "prompt_logprobs", "pass_id", "allowed_token_mask", "forward", "seq", "forward_timeout_ms")
+    __slots__ = ("token_ids", "hidden", "position", "sample", "allowed_token_ids", "prompt_logprobs", "pass_id", "allowed_token_mask", "forward", "seq", "forward_timeout_ms", "loop")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class Step(_message.Message):
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     FORWARD_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    LOOP_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     hidden: Tensor
     position: int
@@ -97,7 +98,20 @@ class Step(_message.Message):
     forward: _containers.RepeatedCompositeFieldContainer[Forward]
     seq: int
     forward_timeout_ms: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., sample: _Optional[bool] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[int] = ..., pass_id: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ..., forward: _Optional[_Iterable[_Union[Forward, _Mapping]]] = ..., seq: _Optional[int] = ..., forward_timeout_ms: _Optional[int] = ...) -> None: ...
+    loop: Loop
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., sample: _Optional[bool] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[int] = ..., pass_id: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ..., forward: _Optional[_Iterable[_Union[Forward, _Mapping]]] = ..., seq: _Optional[int] = ..., forward_timeout_ms: _Optional[int] = ..., loop: _Optional[_Union[Loop, _Mapping]] = ...) -> None: ...
+
+class Loop(_message.Message):
+    __slots__ = ("hops", "remaining", "stop_ids", "id")
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    STOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    hops: _containers.RepeatedCompositeFieldContainer[Forward]
+    remaining: int
+    stop_ids: _containers.RepeatedScalarFieldContainer[int]
+    id: int
+    def __init__(self, hops: _Optional[_Iterable[_Union[Forward, _Mapping]]] = ..., remaining: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ..., id: _Optional[int] = ...) -> None: ...
 
 class Forward(_message.Message):
     __slots__ = ("address", "push_id")
@@ -149,15 +163,21 @@ class Close(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Halt(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class InferenceRequest(_message.Message):
-    __slots__ = ("open", "step", "close")
+    __slots__ = ("open", "step", "close", "halt")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    HALT_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     step: Step
     close: Close
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
+    halt: Halt
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., halt: _Optional[_Union[Halt, _Mapping]] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -178,7 +198,7 @@ class PromptLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("hidden", "token_id", "logprob", "top_logprobs", "cache_length", "draining", "prompt_logprobs", "pass_id", "forwarded", "forward_error", "forward_error_code", "seq", "error_code", "error_message")
+    __slots__ = ("hidden", "token_id", "logprob", "top_logprobs", "cache_length", "draining", "prompt_logprobs", "pass_id", "forwarded", "forward_error", "forward_error_code", "seq", "error_code", "error_message", "looped")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +213,7 @@ class StepResult(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LOOPED_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     token_id: int
     logprob: float
@@ -207,7 +228,8 @@ class StepResult(_message.Message):
     seq: int
     error_code: int
     error_message: str
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., cache_length: _Optional[int] = ..., draining: _Optional[bool] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprob, _Mapping]]] = ..., pass_id: _Optional[int] = ..., forwarded: _Optional[bool] = ..., forward_error: _Optional[str] = ..., forward_error_code: _Optional[int] = ..., seq: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+    looped: bool
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., cache_length: _Optional[int] = ..., draining: _Optional[bool] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprob, _Mapping]]] = ..., pass_id: _Optional[int] = ..., forwarded: _Optional[bool] = ..., forward_error: _Optional[str] = ..., forward_error_code: _Optional[int] = ..., seq: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., looped: _Optional[bool] = ...) -> None: ...
 
 class Opened(_message.Message):
     __slots__ = ("peer_id", "cache_length", "push_id")
@@ -232,7 +254,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("peer_id", "model", "start_block", "end_block", "num_blocks", "dtype", "quant", "live_sessions", "free_cache_tokens", "throughput", "version", "state", "idle_sessions", "cache_budget_tokens", "tokens_processed", "forward_passes", "steps", "evictions", "prepacked", "pipeline_groups", "batching", "pushed_steps", "pushes_received", "next_rtt_ms", "push_requests_received")
+    __slots__ = ("peer_id", "model", "start_block", "end_block", "num_blocks", "dtype", "quant", "live_sessions", "free_cache_tokens", "throughput", "version", "state", "idle_sessions", "cache_budget_tokens", "tokens_processed", "forward_passes", "steps", "evictions", "prepacked", "pipeline_groups", "batching", "pushed_steps", "pushes_received", "next_rtt_ms", "push_requests_received", "looped_steps")
     class NextRttMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +287,7 @@ class InfoResponse(_message.Message):
     PUSHES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     NEXT_RTT_MS_FIELD_NUMBER: _ClassVar[int]
     PUSH_REQUESTS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    LOOPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     model: str
     start_block: int
@@ -290,4 +313,5 @@ class InfoResponse(_message.Message):
     pushes_received: int
     next_rtt_ms: _containers.ScalarMap[str, float]
     push_requests_received: int
-    def __init__(self, peer_id: _Optional[str] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., live_sessions: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., idle_sessions: _Optional[int] = ..., cache_budget_tokens: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., evictions: _Optional[int] = ..., prepacked: _Optional[bool] = ..., pipeline_groups: _Optional[int] = ..., batching: _Optional[str] = ..., pushed_steps: _Optional[int] = ..., pushes_received: _Optional[int] = ..., next_rtt_ms: _Optional[_Mapping[str, float]] = ..., push_requests_received: _Optional[int] = ...) -> None: ...
+    looped_steps: int
+    def __init__(self, peer_id: _Optional[str] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., live_sessions: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., idle_sessions: _Optional[int] = ..., cache_budget_tokens: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., evictions: _Optional[int] = ..., prepacked: _Optional[bool] = ..., pipeline_groups: _Optional[int] = ..., batching: _Optional[str] = ..., pushed_steps: _Optional[int] = ..., pushes_received: _Optional[int] = ..., next_rtt_ms: _Optional[_Mapping[str, float]] = ..., push_requests_received: _Optional[int] = ..., looped_steps: _Optional[int] = ...) -> None: ...

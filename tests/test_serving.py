@@ -17,6 +17,7 @@ from common.peer_client import ChannelPool, PeerError, PeerSession, peer_info
 from gateway.generation import GenerationParams, RouteRunner, generate
 from gateway.routing import Hop
 from gateway.text import TokenPieces, encode_prompt, render_chat
+from peer.forwarding import Forwarder, PushFailed
 from protos import swarm_pb2
 from swarm.launcher import LocalSwarm
 from tests.conftest import HEARTBEAT, TTL
@@ -230,6 +231,121 @@ def test_pipeline_groups_are_bounded():
     for groups in (0, 9):
         with pytest.raises(ValueError, match="groups"):
             BatchScheduler(First(), 64, 3.0, groups)
+
+
+# -- decode loop ---------------------------------------------------------------------------------
+def test_decode_loop_runs_a_session_without_the_gateway_and_ends_on_its_budget_or_a_stop_id(peers):
+    """Push's decode loop (`Step.loop`): after the first decode step the gateway sends nothing; the
+    last peer pushes every next step back to the first, exactly as many as the budget allows, and
+    none past a sampled stop id. The tokens are the ones relay gives, step by step."""
+    route = (Hop("p0", peers[0], 0, 2), Hop("p1", peers[1], 2, 4))
+    prompt, max_new = [31, 8, 12], 12
+
+    async def run(pool, push: bool, eos: set[int]):
+        runner = RouteRunner(pool, route, 30.0, push=push)
+        params = GenerationParams(
+            prompt_ids=prompt, max_new_tokens=max_new, sampling=swarm_pb2.SamplingParams(temperature=0.0),
+            eos_token_ids=eos,
+        )  # fmt: skip
+        before = await peer_info(pool, peers[1])
+        tokens = [event.token_id async for event in generate(runner, params)]
+        after = await peer_info(pool, peers[1])
+        return tokens, runner.looped_steps, after.looped_steps - before.looped_steps
+
+    async def scenario():
+        pool = ChannelPool()
+        try:
+            relayed = await run(pool, False, set())
+            looped = await run(pool, True, set())
+            # an end of sequence sampled at the 5th token: the loop stops there, on the peer
+            stopped = await run(pool, True, {relayed[0][4]} - set(relayed[0][:4]))
+            return relayed, looped, stopped
+        finally:
+            await pool.close()
+
+    relayed, looped, stopped = asyncio.run(scenario())
+    assert relayed[1:] == (0, 0)
+    assert looped[0] == relayed[0] and len(looped[0]) == max_new
+    # the prefill and the first decode step come from the gateway; the loop ran the other 10
+    assert looped[1:] == (max_new - 2, max_new - 2)
+    eos_at = relayed[0].index(stopped[0][-1])
+    assert stopped[0] == relayed[0][: eos_at + 1]
+    assert stopped[1:] == (eos_at - 1, eos_at - 1), stopped
+
+
+def test_decode_loop_halts_at_the_first_peer(peers):
+    """`Halt` ends a loop: the first peer refuses the next pushed-back step (ABORTED), the last says
+    so in its answer, and every step before matches the greedy tokens. A step with another loop's
+    id is refused the same way."""
+
+    async def scenario():
+        pool = ChannelPool()
+        first, last = PeerSession(pool, peers[0]), PeerSession(pool, peers[1])
+        try:
+            sid = uuid.uuid4().hex
+            await first.open(swarm_pb2.OpenSession(session_id=sid, start_block=0, end_block=2, max_length=64))
+            await last.open(
+                swarm_pb2.OpenSession(
+                    session_id=sid, start_block=2, end_block=4, max_length=64,
+                    sampling=swarm_pb2.SamplingParams(temperature=0.0),
+                )
+            )  # fmt: skip
+            hops = [
+                swarm_pb2.Forward(address=peers[0], push_id=first.push_id),
+                swarm_pb2.Forward(address=peers[1], push_id=last.push_id),
+            ]
+            step = swarm_pb2.Step(
+                token_ids=[31, 8, 12], position=0, sample=True, seq=1, forward=hops[1:],
+                forward_timeout_ms=5000, loop=swarm_pb2.Loop(hops=hops, remaining=40, id=7),
+            )  # fmt: skip
+            await first.send(step)
+            answers = [await last.receive(seq) for seq in (1, 2, 3)]
+            await first.halt()
+            seq = 4
+            while answers[-1].looped:
+                answers.append(await last.receive(seq))
+                seq += 1
+            # the first peer still serves the session: the gateway's own step goes on from there
+            position = 3 + len(answers) - 1
+            own = await first.step(
+                swarm_pb2.Step(token_ids=[answers[-1].token_id], position=position, sample=True, seq=seq,
+                               forward=hops[1:],
+                               forward_timeout_ms=5000)
+            )  # fmt: skip
+            after_halt = await last.receive(seq)
+            # a loop the first peer was never given (another id): refused there
+            stale = swarm_pb2.Step(token_ids=[after_halt.token_id], position=position + 1, sample=True,
+                                   seq=seq + 1, loop=swarm_pb2.Loop(hops=hops, remaining=3, id=8))  # fmt: skip
+            forwarder = Forwarder()
+            try:
+                with pytest.raises(PushFailed) as refused:
+                    await forwarder.push(hops[0], stale, timeout=5.0)
+            finally:
+                await forwarder.close()
+            return answers, own, after_halt, refused.value
+        finally:
+            for session in (first, last):
+                await session.close()
+            await pool.close()
+
+    answers, own, after_halt, refused = asyncio.run(scenario())
+    assert all(answer.looped for answer in answers[:-1])
+    assert len(answers) <= 5  # the halt stops the loop within the step or two already under way
+    assert not answers[-1].looped
+    assert answers[-1].forward_error_code == grpc.StatusCode.ABORTED.value[0], answers[-1].forward_error
+    assert own.forwarded and not after_halt.looped
+    greedy_tokens = asyncio.run(_alone([31, 8, 12], len(answers) + 1, peers))
+    assert [a.token_id for a in [*answers, after_halt]] == greedy_tokens
+    assert refused.code == grpc.StatusCode.ABORTED
+
+
+async def _alone(prompt: list[int], max_new: int, peers: list[str]) -> list[int]:
+    pool = ChannelPool()
+    try:
+        route = (Hop("p0", peers[0], 0, 2), Hop("p1", peers[1], 2, 4))
+        return await _generate(route, prompt, max_new, pool)
+    finally:
+        await pool.close()
 
 
 # -- cache reuse across turns -------------------------------------------------------------------
