@@ -269,6 +269,7 @@ class Gateway:
             verifier=self.verifier,
             answer_shape=(served.hidden_size, served.vocab_size),
             push=not self.settings.relay,
+            decode_loop=self.settings.decode_loop,
         )
         try:
             async with aclosing(run_choice(spec, runner, served, request_id)) as pieces:

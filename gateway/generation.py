@@ -102,6 +102,14 @@ class GenerationParams:
         return len(self.prompt_ids) + self.max_new_tokens
 
 
+class _LoopBroken(Exception):
+    """The last hop could not start the loop's step on the first (`StepResult.looped`): its notice."""
+
+    def __init__(self, notice: swarm_pb2.StepResult):
+        super().__init__(notice.forward_error)
+        self.notice = notice
+
+
 class _HopFailure(Exception):
     """A step failed at hop `index` of the current route."""
 
@@ -167,6 +175,7 @@ class RouteRunner:
         verifier=None,  # gateway.verification.Verifier (imported there: it drives runners)
         answer_shape: tuple[int, int] = (0, 0),
         push: bool = True,
+        decode_loop: bool = True,
     ):
         self.pool = pool
         self.verifier = verifier if failover is not None else None
@@ -194,10 +203,11 @@ class RouteRunner:
         self.pushed_steps = 0  # steps in which at least one hop pushed to the next
         # decode loop: the last hop pushed the step after the last one to the first hop (it runs
         # already, for the token `_loop_token`); `_loop_ok` False once a loop push failed for
-        # another reason than a halt; `_halted` a Halt was sent for the running loop
+        # another reason than a halt; `_halted`: a Halt was sent, no loop starts until the hop
+        # that asked for it has moved
         self._loop_next = False
         self._loop_token = -1
-        self._loop_ok = True
+        self._loop_ok = decode_loop
         self._halted = False
         self._check_due = False  # the verifier picked the step after the current loop
         self.looped_steps = 0  # steps the gateway did not send (the last hop pushed them)
@@ -355,6 +365,12 @@ class RouteRunner:
                         if guilty is not None:
                             raise _HopFailure(*guilty)
                     break
+                except _LoopBroken as broken:  # the step never started: the gateway sends it
+                    looped = False
+                    if broken.notice.forward_error_code != grpc.StatusCode.ABORTED.value[0]:
+                        # it cannot reach the first hop (or was refused otherwise): no loops here
+                        log.info("decode loop stopped (%s); the gateway sends each step from now on", broken)
+                        self._loop_ok = False
                 except _HopFailure as failure:
                     looped = False  # the retry is the gateway's own step, after a replay
                     if check is not None:  # the route changes: a check of the old one proves nothing
@@ -368,6 +384,7 @@ class RouteRunner:
                 check.task.cancel()
         self.history.extend(token_ids)
         self._measured(loop.time() - began)
+        self.looped_steps += looped
         self._loop_went_on(results[-1])
         if self.failover is not None:
             draining = [
@@ -382,6 +399,7 @@ class RouteRunner:
                     self._next_migration = loop.time() + 1.0  # a lookup per token would be wasteful
                     for index in reversed(draining):
                         await self._migrate(index)
+                    self._halted = False  # loops may start again (on the new route)
         return results[-1]
 
     def _may_loop(
@@ -397,6 +415,7 @@ class RouteRunner:
             and prompt_logprobs is None
             and self.push
             and self._loop_ok
+            and not self._halted
             and self._rebuild_upto < 0
         )
 
@@ -416,16 +435,6 @@ class RouteRunner:
         """Note from the last hop's answer whether the loop runs the next step already."""
         self._loop_next = result.looped
         self._loop_token = result.token_id
-        if result.looped:
-            self.looped_steps += 1
-            return
-        self._halted = False
-        if result.forward_error_code and result.forward_error_code != grpc.StatusCode.ABORTED.value[0]:
-            # it cannot reach the first hop (or refused otherwise): no loops on this route
-            log.info(
-                "decode loop stopped (%s); the gateway sends each step from now on", result.forward_error
-            )
-            self._loop_ok = False
 
     async def _halt(self) -> None:
         """Ask the first hop to stop the running loop; the answers that follow say when it has."""
@@ -509,6 +518,9 @@ class RouteRunner:
                     raise _HopFailure(i, exc) from exc
             else:
                 answers = await self._chain_answers(i, end, seq)
+                notice = answers.get(last) if looped and i == 0 else None
+                if notice is not None and notice.forward_error_code:
+                    raise _LoopBroken(notice)
             for k in range(i, end + 1):
                 result = answers.get(k)
                 if result is None:  # an ack still on its way (it pushed: the last hop answered); the

@@ -27,6 +27,7 @@ class GatewaySettings:
     session_ttl: float = 3600.0
     wire_dtype: str = ""  # dtype hidden states travel in ("" = each sender's compute dtype)
     relay: bool = False  # hidden states through the gateway, not peer to peer (gateway.generation)
+    decode_loop: bool = True  # push: the last peer sends each next decode step to the first itself
     max_body_bytes: int = 4 << 20
     max_concurrent: int = 256  # generations in flight before new ones get 429 (0: no limit)
     # re-execute this fraction of steps on a replica and convict peers that lie (gateway.verification)

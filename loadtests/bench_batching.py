@@ -187,8 +187,9 @@ def run(args: argparse.Namespace) -> dict:
         # Under a burst of 32 prefills a step queues behind several full passes on these shared
         # cores; the default 10 s step deadline would call that a dead peer (and ban it).
         gateway = swarm.start_gateway(
-            None, "--step-timeout", str(args.step_timeout), *(["--relay"] if args.relay else [])
-        )
+            None, "--step-timeout", str(args.step_timeout), *(["--relay"] if args.relay else []),
+            *([] if args.decode_loop else ["--no-decode-loop"]),
+        )  # fmt: skip
         base = gateway.address
         for _ in range(120):  # the gateway lists the model once the DHT shows both peers
             import httpx
@@ -377,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         "--relay",
         action="store_true",
         help="hidden states go through the gateway between hops (the default is push)",
+    )
+    parser.add_argument(
+        "--decode-loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="push's decode loop: the last peer sends each next step to the first (swarm gateway --decode-loop)",
     )
     parser.add_argument("--step-timeout", type=float, default=300.0, help="the gateway's per-step deadline")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)

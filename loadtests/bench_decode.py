@@ -20,6 +20,11 @@ them alike:
 ``spans``      both ``BlockSpan`` halves loaded in this process and run back to back, sampling
                with the peer's own ``Sampler``: the peers' compute without gRPC or processes.
 
+``http_stepwise`` ``http`` through a second gateway on the same peers started with
+               ``--no-decode-loop``: the gateway sends every decode step itself instead of the last
+               peer sending each next step straight to the first (push's decode loop,
+               docs/self-organizing.md); ``http`` over it is what the loop saves
+               (``decode_loop_ratio``).
 ``http_secure`` (with ``--secure``) ``http`` through a second swarm of the same model that runs
                private (a swarm key: HMAC-tagged DHT datagrams and a membership credential on
                every gRPC call) over mutual TLS between gateway and peers; its median over
@@ -313,11 +318,15 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         peers = [swarm.start_peer(start, end, "--threads", str(args.threads), timeout=args.start_timeout)
                  for start, end in split]  # fmt: skip
         gateway = swarm.start_gateway()
+        if "http_stepwise" in args.modes:
+            stepwise_gateway = swarm.start_gateway(None, "--no-decode-loop", name="gateway-stepwise")
         if secure is not None:
             secure_gateway = start_secure_swarm(secure, split, args.threads)
         hops = [(peer.address, start, end) for peer, (start, end) in zip(peers, split, strict=True)]
         with httpx.Client(timeout=httpx.Timeout(120.0, connect=10.0)) as client:
             wait_for_model(client, gateway.address, model_id)
+            if "http_stepwise" in args.modes:
+                wait_for_model(client, stepwise_gateway.address, model_id)
             if secure is not None:
                 wait_for_model(client, secure_gateway.address, model_id)
             startup_s = time.perf_counter() - started
@@ -333,6 +342,11 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
                 if mode == "http":  # the client's own parsing is not the swarm's cost
                     return timed(
                         swarm_pids, lambda: run_http(client, gateway.address, model_id, prompt_ids, tokens)
+                    )
+                if mode == "http_stepwise":
+                    return timed(
+                        swarm_pids,
+                        lambda: run_http(client, stepwise_gateway.address, model_id, prompt_ids, tokens),
                     )
                 if mode == "http_secure":
                     return timed(
@@ -391,7 +405,7 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         if ref_ids and mode in ("grpc", "spans"):
             out["same_tokens_as_reference"] = all(r.token_ids == ref_ids for r in items)
             out["matching_prefix_tokens"] = min(_common_prefix(r.token_ids, ref_ids) for r in items)
-        if ref_ids and mode in ("http", "http_secure"):
+        if ref_ids and mode in ("http", "http_stepwise", "http_secure"):
             out["same_text_as_reference"] = all(r.text == ref_text for r in items)
         return out
 
@@ -446,6 +460,14 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         result["swarm_ttft_ms"] = modes["http"]["ttft_ms"]
         result["reference_ttft_ms"] = modes["reference"]["ttft_ms"]
         result["breakdown_ms_per_token"] = breakdown(modes)
+    if "http" in modes and "http_stepwise" in modes:
+        result["decode_loop_ratio"] = round(
+            modes["http"]["decode_ms_per_token"] / modes["http_stepwise"]["decode_ms_per_token"], 3
+        )
+        result["decode_loop_paired_ratios"] = [
+            round(h.decode_ms / s.decode_ms, 3)
+            for h, s in zip(runs["http"], runs["http_stepwise"], strict=False)
+        ]
     if "http" in modes and "http_secure" in modes:
         result["security_ratio"] = round(
             modes["http_secure"]["decode_ms_per_token"] / modes["http"]["decode_ms_per_token"], 3
@@ -519,9 +541,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def markdown_table(results: dict) -> str:
     rows = [
         "| model | params | swarm ms/token (HTTP) | `generate()` ms/token | **ratio** | swarm TTFT ms | `generate()` TTFT ms "
-        "| swarm without gateway (gRPC) ms/token | spans in one process ms/token | CPU ms/token swarm / `generate()` "
-        "| load avg |",
-        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
+        "| swarm, `--no-decode-loop` ms/token | swarm without gateway (gRPC) ms/token | spans in one process ms/token "
+        "| CPU ms/token swarm / `generate()` | load avg |",
+        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
     ]
     for r in results["models"]:
         m = r["modes"]
@@ -537,7 +559,7 @@ def markdown_table(results: dict) -> str:
             f"{r['config']['vocab_size']}) | {r['params_millions']} M | {r.get('swarm_ms_per_token', float('nan')):.2f} "
             f"| {r.get('reference_ms_per_token', float('nan')):.2f} | **{r.get('ratio', float('nan')):.2f}** "
             f"| {r.get('swarm_ttft_ms', float('nan')):.1f} | {r.get('reference_ttft_ms', float('nan')):.1f} "
-            f"| {cell('grpc')} | {cell('spans')} | {cpu} | {load} |"
+            f"| {cell('http_stepwise')} | {cell('grpc')} | {cell('spans')} | {cpu} | {load} |"
         )
     machine = results["machine"]
     settings = results["models"][0]["settings"] if results["models"] else {}
@@ -604,7 +626,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "one thread, and 2 OpenMP threads per process on a 2-core box spin against each other and the other "
         "processes, which slowed generate() 3-4x here (see docs/benchmarks.md)",
     )
-    parser.add_argument("--modes", default="http,reference,grpc,spans",
+    parser.add_argument("--modes", default="http,http_stepwise,reference,grpc,spans",
                         help="what to time, in this order inside each repeat; http and reference are the headline")  # fmt: skip
     parser.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the model folders are made"
@@ -618,10 +640,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.modes = [m for m in args.modes.split(",") if m]
-    unknown = set(args.modes) - {"http", "reference", "grpc", "spans"}
+    unknown = set(args.modes) - {"http", "http_stepwise", "reference", "grpc", "spans"}
     if unknown or "reference" not in args.modes:
         parser.error(
-            f"--modes must include reference and only name http, reference, grpc, spans (got {args.modes})"
+            "--modes must include reference and only name http, http_stepwise, reference, grpc, spans "
+            f"(got {args.modes})"
         )
     if args.secure:
         if "http" not in args.modes:

@@ -86,6 +86,8 @@ def pipeline(stamps: list[tuple[float, str]]) -> dict:
         )
     report["peer0_end_to_peer1_push_in_ms"] = median_ms(wait("peer1.push_in", end) for _, end in first)
     report["peer1_end_to_gateway_result_ms"] = median_ms(wait("gateway.result", end) for _, end in last)
+    # the decode loop: peer1 pushes the next steps straight back to peer0
+    report["peer1_end_to_peer0_push_in_ms"] = median_ms(wait("peer0.push_in", end) for _, end in last)
     report["peer1_end_to_peer0_start_ms"] = median_ms(wait("peer0.forward_start", end) for _, end in last)
     return report
 
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=300)
     parser.add_argument("--relay", action="store_true", help="the gateway carries hidden states between hops")
+    parser.add_argument("--decode-loop", action=argparse.BooleanOptionalAction, default=True,
+                        help="push's decode loop (swarm gateway --decode-loop)")  # fmt: skip
     parser.add_argument("--streams", type=int, default=1, help="concurrent streams (see the module doc)")
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "timeline.json")
     args = parser.parse_args(argv)
@@ -136,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         swarm.start_dht()
         peers = [swarm.start_peer(start, end, "--threads", "1") for start, end in SPLIT]
-        gateway = swarm.start_gateway(None, *(["--relay"] if args.relay else []))
+        gateway = swarm.start_gateway(
+            None, *(["--relay"] if args.relay else []), *([] if args.decode_loop else ["--no-decode-loop"])
+        )
         names = {peer.process.pid: f"peer{i}" for i, peer in enumerate(peers)}
         names[gateway.process.pid] = "gateway"
         body = {"model": "bench", "prompt": "The swarm", "max_tokens": args.new_tokens, "temperature": 0,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import time
 
 import grpc
@@ -251,6 +252,15 @@ class _Stream:
         self.call.cancel()
 
 
+@dataclasses.dataclass
+class Sent:
+    """A push on its way (`Forwarder.send`): where to, since when, and the future of its verdict."""
+
+    address: str
+    began: float
+    verdict: asyncio.Future
+
+
 class Forwarder:
     """Pushes steps to next hops over one stream per address, and keeps their round trips."""
 
@@ -271,21 +281,29 @@ class Forwarder:
         self, target: swarm_pb2.Forward, step: swarm_pb2.Step, timeout: float | None = None
     ) -> None:
         """Deliver `step` to the session `target` names; PushFailed when it is not accepted."""
+        await self.accepted(await self.send(target, step), timeout)
+
+    async def send(self, target: swarm_pb2.Forward, step: swarm_pb2.Step) -> Sent:
+        """Start delivering `step` (it goes out with the other steps sent in this turn of the event
+        loop); `accepted` waits for the verdict."""
         link = await self._link(target.address)
         began = time.perf_counter()
-        ack_future = await link.send(target.push_id, step)
+        return Sent(target.address, began, await link.send(target.push_id, step))
+
+    async def accepted(self, sent: Sent, timeout: float | None = None) -> None:
+        """Wait for the next hop to accept a step `send` started; PushFailed when it does not."""
         try:
             async with asyncio.timeout(timeout or DEFAULT_TIMEOUT_S):
-                ack = await ack_future
+                ack = await sent.verdict
         except TimeoutError:
             raise PushFailed(
-                target.address,
+                sent.address,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 "the next hop did not accept the step in time",
             ) from None
         if ack.code:
-            raise PushFailed(target.address, _status(ack.code), ack.message)
-        self._observe(target.address, time.perf_counter() - began)
+            raise PushFailed(sent.address, _status(ack.code), ack.message)
+        self._observe(sent.address, time.perf_counter() - sent.began)
         self.pushed += 1
 
     async def _link(self, address: str) -> _Link:

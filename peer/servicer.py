@@ -26,11 +26,15 @@ Concurrency contract
   gateway's retry of that step arrives: the retry waits, then rewinds the cache), and
   `Session.writing` keeps the two writers of its stream apart. A pushed step that fails after it
   was accepted is answered on the stream with `StepResult.error_code` instead of ending it.
-* Decode loop (`Step.loop`): the last hop of a looping chain pushes the next step back to the first
-  hop (`_loop_back`) while it holds its stream's `writing` lock, and writes its own answer after
-  the push was accepted or refused: the next step's answer, which may come back to this very
-  stream, cannot overtake it. The first hop takes such a step only while its session's `loop_id`
-  (set by every step the gateway sends on the stream, cleared by `Halt`) names that loop.
+* Decode loop (`Step.loop`): the last hop of a looping chain starts pushing the next step back to
+  the first hop (`_loop_back`) and writes its own answer (`looped`) while it holds its stream's
+  `writing` lock, so the next step's answer, which comes back to this very stream, cannot overtake
+  it. It does not wait for the push to be accepted before answering: the answers of a pass go out
+  before the span's next pass begins, not during it (where the event loop's work would hold the
+  GIL against the forward thread). A push that is refused or fails is answered afterwards, as the
+  next step's answer with `forward_error` (`_loop_refused`). The first hop takes such a step only
+  while its session's `loop_id` (set by every step the gateway sends on the stream, cleared by
+  `Halt`) names that loop.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from common import trace
 from common.logs import REQUEST_ID_HEADER, set_request_id
 from discovery.records import PeerRecord
 from peer import tensor_codec
-from peer.forwarding import Forwarder, PushFailed, ack_for, entries_of
+from peer.forwarding import Forwarder, PushFailed, Sent, ack_for, entries_of
 from peer.kv_cache import KVCache
 from peer.memory import BudgetExhausted, SessionTable, session_tag
 from peer.model import BlockSpan
@@ -464,11 +468,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         result.seq = step.seq
                         if onward is not None:
                             await self._forward(step, onward, result)
-                        async with session.writing:
-                            if onward is None:
-                                await self._loop_back(step, result)
-                            trace.mark("peer.result_out")
-                            await context.write(swarm_pb2.InferenceResponse(result=result))
+                        await self._answer(session, context, step, result, last=onward is None, wait=False)
                     elif kind == "halt":
                         if session is not None:
                             session.loop_id = 0
@@ -567,11 +567,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         if stream is None:  # the gateway closed the session meanwhile
             return
         try:
-            async with session.writing:
-                if onward is None and not result.error_code:
-                    await self._loop_back(step, result)
-                trace.mark("peer.result_out")
-                await stream.write(swarm_pb2.InferenceResponse(result=result))
+            await self._answer(session, stream, step, result, last=onward is None and not result.error_code)
         except Exception as exc:  # noqa: BLE001 - the stream ended; the gateway sees that itself
             log.debug("could not answer a pushed step: %s", exc)
 
@@ -594,16 +590,47 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         result.ClearField("hidden")
         result.forwarded = True
 
-    async def _loop_back(self, step: swarm_pb2.Step, result: swarm_pb2.StepResult) -> None:
-        """Decode loop, the last hop: push the step after `step` (the token just sampled, at the
-        next position) to the route's first hop, unless the loop is over (no budget left, a stop id
-        sampled). Accepted: `result.looped`; refused or unreachable: `result.forward_error`, and
-        the gateway sends the next step itself."""
-        if not step.HasField("loop") or not step.sample or not step.loop.hops:
+    async def _answer(
+        self,
+        session: Session,
+        stream: grpc.aio.ServicerContext,
+        step: swarm_pb2.Step,
+        result: swarm_pb2.StepResult,
+        last: bool,
+        wait: bool = True,
+    ) -> None:
+        """Write `result` on the session's stream; on a decode loop's last hop (`last`), start the
+        next step first (see the module docstring) and then see it accepted: inline, or with
+        `wait` False in a task (the stream's own handler must go on reading)."""
+        sent = None
+        async with session.writing:
+            if last:
+                sent = await self._loop_back(step, result)
+                if sent is not None:
+                    # let the pass's other sessions add their steps first: the link sends them as
+                    # one request (`peer.forwarding._Link`) before these answers are written
+                    await asyncio.sleep(0)
+            trace.mark("peer.result_out")
+            await stream.write(swarm_pb2.InferenceResponse(result=result))
+        if sent is None:
             return
+        settle = self._loop_refused(session, stream, step, sent)
+        if wait:
+            await settle
+        else:
+            task = asyncio.get_running_loop().create_task(settle)
+            self._pushing.add(task)
+            task.add_done_callback(self._pushing.discard)
+
+    async def _loop_back(self, step: swarm_pb2.Step, result: swarm_pb2.StepResult) -> Sent | None:
+        """Decode loop, the last hop: start pushing the step after `step` (the token just sampled,
+        at the next position) to the route's first hop, unless the loop is over (no budget left, a
+        stop id sampled); `result.looped` says so. None: no push."""
+        if not step.HasField("loop") or not step.sample or not step.loop.hops:
+            return None
         loop = step.loop
         if loop.remaining <= 0 or result.token_id in loop.stop_ids:
-            return
+            return None
         following = swarm_pb2.Step(
             token_ids=[result.token_id],
             position=step.position + len(step.token_ids),
@@ -614,16 +641,39 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         )
         following.loop.CopyFrom(loop)
         following.loop.remaining = loop.remaining - 1
-        timeout = step.forward_timeout_ms / 1000.0 if step.forward_timeout_ms > 0 else None
         try:
-            await self.forwarder.push(loop.hops[0], following, timeout)
+            sent = await self.forwarder.send(loop.hops[0], following)
         except PushFailed as exc:
-            if exc.code != grpc.StatusCode.ABORTED:
-                log.info("could not push a decode loop's next step to %s: %s", exc.address, exc)
             result.forward_error = f"{exc.address}: {exc.code.name}: {exc.message}"
             result.forward_error_code = exc.code.value[0]
-            return
+            return None
         result.looped = True
+        return sent
+
+    async def _loop_refused(
+        self, session: Session, stream: grpc.aio.ServicerContext, step: swarm_pb2.Step, sent: Sent
+    ) -> None:
+        """Wait for the first hop to accept the loop's next step; when it does not, answer that
+        step here (`seq` + 1, `forward_error`, no token): the gateway then sends it itself."""
+        timeout = step.forward_timeout_ms / 1000.0 if step.forward_timeout_ms > 0 else None
+        try:
+            await self.forwarder.accepted(sent, timeout)
+        except PushFailed as exc:
+            if exc.code != grpc.StatusCode.ABORTED:  # else the gateway halted the loop
+                log.info("could not push a decode loop's next step to %s: %s", exc.address, exc)
+            notice = swarm_pb2.StepResult(
+                seq=step.seq + 1,
+                forward_error=f"{exc.address}: {exc.code.name}: {exc.message}",
+                forward_error_code=exc.code.value[0],
+            )
+            if session.stream is None:
+                return
+            try:
+                async with session.writing:
+                    await stream.write(swarm_pb2.InferenceResponse(result=notice))
+            except Exception as write_error:  # noqa: BLE001 - the stream ended; the gateway sees that
+                log.debug("could not answer a refused loop step: %s", write_error)
+            return
         self.looped_steps += 1
 
     async def Info(self, request, context):

@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "gateway", "--relay", action="store_true",
           help="carry every hop's hidden states through the gateway instead of peer to peer (push, the default; "
                "an edge whose peer cannot reach the next is relayed either way)")  # fmt: skip
+    _flag(gateway, "gateway", "--decode-loop", action=argparse.BooleanOptionalAction, default=True,
+          help="in push mode the last peer sends each next decode step straight to the first, and the gateway "
+               "only reads the tokens; --no-decode-loop: the gateway sends every step")  # fmt: skip
     _flag(gateway, "gateway", "--max-body-bytes", type=int, default=4 << 20,
           help="largest request body (counted as it arrives, chunked or not); larger ones get 413")  # fmt: skip
     _flag(gateway, "gateway", "--max-concurrent", type=int, default=256,
@@ -649,6 +652,7 @@ def cmd_gateway(args) -> int:
         session_ttl=args.session_ttl,
         wire_dtype="" if args.wire_dtype == "auto" else args.wire_dtype,
         relay=args.relay,
+        decode_loop=args.decode_loop is not False,
         log_prompts=args.log_prompts,
         verify_fraction=args.verify_fraction,
         verify_ban=args.verify_ban,

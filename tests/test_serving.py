@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from common.peer_client import ChannelPool, PeerError, PeerSession, peer_info
-from gateway.generation import GenerationParams, RouteRunner, generate
+from gateway.generation import GenerationParams, LoopPlan, RouteRunner, generate
 from gateway.routing import Hop
 from gateway.text import TokenPieces, encode_prompt, render_chat
 from peer.forwarding import Forwarder, PushFailed
@@ -305,12 +305,13 @@ def test_decode_loop_halts_at_the_first_peer(peers):
             while answers[-1].looped:
                 answers.append(await last.receive(seq))
                 seq += 1
-            # the first peer still serves the session: the gateway's own step goes on from there
+            # the step the first peer refused is answered by the last (a notice: no token), and the
+            # gateway sends it itself: the first peer still serves the session
+            *answers, notice = answers
             position = 3 + len(answers) - 1
             own = await first.step(
                 swarm_pb2.Step(token_ids=[answers[-1].token_id], position=position, sample=True, seq=seq,
-                               forward=hops[1:],
-                               forward_timeout_ms=5000)
+                               forward=hops[1:], forward_timeout_ms=5000)
             )  # fmt: skip
             after_halt = await last.receive(seq)
             # a loop the first peer was never given (another id): refused there
@@ -322,21 +323,49 @@ def test_decode_loop_halts_at_the_first_peer(peers):
                     await forwarder.push(hops[0], stale, timeout=5.0)
             finally:
                 await forwarder.close()
-            return answers, own, after_halt, refused.value
+            return answers, notice, own, after_halt, refused.value
         finally:
             for session in (first, last):
                 await session.close()
             await pool.close()
 
-    answers, own, after_halt, refused = asyncio.run(scenario())
-    assert all(answer.looped for answer in answers[:-1])
+    answers, notice, own, after_halt, refused = asyncio.run(scenario())
+    assert all(answer.looped for answer in answers)
     assert len(answers) <= 5  # the halt stops the loop within the step or two already under way
-    assert not answers[-1].looped
-    assert answers[-1].forward_error_code == grpc.StatusCode.ABORTED.value[0], answers[-1].forward_error
+    assert notice.seq == len(answers) + 1 and not notice.looped and not notice.HasField("hidden")
+    assert notice.forward_error_code == grpc.StatusCode.ABORTED.value[0], notice.forward_error
     assert own.forwarded and not after_halt.looped
     greedy_tokens = asyncio.run(_alone([31, 8, 12], len(answers) + 1, peers))
     assert [a.token_id for a in [*answers, after_halt]] == greedy_tokens
     assert refused.code == grpc.StatusCode.ABORTED
+
+
+def test_a_refused_decode_loop_falls_back_to_the_gateways_steps(peers):
+    """When the first peer refuses the loop's step for another reason than a halt (here an unknown
+    push id, as a first hop the last cannot reach would fail it), the last peer answers that step
+    with the refusal, the gateway sends it itself, starts no loop on that route again, and the
+    tokens are the same."""
+    route = (Hop("p0", peers[0], 0, 2), Hop("p1", peers[1], 2, 4))
+    prompt, max_new = [44, 3, 19], 8
+
+    async def scenario():
+        pool = ChannelPool()
+        runner = RouteRunner(pool, route, 30.0)
+        try:
+            await runner.open(32, swarm_pb2.SamplingParams(temperature=0.0), "refused-loop")
+            runner.sessions[0].push_id = "0" * 32  # no session of the first peer has this id
+            tokens = [(await runner.step(prompt)).token_id]
+            while len(tokens) < max_new:
+                plan = LoopPlan(max_new - len(tokens) - 1)
+                tokens.append((await runner.step([tokens[-1]], plan=plan)).token_id)
+            return tokens, runner.looped_steps, runner._loop_ok
+        finally:
+            await runner.close()
+            await pool.close()
+
+    tokens, looped, loop_ok = asyncio.run(scenario())
+    assert tokens == asyncio.run(_alone(prompt, max_new, peers))
+    assert looped == 0 and loop_ok is False
 
 
 async def _alone(prompt: list[int], max_new: int, peers: list[str]) -> list[int]:
