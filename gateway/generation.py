@@ -839,11 +839,15 @@ async def generate(
                 "request %s resumes at token %d of %d", params.request_id, start, len(params.prompt_ids)
             )
         constraint = params.constraint
+        # a decode loop may run until the budget is spent or an end of sequence is sampled, from
+        # the prefill on; a constraint masks every step, so its steps go one by one
+        stop_ids = () if params.ignore_eos else tuple(params.eos_token_ids)
         result = await runner.step(
             params.prompt_ids[start:],
             sample=params.max_new_tokens > 0,
             allowed_mask=constraint and constraint.allowed_bits(),
             prompt_logprobs=scoring,
+            plan=LoopPlan(params.max_new_tokens - 1, stop_ids) if constraint is None else None,
         )
         if scoring is not None:
             yield PromptLogprobs(
@@ -856,9 +860,6 @@ async def generate(
                     for item in result.prompt_logprobs
                 ]
             )
-        # a decode loop may run until the budget is spent or an end of sequence is sampled;
-        # a constraint masks every step, so its steps go one by one
-        stop_ids = () if params.ignore_eos else tuple(params.eos_token_ids)
         for produced in range(1, params.max_new_tokens + 1):
             event = TokenEvent(
                 token_id=result.token_id,

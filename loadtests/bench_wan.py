@@ -1,14 +1,16 @@
-"""Decode time per token over emulated WAN links, relay vs push, side by side.
+"""Decode time per token over emulated WAN links, relay vs push vs push's decode loop, side by side.
 
     python -m loadtests.bench_wan [--model demo|bench] [--hops 2,3,4] [--rtt-ms 0,10,50]
 
-For each hop count a swarm is started once (DHT, one peer per span, and two gateways: one with
-`--relay`, one pushing, the default); every peer sits behind a `loadtests.wan` link, and the links
-are reshaped between measurements, so the figures for 0, 10 and 50 ms round trip come from the
-same processes, and relay and push runs alternate on them. Every link a token crosses, gateway to
-peer or peer to peer (a peer pushes to the next one's announced proxy), holds it for half the
-round trip. In relay mode every hidden state returns to the gateway, so a token pays one round
-trip per hop; in push mode half a round trip per hop plus half one back to the gateway.
+For each hop count a swarm is started once (DHT, one peer per span, and three gateways: one with
+`--relay`, one pushing with `--no-decode-loop`, one with the defaults: push and its decode loop);
+every peer sits behind a `loadtests.wan` link, and the links are reshaped between measurements, so
+the figures for 0, 10 and 50 ms round trip come from the same processes, and the three modes'
+runs alternate on them. Every link a token crosses, gateway to peer or peer to peer (a peer pushes
+to the next one's announced proxy), holds it for half the round trip. In relay mode every hidden
+state returns to the gateway, so a token pays one round trip per hop; in push mode half a round
+trip per hop plus half one back to the gateway and half one out to the first peer; with the
+decode loop the last peer sends the next step straight to the first, so half a round trip per hop.
 Writes loadtests/results/wan_push.json.
 """
 
@@ -62,7 +64,10 @@ def run(model_dir: Path, model: str, hops_list: list[int], rtts: list[float], ru
                     "relay": swarm.start_gateway(
                         None, "--step-timeout", "30", "--relay", name="gateway-relay"
                     ),
-                    "push": swarm.start_gateway(None, "--step-timeout", "30", name="gateway-push"),
+                    "push": swarm.start_gateway(
+                        None, "--step-timeout", "30", "--no-decode-loop", name="gateway-push"
+                    ),
+                    "loop": swarm.start_gateway(None, "--step-timeout", "30", name="gateway-loop"),
                 }
                 deadline = time.monotonic() + 60
                 for gateway in gateways.values():
@@ -79,13 +84,16 @@ def run(model_dir: Path, model: str, hops_list: list[int], rtts: list[float], ru
                     for i in range(runs):  # alternating, so load drifts hit both modes alike
                         for mode, gateway in gateways.items():
                             times[mode].append(_decode_ms_per_token(gateway.address, model, f"run {i}"))
-                    relay, push = (statistics.median(times[mode]) for mode in ("relay", "push"))
+                    relay, push, loop = (statistics.median(times[mode]) for mode in ("relay", "push", "loop"))
                     row = {
                         "hops": hops,
                         "rtt_ms": rtt,
                         "relay_ms_per_token": round(relay, 1),
                         "push_ms_per_token": round(push, 1),
+                        "loop_ms_per_token": round(loop, 1),
                         "push_over_relay": round(push / relay, 3),
+                        "loop_over_push": round(loop / push, 3),
+                        "loop_over_relay": round(loop / relay, 3),
                         "load": os.getloadavg()[0],
                     }
                     print(row, flush=True)

@@ -235,9 +235,9 @@ def test_pipeline_groups_are_bounded():
 
 # -- decode loop ---------------------------------------------------------------------------------
 def test_decode_loop_runs_a_session_without_the_gateway_and_ends_on_its_budget_or_a_stop_id(peers):
-    """Push's decode loop (`Step.loop`): after the first decode step the gateway sends nothing; the
-    last peer pushes every next step back to the first, exactly as many as the budget allows, and
-    none past a sampled stop id. The tokens are the ones relay gives, step by step."""
+    """Push's decode loop (`Step.loop`): after the prefill the gateway sends nothing; the last peer
+    pushes every next step back to the first, exactly as many as the budget allows, and none past a
+    sampled stop id. The tokens are the ones relay gives, step by step."""
     route = (Hop("p0", peers[0], 0, 2), Hop("p1", peers[1], 2, 4))
     prompt, max_new = [31, 8, 12], 12
 
@@ -266,11 +266,11 @@ def test_decode_loop_runs_a_session_without_the_gateway_and_ends_on_its_budget_o
     relayed, looped, stopped = asyncio.run(scenario())
     assert relayed[1:] == (0, 0)
     assert looped[0] == relayed[0] and len(looped[0]) == max_new
-    # the prefill and the first decode step come from the gateway; the loop ran the other 10
-    assert looped[1:] == (max_new - 2, max_new - 2)
+    # the prefill comes from the gateway; the loop ran the 11 decode steps
+    assert looped[1:] == (max_new - 1, max_new - 1)
     eos_at = relayed[0].index(stopped[0][-1])
     assert stopped[0] == relayed[0][: eos_at + 1]
-    assert stopped[1:] == (eos_at - 1, eos_at - 1), stopped
+    assert stopped[1:] == (eos_at, eos_at), stopped
 
 
 def test_decode_loop_halts_at_the_first_peer(peers):
