@@ -739,6 +739,7 @@ class RouteRunner:
         self._rebuild_upto = max(upto, index + grown)
         self.route = (*self.route[:index], *part, *self.route[index + 1 :])
         self.sessions = [*self.sessions[:index], *sessions, *self.sessions[index + 1 :]]
+        self._halted = False  # a halt was for the old route: loops may start on the new one
         event.replacement = tuple(h.peer_id for h in part)
         if self.failover is not None:
             self.failover.replaced(event)
