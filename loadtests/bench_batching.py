@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import statistics
 import sys
 import threading
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    command = "python -m loadtests.bench_batching " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m loadtests.bench_batching " + shlex.join(argv if argv is not None else sys.argv[1:])
     results["command"] = command.strip()
     written = write_outputs(results, args.out, args.docs)
     print(f"wrote {' and '.join(written)} in {results['wall_s']} s", flush=True)

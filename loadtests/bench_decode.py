@@ -48,6 +48,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -666,8 +667,8 @@ def main(argv: list[str] | None = None) -> int:
         results["models"].append(bench_model(preset, args))
     results["wall_s"] = round(time.perf_counter() - started, 1)
     results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    command = "python -m loadtests.bench_decode " + " ".join(
-        (argv if argv is not None else sys.argv[1:]) or [f"--models {','.join(args.models)}"]
+    command = "python -m loadtests.bench_decode " + shlex.join(
+        (argv if argv is not None else sys.argv[1:]) or ["--models", ",".join(args.models)]
     )
     results["command"] = command
     args.out.parent.mkdir(parents=True, exist_ok=True)

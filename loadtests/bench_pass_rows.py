@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "benchmark": "pass_rows",
         "command": "python -m loadtests.bench_pass_rows "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "loadavg_before": os.getloadavg(),
         "context": args.context,

@@ -26,6 +26,7 @@ import bisect
 import collections
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -179,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "timeline",
         "streams": args.streams,
         "command": "python -m loadtests.bench_timeline "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "mode": "relay" if args.relay else "push",
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "mode": "relay" if args.relay else "push with the decode loop" if args.decode_loop else "push",
         "spans": SPLIT,
         "new_tokens": args.new_tokens,
         # one stream's send-to-send time; with many streams the sends interleave
