@@ -367,10 +367,7 @@ class RouteRunner:
                     break
                 except _LoopBroken as broken:  # the step never started: the gateway sends it
                     looped = False
-                    if broken.notice.forward_error_code != grpc.StatusCode.ABORTED.value[0]:
-                        # it cannot reach the first hop (or was refused otherwise): no loops here
-                        log.info("decode loop stopped (%s); the gateway sends each step from now on", broken)
-                        self._loop_ok = False
+                    self._loop_failed(broken.notice)
                 except _HopFailure as failure:
                     looped = False  # the retry is the gateway's own step, after a replay
                     if check is not None:  # the route changes: a check of the old one proves nothing
@@ -406,7 +403,8 @@ class RouteRunner:
         self, plan: LoopPlan | None, sample: bool, allowed_mask: bytes | None, prompt_logprobs: int | None
     ) -> bool:
         """Whether a step may start a decode loop: a plain sampled decode step with budget left,
-        pushing, on a route the last loop did not fail on, with no replay pending."""
+        pushing, on a route the last loop did not fail on, with no replay pending, whose first
+        push chain is the whole route (no edge relayed)."""
         return (
             plan is not None
             and plan.remaining > 0
@@ -417,6 +415,7 @@ class RouteRunner:
             and self._loop_ok
             and not self._halted
             and self._rebuild_upto < 0
+            and self._chain_end(0, -1) == len(self.route) - 1
         )
 
     def _loop_for(self, plan: LoopPlan) -> swarm_pb2.Loop | None:
@@ -435,6 +434,17 @@ class RouteRunner:
         """Note from the last hop's answer whether the loop runs the next step already."""
         self._loop_next = result.looped
         self._loop_token = result.token_id
+        if not result.looped and result.forward_error_code:  # it could not even start the push
+            self._loop_failed(result)
+
+    def _loop_failed(self, answer: swarm_pb2.StepResult) -> None:
+        """The last hop could not push the loop's step: unless the gateway halted it (ABORTED), the
+        last hop cannot reach the first or the first will not take it, so no loops on this route."""
+        if answer.forward_error_code != grpc.StatusCode.ABORTED.value[0] and self._loop_ok:
+            log.info(
+                "decode loop stopped (%s); the gateway sends each step from now on", answer.forward_error
+            )
+            self._loop_ok = False
 
     async def _halt(self) -> None:
         """Ask the first hop to stop the running loop; the answers that follow say when it has."""
@@ -518,9 +528,9 @@ class RouteRunner:
                     raise _HopFailure(i, exc) from exc
             else:
                 answers = await self._chain_answers(i, end, seq)
-                notice = answers.get(last) if looped and i == 0 else None
-                if notice is not None and notice.forward_error_code:
-                    raise _LoopBroken(notice)
+            notice = answers.get(last) if looped and i == 0 else None
+            if notice is not None and notice.forward_error_code:  # the last hop's, not a token
+                raise _LoopBroken(notice)
             for k in range(i, end + 1):
                 result = answers.get(k)
                 if result is None:  # an ack still on its way (it pushed: the last hop answered); the

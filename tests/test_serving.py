@@ -368,6 +368,51 @@ def test_a_refused_decode_loop_falls_back_to_the_gateways_steps(peers):
     assert looped == 0 and loop_ok is False
 
 
+def test_decode_loop_on_one_peer_that_serves_every_block(demo_model, tmp_path):
+    """A route of one hop loops too: the peer is its own first and last hop and pushes each next
+    step to itself. Its refusal (a wrong push id) is answered as the next step, not taken for a
+    token, and the gateway carries on stepping; the tokens match relay's every time."""
+    with LocalSwarm(demo_model, workdir=tmp_path, heartbeat=HEARTBEAT, ttl=TTL, model_name=MODEL) as local:
+        local.start_dht()
+        (peer,) = local.start_peers([(0, 4)], "--threads", "1")
+        route = (Hop("p", peer.address, 0, 4),)
+        prompt, max_new = [12, 40, 7], 10
+
+        async def run(pool, push: bool, break_loop: bool = False):
+            runner = RouteRunner(pool, route, 30.0, push=push)
+            await runner.open(32, swarm_pb2.SamplingParams(temperature=0.0), "one-hop-loop")
+            try:
+                if break_loop:
+                    runner.sessions[0].push_id = "0" * 32  # no session of the peer has this id
+                tokens = [(await runner.step(prompt, plan=LoopPlan(max_new - 1))).token_id]
+                while len(tokens) < max_new:
+                    plan = LoopPlan(max_new - len(tokens) - 1)
+                    tokens.append((await runner.step([tokens[-1]], plan=plan)).token_id)
+                return tokens, runner.looped_steps, runner._loop_ok
+            finally:
+                await runner.close()
+
+        async def scenario():
+            pool = ChannelPool()
+            try:
+                before = await peer_info(pool, peer.address)
+                results = [
+                    await run(pool, False),
+                    await run(pool, True),
+                    await run(pool, True, break_loop=True),
+                ]
+                after = await peer_info(pool, peer.address)
+                return results, after.looped_steps - before.looped_steps
+            finally:
+                await pool.close()
+
+        (relayed, looped, refused), counted = asyncio.run(scenario())
+    assert relayed[1:] == (0, True)
+    assert looped == (relayed[0], max_new - 1, True)
+    assert refused == (relayed[0], 0, False)
+    assert counted == max_new - 1
+
+
 async def _alone(prompt: list[int], max_new: int, peers: list[str]) -> list[int]:
     pool = ChannelPool()
     try:
