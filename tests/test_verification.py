@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 
 import httpx
@@ -100,6 +101,27 @@ def test_tokens_agree_on_the_same_token_or_a_near_tie():
     assert tokens_agree(swarm_pb2.StepResult(token_id=9), reference, 1e-3)
     assert not tokens_agree(swarm_pb2.StepResult(token_id=9), reference, 1e-5)
     assert not tokens_agree(swarm_pb2.StepResult(token_id=7), reference, 1.0)
+
+
+def test_a_decode_loops_length_is_drawn_as_a_pick_per_step_would_be():
+    """A decode loop runs until the verifier's next checked step (`Verifier.unpicked_run`): the
+    number of steps passed over must be distributed as `pick` per step gives it (geometric), or the
+    loop would change how often steps are checked."""
+    import random
+
+    from gateway.verification import Verifier
+
+    assert Verifier(0.0).unpicked_run(500) == 500
+    assert Verifier(1.0).unpicked_run(500) == 0
+    fraction, draws = 0.05, 20000
+    verifier = Verifier(fraction, random.Random(7))
+    runs = [verifier.unpicked_run(10**9) for _ in range(draws)]
+    assert abs(statistics.mean(runs) - (1 - fraction) / fraction) < 0.05 * (1 - fraction) / fraction
+    for k in (1, 10, 40):
+        share = sum(run >= k for run in runs) / draws
+        assert abs(share - (1 - fraction) ** k) < 0.02, (k, share)
+    capped = Verifier(fraction, random.Random(8))
+    assert max(capped.unpicked_run(30) for _ in range(1000)) == 30  # (0.95 ** 30: a fifth reach it)
 
 
 # -- real processes ----------------------------------------------------------------------------------
