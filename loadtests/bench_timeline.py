@@ -16,7 +16,10 @@ With `--streams N` (N > 1), N streams decode at once and the gaps interleave; wh
 then is the pipeline (`pipeline` in the JSON): each peer's passes (median ms) and the share of
 the traced time it spent in them, its idle time between passes, and the hand-offs that decide
 how soon a peer can start its next pass: peer0's pass end -> peer1 has the pushed steps, and
-peer1's pass end -> the gateway has the first result -> peer0 starts its next pass.
+peer1's pass end -> peer0 has the next steps (the decode loop; `--no-decode-loop`: through the
+gateway) -> peer0 starts its next pass. Every run also records the tokens/s of the traced streams
+and each process's CPU time per token (`cpu_ms_per_token`: in all, and its two busiest threads,
+for a peer its forward thread and its event loop), read from /proc before and after them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import contextlib
 import json
 import os
 import shlex
@@ -91,6 +95,32 @@ def pipeline(stamps: list[tuple[float, str]]) -> dict:
     report["peer1_end_to_peer0_push_in_ms"] = median_ms(wait("peer0.push_in", end) for _, end in last)
     report["peer1_end_to_peer0_start_ms"] = median_ms(wait("peer0.forward_start", end) for _, end in last)
     return report
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) each thread of a process has used, by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            stat = (task / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[task.name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def cpu_per_token(
+    before: dict[int, dict], after: dict[int, dict], names: dict[int, str], tokens: int
+) -> dict:
+    """Each process's CPU ms per token between two `thread_cpu_seconds` readings, in all and for its
+    busiest threads (a peer's forward thread, then its event loop)."""
+    out = {}
+    for pid, name in names.items():
+        used = sorted((after[pid][t] - before[pid].get(t, 0.0) for t in after[pid]), reverse=True)
+        out[name] = {
+            "total": round(sum(used) / tokens * 1000, 3),
+            "busiest_threads": [round(u / tokens * 1000, 3) for u in used[:2]],
+        }
+    return out
 
 
 def read_stamps(trace_dir: Path, names: dict[int, str]) -> list[tuple[float, str]]:
@@ -163,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         stream(16)  # a warm-up stream, then the traced ones
         time.sleep(0.5)
         started = time.monotonic()
+        cpu_before = {pid: thread_cpu_seconds(pid) for pid in names}
         with ThreadPoolExecutor(args.streams) as pool:
             list(pool.map(stream, [args.new_tokens] * args.streams))
+        traced_s = time.monotonic() - started
+        cpu = cpu_per_token(
+            cpu_before, {pid: thread_cpu_seconds(pid) for pid in names}, names, args.streams * args.new_tokens
+        )
     finally:
         swarm.stop()  # SIGTERM: each process writes its last stamps at exit
     del os.environ["SWARM_TRACE_DIR"]
@@ -188,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         "token_cycle_ms": round(statistics.median(cycle), 3) if cycle and args.streams == 1 else None,
         "gaps": dict(sorted(table.items(), key=lambda item: -item[1]["n"])),
         "pipeline": pipeline(stamps) if args.streams > 1 else None,
+        # what each process spent per token while the streams ran (peers: forward thread, event loop)
+        "tokens_per_s": round(args.streams * args.new_tokens / traced_s, 1),
+        "cpu_ms_per_token": cpu,
         "spans_back_to_back_ms": spans_back_to_back(model_dir, args.new_tokens),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
