@@ -46,6 +46,7 @@ def test_the_many_stream_timeline_reports_passes_and_hand_offs():
             (t + 32 * ms, "peer1.forward_start"),
             (t + 62 * ms, "peer1.forward_end"),
             (t + 63 * ms, "gateway.result"),
+            (t + 65 * ms, "peer0.push_in"),  # the decode loop's steps, straight from peer1
         ]
     stamps.append((3 * 70 * ms, "peer0.forward_start"))
     report = pipeline(sorted(stamps))
@@ -54,8 +55,25 @@ def test_the_many_stream_timeline_reports_passes_and_hand_offs():
     assert report["peer0_idle_between_passes_ms"] == 40.0
     assert report["peer0_end_to_peer1_push_in_ms"] == 1.0
     assert report["peer1_end_to_gateway_result_ms"] == 1.0
+    assert report["peer1_end_to_peer0_push_in_ms"] == 3.0
     assert report["peer1_end_to_peer0_start_ms"] == 8.0
     assert report["peer0_busy_share"] == round(90 / 210, 3)
+
+
+def test_the_timeline_counts_cpu_per_token_by_process_and_busiest_thread():
+    from loadtests.bench_timeline import cpu_per_token, thread_cpu_seconds
+
+    before = {1: {"10": 1.0, "11": 0.5}, 2: {"20": 0.0}}
+    after = {1: {"10": 3.0, "11": 0.75, "12": 0.25}, 2: {"20": 0.5}}  # thread 12 started meanwhile
+    report = cpu_per_token(before, after, {1: "peer0", 2: "gateway"}, tokens=1000)
+    assert report == {
+        "peer0": {"total": 2.5, "busiest_threads": [2.0, 0.25]},
+        "gateway": {"total": 0.5, "busiest_threads": [0.5]},
+    }
+    import os
+
+    mine = thread_cpu_seconds(os.getpid())  # this process's own threads, read from /proc
+    assert str(os.getpid()) in mine and all(seconds >= 0 for seconds in mine.values())
 
 
 def test_the_many_stream_timeline_needs_both_peers_passes():
