@@ -452,9 +452,7 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         result["swarm_ms_per_token"] = modes["http"]["decode_ms_per_token"]
         result["reference_ms_per_token"] = ref
         result["ratio"] = round(modes["http"]["decode_ms_per_token"] / ref, 3)
-        result["paired_ratios"] = [
-            round(h.decode_ms / r.decode_ms, 3) for h, r in zip(runs["http"], runs["reference"], strict=False)
-        ]
+        result["paired_ratios"] = _paired(runs, "http", "reference")
         result["cpu_ratio"] = round(
             modes["http"]["cpu_ms_per_token"] / modes["reference"]["cpu_ms_per_token"], 3
         )
@@ -465,22 +463,21 @@ def bench_model(preset: str, args: argparse.Namespace) -> dict:
         result["decode_loop_ratio"] = round(
             modes["http"]["decode_ms_per_token"] / modes["http_stepwise"]["decode_ms_per_token"], 3
         )
-        result["decode_loop_paired_ratios"] = [
-            round(h.decode_ms / s.decode_ms, 3)
-            for h, s in zip(runs["http"], runs["http_stepwise"], strict=False)
-        ]
+        result["decode_loop_paired_ratios"] = _paired(runs, "http", "http_stepwise")
     if "http" in modes and "http_secure" in modes:
         result["security_ratio"] = round(
             modes["http_secure"]["decode_ms_per_token"] / modes["http"]["decode_ms_per_token"], 3
         )
-        result["security_paired_ratios"] = [
-            round(s.decode_ms / h.decode_ms, 3)
-            for s, h in zip(runs["http_secure"], runs["http"], strict=False)
-        ]
+        result["security_paired_ratios"] = _paired(runs, "http_secure", "http")
         result["security_cpu_ratio"] = round(
             modes["http_secure"]["cpu_ms_per_token"] / modes["http"]["cpu_ms_per_token"], 3
         )
     return result
+
+
+def _paired(runs: dict[str, list], mode: str, over: str) -> list[float]:
+    """`mode`'s decode ms/token over `over`'s, repeat by repeat (each pair timed back to back)."""
+    return [round(a.decode_ms / b.decode_ms, 3) for a, b in zip(runs[mode], runs[over], strict=False)]
 
 
 def secure_swarm(model_dir: Path, model_id: str):

@@ -350,17 +350,9 @@ def test_a_refused_decode_loop_falls_back_to_the_gateways_steps(peers):
 
     async def scenario():
         pool = ChannelPool()
-        runner = RouteRunner(pool, route, 30.0)
         try:
-            await runner.open(32, swarm_pb2.SamplingParams(temperature=0.0), "refused-loop")
-            runner.sessions[0].push_id = "0" * 32  # no session of the first peer has this id
-            tokens = [(await runner.step(prompt)).token_id]
-            while len(tokens) < max_new:
-                plan = LoopPlan(max_new - len(tokens) - 1)
-                tokens.append((await runner.step([tokens[-1]], plan=plan)).token_id)
-            return tokens, runner.looped_steps, runner._loop_ok
+            return await _step_with_plans(RouteRunner(pool, route, 30.0), prompt, max_new, break_loop=True)
         finally:
-            await runner.close()
             await pool.close()
 
     tokens, looped, loop_ok = asyncio.run(scenario())
@@ -378,28 +370,14 @@ def test_decode_loop_on_one_peer_that_serves_every_block(demo_model, tmp_path):
         route = (Hop("p", peer.address, 0, 4),)
         prompt, max_new = [12, 40, 7], 10
 
-        async def run(pool, push: bool, break_loop: bool = False):
-            runner = RouteRunner(pool, route, 30.0, push=push)
-            await runner.open(32, swarm_pb2.SamplingParams(temperature=0.0), "one-hop-loop")
-            try:
-                if break_loop:
-                    runner.sessions[0].push_id = "0" * 32  # no session of the peer has this id
-                tokens = [(await runner.step(prompt, plan=LoopPlan(max_new - 1))).token_id]
-                while len(tokens) < max_new:
-                    plan = LoopPlan(max_new - len(tokens) - 1)
-                    tokens.append((await runner.step([tokens[-1]], plan=plan)).token_id)
-                return tokens, runner.looped_steps, runner._loop_ok
-            finally:
-                await runner.close()
-
         async def scenario():
             pool = ChannelPool()
             try:
                 before = await peer_info(pool, peer.address)
                 results = [
-                    await run(pool, False),
-                    await run(pool, True),
-                    await run(pool, True, break_loop=True),
+                    await _step_with_plans(RouteRunner(pool, route, 30.0, push=False), prompt, max_new),
+                    await _step_with_plans(RouteRunner(pool, route, 30.0), prompt, max_new),
+                    await _step_with_plans(RouteRunner(pool, route, 30.0), prompt, max_new, break_loop=True),
                 ]
                 after = await peer_info(pool, peer.address)
                 return results, after.looped_steps - before.looped_steps
@@ -411,6 +389,25 @@ def test_decode_loop_on_one_peer_that_serves_every_block(demo_model, tmp_path):
     assert looped == (relayed[0], max_new - 1, True)
     assert refused == (relayed[0], 0, False)
     assert counted == max_new - 1
+
+
+async def _step_with_plans(
+    runner: RouteRunner, prompt: list[int], max_new: int, break_loop: bool = False
+) -> tuple[list[int], int, bool]:
+    """Greedy tokens stepped as `generate` steps them (a loop plan from the prefill on), with
+    the runner's looped steps and whether it still loops. `break_loop`: the first hop's push id is
+    replaced by one no session of that peer has, so the first hop refuses the loop's steps."""
+    await runner.open(32, swarm_pb2.SamplingParams(temperature=0.0), "loop-plans")
+    try:
+        if break_loop:
+            runner.sessions[0].push_id = "0" * 32
+        tokens = [(await runner.step(prompt, plan=LoopPlan(max_new - 1))).token_id]
+        while len(tokens) < max_new:
+            plan = LoopPlan(max_new - len(tokens) - 1)
+            tokens.append((await runner.step([tokens[-1]], plan=plan)).token_id)
+        return tokens, runner.looped_steps, runner._loop_ok
+    finally:
+        await runner.close()
 
 
 async def _alone(prompt: list[int], max_new: int, peers: list[str]) -> list[int]:
