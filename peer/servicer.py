@@ -584,8 +584,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             await self.forwarder.push(step.forward[0], onward, timeout)
         except PushFailed as exc:
             log.info("could not push to the next hop %s: %s", exc.address, exc)
-            result.forward_error = f"{exc.address}: {exc.code.name}: {exc.message}"
-            result.forward_error_code = exc.code.value[0]
+            _push_failed(result, exc)
             return
         result.ClearField("hidden")
         result.forwarded = True
@@ -644,8 +643,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         try:
             sent = await self.forwarder.send(loop.hops[0], following)
         except PushFailed as exc:
-            result.forward_error = f"{exc.address}: {exc.code.name}: {exc.message}"
-            result.forward_error_code = exc.code.value[0]
+            _push_failed(result, exc)
             return None
         result.looped = True
         return sent
@@ -661,11 +659,8 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         except PushFailed as exc:
             if exc.code != grpc.StatusCode.ABORTED:  # else the gateway halted the loop
                 log.info("could not push a decode loop's next step to %s: %s", exc.address, exc)
-            notice = swarm_pb2.StepResult(
-                seq=step.seq + 1,
-                forward_error=f"{exc.address}: {exc.code.name}: {exc.message}",
-                forward_error_code=exc.code.value[0],
-            )
+            notice = swarm_pb2.StepResult(seq=step.seq + 1)
+            _push_failed(notice, exc)
             if session.stream is None:
                 return
             try:
@@ -763,6 +758,12 @@ def _split(step: swarm_pb2.Step) -> tuple[swarm_pb2.Step, swarm_pb2.Step | None]
         else:
             setattr(onward, name, value)
     return own, onward
+
+
+def _push_failed(result: swarm_pb2.StepResult, exc: PushFailed) -> None:
+    """Name in `result` the push that failed (`StepResult.forward_error`): which hop, and its status."""
+    result.forward_error = f"{exc.address}: {exc.code.name}: {exc.message}"
+    result.forward_error_code = exc.code.value[0]
 
 
 def _failed(seq: int, code: grpc.StatusCode, message: str) -> swarm_pb2.StepResult:
