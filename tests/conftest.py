@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,54 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# A failing test's processes have written why to their logs, which a CI run does not keep: the
+# report of a failure carries the warnings and errors that every process of the session logged
+# while the test ran (its setup included), so a failure seen once can be read from the CI output.
+LOG_PROBLEM_MARKERS = ("level=warning", "level=error", "level=critical", "Traceback", "Error")
+LOG_LINES_PER_FILE = 40
+LOG_STAMP = re.compile(r"ts=(\S+Z) ")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "setup":
+        item.stash[_TEST_START] = call.start
+    if not report.failed:
+        return
+    since = item.stash.get(_TEST_START, call.start)
+    factory = getattr(item.config, "_tmp_path_factory", None)
+    section = _process_problems(Path(factory.getbasetemp()), since) if factory is not None else ""
+    if section:
+        report.sections.append(("swarm processes: warnings and errors while the test ran", section))
+
+
+_TEST_START = pytest.StashKey[float]()
+
+
+def _process_problems(basetemp: Path, since: float) -> str:
+    parts = []
+    for log in sorted(basetemp.rglob("*.log")):
+        try:
+            if log.stat().st_mtime < since:
+                continue
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        problems, recent = [], False
+        for line in lines:
+            stamp = LOG_STAMP.match(line)
+            if stamp:  # lines without a stamp (a traceback's) belong to the last stamped one
+                recent = datetime.fromisoformat(stamp[1]).timestamp() >= since
+            if recent and any(marker in line for marker in LOG_PROBLEM_MARKERS):
+                problems.append(line)
+        if problems:
+            parts.append(f"--- {log.relative_to(basetemp)}")
+            parts.extend(problems[-LOG_LINES_PER_FILE:])
+    return "\n".join(parts)
 
 
 @pytest.fixture(scope="session")
