@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from common.version import VERSION
 from gateway import errors
 from gateway.admission import AdmissionGuard, BodyGuard
 from gateway.auth import OpsGuard
@@ -45,7 +46,7 @@ def create_app(
             await gateway.stop()
 
     # strict_content_type off: `curl -d '{...}'` without a JSON content type must work too
-    app = FastAPI(title="swarm gateway", version="0.1.0", lifespan=lifespan, strict_content_type=False)
+    app = FastAPI(title="swarm gateway", version=VERSION, lifespan=lifespan, strict_content_type=False)
     errors.install_error_handlers(app)  # innermost: the catch-all sits right outside the routes
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(AdmissionGuard, max_concurrent=settings.max_concurrent)

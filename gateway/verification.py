@@ -69,6 +69,11 @@ class Check:
     task: asyncio.Task
 
 
+def _draws(runner: RouteRunner, hop: Hop, sample: bool) -> bool:
+    """Whether `hop`'s answer to a step is a random draw (a sampled token at a temperature)."""
+    return sample and hop.end == runner.route[-1].end and runner.sampling.temperature > 0
+
+
 class Verifier:
     """One per gateway: picks the steps to check, runs the checks, and judges disagreements."""
 
@@ -105,7 +110,7 @@ class Verifier:
         index = self.rng.choice(choices)
         hop = route[index]
         sequence = runner.history + token_ids
-        replica = self._other_peer(failover, hop, {hop.peer_id}, len(sequence))
+        replica = self._other_peer(failover, hop, {hop.peer_id}, len(sequence), _draws(runner, hop, sample))
         if replica is None:
             self._outcome(failover, "no_replica")
             return None
@@ -117,9 +122,12 @@ class Verifier:
         task.add_done_callback(lambda done: done.cancelled() or done.exception())
         return Check(index, chain, sequence, len(token_ids), sample, allowed_mask, task)
 
-    def _other_peer(self, failover: Failover, hop: Hop, avoid: set[str], tokens: int) -> Hop | None:
+    def _other_peer(
+        self, failover: Failover, hop: Hop, avoid: set[str], tokens: int, draws: bool = False
+    ) -> Hop | None:
         """A peer serving `hop`'s blocks (all of its span or a part) at its precision, not banned
-        and not in `avoid`, as a hop on those blocks."""
+        and not in `avoid`, as a hop on those blocks. `draws`: it samples a random token, which
+        only a peer of the same version draws alike from the same seed (`peer.sampling`)."""
         records = failover.known()
         own = _record(records, hop.peer_id)
         excluded = failover.excluded() | avoid
@@ -131,6 +139,7 @@ class Verifier:
             and r.state == PeerState.ONLINE
             and r.free_cache_tokens >= tokens
             and (own is None or r.precision == own.precision)
+            and (not draws or own is None or r.version == own.version)
         ]
         if not candidates:
             return None
@@ -183,8 +192,9 @@ class Verifier:
             route_hop.peer_id, check_hop.peer_id,
         )  # fmt: skip
         referee = self._other_peer(
-            failover, route_hop, {route_hop.peer_id, check_hop.peer_id}, len(check.sequence)
-        )
+            failover, route_hop, {route_hop.peer_id, check_hop.peer_id}, len(check.sequence),
+            _draws(runner, route_hop, check.sample),
+        )  # fmt: skip
         verdict = None
         if referee is not None:
             feed = answers[k - 1].hidden if k else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -45,3 +46,10 @@ def write_marked_section(path: Path, name: str, block: str, heading: str) -> Non
         text = text.rstrip("\n") + f"\n\n{heading}\n\n{marked}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def write_results(path: Path, result: dict, *, indent: int = 1) -> None:
+    """Write a benchmark's figures as JSON at `path` (its folder created) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=indent) + "\n")
+    print(f"wrote {path}", flush=True)

@@ -8,11 +8,10 @@ state: the dtype name comes from `peer.tensor_codec`, the state from `discovery.
 
 from __future__ import annotations
 
+from common.version import VERSION
 from discovery.records import PeerRecord, PeerState, default_tolerance, precision_name
 from peer.model import BlockSpan
 from peer.tensor_codec import dtype_name
-
-VERSION = "0.1.0"
 
 
 def describe(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from loadtests import bench_batching, bench_decode
 
 
@@ -100,3 +102,32 @@ def test_pass_rows_times_every_span_at_every_row_count(tiny_model, tmp_path):
         assert [row["rows"] for row in table] == [1, 2, 4]
         assert all(row["pass_ms"] > 0 for row in table)
         assert "two_halves_over_one" not in table[0] and table[2]["two_halves_over_one"] > 0
+
+
+def test_sampling_bench_times_both_samplers_for_every_setting(tmp_path):
+    from loadtests import bench_sampling
+
+    out = tmp_path / "sampling.json"
+    assert bench_sampling.main(["--vocab", "500", "--calls", "3", "--rounds", "2", "--out", str(out)]) == 0
+    timings = json.loads(out.read_text())["ms_per_sample"]
+    assert set(timings) == {f"{name}@500" for name in bench_sampling.SETTINGS}
+    for entry in timings.values():
+        assert (
+            entry["sampler_ms"] > 0 and entry["textbook_ms"] > 0 and len(entry["rounds_ms"]["sampler"]) == 2
+        )
+        assert entry["ratio"] == pytest.approx(entry["sampler_ms"] / entry["textbook_ms"], rel=0.02)
+
+
+def test_the_textbook_sampler_draws_what_the_sampler_keeps():
+    """The benchmark's baseline is the same sampler: greedy agrees, and a top-k draw stays in the top k."""
+    import torch
+
+    from loadtests.bench_sampling import textbook_sample
+    from peer.sampling import Sampler, SamplingParams
+
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(3)) * 2
+    greedy = SamplingParams(temperature=0.0)
+    assert textbook_sample(logits, greedy, torch.Generator(), 0) == Sampler(greedy).sample(logits).token_id
+    best = set(torch.topk(logits, 5).indices.tolist())
+    params = SamplingParams(temperature=2.0, top_k=5)
+    assert {textbook_sample(logits, params, torch.Generator(), seed) for seed in range(40)} <= best

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -67,6 +68,53 @@ def test_top_p_and_min_p_keep_only_the_head():
         assert {sampler.sample(logits, [0] * n).token_id for n in range(40)} == {4}
     sampler = Sampler(SamplingParams(top_p=0.9, seed=1))
     assert {sampler.sample(logits, [0] * n).token_id for n in range(60)} == {4, 9}
+
+
+def test_draws_follow_the_distribution():
+    """Seeded draws over many positions match the softmax: a chi-square test at the 0.1 % level
+    (deterministic: the seeds are fixed, so a sampler that draws a wrong distribution fails)."""
+    logits = random_logits(21)
+    probs = logits.softmax(-1).double()
+    draws = 12_000
+    counts = torch.zeros(VOCAB, dtype=torch.float64)
+    for seed in range(4):
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed))
+        for position in range(draws // 4):
+            counts[sampler.sample(logits, range(position)).token_id] += 1
+    expected = probs * draws
+    pooled = expected >= 5  # the rare tokens pooled into one cell, as the test requires
+    observed = torch.cat([counts[pooled], counts[~pooled].sum().view(1)])
+    wanted = torch.cat([expected[pooled], expected[~pooled].sum().view(1)])
+    chi2 = float(((observed - wanted) ** 2 / wanted).sum())
+    critical = {df: value for df, value in CHI2_CRITICAL_0_001}[len(observed) - 1]
+    assert chi2 < critical, (chi2, critical)
+
+
+# chi-square critical values at the 0.1 % level, by degrees of freedom
+CHI2_CRITICAL_0_001 = [(df, value) for df, value in zip(range(20, 50), (
+    45.31, 46.80, 48.27, 49.73, 51.18, 52.62, 54.05, 55.48, 56.89, 58.30, 59.70, 61.10, 62.49,
+    63.87, 65.25, 66.62, 67.99, 69.35, 70.70, 72.05, 73.40, 74.74, 76.08, 77.42, 78.75, 80.08,
+    81.40, 82.72, 84.04, 85.35), strict=True)]  # fmt: skip
+
+
+def test_nucleus_is_the_sorted_rule():
+    """Top-p ranks only the head of the distribution (`peer.sampling._nucleus`); the kept set is
+    HF's: sort ascending, drop the tail whose mass is <= 1 - top_p. Flat logits need more than the
+    first candidates, peaked ones fewer."""
+    from peer.sampling import NUCLEUS_FIRST_CANDIDATES, _nucleus
+
+    vocab = 4000
+    for seed, scale in itertools.product(range(3), (0.1, 1.0, 4.0, 12.0)):
+        logits = torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * scale
+        for top_p in (0.05, 0.5, 0.9, 0.99):
+            ordered, order = torch.sort(logits)
+            drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[-1] = False
+            expected = set(order[~drop].tolist())
+            kept = set(torch.nonzero(torch.isfinite(_nucleus(logits, top_p))).flatten().tolist())
+            assert kept == expected, (seed, scale, top_p, len(kept), len(expected))
+    flat = torch.zeros(vocab)
+    assert int(torch.isfinite(_nucleus(flat, 0.5)).sum()) > NUCLEUS_FIRST_CANDIDATES * 8
 
 
 def test_top_k_restricts_to_k_best():

@@ -124,6 +124,41 @@ def test_a_decode_loops_length_is_drawn_as_a_pick_per_step_would_be():
     assert max(capped.unpicked_run(30) for _ in range(1000)) == 30  # (0.95 ** 30: a fifth reach it)
 
 
+def test_a_sampled_token_is_checked_only_on_a_peer_of_the_same_version():
+    """The same seed draws the same token only with the same sampler: a replica or referee for a
+    draw (a sampled step at a temperature) announces the route's peer's version; for hidden states
+    and greedy tokens any version will do."""
+    import random
+    from types import SimpleNamespace
+
+    from discovery.records import PeerRecord
+    from gateway.routing import Hop
+    from gateway.verification import Verifier, _draws
+
+    def record(peer_id: str, version: str) -> PeerRecord:
+        return PeerRecord(peer_id, f"127.0.0.1:{len(peer_id) + 5000}", MODEL, 2, 4, 4, version=version,
+                          free_cache_tokens=1000)  # fmt: skip
+
+    records = [record("own", "0.2.0"), record("older", "0.1.0"), record("same", "0.2.0")]
+    failover = SimpleNamespace(known=lambda: records, excluded=set)
+    hop = Hop("own", records[0].address, 2, 4)
+    verifier = Verifier(1.0, random.Random(0))
+    picked = {verifier._other_peer(failover, hop, {"own"}, 10, draws=True).peer_id for _ in range(20)}
+    assert picked == {"same"}
+    picked = {verifier._other_peer(failover, hop, {"own"}, 10, draws=False).peer_id for _ in range(40)}
+    assert picked == {"same", "older"}
+
+    def runner(temperature: float):
+        return SimpleNamespace(
+            route=[Hop("a", "x:1", 0, 2), hop], sampling=swarm_pb2.SamplingParams(temperature=temperature)
+        )
+
+    assert _draws(runner(0.8), hop, sample=True)
+    assert not _draws(runner(0.0), hop, sample=True)  # greedy: any version takes the argmax
+    assert not _draws(runner(0.8), hop, sample=False)
+    assert not _draws(runner(0.8), Hop("a", "x:1", 0, 2), sample=True)  # hidden states
+
+
 # -- real processes ----------------------------------------------------------------------------------
 
 BODIES = [
