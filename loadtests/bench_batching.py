@@ -8,7 +8,7 @@ In one run, against one machine's noise:
   tokens out (`ignore_eos`), through the gateway's streaming
   API. Aggregate output tokens/s, and each level as a multiple of the 1-stream figure.
 * **reference**: `transformers` `generate()` in this process on a batch of C prompts of the same
-  length, greedy, exactly --output-len new tokens: batch*tokens / wall time, and the same multiple.
+  length, greedy (or sampled at --temperature, like the swarm's requests), exactly --output-len new tokens: batch*tokens / wall time, and the same multiple.
   Measured right after the swarm's level C, the swarm idle meanwhile (its peers' start-up profile
   rounds over by then): the two figures of a level are seconds apart, so the machine's drift
   over the run (on these shared machines the reference moved 105 -> 154 tok/s between two runs
@@ -78,16 +78,29 @@ class PeakRSS:
         self._thread.join()
 
 
-def reference_throughput(model, vocab: int, batch: int, input_len: int, output_len: int) -> float:  # noqa: ANN001
+def reference_throughput(
+    model,
+    vocab: int,
+    batch: int,
+    input_len: int,
+    output_len: int,
+    temperature: float = 0.0,  # noqa: ANN001
+) -> float:
     import torch
 
     generator = torch.Generator().manual_seed(batch)
     ids = torch.randint(10, vocab, (batch, input_len), generator=generator)
     mask = torch.ones_like(ids)
+    # sampled as the swarm's requests are: the temperature alone (HF's top-k 50 default off)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_k": None}
+        if temperature > 0
+        else {"do_sample": False}
+    )
     begin = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=output_len,
-                             min_new_tokens=output_len, pad_token_id=0)  # fmt: skip
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=output_len,
+                             min_new_tokens=output_len, pad_token_id=0, **sampling)  # fmt: skip
     elapsed = time.perf_counter() - begin
     return batch * (out.shape[1] - input_len) / elapsed
 
@@ -201,7 +214,8 @@ def run(args: argparse.Namespace) -> dict:
 
         def load(concurrency: int, requests: int) -> dict:
             cfg = LoadConfig(base_url=base, model=MODEL_ID, concurrency=concurrency, num_requests=requests,
-                             input_len=args.input_len, output_len=args.output_len, progress=False)  # fmt: skip
+                             input_len=args.input_len, output_len=args.output_len, progress=False,
+                             temperature=args.temperature)  # fmt: skip
             return asyncio.run(run_load(cfg))
 
         torch.set_num_threads(args.ref_threads)
@@ -238,7 +252,9 @@ def run(args: argparse.Namespace) -> dict:
                 f"steps/pass {swarm_rows[-1]['steps_per_pass']}",
                 flush=True,
             )
-            rate = reference_throughput(model, config["vocab_size"], level, args.input_len, args.output_len)
+            rate = reference_throughput(
+                model, config["vocab_size"], level, args.input_len, args.output_len, args.temperature
+            )
             ref_rows.append({"batch": level, "output_tok_s": rate})
             print(f"ref    B={level:>3}: {rate:8.1f} tok/s", flush=True)
         base_rate = swarm_rows[0]["output_tok_s"]
@@ -290,6 +306,10 @@ def peer_batching_flags(settings: dict) -> str:
     return " ".join(flags) or "their own batching choice (no `--prepack` / `--pipeline-groups` flag)"
 
 
+def sampling_words(temperature: float) -> str:
+    return f"sampled at temperature {temperature:g} on both sides" if temperature > 0 else "greedy"
+
+
 def markdown(results: dict, command: str) -> str:
     s = results["settings"]
     lines = [
@@ -302,7 +322,7 @@ def markdown(results: dict, command: str) -> str:
         f"`--cache-tokens {s['cache_tokens']}` and {peer_batching_flags(s)}, gateway `--step-timeout {s['step_timeout']}`; reference `transformers` `generate()` with "
         f"{s['ref_threads']} torch threads in one process, measured right after the swarm's level of the same size. Machine: {results['machine']['cpu_count']} CPU cores "
         f"(shared with other work, so figures are noisy). Requests: {s['input_len']} prompt tokens in, exactly "
-        f"{s['output_len']} tokens out, greedy; 2×C requests per level. Finished {results.get('finished_at', '')}.",
+        f"{s['output_len']} tokens out, {sampling_words(s.get('temperature', 0.0))}; 2×C requests per level. Finished {results.get('finished_at', '')}.",
         "",
         "## Aggregate output tokens/s",
         "",
@@ -353,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--input-len", type=int, default=32, help="prompt tokens per request")
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy on both sides; above: both sample at it, nothing else set "
+                        "(what an OpenAI client without sampling parameters gets at 1)")  # fmt: skip
     parser.add_argument(
         "--history", type=int, default=1000, help="tokens of the first turn in the reuse test"
     )

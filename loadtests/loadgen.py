@@ -105,6 +105,7 @@ class LoadConfig:
     timeout: float = 600.0
     progress: bool = True
     words: int | None = None  # filler words per user message; None = sized to input_len by probing
+    temperature: float = 0.0  # 0: greedy; above, sampled with nothing else set (OpenAI's default is 1)
 
 
 @dataclass
@@ -161,7 +162,7 @@ async def stream_chat(
         "model": cfg.model,
         "messages": messages,
         "max_tokens": cfg.output_len,
-        "temperature": 0,
+        "temperature": cfg.temperature,
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
