@@ -57,7 +57,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.swarm_bench import round1, wait_models
+from loadtests.swarm_bench import round1, wait_models, write_results
 from swarm.launcher import DEFAULT_CACHE, Child, LocalSwarm, free_port, num_blocks_of
 
 MODEL = "swarm-demo"
@@ -1059,8 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.replicas < 2 or args.stall <= 0 or args.first_step_timeout <= 0:
         parser.error("need --replicas >= 2, --stall > 0 and --first-step-timeout > 0")
     result = asyncio.run(run(args))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(Path(args.output), result, indent=2)
     if args.markdown:
         Path(args.markdown).write_text(markdown(result))
     print()

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from loadtests.swarm_bench import write_results
+
 RESULTS = Path(__file__).parent / "results" / "constrained.json"
 LEGACY_COMMIT = "d7dc224"  # gateway/constrained.py before llguidance
 TOKENIZERS = ("demo", "llama3", "qwen2")
@@ -259,9 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         "versions": {**previous.get("versions", {}), **_versions()},
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, out, indent=2)
 
 
 def _versions() -> dict:

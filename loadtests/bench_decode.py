@@ -56,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtests.swarm_bench import write_marked_section
+from loadtests.swarm_bench import write_marked_section, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 # A fixed prompt; its text is tokenized by each model's own tokenizer (16 tokens or so).
@@ -668,8 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         (argv if argv is not None else sys.argv[1:]) or ["--models", ",".join(args.models)]
     )
     results["command"] = command
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results, indent=2)
     table = markdown_table(results)
     print("\n" + table + "\n")
     print(json.dumps({r["model"]: r.get("breakdown_ms_per_token") for r in results["models"]}, indent=1))
@@ -679,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"cpu {r['security_cpu_ratio']})")  # fmt: skip
     if args.docs:
         update_docs(Path(args.docs), table, command)
-    print(f"\nwrote {args.out} in {results['wall_s']} s", flush=True)
+    print(f"\ndone in {results['wall_s']} s", flush=True)
     return 0
 
 

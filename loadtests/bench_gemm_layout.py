@@ -12,11 +12,12 @@ timed in alternating rounds, best round kept. One thread, as the peers in the be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 from pathlib import Path
+
+from loadtests.swarm_bench import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = [  # (out, in): bench model (hidden 1024) and the family bench (hidden 768), heads included
@@ -78,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{out_features:6d} x {in_features:5d}  rows {rows:4d}: {plain:9.1f} us  ->  {relaid:9.1f} us"
                   f"  ({entry['ratio']:.2f}x)", flush=True)  # fmt: skip
     result["loadavg_after"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return 0
 
 

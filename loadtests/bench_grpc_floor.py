@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from loadtests.swarm_bench import write_results
 from protos import swarm_pb2, swarm_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind:15s} round trip {row['round_trip_ms']:.3f} ms  server CPU {row['server_cpu_ms_per_step']:.3f} "
               f"ms/step  client CPU {row['client_cpu_ms_per_step']:.3f} ms/step")  # fmt: skip
     print(f"load {load_before[0]:.1f} -> {results['load_after'][0]:.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results, indent=2)
     return 0
 
 

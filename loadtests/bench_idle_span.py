@@ -14,11 +14,12 @@ idle spell), not the serving code's: no gRPC, no scheduler, only `BlockSpan.forw
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
+
+from loadtests.swarm_bench import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_results(args.out, result)
     print(f"span {start}:{end}: {busy:.2f} ms back to back, {idle:.2f} ms with {args.sleep_ms:g} ms sleeps "
           f"({idle / busy:.3f}x); rounds {rounds}")  # fmt: skip
     return 0

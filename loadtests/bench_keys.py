@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from gateway.keys import FileKeyStore, RedisKeyStore, new_key
+from loadtests.swarm_bench import write_results
 
 
 async def one_request(store, secret: str) -> float:
@@ -109,8 +110,7 @@ def main() -> None:
     parser.add_argument("--output", default="loadtests/results/keys.json")
     args = parser.parse_args()
     report = asyncio.run(bench(args.requests, [int(c) for c in args.concurrency.split(",")]))
-    Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.output}")
+    write_results(Path(args.output), report)
 
 
 if __name__ == "__main__":

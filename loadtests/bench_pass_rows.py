@@ -22,7 +22,6 @@ weight's columns between threads (what `transformers` does with 2 threads on one
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -30,6 +29,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from loadtests.swarm_bench import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["threads"][str(threads)] = table
         result["spans"].append(entry)
     result["loadavg_after"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import statistics
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.swarm_bench import wait_models
+from loadtests.swarm_bench import wait_models, write_results
 from swarm.launcher import LocalSwarm
 
 RESULTS = Path(__file__).parent / "results" / "placement.json"
@@ -219,9 +218,7 @@ def main() -> None:
         create_demo_model(model_dir, preset=args.model, num_hidden_layers=NUM_BLOCKS)
     results = run(model_dir, f"placement-{args.model}", args.streams, args.tokens, args.rounds,
                   args.balance_interval, args.ttl)  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, results, indent=2)
 
 
 if __name__ == "__main__":

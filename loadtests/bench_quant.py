@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from loadtests.swarm_bench import write_results
 from peer.demo_model import ensure_demo_model
 from peer.model import BlockSpan
 
@@ -96,9 +97,7 @@ def main() -> None:
         "rows": rows,
         "notes": notes,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

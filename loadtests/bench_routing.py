@@ -31,6 +31,7 @@ from unittest import mock
 
 from discovery.records import PeerRecord
 from gateway import routing
+from loadtests.swarm_bench import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -139,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             result["rows"].append(row)
             print(json.dumps(row))
     result["machine"]["loadavg_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_results(args.out, result)
     return 0
 
 

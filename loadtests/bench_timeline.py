@@ -28,7 +28,6 @@ import argparse
 import bisect
 import collections
 import contextlib
-import json
 import os
 import shlex
 import statistics
@@ -37,6 +36,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from loadtests.swarm_bench import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 SPLIT = [(0, 5), (5, 8)]
@@ -231,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_results(args.out, result)
     print(
         f"token cycle {result['token_cycle_ms']} ms; spans back to back {result['spans_back_to_back_ms']} ms"
     )

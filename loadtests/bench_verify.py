@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import time
 from pathlib import Path
+
+from loadtests.swarm_bench import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,12 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     results["command"] = "python -m loadtests.bench_verify " + " ".join(argv or [])
     results["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results, indent=2)
     for row in results["rows"]:
         print(f"verify {row['verify_fraction']:>5}: {row['output_tok_s']:7.1f} tok/s  x{row['ratio_vs_off']:.3f}  "
               f"checks {row['checks']}")  # fmt: skip
-    print(f"wrote {args.out}")
     return 0
 
 

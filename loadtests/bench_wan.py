@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.swarm_bench import write_results
 from loadtests.wan import LinkShape, WanLink
 from swarm.launcher import LocalSwarm, free_port, split_blocks
 
@@ -120,9 +121,7 @@ def main() -> None:
     hops = [int(h) for h in args.hops.split(",")]
     rtts = [float(r) for r in args.rtt_ms.split(",")]
     results = run(model_dir, f"wan-{args.model}", hops, rtts, args.runs)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, results, indent=2)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from loadtests.swarm_bench import write_results
+
 REPO = Path(__file__).resolve().parent.parent
 LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128
 PATTERNS = (
@@ -125,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["seconds"] = round(time.time() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_results(args.out, result)
     for row in result["rows"]:
         print(json.dumps(row))
     return 0

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.swarm_bench import percentile, round1, wait_models
+from loadtests.swarm_bench import percentile, round1, wait_models, write_results
 from swarm.launcher import Child, LocalSwarm, free_port, num_blocks_of, split_blocks
 
 MODEL = "swarm-demo"
@@ -433,8 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency < 1 or args.duration <= 0 or args.kill_interval <= 0 or args.replicas < 2:
         parser.error("need --concurrency >= 1, --duration > 0, --kill-interval > 0 and --replicas >= 2")
     result = asyncio.run(run(args))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(Path(args.output), result, indent=2)
     if args.markdown:
         Path(args.markdown).write_text(markdown(result))
     summary = {k: result[k] for k in ("streams_started", "streams_completed", "streams_failed", "tokens_lost",

@@ -27,6 +27,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from loadtests.swarm_bench import write_results
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "sim"
 
@@ -166,13 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     del args.shape, args.honest_convicted, args.check_outcomes
     results["command"] = "python -m loadtests.sim_detection " + " ".join(argv or [])
     results["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results, indent=2)
     for row in results["rows"]:
         print(
             f"verify {row['verify_fraction']}: median {row['median_steps_to_conviction']} steps to conviction"
         )
-    print(f"wrote {args.out}")
     return 0
 
 

@@ -42,6 +42,7 @@ from discovery.announcer import Announcer
 from discovery.dht import READ_REPLICAS, SwarmDHT
 from discovery.records import PeerRecord
 from discovery.shards import ROOT, model_shard_key
+from loadtests.swarm_bench import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "sim/llama-70b"
@@ -385,9 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(Path(args.out), report, indent=2)
     return 0
 
 
