@@ -80,6 +80,13 @@ def peer_view(
             "pipeline_groups": info.pipeline_groups or 1,
             "summary": info.batching,
         }
+        # peer-to-peer traffic since the peer started: steps it pushed to a next hop, steps pushed
+        # to it, and decode-loop steps it sent back to a route's first hop (peer.servicer)
+        view["traffic"] = {
+            "pushed_steps": info.pushed_steps,
+            "pushes_received": info.pushes_received,
+            "looped_steps": info.looped_steps,
+        }
     if convicted:
         view["health"] = "convicted"
     elif banned:

@@ -34,6 +34,7 @@ COLUMNS = (
     ("quant", 5, False),
     ("expires", 7, True),
     ("batching", 16, False),
+    ("pushed/looped", 13, True),  # steps pushed to a next hop / decode-loop steps sent back
 )
 
 
@@ -44,6 +45,22 @@ def batching_cell(peer: dict[str, Any]) -> str:
         return "-"
     groups = batching.get("pipeline_groups", 1)
     return f"{'packed' if batching.get('prepacked') else 'plain'}, {groups} group{'s' if groups != 1 else ''}"
+
+
+def traffic_cell(peer: dict[str, Any]) -> str:
+    """`1.2k/980`: steps the peer pushed to a next hop and decode-loop steps it sent back to a
+    route's first hop, from its `Info` (the gateway's map); '-' from the DHT alone."""
+    traffic = peer.get("traffic")
+    if not traffic:
+        return "-"
+    return f"{_count(traffic['pushed_steps'])}/{_count(traffic['looped_steps'])}"
+
+
+def _count(n: int) -> str:
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= limit:
+            return f"{n / limit:.1f}{suffix}"
+    return str(n)
 
 
 def moving_cell(peer: dict[str, Any]) -> str:
@@ -111,6 +128,7 @@ def format_models(models: list[dict[str, Any]], now: float | None = None) -> str
                         peer["quant"],
                         f"{expires:.0f}s",
                         batching_cell(peer),
+                        traffic_cell(peer),
                     ]
                 )
             )

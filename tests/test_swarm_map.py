@@ -10,11 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from gateway.swarm_map import PROBE_CACHE_S
 from swarm.launcher import LocalSwarm
 from tests.conftest import HEARTBEAT, TTL, wait_until
 
@@ -131,6 +133,32 @@ def test_api_shows_peers_coverage_and_routes(gateway, peer_ids):
     assert ",".join(hop["peer_id"] for hop in recent[0]["hops"]) == response.headers["x-swarm-route"]
 
 
+def test_api_counts_the_steps_peers_push_and_loop(gateway):
+    """`traffic` from each peer's Info: 4 tokens take the prefill's step and 3 decode-loop steps
+    that the route's last peer sends back to its first (to itself on a one-peer route); on a
+    two-peer route each of the 4 steps is also pushed from the first peer to the last."""
+
+    def traffic() -> dict[str, dict]:
+        time.sleep(PROBE_CACHE_S + 0.1)  # the map's Info of each peer is cached that long
+        return {peer["peer_id"]: peer["traffic"] for peer in _api(gateway)["models"][0]["peers"]}
+
+    before = traffic()
+    response = httpx.post(
+        f"{gateway.address}/v1/completions",
+        json={"model": MODEL, "prompt": "count me", "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+        timeout=60,
+    )
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+    route = response.headers["x-swarm-route"].split(",")
+    after = traffic()
+    grew = {peer: {key: after[peer][key] - before[peer][key] for key in after[peer]} for peer in after}
+    assert grew[route[-1]]["looped_steps"] == 3, (route, grew)
+    if len(route) > 1:
+        assert grew[route[0]]["pushed_steps"] == 4 and grew[route[-1]]["pushes_received"] == 4, (route, grew)
+    assert all(change["looped_steps"] == 0 for peer, change in grew.items() if peer != route[-1]), grew
+    assert re.search(r" \d+/[1-9]\d*$", status("--gateway", gateway.address), re.M)
+
+
 def test_api_and_status_show_how_each_peer_batches(gateway):
     """Each peer's own batching choice (peer.batching_config), from its Info: the first span of
     multi-hop routes pipelines under load, a later span and a whole-model peer do not."""
@@ -142,7 +170,9 @@ def test_api_and_status_show_how_each_peer_batches(gateway):
     assert all(peer["batching"]["pipeline_groups"] == 1 for peer in peers.values())  # no load now
     assert all("prepack (auto" in summary for summary in summaries.values()), summaries
     table = status("--gateway", gateway.address)
-    assert "batching" in table and re.search(r"(packed|plain), 1 group$", table, re.M), table
+    assert "batching" in table and re.search(r"(packed|plain), 1 group +[\d.]+k?/[\d.]+k?$", table, re.M), (
+        table
+    )
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
