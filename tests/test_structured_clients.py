@@ -138,8 +138,9 @@ def test_pydantic_ai_agent_with_a_tool_and_structured_output(base_url):
 
     model = OpenAIChatModel(MODEL, provider=OpenAIProvider(base_url=f"{base_url}/v1", api_key=API_KEY))
     calls: list[str] = []
-    # seed 2: the model calls the tool first, then answers through pydantic-ai's output tool
-    agent = Agent(model, output_type=City, model_settings={"max_tokens": 64, "seed": 2, "temperature": 1.0})
+    # seed 6: the model calls the tool first, then answers through pydantic-ai's output tool (the
+    # seed picks the draws, peer.sampling: a change of the sampler may need another seed)
+    agent = Agent(model, output_type=City, model_settings={"max_tokens": 64, "seed": 6, "temperature": 1.0})
 
     @agent.tool_plain
     def lookup_population(city: str) -> int:
