@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
-from loadtests.swarm_bench import write_results
+from loadtests.swarm_bench import run_header, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = [  # (out, in): bench model (hidden 1024) and the family bench (hidden 768), heads included
@@ -58,13 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    result: dict = {
-        "benchmark": "gemm_layout",
-        "command": "python -m loadtests.bench_gemm_layout",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "loadavg_before": os.getloadavg(),
-        "shapes": [],
-    }
+    result: dict = {**run_header("gemm_layout", "loadtests.bench_gemm_layout", argv), "shapes": []}
     for out_features, in_features in SHAPES:
         for rows in ROWS:
             plain, relaid = time_layouts(out_features, in_features, rows)

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from loadtests.swarm_bench import write_results
+from loadtests.swarm_bench import run_header, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [int(r) for r in args.rows.split(",")]
     model_dir = args.model_dir or ensure_demo_model(args.cache_dir or DEFAULT_CACHE, preset="bench")
     result: dict = {
-        "benchmark": "pass_rows",
-        "command": "python -m loadtests.bench_pass_rows "
-        + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "loadavg_before": os.getloadavg(),
+        **run_header("pass_rows", "loadtests.bench_pass_rows", argv),
         "context": args.context,
         "spans": [],
     }

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
-from loadtests.swarm_bench import write_results
+from loadtests.swarm_bench import run_header, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = {  # name -> SamplingParams keyword arguments
@@ -97,13 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    result: dict = {
-        "benchmark": "sampling",
-        "command": "python -m loadtests.bench_sampling",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "loadavg_before": os.getloadavg(),
-        "ms_per_sample": {},
-    }
+    result: dict = {**run_header("sampling", "loadtests.bench_sampling", argv), "ms_per_sample": {}}
     for vocab in (int(v) for v in args.vocab.split(",")):
         for name, kwargs in SETTINGS.items():
             entry = time_setting(vocab, kwargs, args.calls, args.rounds)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -53,3 +57,17 @@ def write_results(path: Path, result: dict, *, indent: int = 1) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=indent) + "\n")
     print(f"wrote {path}", flush=True)
+
+
+def run_header(benchmark: str, module: str, argv: list[str] | None) -> dict:
+    """The first fields of a single-process benchmark's results: its name, the command that
+    reproduces them, the machine and its load before the run (torch's threads set by then)."""
+    import torch
+
+    args = sys.argv[1:] if argv is None else argv
+    return {
+        "benchmark": benchmark,
+        "command": shlex.join(["python", "-m", module, *args]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "loadavg_before": os.getloadavg(),
+    }
