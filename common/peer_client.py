@@ -13,12 +13,35 @@ import grpc
 from common.grpc_security import INFERENCE_METHOD, INFO_METHOD, ClientSecurity
 from protos import swarm_pb2, swarm_pb2_grpc
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-]
+MAX_MESSAGE_BYTES = 64 << 20
+KEEPALIVE_MS = 10_000  # a client pings an idle connection this often, to notice a dead peer
+
+
+def channel_options(keepalive_ms: int = KEEPALIVE_MS) -> list[tuple[str, int]]:
+    """Options of every channel to a peer (the gateway's and the peers' own push links)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", 5_000),
+    ]
+
+
+def server_options(keepalive_ms: int = KEEPALIVE_MS) -> list[tuple[str, int]]:
+    """Options of a peer's server, matched to `channel_options`: it must accept the clients'
+    keepalive pings. gRPC's default takes a ping more often than every 5 minutes on a connection
+    that carries no data as abuse, and after two such "strikes" ends the connection (GOAWAY
+    too_many_pings): an idle push link or gateway stream broke every few minutes, and the next
+    step through it failed (and was relayed, or failed over)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 2),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+CHANNEL_OPTIONS = channel_options()
 
 
 class PeerError(Exception):

@@ -382,7 +382,7 @@ class RouteRunner:
         self.history.extend(token_ids)
         self._measured(loop.time() - began)
         self.looped_steps += looped
-        self._loop_went_on(results[-1])
+        self._loop_went_on(results[-1], expected=chain_loop is not None or looped)
         if self.failover is not None:
             draining = [
                 i
@@ -430,11 +430,18 @@ class RouteRunner:
             return None
         return swarm_pb2.Loop(remaining=remaining, stop_ids=plan.stop_ids)
 
-    def _loop_went_on(self, result: swarm_pb2.StepResult) -> None:
-        """Note from the last hop's answer whether the loop runs the next step already."""
-        self._loop_next = result.looped
+    def _loop_went_on(self, result: swarm_pb2.StepResult, expected: bool) -> None:
+        """Note from the last hop's answer whether the loop runs the next step already. `expected`:
+        this step ran in a loop or started one. A loop is only followed while its chain is whole:
+        after a push that its hop reported failed (the edge is relayed now), the step may still
+        have reached the next hop, whose loop is a stray that the first hop must refuse."""
+        whole = self._chain_end(0, -1) == len(self.route) - 1
+        self._loop_next = result.looped and expected and whole
         self._loop_token = result.token_id
-        if not result.looped and result.forward_error_code:  # it could not even start the push
+        if result.looped and not self._loop_next:
+            log.info("a decode loop the route no longer runs (an edge is relayed): halting it")
+            self._halt_later()
+        elif not result.looped and result.forward_error_code:  # it could not even start the push
             self._loop_failed(result)
 
     def _loop_failed(self, answer: swarm_pb2.StepResult) -> None:
@@ -445,6 +452,12 @@ class RouteRunner:
                 "decode loop stopped (%s); the gateway sends each step from now on", answer.forward_error
             )
             self._loop_ok = False
+
+    def _halt_later(self) -> None:
+        """`_halt` in a task: the answer in hand is still this step's."""
+        task = asyncio.get_running_loop().create_task(self._halt())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _halt(self) -> None:
         """Ask the first hop to stop the running loop; the answers that follow say when it has."""
@@ -521,15 +534,20 @@ class RouteRunner:
                     await self._with_deadline(self.route[i], session.send(step))
                 except PeerError as exc:
                     raise _HopFailure(i, exc) from exc
+            notices = looped and i == 0  # the last hop may answer a refused loop step
             if end == i:
                 try:
-                    answers = {i: await self._with_deadline(self.route[i], self.sessions[i].receive(seq))}
+                    while True:
+                        answer = await self._with_deadline(self.route[i], self.sessions[i].receive(seq))
+                        if not self._stray(i, end, answer, notices):
+                            break
+                    answers = {i: answer}
                 except PeerError as exc:
                     raise _HopFailure(i, exc) from exc
             else:
-                answers = await self._chain_answers(i, end, seq)
+                answers = await self._chain_answers(i, end, seq, notices)
             notice = answers.get(last) if looped and i == 0 else None
-            if notice is not None and notice.forward_error_code:  # the last hop's, not a token
+            if notice is not None and notice.loop_refused:  # the last hop's, not a token
                 raise _LoopBroken(notice)
             for k in range(i, end + 1):
                 result = answers.get(k)
@@ -561,7 +579,17 @@ class RouteRunner:
         trace.mark("gateway.result")
         return results
 
-    async def _chain_answers(self, first: int, end: int, seq: int) -> dict[int, swarm_pb2.StepResult]:
+    def _stray(self, k: int, end: int, answer: swarm_pb2.StepResult, notices: bool) -> bool:
+        """Whether hop `k`'s answer to this step's `seq` belongs to a copy of it the gateway did
+        not send: a push its hop reported failed that reached the next hop anyway, and the decode
+        loop that copy started. Such a copy says it pushed (`forwarded`) where the gateway asked
+        the hop to answer itself, or is the last hop's notice of a loop step the first hop refused
+        (`loop_refused`) where no loop runs. Skipped: the hop's own answer follows."""
+        return (k == end and answer.forwarded) or (answer.loop_refused and not notices)
+
+    async def _chain_answers(
+        self, first: int, end: int, seq: int, notices: bool = False
+    ) -> dict[int, swarm_pb2.StepResult]:
         """Wait for the answers of push chain [first, end] to step `seq`: done when the last hop's
         arrives (the acks of the hops before it may come later, and are skipped), or when a hop
         could not push (the chain stops there). A hop that fails is blamed; when nothing arrives
@@ -586,8 +614,8 @@ class RouteRunner:
                     result = session.result_of(await session.consume(task), seq)
                 except PeerError as exc:
                     raise _HopFailure(k, exc) from exc
-                if result is None:
-                    continue  # stale: an answer to a step given up on
+                if result is None or self._stray(k, end, result, notices):
+                    continue  # stale: an answer to a step given up on, or to a copy (`_stray`)
                 answers[k] = result
                 waiting.discard(k)
                 if k == end or not result.forwarded:

@@ -22,6 +22,7 @@ import torch
 
 from common.grpc_security import ClientSecurity, MemberCheck, TlsFiles, listen_warning, security_summary
 from common.identity import Identity
+from common.peer_client import server_options
 from common.security_metrics import SecurityCollector
 from discovery.records import PeerRecord
 from peer import gemm
@@ -230,10 +231,7 @@ class PeerServer:
         await self._profile(span)
         self.member_check = MemberCheck(cfg.swarm_key) if cfg.swarm_key else None
         self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.max_send_message_length", 64 << 20),
-            ],
+            options=server_options(),
             interceptors=[self.member_check] if self.member_check else None,
         )
         swarm_pb2_grpc.add_PeerServicer_to_server(self.servicer, self.server)

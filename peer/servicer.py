@@ -467,7 +467,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
                         result.draining = self.draining  # asks the gateway to move this session
                         result.seq = step.seq
                         if onward is not None:
-                            await self._forward(step, onward, result)
+                            await self._forward(step, onward, result, session)
                         await self._answer(session, context, step, result, last=onward is None, wait=False)
                     elif kind == "halt":
                         if session is not None:
@@ -556,7 +556,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             result.draining = self.draining
             result.seq = step.seq
             if onward is not None:
-                await self._forward(step, onward, result)
+                await self._forward(step, onward, result, session)
         except StepFailed as exc:
             session.keep = False  # its cache may hold what the failed step wrote
             code = grpc.StatusCode.INVALID_ARGUMENT if exc.bad_input else grpc.StatusCode.INTERNAL
@@ -572,11 +572,13 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
             log.debug("could not answer a pushed step: %s", exc)
 
     async def _forward(
-        self, step: swarm_pb2.Step, onward: swarm_pb2.Step, result: swarm_pb2.StepResult
+        self, step: swarm_pb2.Step, onward: swarm_pb2.Step, result: swarm_pb2.StepResult, session: Session
     ) -> None:
         """Send this hop's output to `step.forward[0]`. Delivered: `result` becomes an ack (no
         hidden states). Not: `result` keeps them and names the next hop's failure, so the gateway
-        carries this step on itself (relay) without running this hop again."""
+        carries this step on itself (relay) without running this hop again. A push reported failed
+        may still have arrived (a connection that broke after the write), so the session's decode
+        loop ends here: the copy's loop step, if one comes back, is refused (`_accept_push`)."""
         onward.hidden.CopyFrom(result.hidden)
         onward.pass_id = result.pass_id
         timeout = step.forward_timeout_ms / 1000.0 if step.forward_timeout_ms > 0 else None
@@ -585,6 +587,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         except PushFailed as exc:
             log.info("could not push to the next hop %s: %s", exc.address, exc)
             _push_failed(result, exc)
+            session.loop_id = 0
             return
         result.ClearField("hidden")
         result.forwarded = True
@@ -659,7 +662,7 @@ class PeerServicer(swarm_pb2_grpc.PeerServicer):
         except PushFailed as exc:
             if exc.code != grpc.StatusCode.ABORTED:  # else the gateway halted the loop
                 log.info("could not push a decode loop's next step to %s: %s", exc.address, exc)
-            notice = swarm_pb2.StepResult(seq=step.seq + 1)
+            notice = swarm_pb2.StepResult(seq=step.seq + 1, loop_refused=True)
             _push_failed(notice, exc)
             if session.stream is None:
                 return

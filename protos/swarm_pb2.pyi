@@ -198,7 +198,7 @@ class PromptLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("hidden", "token_id", "logprob", "top_logprobs", "cache_length", "draining", "prompt_logprobs", "pass_id", "forwarded", "forward_error", "forward_error_code", "seq", "error_code", "error_message", "looped")
+    __slots__ = ("hidden", "token_id", "logprob", "top_logprobs", "cache_length", "draining", "prompt_logprobs", "pass_id", "forwarded", "forward_error", "forward_error_code", "seq", "error_code", "error_message", "looped", "loop_refused")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,7 @@ class StepResult(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LOOPED_FIELD_NUMBER: _ClassVar[int]
+    LOOP_REFUSED_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     token_id: int
     logprob: float
@@ -229,7 +230,8 @@ class StepResult(_message.Message):
     error_code: int
     error_message: str
     looped: bool
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., cache_length: _Optional[int] = ..., draining: _Optional[bool] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprob, _Mapping]]] = ..., pass_id: _Optional[int] = ..., forwarded: _Optional[bool] = ..., forward_error: _Optional[str] = ..., forward_error_code: _Optional[int] = ..., seq: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., looped: _Optional[bool] = ...) -> None: ...
+    loop_refused: bool
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., cache_length: _Optional[int] = ..., draining: _Optional[bool] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprob, _Mapping]]] = ..., pass_id: _Optional[int] = ..., forwarded: _Optional[bool] = ..., forward_error: _Optional[str] = ..., forward_error_code: _Optional[int] = ..., seq: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., looped: _Optional[bool] = ..., loop_refused: _Optional[bool] = ...) -> None: ...
 
 class Opened(_message.Message):
     __slots__ = ("peer_id", "cache_length", "push_id")

@@ -206,3 +206,20 @@ async def test_a_next_hop_that_predates_batches_gets_one_request_per_step(peers)
         assert servicers[0].received == 9 and not forwarder._links[a].batches
     finally:
         await forwarder.close()
+
+
+def test_a_peers_server_takes_the_keepalive_pings_its_clients_send():
+    """Every client of a peer (a gateway, another peer's push link) pings an idle connection every
+    KEEPALIVE_MS; the peer's server must allow that (`server_options`), or gRPC's default (one ping
+    per 5 minutes without data, two strikes) ends the connection with GOAWAY too_many_pings: the
+    full suite's logs showed idle push links broken that way every few minutes, and the next push
+    failed. Reproducing it live takes minutes of idle, so the pairing is checked here."""
+    from common.peer_client import KEEPALIVE_MS, channel_options, server_options
+
+    for keepalive_ms in (KEEPALIVE_MS, 200):
+        client, server = dict(channel_options(keepalive_ms)), dict(server_options(keepalive_ms))
+        assert client["grpc.keepalive_time_ms"] == keepalive_ms
+        assert 0 < server["grpc.http2.min_ping_interval_without_data_ms"] <= keepalive_ms
+        assert server["grpc.keepalive_permit_without_calls"] == 1
+        for name in ("grpc.max_receive_message_length", "grpc.max_send_message_length"):
+            assert client[name] == server[name]

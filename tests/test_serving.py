@@ -340,6 +340,68 @@ def test_decode_loop_halts_at_the_first_peer(peers):
     assert refused.code == grpc.StatusCode.ABORTED
 
 
+def test_a_first_hop_whose_push_failed_refuses_that_loops_steps(peers):
+    """A push its hop reports failed may have arrived anyway (a connection that broke after the
+    write): the next hop then runs that copy and may start its decode loop. The first hop ends the
+    session's loop when its own push fails, so such a loop step is refused (ABORTED) there, while
+    the gateway relays the step it answered."""
+    from swarm.launcher import free_port
+
+    async def scenario():
+        pool = ChannelPool()
+        first = PeerSession(pool, peers[0])
+        forwarder = Forwarder()
+        try:
+            await first.open(swarm_pb2.OpenSession(session_id=uuid.uuid4().hex, start_block=0, end_block=2,
+                                                   max_length=64))  # fmt: skip
+            hops = [
+                swarm_pb2.Forward(address=peers[0], push_id=first.push_id),
+                swarm_pb2.Forward(address=f"127.0.0.1:{free_port()}", push_id="f" * 32),  # nobody there
+            ]
+            loop = swarm_pb2.Loop(hops=hops, remaining=8, id=3)
+            answer = await first.step(
+                swarm_pb2.Step(token_ids=[31, 8, 12], position=0, seq=1, forward=hops[1:],
+                               forward_timeout_ms=3000, loop=loop)
+            )  # fmt: skip
+            looped = swarm_pb2.Step(
+                token_ids=[5], position=3, sample=True, seq=2, forward=hops[1:], loop=loop
+            )
+            with pytest.raises(PushFailed) as refused:
+                await forwarder.push(hops[0], looped, timeout=5.0)
+            return answer, refused.value
+        finally:
+            await forwarder.close()
+            await first.close()
+            await pool.close()
+
+    answer, refused = asyncio.run(scenario())
+    assert answer.forward_error_code and answer.HasField("hidden") and not answer.forwarded  # relay it
+    assert refused.code == grpc.StatusCode.ABORTED, refused
+
+
+def test_the_gateway_skips_answers_of_a_copy_it_did_not_send():
+    """`RouteRunner._stray`: an answer that says it pushed where the gateway asked its hop to
+    answer itself, or a refused loop step's notice where no loop runs, belongs to a copy of the
+    step (a push reported failed that arrived); a loop such a copy started is not followed."""
+    route = (Hop("p0", "127.0.0.1:1", 0, 2), Hop("p1", "127.0.0.1:2", 2, 4))
+    runner = RouteRunner(ChannelPool(), route, 30.0)
+    ack, token = swarm_pb2.StepResult(forwarded=True), swarm_pb2.StepResult(token_id=7, cache_length=4)
+    notice = swarm_pb2.StepResult(loop_refused=True, forward_error_code=grpc.StatusCode.ABORTED.value[0])
+    assert runner._stray(0, 0, ack, notices=False)  # hop 0 was to answer itself (a relayed edge)
+    assert not runner._stray(0, 1, ack, notices=False)  # hop 0 pushes in a chain: its ack
+    assert runner._stray(1, 1, notice, notices=False) and not runner._stray(1, 1, notice, notices=True)
+    assert not runner._stray(1, 1, token, notices=False)
+    # no sessions open: the chain is not whole, so a looped answer is a stray loop, not followed
+    runner.sessions = [None, None]
+
+    async def went_on() -> bool:
+        runner._loop_went_on(swarm_pb2.StepResult(token_id=7, looped=True), expected=True)
+        await asyncio.sleep(0)  # the halt it starts (no session: nothing to send)
+        return runner._loop_next
+
+    assert asyncio.run(went_on()) is False
+
+
 def test_a_refused_decode_loop_falls_back_to_the_gateways_steps(peers):
     """When the first peer refuses the loop's step for another reason than a halt (here an unknown
     push id, as a first hop the last cannot reach would fail it), the last peer answers that step
