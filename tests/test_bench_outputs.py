@@ -131,3 +131,19 @@ def test_the_textbook_sampler_draws_what_the_sampler_keeps():
     best = set(torch.topk(logits, 5).indices.tolist())
     params = SamplingParams(temperature=2.0, top_k=5)
     assert {textbook_sample(logits, params, torch.Generator(), seed) for seed in range(40)} <= best
+
+
+@pytest.mark.slow
+def test_idle_links_reports_requests_goaways_and_failed_pushes(tmp_path):
+    """`loadtests.idle_links` with short gaps (the real check idles for minutes): every request is
+    answered, and a link idle for a second breaks nowhere."""
+    from loadtests import idle_links
+
+    out = tmp_path / "idle_links.json"
+    assert idle_links.main(["--gaps", "0,1", "--workdir", str(tmp_path / "swarm"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["status"] for r in result["requests"]] == [200, 200]
+    assert set(result["goaway_too_many_pings"]) >= {"gateway", "dht"} and not any(
+        result["goaway_too_many_pings"].values()
+    )
+    assert not any(result["failed_pushes"].values())
