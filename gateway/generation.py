@@ -382,7 +382,8 @@ class RouteRunner:
         self.history.extend(token_ids)
         self._measured(loop.time() - began)
         self.looped_steps += looped
-        self._loop_went_on(results[-1], expected=chain_loop is not None or looped)
+        if self._loop_went_on(results[-1], expected=chain_loop is not None or looped):
+            await self._halt()  # a stray loop: the first hop refuses its steps from now on
         if self.failover is not None:
             draining = [
                 i
@@ -430,19 +431,20 @@ class RouteRunner:
             return None
         return swarm_pb2.Loop(remaining=remaining, stop_ids=plan.stop_ids)
 
-    def _loop_went_on(self, result: swarm_pb2.StepResult, expected: bool) -> None:
+    def _loop_went_on(self, result: swarm_pb2.StepResult, expected: bool) -> bool:
         """Note from the last hop's answer whether the loop runs the next step already. `expected`:
         this step ran in a loop or started one. A loop is only followed while its chain is whole:
         after a push that its hop reported failed (the edge is relayed now), the step may still
-        have reached the next hop, whose loop is a stray that the first hop must refuse."""
+        have reached the next hop, whose loop is a stray. True: such a stray, to be halted."""
         whole = self._chain_end(0, -1) == len(self.route) - 1
         self._loop_next = result.looped and expected and whole
         self._loop_token = result.token_id
         if result.looped and not self._loop_next:
             log.info("a decode loop the route no longer runs (an edge is relayed): halting it")
-            self._halt_later()
-        elif not result.looped and result.forward_error_code:  # it could not even start the push
+            return True
+        if not result.looped and result.forward_error_code:  # it could not even start the push
             self._loop_failed(result)
+        return False
 
     def _loop_failed(self, answer: swarm_pb2.StepResult) -> None:
         """The last hop could not push the loop's step: unless the gateway halted it (ABORTED), the
@@ -452,12 +454,6 @@ class RouteRunner:
                 "decode loop stopped (%s); the gateway sends each step from now on", answer.forward_error
             )
             self._loop_ok = False
-
-    def _halt_later(self) -> None:
-        """`_halt` in a task: the answer in hand is still this step's."""
-        task = asyncio.get_running_loop().create_task(self._halt())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
 
     async def _halt(self) -> None:
         """Ask the first hop to stop the running loop; the answers that follow say when it has."""
