@@ -30,14 +30,13 @@ import argparse
 import asyncio
 import json
 import os
-import shlex
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
-from loadtests.swarm_bench import write_marked_section
+from loadtests.swarm_bench import command_line, write_marked_section
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_ID = "bench-bench"
@@ -79,12 +78,12 @@ class PeakRSS:
 
 
 def reference_throughput(
-    model,
+    model,  # noqa: ANN001
     vocab: int,
     batch: int,
     input_len: int,
     output_len: int,
-    temperature: float = 0.0,  # noqa: ANN001
+    temperature: float = 0.0,
 ) -> float:
     import torch
 
@@ -422,8 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    command = "python -m loadtests.bench_batching " + shlex.join(argv if argv is not None else sys.argv[1:])
-    results["command"] = command.strip()
+    results["command"] = command_line("loadtests.bench_batching", argv)
     written = write_outputs(results, args.out, args.docs)
     print(f"wrote {' and '.join(written)} in {results['wall_s']} s", flush=True)
     return 0

@@ -48,7 +48,6 @@ import asyncio
 import json
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -56,7 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtests.swarm_bench import write_marked_section, write_results
+from loadtests.swarm_bench import command_line, write_marked_section, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 # A fixed prompt; its text is tokenized by each model's own tokenizer (16 tokens or so).
@@ -664,8 +663,9 @@ def main(argv: list[str] | None = None) -> int:
         results["models"].append(bench_model(preset, args))
     results["wall_s"] = round(time.perf_counter() - started, 1)
     results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    command = "python -m loadtests.bench_decode " + shlex.join(
-        (argv if argv is not None else sys.argv[1:]) or ["--models", ",".join(args.models)]
+    command = command_line(
+        "loadtests.bench_decode",
+        (argv if argv is not None else sys.argv[1:]) or ["--models", ",".join(args.models)],
     )
     results["command"] = command
     write_results(args.out, results, indent=2)

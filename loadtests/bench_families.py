@@ -30,11 +30,11 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 from loadtests import bench_decode
+from loadtests.swarm_bench import command_line
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ARCHS = (
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "loadavg_start": os.getloadavg(),
         },
-        "command": "python -m loadtests.bench_families " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("loadtests.bench_families", argv),
         "decode": {},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

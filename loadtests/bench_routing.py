@@ -24,14 +24,13 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 from unittest import mock
 
 from discovery.records import PeerRecord
 from gateway import routing
-from loadtests.swarm_bench import write_results
+from loadtests.swarm_bench import command_line, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "loadavg_start": os.getloadavg(),
         },
-        "command": "python -m loadtests.bench_routing " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("loadtests.bench_routing", argv),
         "peers": args.peers,
         "blocks": args.blocks,
         "plans": args.plans,

@@ -29,15 +29,13 @@ import bisect
 import collections
 import contextlib
 import os
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from loadtests.swarm_bench import write_results
+from loadtests.swarm_bench import command_line, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 SPLIT = [(0, 5), (5, 8)]
@@ -215,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "timeline",
         "streams": args.streams,
-        "command": "python -m loadtests.bench_timeline "
-        + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("loadtests.bench_timeline", argv),
         "mode": "relay" if args.relay else "push with the decode loop" if args.decode_loop else "push",
         "spans": SPLIT,
         "new_tokens": args.new_tokens,

@@ -22,12 +22,11 @@ import asyncio
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtests.swarm_bench import write_results
+from loadtests.swarm_bench import command_line, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -119,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "loadavg_start": os.getloadavg(),
         },
-        "command": "python -m loadtests.bench_window_budget "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("loadtests.bench_window_budget", argv),
         "geometry": {"layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
         "budget_gib": args.budget_gib,
         "rows": measure(args.tokens, args.chunk, args.budget_gib),

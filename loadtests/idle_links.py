@@ -13,15 +13,13 @@ push through it failed; the decode loop's own push back to the first peer includ
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from loadtests.swarm_bench import write_results
+from loadtests.swarm_bench import command_line, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = {path.stem: path.read_text(errors="replace") for path in workdir.glob("*.log")}
     result = {
         "benchmark": "idle_links",
-        "command": shlex.join(
-            ["python", "-m", "loadtests.idle_links", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": command_line("loadtests.idle_links", argv),
         "requests": requests,
         "goaway_too_many_pings": {name: text.count("too_many_pings {") for name, text in logs.items()},
         "failed_pushes": {name: text.count("could not push") for name, text in logs.items()},

@@ -42,7 +42,7 @@ from discovery.announcer import Announcer
 from discovery.dht import READ_REPLICAS, SwarmDHT
 from discovery.records import PeerRecord
 from discovery.shards import ROOT, model_shard_key
-from loadtests.swarm_bench import write_results
+from loadtests.swarm_bench import command_line, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "sim/llama-70b"
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     results = asyncio.run(measure(args))
     report = {
         "benchmark": "dht_scale",
-        "command": "python -m loadtests.sim_dht_scale " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("loadtests.sim_dht_scale", argv),
         "settings": {
             k: v
             for k, v in vars(args).items()

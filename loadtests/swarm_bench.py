@@ -59,15 +59,20 @@ def write_results(path: Path, result: dict, *, indent: int = 1) -> None:
     print(f"wrote {path}", flush=True)
 
 
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that reproduces a run: `python -m module` and its arguments (`argv`, or this
+    process's own when None), quoted as a shell needs them (`--docs ''` stays two words)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
 def run_header(benchmark: str, module: str, argv: list[str] | None) -> dict:
     """The first fields of a single-process benchmark's results: its name, the command that
     reproduces them, the machine and its load before the run (torch's threads set by then)."""
     import torch
 
-    args = sys.argv[1:] if argv is None else argv
     return {
         "benchmark": benchmark,
-        "command": shlex.join(["python", "-m", module, *args]),
+        "command": command_line(module, argv),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "loadavg_before": os.getloadavg(),
     }

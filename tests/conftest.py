@@ -114,6 +114,7 @@ def pytest_collection_modifyitems(config, items):
 LOG_PROBLEM_MARKERS = ("level=warning", "level=error", "level=critical", "Traceback", "Error")
 LOG_LINES_PER_FILE = 40
 LOG_STAMP = re.compile(r"ts=(\S+Z) ")
+_TEST_START = pytest.StashKey[float]()  # when the test's setup began
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -129,9 +130,6 @@ def pytest_runtest_makereport(item, call):
     section = _process_problems(Path(factory.getbasetemp()), since) if factory is not None else ""
     if section:
         report.sections.append(("swarm processes: warnings and errors while the test ran", section))
-
-
-_TEST_START = pytest.StashKey[float]()
 
 
 def _process_problems(basetemp: Path, since: float) -> str:

@@ -147,3 +147,11 @@ def test_idle_links_reports_requests_goaways_and_failed_pushes(tmp_path):
         result["goaway_too_many_pings"].values()
     )
     assert not any(result["failed_pushes"].values())
+
+
+def test_a_benchmarks_command_line_quotes_its_arguments():
+    from loadtests.swarm_bench import command_line
+
+    assert command_line("loadtests.bench_x", ["--docs", "", "--levels", "1,16"]) == (
+        "python -m loadtests.bench_x --docs '' --levels 1,16"
+    )
