@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             span = BlockSpan.load(model_dir, start, end, calibrate=False)
             prepack, _ = choose_prepack(  # as a peer with no --prepack flag chooses
                 None,
-                packable=gemm.can_pack() and gemm.packable_bytes(span.modules()) > 0,
+                packable=bool(gemm.copy_formats()) and gemm.packable_bytes(span.modules()) > 0,
                 packed_bytes=gemm.packable_bytes(span.modules()),
                 available_bytes=available_memory_bytes(),
             )

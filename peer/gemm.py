@@ -3,16 +3,22 @@
 A decode pass multiplies each weight ``W`` ``[out, in]`` by a few rows ``x`` ``[B, in]`` (one per
 session). ``F.linear`` asks BLAS for ``x @ W.T``; for a small B, MKL's fp32 kernel for that shape
 reads the weight once per pair of rows, so a pass of 8 sessions costs 3x a pass of 1 and 16 costs
-about the same as 8. Two other ways compute the same product:
+about the same as 8. Other ways compute the same product:
 
 * ``transposed``: ``(W @ x.T).T``, the same weight, another kernel that reads it once (2-core
   machine, 1 thread, a 2816 x 1024 weight at B = 8: 0.90 ms where ``F.linear`` takes 1.22; the
   32000 x 1024 LM head: 17 ms against 29). No extra memory, so always considered.
-* ``packed`` (opt-in, ``--prepack``): a second copy of the weight in oneDNN's blocked layout
+* ``packed``: a second copy of the weight in oneDNN's blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``, what inductor uses on CPU) and oneDNN's matmul:
-  B = 4 costs what B = 1 does and B = 8 ~1.3x. The copy doubles weight memory, and the plain
-  weight stays for single rows and long prefill chunks, where the packed kernel is slower
-  (B = 1: +28% in a span pass), hence opt-in: for peers with RAM to spare and many users.
+  B = 4 costs what B = 1 does and B = 8 ~1.3x.
+* ``skinny``: a second copy packed for the project's own few-rows kernel (`peer.skinny_gemm`,
+  built on the machine with its C compiler), which streams the weight once for up to 12 rows: on
+  the 2-core Xeon, 1 thread, 0.65-0.75x oneDNN's time at B = 8 and 0.7-0.8x at B = 16.
+
+A copy doubles that weight's memory, and the plain weight stays for single rows and long prefill
+chunks, where the copies' kernels are slower (oneDNN at B = 1: +28% in a span pass); so a copy is
+made where the peer's memory budget allows (`peer.batching_config`, ``--prepack`` to force), and a
+layer keeps at most one, of the format its measured plan uses.
 
 Which way wins depends on the BLAS library, the CPU and the thread count, so it is measured rather
 than assumed: `calibrate` times every way on each distinct weight shape of a span for row counts
@@ -55,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peer import skinny_gemm
+
 log = logging.getLogger("peer.gemm")
 
 BUCKETS = (2, 4, 8, 16, 32, 64)  # row counts measured; n rows use the bucket of the next power of 2
@@ -85,10 +93,18 @@ def _packed(weight: torch.Tensor, packed: torch.Tensor | None, x: torch.Tensor) 
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
+def _skinny(weight: torch.Tensor, packed: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return skinny_gemm.matmul(packed, x, weight.shape[0])
+
+
 WAYS: dict[str, Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]] = {
     "transposed": _transposed,
     "packed": _packed,
+    "skinny": _skinny,
 }
+# The ways that multiply by a second copy of the weight, each in its own format; a layer keeps at
+# most one such copy (one extra weight's worth of memory, what --prepack budgets).
+COPY_WAYS = ("packed", "skinny")
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +116,18 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
             out = WAYS[way](layer.weight, getattr(layer, "packed_weight", None), x.contiguous())
             return out if layer.bias is None else out + layer.bias
     return layer(x)
+
+
+def copy_formats() -> list[str]:
+    """The ways of COPY_WAYS this machine has: oneDNN in this torch build, the few-rows kernel
+    where it could be built here."""
+    return [way for way, present in (("packed", can_pack()), ("skinny", skinny_gemm.available())) if present]
+
+
+def _copy(way: str, weight: torch.Tensor) -> torch.Tensor:
+    if way == "packed":
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_HINT)
+    return skinny_gemm.pack(weight)
 
 
 def can_pack() -> bool:
@@ -117,8 +145,12 @@ def can_pack() -> bool:
 
 def packable_bytes(modules: Iterable[nn.Module]) -> int:
     """Bytes a packed copy of every layer that `calibrate` could pack would take (an upper bound:
-    it keeps the copy only where the plan uses it)."""
-    return sum(module.weight.nbytes for module in modules if _eligible(module))
+    it keeps the copy only where the plan uses it; the few-rows kernel's pads to whole blocks)."""
+    return sum(
+        max(module.weight.nbytes, skinny_gemm.packed_bytes(module.weight))
+        for module in modules
+        if _eligible(module)
+    )
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -210,28 +242,48 @@ def prefers_transposed_layout(weight: torch.Tensor, flush: torch.Tensor | None =
 
 
 @torch.inference_mode()
-def measure_plan(weight: torch.Tensor, packed: torch.Tensor | None = None) -> dict[int, str]:
+def measure_plan(weight: torch.Tensor, copies: dict[str, torch.Tensor] | None = None) -> dict[int, str]:
     """bucket -> the fastest way for that many rows, for the buckets where one beats ``F.linear``
-    by the margin MIN_GAIN (``packed`` is tried only when a packed copy is given)."""
-    ways = {name: way for name, way in WAYS.items() if name != "packed" or packed is not None}
-    plan = {}
+    by the margin MIN_GAIN. A way of COPY_WAYS is tried only when `copies` holds its copy, and the
+    plan names at most one of them: the one that makes the buckets' times the smallest in sum."""
+    copies = copies or {}
+    ways = {name: way for name, way in WAYS.items() if name not in COPY_WAYS or name in copies}
+    times: dict[int, dict[str, float]] = {}
     for rows in BUCKETS:
         x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-        plain = _time(lambda x=x: F.linear(x, weight))
-        times = {name: _time(lambda x=x, way=way: way(weight, packed, x)) for name, way in ways.items()}
-        best = min(times, key=times.get)
-        if times[best] <= MIN_GAIN * plain:
-            plan[rows] = best
-    return plan
+        times[rows] = {"plain": _time(lambda x=x: F.linear(x, weight))}
+        for name, way in ways.items():
+            copy = copies.get(name)
+            times[rows][name] = _time(lambda x=x, way=way, copy=copy: way(weight, copy, x))
+    return choose_plan(times)
+
+
+def choose_plan(times: dict[int, dict[str, float]]) -> dict[int, str]:
+    """The plan `measure_plan` gives for `times` (bucket -> way -> seconds, ``plain`` being
+    ``F.linear``): per bucket the fastest way that beats ``plain`` by MIN_GAIN, with the ways of
+    at most one copy format, the one whose plan takes the least time summed over the buckets."""
+    measured_copies = {way for ways in times.values() for way in ways if way in COPY_WAYS}
+    plans = []
+    for kept in (None, *sorted(measured_copies)):
+        plan = {}
+        for rows, measured in times.items():
+            allowed = [way for way in measured if way != "plain" and (way not in COPY_WAYS or way == kept)]
+            best = min(allowed, key=measured.get, default=None)
+            if best is not None and measured[best] <= MIN_GAIN * measured["plain"]:
+                plan[rows] = best
+        plans.append(plan)
+    return min(plans, key=lambda plan: sum(times[rows][plan.get(rows, "plain")] for rows in times))
 
 
 def calibrate(modules: Iterable[nn.Module], prepack: bool = False) -> dict[tuple[int, int], dict[int, str]]:
     """Give each fp32 CPU Linear layer its weight layout and a `matmul_plan`, both measured once per
-    distinct weight shape; with `prepack`, also a oneDNN-packed copy of its weight where the plan
-    uses one. Returns ``{(out, in): plan}``."""
-    if prepack and not can_pack():
-        log.warning("--prepack: this torch build has no oneDNN prepacked matmul; using the plain weights")
-        prepack = False
+    distinct weight shape; with `prepack`, also a packed copy of its weight (oneDNN's or the
+    few-rows kernel's) where the plan uses one. Returns ``{(out, in): plan}``."""
+    formats = copy_formats() if prepack else []
+    if prepack and not formats:
+        log.warning(
+            "--prepack: no packed matmul on this machine (oneDNN, a C compiler); using the plain weights"
+        )
     modules = list(modules)
     holders: dict[int, int] = {}  # storage -> tensors on it: a shared weight keeps its layout
     for module in modules:
@@ -257,23 +309,23 @@ def calibrate(modules: Iterable[nn.Module], prepack: bool = False) -> dict[tuple
             module.weight.data = transposed_layout(old)
             release_pages(old)
             del old
-        # a packed copy is made to measure a new shape, and for later layers only if it is used
-        uses_packed = prepack and (shape not in found or "packed" in found[shape].values())
-        packed = (
-            torch.ops.mkldnn._reorder_linear_weight(module.weight.contiguous(), PACK_HINT)
-            if uses_packed
-            else None
-        )
+        # every format's copy is made to measure a new shape; later layers make only the one used
+        wanted = formats if shape not in found else [w for w in formats if w in found[shape].values()]
+        copies = {way: _copy(way, module.weight) for way in wanted}
         if shape not in found:
-            found[shape] = measure_plan(module.weight, packed)
+            found[shape] = measure_plan(module.weight, copies)
         module.matmul_plan = found[shape]
-        if "packed" in found[shape].values():
-            # only kept where used: a second copy of the weight (a buffer, so weight_bytes counts it)
-            module.register_buffer("packed_weight", packed, persistent=False)
+        for way, copy in copies.items():
+            if way in found[shape].values():
+                # only kept where used: a second copy of the weight (a buffer, so weight_bytes counts it)
+                module.register_buffer("packed_weight", copy, persistent=False)
+        del copies
     if layouts:
         log.info(
             "weight layouts: [in, out] for %s; [out, in] for %s",
             sorted(shape for shape, relaid in layouts.items() if relaid) or "none",
             sorted(shape for shape, relaid in layouts.items() if not relaid) or "none",
         )
+    if found:
+        log.info("matmul plans (rows -> way, the rest F.linear): %s", found)
     return found

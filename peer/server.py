@@ -151,7 +151,7 @@ def choose_batching(span: BlockSpan, cfg: PeerConfig) -> BatchingConfig:
         )
     prepack, prepack_reason = choose_prepack(
         cfg.prepack,
-        packable=packed_bytes > 0 and gemm.can_pack(),
+        packable=packed_bytes > 0 and bool(gemm.copy_formats()),
         packed_bytes=packed_bytes,
         available_bytes=available_memory_bytes(),
         kv_budget_bytes=kv_bytes,

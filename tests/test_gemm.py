@@ -11,11 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer import gemm
+from peer import gemm, skinny_gemm
 from peer.quant import resident_bytes
 
 needs_onednn = pytest.mark.skipif(
     not gemm.can_pack(), reason="this torch build has no oneDNN prepacked matmul"
+)
+needs_skinny = pytest.mark.skipif(
+    not skinny_gemm.available(), reason="the few-rows kernel could not be built here (no C compiler)"
 )
 
 
@@ -62,6 +65,75 @@ def test_the_packed_way_gives_the_same_result_for_every_row_count(bias):
         torch.testing.assert_close(
             gemm.linear(layer, x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5
         )
+
+
+@needs_skinny
+@pytest.mark.parametrize("shape", [(96, 64), (45, 37), (2816, 1024)])  # whole blocks, a partial one
+def test_the_skinny_way_gives_the_same_result_for_every_row_count(shape):
+    torch.manual_seed(0)
+    layer = nn.Linear(shape[1], shape[0])
+    layer.register_buffer("packed_weight", skinny_gemm.pack(layer.weight), persistent=False)
+    layer.matmul_plan = dict.fromkeys(gemm.BUCKETS, "skinny")
+    assert layer.packed_weight.nbytes == skinny_gemm.packed_bytes(layer.weight)
+    for rows in (2, 3, 8, 12, 13, 16, 25, 64):  # one chunk of rows, and even chunks of up to 12
+        x = torch.randn(rows, shape[1])
+        torch.testing.assert_close(
+            gemm.linear(layer, x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4
+        )
+    relaid = gemm.transposed_layout(layer.weight)  # a weight held [in, out] packs the same
+    assert torch.equal(skinny_gemm.pack(relaid), layer.packed_weight)
+
+
+def test_the_skinny_kernel_is_not_used_where_it_cannot_be_built(monkeypatch, tmp_path):
+    """No compiler, or one that fails: no kernel, no crash; oneDNN's copy (if any) serves alone."""
+    monkeypatch.setenv("SWARM_KERNEL_CACHE", str(tmp_path))  # nothing built before is found
+    for compiler in ("/nonexistent/cc", "false"):
+        monkeypatch.setenv("CC", compiler)
+        skinny_gemm._library.cache_clear()
+        try:
+            assert not skinny_gemm.available()
+            assert "skinny" not in gemm.copy_formats()
+            with pytest.raises(RuntimeError, match="not available"):
+                skinny_gemm.pack(torch.ones(4, 4))
+        finally:
+            skinny_gemm._library.cache_clear()
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_a_plan_uses_the_copy_format_that_saves_the_most_time():
+    """At most one copy per layer: per bucket the fastest allowed way, of the format whose plan
+    sums to the least time; buckets where nothing beats F.linear by MIN_GAIN stay unplanned."""
+    times = {
+        2: {"plain": 1.0, "transposed": 0.8, "packed": 0.9, "skinny": 0.7},
+        8: {"plain": 2.0, "transposed": 1.9, "packed": 1.4, "skinny": 1.0},
+        32: {"plain": 3.0, "transposed": 2.9, "packed": 2.0, "skinny": 2.2},
+        64: {"plain": 4.0, "transposed": 3.9, "packed": 3.8, "skinny": 3.9},
+    }
+    assert gemm.choose_plan(times) == {2: "skinny", 8: "skinny", 32: "skinny"}
+    times[32]["skinny"] = 2.9  # misses MIN_GAIN: skinny's plan sums 0.7 + 1.0 + 3.0 (plain) + 4.0,
+    times[2]["packed"] = 0.75  # packed's 0.75 + 1.4 + 2.0 + 4.0
+    assert gemm.choose_plan(times) == {2: "packed", 8: "packed", 32: "packed"}
+    without_copies = {rows: {"plain": t["plain"], "transposed": t["transposed"]} for rows, t in times.items()}
+    assert gemm.choose_plan(without_copies) == {2: "transposed"}
+
+
+@needs_skinny
+@needs_onednn
+def test_prepack_measures_both_copies_and_keeps_the_planned_one(monkeypatch):
+    seen = []
+
+    def plan(weight, copies=None):
+        seen.append(sorted(copies or {}))
+        return {8: "skinny", 16: "transposed"}
+
+    monkeypatch.setattr(gemm, "measure_plan", plan)
+    a, b = nn.Linear(64, 96, bias=False), nn.Linear(64, 96, bias=False)
+    gemm.calibrate([a, b], prepack=True)
+    assert seen == [["packed", "skinny"]], "both formats measured, once per shape"
+    for layer in (a, b):
+        assert not layer.packed_weight.is_mkldnn
+        assert torch.equal(layer.packed_weight, skinny_gemm.pack(layer.weight))
+        assert resident_bytes(layer) == 2 * layer.weight.nbytes
 
 
 def test_calibrate_plans_only_plain_float32_cpu_linears_and_measures_a_shape_once(monkeypatch):

@@ -207,22 +207,22 @@ def test_chunked_prefill_matches_single_prefill(model_dir, reference):
     torch.testing.assert_close(logits, ref_logits[:16], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("way", ["transposed", "packed"])
+@pytest.mark.parametrize("way", ["transposed", "packed", "skinny"])
 @pytest.mark.parametrize("name", ["demo", "variant"])
 def test_other_matmul_ways_match_transformers(model_dir, reference, name, way):
     """Every Linear multiplied another way (peer.gemm) for packs of 2..64 rows: the tokens and
     logits still match, for prefill chunks of 3 rows and for several sessions decoding at once."""
-    if way == "packed" and not gemm.can_pack():
-        pytest.skip("this torch build has no oneDNN prepacked matmul")
+    if way in gemm.COPY_WAYS and way not in gemm.copy_formats():
+        pytest.skip(f"no {way} matmul on this machine")
     prompt, ref_tokens, ref_logits, eos = reference(name)
     spans = load_chain(model_dir(name), [(0, 2), (2, 4)])
     for span in spans:
         for module in span.modules():
             if type(module) is torch.nn.Linear:
                 module.matmul_plan = dict.fromkeys(gemm.BUCKETS, way)
-                if way == "packed":
-                    packed = torch.ops.mkldnn._reorder_linear_weight(module.weight, gemm.PACK_HINT)
-                    module.register_buffer("packed_weight", packed, persistent=False)
+                if way in gemm.COPY_WAYS:
+                    copy = gemm._copy(way, module.weight)
+                    module.register_buffer("packed_weight", copy, persistent=False)
     tokens, logits, _ = greedy(spans, prompt, 16, eos, chunks=[3, 3, 3, 4])
     assert tokens == ref_tokens[:16]
     torch.testing.assert_close(logits, ref_logits[:16], atol=ATOL, rtol=0)
