@@ -10,7 +10,11 @@ the median ms of a pass, ms per row, and what splitting that pass in two costs
 (`peer.batching_config`), which keep both peers busy by running half the sessions at a time.
 
     python -m loadtests.bench_pass_rows [--rows 1,2,4,8,16,32] [--passes 30] [--threads 1,2]
-        [--model-dir DIR] [--out loadtests/results/pass_rows.json]
+        [--copies auto,packed,skinny] [--model-dir DIR] [--out loadtests/results/pass_rows.json]
+
+Each span is also measured with only one kind of weight copy for the passes
+of 2-64 rows (`peer.gemm`: ``packed``, oneDNN's; ``skinny``, the project's few-rows kernel), so
+the kernels compare on the same spans in one run; ``auto`` is what a default peer keeps.
 
 A pass of few rows reads every weight once and uses little of the arithmetic the core has, so
 its cost grows much slower than its rows (bandwidth-bound at 1 row, the small-batch kernels
@@ -30,6 +34,7 @@ from pathlib import Path
 from loadtests.swarm_bench import run_header, write_results
 
 REPO = Path(__file__).resolve().parent.parent
+ROUNDS = 5  # turns each --copies option takes per row count
 
 
 def pass_ms(span, rows: int, context: int, passes: int) -> float:  # noqa: ANN001
@@ -65,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=30)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument(
+        "--copies",
+        default="auto,packed,skinny",
+        help="comma-separated: auto (what a peer keeps), packed (oneDNN's copy only), skinny "
+        "(the few-rows kernel's only); each is measured on the same spans, one after the other",
+    )
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument(
         "--model-dir", type=Path, default=None, help="another model (default: the bench model)"
@@ -86,33 +97,58 @@ def main(argv: list[str] | None = None) -> int:
         "context": args.context,
         "spans": [],
     }
+    copies = args.copies.split(",")
+    unknown = set(copies) - {"auto", *gemm.COPY_WAYS}
+    if unknown:
+        parser.error(f"--copies: unknown {sorted(unknown)}")
     for start, end in balanced_split(model_dir, 2):
-        entry: dict = {"blocks": [start, end], "threads": {}}
+        entry: dict = {"blocks": [start, end], "copies": {}}
         for threads in (int(t) for t in args.threads.split(",")):
             # loaded and calibrated anew for each thread count, as a peer started with that many
             # calibrates with them (the fastest way for a row count depends on the threads)
             torch.set_num_threads(threads)
-            span = BlockSpan.load(model_dir, start, end, calibrate=False)
-            prepack, _ = choose_prepack(  # as a peer with no --prepack flag chooses
-                None,
-                packable=bool(gemm.copy_formats()) and gemm.packable_bytes(span.modules()) > 0,
-                packed_bytes=gemm.packable_bytes(span.modules()),
-                available_bytes=available_memory_bytes(),
-            )
-            gemm.calibrate(span.modules(), prepack=prepack)
-            entry["prepack"] = prepack
-            costs = {r: pass_ms(span, r, args.context, args.passes) for r in rows}
-            del span
-            table = []
+            spans = {}
+            for copy in copies:
+                if copy != "auto" and copy not in gemm.copy_formats():
+                    entry["copies"][copy] = {"available": False}
+                    continue
+                span = BlockSpan.load(model_dir, start, end, calibrate=False)
+                prepack, _ = choose_prepack(  # as a peer with no --prepack flag chooses
+                    None,
+                    packable=bool(gemm.copy_formats()) and gemm.packable_bytes(span.modules()) > 0,
+                    packed_bytes=gemm.packable_bytes(span.modules()),
+                    available_bytes=available_memory_bytes(),
+                )
+                prepack = prepack or copy != "auto"
+                plans = gemm.calibrate(
+                    span.modules(), prepack=prepack, formats=None if copy == "auto" else [copy]
+                )
+                spans[copy] = span
+                run = entry["copies"].setdefault(copy, {"prepack": prepack, "threads": {}, "plans": {}})
+                run["plans"][str(threads)] = {f"{out}x{inp}": plan for (out, inp), plan in plans.items()}
+            # the copies take turns, ROUNDS times per row count, so a drift of the machine
+            # weighs on each alike: the figure is the median of each one's round medians
+            costs: dict[str, dict[int, float]] = {copy: {} for copy in spans}
             for r in rows:
-                row = {"rows": r, "pass_ms": round(costs[r], 2), "ms_per_row": round(costs[r] / r, 3)}
-                if r // 2 in costs and r % 2 == 0:
-                    row["two_halves_over_one"] = round(2 * costs[r // 2] / costs[r], 2)
-                table.append(row)
-                print(f"blocks [{start}, {end}) threads {threads} rows {r:3d}: {costs[r]:7.2f} ms"
-                      + (f"  two passes of {r // 2}: {row['two_halves_over_one']:.2f}x" if "two_halves_over_one" in row else ""),
-                      flush=True)  # fmt: skip
-            entry["threads"][str(threads)] = table
+                rounds: dict[str, list[float]] = {copy: [] for copy in spans}
+                for _ in range(ROUNDS):
+                    for copy, span in spans.items():
+                        rounds[copy].append(pass_ms(span, r, args.context, max(1, args.passes // ROUNDS)))
+                for copy in spans:
+                    costs[copy][r] = statistics.median(rounds[copy])
+            for copy in spans:
+                table = []
+                for r in rows:
+                    cost = costs[copy][r]
+                    row = {"rows": r, "pass_ms": round(cost, 2), "ms_per_row": round(cost / r, 3)}
+                    if r // 2 in costs[copy] and r % 2 == 0:
+                        row["two_halves_over_one"] = round(2 * costs[copy][r // 2] / cost, 2)
+                    table.append(row)
+                    print(f"blocks [{start}, {end}) copies {copy} threads {threads} rows {r:3d}: {cost:7.2f} ms"
+                          + (f"  two passes of {r // 2}: {row['two_halves_over_one']:.2f}x" if "two_halves_over_one" in row else ""),
+                          flush=True)  # fmt: skip
+                entry["copies"][copy]["threads"][str(threads)] = table
+            del spans
         result["spans"].append(entry)
     result["loadavg_after"] = os.getloadavg()
     write_results(args.out, result)

@@ -50,6 +50,7 @@ float32 rounding (~1e-6 relative), as any change of batch size already does.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 import statistics
@@ -75,7 +76,11 @@ LAYOUT_ROUNDS = 11  # paired timings per shape: ~0.13 s a shape
 # (0.81-1.10 the time over eight of them), and such weights are a small share of any pass.
 MIN_LAYOUT_BYTES = 512 << 10
 PACK_HINT = 16  # the batch size oneDNN's blocked layout is tuned for (it serves every size)
-_REPS = 2
+# Turns each way takes per bucket when a plan is measured: the ways run one after the other in
+# each turn and each gets the median of its turns. The best of 2 runs each, measured one way after
+# the other, left the 16-row bucket of the bench model's 2816 x 1024 weight to F.linear on some
+# loads (the few-rows kernel takes ~0.65x its time there): a pass of 16 rows then cost 1.4x.
+PLAN_ROUNDS = 5
 
 
 def bucket(rows: int) -> int:
@@ -163,14 +168,18 @@ def _eligible(module: nn.Module) -> bool:
     )
 
 
-def _time(fn) -> float:  # noqa: ANN001
-    fn()  # warm-up: first touch of the weight and of the kernel
-    best = float("inf")
-    for _ in range(_REPS):
-        begin = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - begin)
-    return best
+def _median_times(fns: dict[str, Callable[[], object]], rounds: int = PLAN_ROUNDS) -> dict[str, float]:
+    """Each of `fns`'s median time over `rounds` turns, the functions timed one after the other in
+    each turn (a drift of the machine weighs on all alike), after a warm-up run of each."""
+    for fn in fns.values():
+        fn()  # warm-up: first touch of the weight, its copies and the kernels
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            begin = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - begin)
+    return {name: statistics.median(runs) for name, runs in times.items()}
 
 
 def _paired_ratio(plain, other, flush: torch.Tensor, rounds: int = LAYOUT_ROUNDS) -> float:  # noqa: ANN001
@@ -251,10 +260,9 @@ def measure_plan(weight: torch.Tensor, copies: dict[str, torch.Tensor] | None = 
     times: dict[int, dict[str, float]] = {}
     for rows in BUCKETS:
         x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-        times[rows] = {"plain": _time(lambda x=x: F.linear(x, weight))}
-        for name, way in ways.items():
-            copy = copies.get(name)
-            times[rows][name] = _time(lambda x=x, way=way, copy=copy: way(weight, copy, x))
+        fns = {"plain": functools.partial(F.linear, x, weight)}
+        fns.update({name: functools.partial(way, weight, copies.get(name), x) for name, way in ways.items()})
+        times[rows] = _median_times(fns)
     return choose_plan(times)
 
 
@@ -275,11 +283,14 @@ def choose_plan(times: dict[int, dict[str, float]]) -> dict[int, str]:
     return min(plans, key=lambda plan: sum(times[rows][plan.get(rows, "plain")] for rows in times))
 
 
-def calibrate(modules: Iterable[nn.Module], prepack: bool = False) -> dict[tuple[int, int], dict[int, str]]:
+def calibrate(
+    modules: Iterable[nn.Module], prepack: bool = False, formats: Iterable[str] | None = None
+) -> dict[tuple[int, int], dict[int, str]]:
     """Give each fp32 CPU Linear layer its weight layout and a `matmul_plan`, both measured once per
     distinct weight shape; with `prepack`, also a packed copy of its weight (oneDNN's or the
-    few-rows kernel's) where the plan uses one. Returns ``{(out, in): plan}``."""
-    formats = copy_formats() if prepack else []
+    few-rows kernel's) where the plan uses one; `formats` limits the copies tried to those ways of
+    COPY_WAYS (a benchmark's comparison). Returns ``{(out, in): plan}``."""
+    formats = [way for way in copy_formats() if formats is None or way in formats] if prepack else []
     if prepack and not formats:
         log.warning(
             "--prepack: no packed matmul on this machine (oneDNN, a C compiler); using the plain weights"

@@ -86,9 +86,11 @@ def test_the_many_stream_timeline_needs_both_peers_passes():
 
 def test_pass_rows_times_every_span_at_every_row_count(tiny_model, tmp_path):
     from loadtests import bench_pass_rows
+    from peer import gemm
 
     out = tmp_path / "pass_rows.json"
     args = ["--model-dir", str(tiny_model), "--rows", "1,2,4", "--passes", "2", "--threads", "1"]
+    args += ["--copies", "auto,packed,skinny"]
     assert bench_pass_rows.main([*args, "--context", "8", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     spans = result["spans"]
@@ -98,10 +100,18 @@ def test_pass_rows_times_every_span_at_every_row_count(tiny_model, tmp_path):
         == json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
     )
     for span in spans:
-        table = span["threads"]["1"]
-        assert [row["rows"] for row in table] == [1, 2, 4]
-        assert all(row["pass_ms"] > 0 for row in table)
-        assert "two_halves_over_one" not in table[0] and table[2]["two_halves_over_one"] > 0
+        assert set(span["copies"]) == {"auto", "packed", "skinny"}
+        for copy, run in span["copies"].items():
+            if not run.get("available", True):
+                assert copy not in gemm.copy_formats()
+                continue
+            assert copy == "auto" or run["prepack"], "a copy measured alone is always made"
+            table = run["threads"]["1"]
+            assert [row["rows"] for row in table] == [1, 2, 4]
+            assert all(row["pass_ms"] > 0 for row in table)
+            assert "two_halves_over_one" not in table[0] and table[2]["two_halves_over_one"] > 0
+            planned = {way for plan in run["plans"]["1"].values() for way in plan.values()}
+            assert copy == "auto" or planned <= {"transposed", copy}
 
 
 def test_sampling_bench_times_both_samplers_for_every_setting(tmp_path):
