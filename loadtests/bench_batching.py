@@ -195,6 +195,7 @@ def run(args: argparse.Namespace) -> dict:
             flags.append("--prepack" if args.prepack else "--no-prepack")
         if args.pipeline_groups != "auto":
             flags += ["--pipeline-groups", args.pipeline_groups]
+        os.environ["SWARM_FEW_ROWS_KERNEL"] = args.few_rows_kernel  # the peers inherit it
         peers = swarm.start_peers(split, *flags)
         peers_ready = time.monotonic()
         # Under a burst of 32 prefills a step queues behind several full passes on these shared
@@ -302,6 +303,8 @@ def peer_batching_flags(settings: dict) -> str:
         flags.append("`--prepack`" if settings["prepack"] else "`--no-prepack`")
     if str(settings.get("pipeline_groups", "auto")) != "auto":
         flags.append(f"`--pipeline-groups {settings['pipeline_groups']}`")
+    if settings.get("few_rows_kernel") == "off":
+        flags.append("`SWARM_FEW_ROWS_KERNEL=off`")
     return " ".join(flags) or "their own batching choice (no `--prepack` / `--pipeline-groups` flag)"
 
 
@@ -395,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="groups the first peer keeps, N or auto (swarm peer --pipeline-groups; default: the peer chooses)",
     )
+    parser.add_argument("--few-rows-kernel", choices=["on", "off"], default="on",
+                        help="off: the peers run without peer.skinny_gemm (SWARM_FEW_ROWS_KERNEL=off), "
+                        "for a comparison")  # fmt: skip
     parser.add_argument("--split", choices=["balanced", "even"], default="balanced",
                         help="blocks per peer: balanced as `swarm up` does (the LM head counted), or even")  # fmt: skip
     parser.add_argument(

@@ -8,11 +8,13 @@ measures it beside the other ways at load and uses it only for the row counts wh
 
 Built, not shipped: the source is compiled at first use with the machine's C compiler (``$CC``, else
 ``cc``) and ``-march=native``, so the vector width is the CPU's own, then cached under
-``$SWARM_KERNEL_CACHE`` (default ``~/.cache/swarm-serve/kernels``), keyed by the source, the flags
+``$SWARM_HOME/kernels`` (``~/.cache/swarm-serve/kernels`` by default), keyed by the source, the flags
 and the CPU's feature flags: a cache shared between machines never hands one CPU another's code.
 The build writes a temporary file and renames it, so peers starting together on one machine race
 harmlessly. Where no compiler works (a slim container) or the built kernel disagrees with
-``F.linear`` on a self-check, `available` is False and the peer keeps oneDNN's packed copy.
+``F.linear`` on a self-check, `available` is False and the peer keeps oneDNN's packed copy; so it
+does with ``SWARM_FEW_ROWS_KERNEL=off`` in its environment (to compare the two, or to rule the
+kernel out).
 """
 
 from __future__ import annotations
@@ -39,8 +41,7 @@ BLOCK_COLUMNS = 32  # NB in the source; the built library is checked to agree
 
 
 def _cache_dir() -> Path:
-    default = Path.home() / ".cache" / "swarm-serve" / "kernels"
-    return Path(os.environ.get("SWARM_KERNEL_CACHE", default))
+    return Path(os.environ.get("SWARM_HOME", Path.home() / ".cache" / "swarm-serve")) / "kernels"
 
 
 def _cpu_features() -> str:
@@ -74,6 +75,9 @@ def _build(compiler: str) -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
+    if os.environ.get("SWARM_FEW_ROWS_KERNEL", "on").lower() in ("off", "0", "false", "no"):
+        log.info("SWARM_FEW_ROWS_KERNEL=off: the few-rows kernel is not used; oneDNN's packed one serves")
+        return None
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         log.info("no C compiler (%s): the few-rows kernel is not built; oneDNN's packed one serves", compiler)

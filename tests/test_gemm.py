@@ -85,8 +85,9 @@ def test_the_skinny_way_gives_the_same_result_for_every_row_count(shape):
 
 
 def test_the_skinny_kernel_is_not_used_where_it_cannot_be_built(monkeypatch, tmp_path):
-    """No compiler, or one that fails: no kernel, no crash; oneDNN's copy (if any) serves alone."""
-    monkeypatch.setenv("SWARM_KERNEL_CACHE", str(tmp_path))  # nothing built before is found
+    """No compiler, one that fails, or the kernel switched off: no kernel, no crash; oneDNN's copy
+    (if any) serves alone."""
+    monkeypatch.setenv("SWARM_HOME", str(tmp_path))  # nothing built before is found
     for compiler in ("/nonexistent/cc", "false"):
         monkeypatch.setenv("CC", compiler)
         skinny_gemm._library.cache_clear()
@@ -97,7 +98,15 @@ def test_the_skinny_kernel_is_not_used_where_it_cannot_be_built(monkeypatch, tmp
                 skinny_gemm.pack(torch.ones(4, 4))
         finally:
             skinny_gemm._library.cache_clear()
-    assert not list(tmp_path.glob("*.so"))
+    assert not list(tmp_path.rglob("*.so"))
+    monkeypatch.delenv("CC")
+    monkeypatch.delenv("SWARM_HOME")
+    monkeypatch.setenv("SWARM_FEW_ROWS_KERNEL", "off")  # switched off: not used even when built
+    skinny_gemm._library.cache_clear()
+    try:
+        assert not skinny_gemm.available()
+    finally:
+        skinny_gemm._library.cache_clear()
 
 
 def test_a_plan_uses_the_copy_format_that_saves_the_most_time():
