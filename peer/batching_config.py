@@ -3,8 +3,10 @@
 Two settings make many streams fast on a CPU peer (docs/benchmarks-batching.md); a user of
 `swarm up` should not have to know them:
 
-* **prepack** (`peer.gemm`): a oneDNN-packed second copy of the fp32 Linear weights, which makes a
-  pass of 4 rows cost what 1 row does and 8 rows 1.3x. It doubles the weight memory, so the peer
+* **prepack** (`peer.gemm`): a packed second copy of the fp32 Linear weights, for the kernels that
+  make a pass of 8 rows cost 1.3x one row (oneDNN's) or less (the project's few-rows kernel,
+  `peer.skinny_gemm`; each layer keeps the one its measured plan uses, and `copies` names them once
+  the span is calibrated). It doubles the weight memory, so the peer
   takes it only when the copy fits its memory budget: at most `PREPACK_SHARE` of the memory that is
   available once the weights are loaded, less the KV budget when one was given (`--cache-tokens` /
   `--cache-bytes`; the default KV budget is half of what is free *after* packing, so it adapts).
@@ -32,6 +34,7 @@ PREPACK_SHARE = 0.25  # the packed copy may take at most this share of the memor
 PIPELINE_GROUPS = 2  # groups of a pipelined first span (a route of two peers overlaps two groups)
 PIPELINE_MIN_SESSIONS = 6  # live sessions from which a pipelined first span splits them
 PIPELINE_MAX_GROUPS = 8
+COPY_NAMES = {"packed": "oneDNN's kernel", "skinny": "the few-rows kernel"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class BatchingConfig:
     # groups the first span keeps: a fixed number (>= 1), or 0 for `auto` (see `groups_for`)
     pipeline_groups: int
     groups_reason: str
+    copies: tuple[str, ...] = ()  # the packed copies the calibrated plans use (`peer.gemm.COPY_WAYS`)
 
     def groups_for(self, live_sessions: int) -> int:
         """The groups to use for the next pass with `live_sessions` sessions open."""
@@ -51,12 +55,14 @@ class BatchingConfig:
         return PIPELINE_GROUPS if live_sessions >= PIPELINE_MIN_SESSIONS else 1
 
     def describe(self) -> str:
-        packed = "prepack" if self.prepack else "no prepack"
+        packed = f"prepack ({self.prepack_reason})" if self.prepack else f"no prepack ({self.prepack_reason})"
+        if self.prepack and self.copies:
+            packed += " using " + " and ".join(COPY_NAMES.get(copy, copy) for copy in self.copies)
         if self.pipeline_groups == 0:
             groups = f"pipeline groups auto ({PIPELINE_GROUPS} from {PIPELINE_MIN_SESSIONS} sessions)"
         else:
             groups = f"pipeline groups {self.pipeline_groups}"
-        return f"{packed} ({self.prepack_reason}); {groups} ({self.groups_reason})"
+        return f"{packed}; {groups} ({self.groups_reason})"
 
 
 def choose_prepack(

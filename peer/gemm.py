@@ -123,6 +123,12 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+def copies_in(plans: dict[tuple[int, int], dict[int, str]]) -> tuple[str, ...]:
+    """The ways of COPY_WAYS that `plans` (what `calibrate` returns) use, in COPY_WAYS order."""
+    used = {way for plan in plans.values() for way in plan.values()}
+    return tuple(way for way in COPY_WAYS if way in used)
+
+
 def copy_formats() -> list[str]:
     """The ways of COPY_WAYS this machine has: oneDNN in this torch build, the few-rows kernel
     where it could be built here."""

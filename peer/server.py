@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -208,9 +209,10 @@ class PeerServer:
             ),
         )  # raises ValueError for blocks outside the model before reading any weight
         self.batching = choose_batching(span, cfg)
-        await loop.run_in_executor(
+        plans = await loop.run_in_executor(
             None, lambda: gemm.calibrate(span.modules(), prepack=self.batching.prepack)
         )
+        self.batching = dataclasses.replace(self.batching, copies=gemm.copies_in(plans))
         log.info("batching: %s", self.batching.describe())
         cache_tokens = cache_budget_tokens(span, cfg.cache_tokens, cfg.cache_bytes)
         groups = self.batching.pipeline_groups

@@ -91,6 +91,8 @@ def test_auto_groups_split_only_under_load():
     assert auto.groups_for(PIPELINE_MIN_SESSIONS) == PIPELINE_GROUPS
     assert BatchingConfig(False, "x", 3, "x").groups_for(1) == 3
     assert "pipeline groups auto" in auto.describe() and "prepack (auto)" in auto.describe()
+    calibrated = BatchingConfig(True, "auto", 0, "auto", copies=("skinny",))
+    assert calibrated.describe().startswith("prepack (auto) using the few-rows kernel; ")
 
 
 def test_parse_groups():
