@@ -423,9 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     args.levels = [int(level) for level in args.levels.split(",") if level]
     if not args.levels or min(args.levels) < 1:
         parser.error("--levels needs positive integers")
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()
     results = run(args)
     results["wall_s"] = round(time.perf_counter() - started, 1)
+    results["loadavg_before"], results["loadavg_after"] = load_before, os.getloadavg()
     results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results["command"] = command_line("loadtests.bench_batching", argv)
     written = write_outputs(results, args.out, args.docs)
