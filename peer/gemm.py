@@ -13,7 +13,8 @@ about the same as 8. Other ways compute the same product:
   B = 4 costs what B = 1 does and B = 8 ~1.3x.
 * ``skinny``: a second copy packed for the project's own few-rows kernel (`peer.skinny_gemm`,
   built on the machine with its C compiler), which streams the weight once for up to 12 rows: on
-  the 2-core Xeon, 1 thread, 0.65-0.75x oneDNN's time at B = 8 and 0.7-0.8x at B = 16.
+  the 2-core Xeon, 1 thread, a pass of the bench model's spans takes 0.71-0.75x the time it takes
+  with oneDNN's copy at B = 8 and 0.82-0.91x at B = 16.
 
 A copy doubles that weight's memory, and the plain weight stays for single rows and long prefill
 chunks, where the copies' kernels are slower (oneDNN at B = 1: +28% in a span pass); so a copy is
@@ -326,7 +327,8 @@ def calibrate(
             module.weight.data = transposed_layout(old)
             release_pages(old)
             del old
-        # every format's copy is made to measure a new shape; later layers make only the one used
+        # every format's copy is made to measure a new shape (for a moment, one more copy of that
+        # weight than the budget counts); later layers make only the one used
         wanted = formats if shape not in found else [w for w in formats if w in found[shape].values()]
         copies = {way: _copy(way, module.weight) for way in wanted}
         if shape not in found:

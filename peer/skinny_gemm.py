@@ -2,8 +2,9 @@
 
 Why a kernel of our own: a decode pass multiplies each weight by one row per session, and at 8 or 16
 rows the product should cost little more than reading the weight once. oneDNN's packed kernel (the
-best of torch's) takes ~1.5x that at 8 rows; this one 0.65-0.75x oneDNN's time at 8 rows and
-0.7-0.8x at 16 on the 2-core Xeon, 1 thread (``python -m loadtests.bench_pass_rows``). `peer.gemm`
+best of torch's) takes ~1.8x that at 8 rows. With this one a decode pass of 8 rows through the
+bench model's spans takes 0.71-0.75x the time it takes with oneDNN's copy, 16 rows 0.82-0.91x (the
+2-core Xeon, 1 thread; ``python -m loadtests.bench_pass_rows``). `peer.gemm`
 measures it beside the other ways at load and uses it only for the row counts where it wins.
 
 Built, not shipped: the source is compiled at first use with the machine's C compiler (``$CC``, else

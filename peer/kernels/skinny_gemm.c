@@ -1,8 +1,8 @@
 /* A pass of a few rows through a Linear layer on the CPU: out[M, N] = x[M, K] @ W^T, fp32.
  *
  * Decode passes multiply each weight by 2-16 rows (one per session). Reading the weight from
- * memory is the floor of such a product; BLAS and oneDNN kernels are built for large M and reach
- * ~1.5x that floor at 8 rows. This kernel streams the weight once, in the order it lies in memory,
+ * memory is the floor of such a product; BLAS and oneDNN kernels are built for large M and take
+ * ~1.8x that floor at 8 rows. This kernel streams the weight once, in the order it lies in memory,
  * and does every row's arithmetic on each piece while it is in registers:
  *
  *   - W is packed as [ceil(N / NB)][K][NB] (zero padded), so each block of NB output columns is
