@@ -36,7 +36,11 @@ import torch.nn.functional as F
 log = logging.getLogger("peer.skinny_gemm")
 
 SOURCE = Path(__file__).with_name("kernels") / "skinny_gemm.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
+# With OpenMP the blocks of a product go to the peer's threads; a compiler without it (clang with no
+# libomp) builds the kernel single-threaded, and at load the plans weigh it against oneDNN's
+# threaded kernel like any other way.
+THREAD_FLAGS = (("-fopenmp",), ())
 BUILD_TIMEOUT_S = 120
 BLOCK_COLUMNS = 32  # NB in the source; the built library is checked to agree
 
@@ -55,9 +59,9 @@ def _cpu_features() -> str:
     return os.uname().machine
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), _cpu_features().encode()]))
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), _cpu_features().encode()]))
     target = _cache_dir() / f"skinny_gemm-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -65,7 +69,7 @@ def _build(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+            [compiler, *flags, str(SOURCE), "-o", str(built)],
             check=True,
             capture_output=True,
             timeout=BUILD_TIMEOUT_S,
@@ -83,14 +87,15 @@ def _library() -> ctypes.CDLL | None:
     if shutil.which(compiler) is None:
         log.info("no C compiler (%s): the few-rows kernel is not built; oneDNN's packed one serves", compiler)
         return None
-    try:
-        path = _build(compiler)
-        library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        log.warning(
-            "the few-rows kernel did not build (%s %s); oneDNN's packed one serves", exc, detail[-500:]
-        )
+    for threads in THREAD_FLAGS:
+        try:
+            library = ctypes.CDLL(str(_build(compiler, (*FLAGS, *threads))))
+            break
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            failure = f"{exc} {detail[-500:]!r}"
+    else:
+        log.warning("the few-rows kernel did not build (%s); oneDNN's packed one serves", failure)
         return None
     library.skinny_gemm.restype = None
     library.skinny_gemm.argtypes = [

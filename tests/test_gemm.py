@@ -109,6 +109,25 @@ def test_the_skinny_kernel_is_not_used_where_it_cannot_be_built(monkeypatch, tmp
         skinny_gemm._library.cache_clear()
 
 
+@needs_skinny
+def test_a_compiler_without_openmp_builds_the_kernel_single_threaded(monkeypatch, tmp_path):
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("SWARM_HOME", str(tmp_path))
+    skinny_gemm._library.cache_clear()
+    try:
+        assert skinny_gemm.available()
+        assert len(list(tmp_path.rglob("*.so"))) == 1
+        weight, x = torch.randn(70, 48), torch.randn(9, 48)
+        torch.testing.assert_close(
+            skinny_gemm.matmul(skinny_gemm.pack(weight), x, 70), F.linear(x, weight), rtol=1e-5, atol=1e-4
+        )
+    finally:
+        skinny_gemm._library.cache_clear()
+
+
 def test_a_plan_uses_the_copy_format_that_saves_the_most_time():
     """At most one copy per layer: per bucket the fastest allowed way, of the format whose plan
     sums to the least time; buckets where nothing beats F.linear by MIN_GAIN stay unplanned."""
