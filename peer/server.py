@@ -372,7 +372,11 @@ class PeerServer:
         cfg = self.config
         span = BlockSpan.load(cfg.model_dir, start, end, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant,
                               calibrate=False)  # fmt: skip
-        gemm.calibrate(span.modules(), prepack=self.batching.prepack)
+        plans = gemm.calibrate(span.modules(), prepack=self.batching.prepack)
+        # Info's batching line names the copies the new span's plans use
+        self.batching = dataclasses.replace(self.batching, copies=gemm.copies_in(plans))
+        if self.servicer is not None:
+            self.servicer.batching = self.batching.describe()
         return span
 
     async def move_to(self, start: int, end: int) -> None:
