@@ -113,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                     entry["copies"][copy] = {"available": False}
                     continue
                 span = BlockSpan.load(model_dir, start, end, calibrate=False)
-                prepack, _ = choose_prepack(  # as a peer with no --prepack flag chooses
-                    None,
-                    packable=bool(gemm.copy_formats()) and gemm.packable_bytes(span.modules()) > 0,
-                    packed_bytes=gemm.packable_bytes(span.modules()),
-                    available_bytes=available_memory_bytes(),
-                )
-                prepack = prepack or copy != "auto"
+                prepack = copy != "auto"  # one kind of copy alone is always made
+                if not prepack:
+                    prepack, _ = choose_prepack(  # as a peer with no --prepack flag chooses
+                        None,
+                        packable=bool(gemm.copy_formats()) and gemm.packable_bytes(span.modules()) > 0,
+                        packed_bytes=gemm.packable_bytes(span.modules()),
+                        available_bytes=available_memory_bytes(),
+                    )
                 plans = gemm.calibrate(
                     span.modules(), prepack=prepack, formats=None if copy == "auto" else [copy]
                 )

@@ -142,6 +142,7 @@ def _copy(way: str, weight: torch.Tensor) -> torch.Tensor:
     return skinny_gemm.pack(weight)
 
 
+@functools.cache  # a property of the torch build: asked at start, by every calibrate and benchmark
 def can_pack() -> bool:
     """Whether this torch build has oneDNN's prepacked fp32 matmul."""
     if not torch.backends.mkldnn.is_available():

@@ -125,13 +125,17 @@ def available() -> bool:
     return _library() is not None
 
 
+def _padded(out_features: int) -> int:
+    """Output columns rounded up to whole blocks of BLOCK_COLUMNS."""
+    return -(-out_features // BLOCK_COLUMNS) * BLOCK_COLUMNS
+
+
 def _pack(weight: torch.Tensor) -> torch.Tensor:
-    columns = BLOCK_COLUMNS
     out_features, in_features = weight.shape
-    padded = -(-out_features // columns) * columns
+    padded = _padded(out_features)
     if padded != out_features:
         weight = F.pad(weight, (0, 0, 0, padded - out_features))
-    blocks = weight.reshape(padded // columns, columns, in_features)
+    blocks = weight.reshape(padded // BLOCK_COLUMNS, BLOCK_COLUMNS, in_features)
     return blocks.transpose(1, 2).contiguous()
 
 
@@ -146,7 +150,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def packed_bytes(weight: torch.Tensor) -> int:
     """Bytes `pack` makes of `weight`, its padding included."""
     out_features, in_features = weight.shape
-    return -(-out_features // BLOCK_COLUMNS) * BLOCK_COLUMNS * in_features * weight.element_size()
+    return _padded(out_features) * in_features * weight.element_size()
 
 
 def _matmul(library: ctypes.CDLL, packed: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
