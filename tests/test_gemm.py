@@ -84,48 +84,46 @@ def test_the_skinny_way_gives_the_same_result_for_every_row_count(shape):
     assert torch.equal(skinny_gemm.pack(relaid), layer.packed_weight)
 
 
-def test_the_skinny_kernel_is_not_used_where_it_cannot_be_built(monkeypatch, tmp_path):
+@pytest.fixture
+def rebuilt_kernel():
+    """`skinny_gemm`'s library looked up anew under the test's environment, and again after it."""
+    skinny_gemm._library.cache_clear()
+    yield
+    skinny_gemm._library.cache_clear()
+
+
+def test_the_skinny_kernel_is_not_used_where_it_cannot_be_built(monkeypatch, tmp_path, rebuilt_kernel):
     """No compiler, one that fails, or the kernel switched off: no kernel, no crash; oneDNN's copy
     (if any) serves alone."""
     monkeypatch.setenv("SWARM_HOME", str(tmp_path))  # nothing built before is found
     for compiler in ("/nonexistent/cc", "false"):
         monkeypatch.setenv("CC", compiler)
         skinny_gemm._library.cache_clear()
-        try:
-            assert not skinny_gemm.available()
-            assert "skinny" not in gemm.copy_formats()
-            with pytest.raises(RuntimeError, match="not available"):
-                skinny_gemm.pack(torch.ones(4, 4))
-        finally:
-            skinny_gemm._library.cache_clear()
+        assert not skinny_gemm.available()
+        assert "skinny" not in gemm.copy_formats()
+        with pytest.raises(RuntimeError, match="not available"):
+            skinny_gemm.pack(torch.ones(4, 4))
     assert not list(tmp_path.rglob("*.so"))
     monkeypatch.delenv("CC")
     monkeypatch.delenv("SWARM_HOME")
     monkeypatch.setenv("SWARM_FEW_ROWS_KERNEL", "off")  # switched off: not used even when built
     skinny_gemm._library.cache_clear()
-    try:
-        assert not skinny_gemm.available()
-    finally:
-        skinny_gemm._library.cache_clear()
+    assert not skinny_gemm.available()
 
 
 @needs_skinny
-def test_a_compiler_without_openmp_builds_the_kernel_single_threaded(monkeypatch, tmp_path):
+def test_a_compiler_without_openmp_builds_the_kernel_single_threaded(monkeypatch, tmp_path, rebuilt_kernel):
     compiler = tmp_path / "cc-without-openmp"
     compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setenv("SWARM_HOME", str(tmp_path))
-    skinny_gemm._library.cache_clear()
-    try:
-        assert skinny_gemm.available()
-        assert len(list(tmp_path.rglob("*.so"))) == 1
-        weight, x = torch.randn(70, 48), torch.randn(9, 48)
-        torch.testing.assert_close(
-            skinny_gemm.matmul(skinny_gemm.pack(weight), x, 70), F.linear(x, weight), rtol=1e-5, atol=1e-4
-        )
-    finally:
-        skinny_gemm._library.cache_clear()
+    assert skinny_gemm.available()
+    assert len(list(tmp_path.rglob("*.so"))) == 1
+    weight, x = torch.randn(70, 48), torch.randn(9, 48)
+    torch.testing.assert_close(
+        skinny_gemm.matmul(skinny_gemm.pack(weight), x, 70), F.linear(x, weight), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_a_plan_uses_the_copy_format_that_saves_the_most_time():
